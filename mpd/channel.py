@@ -1,0 +1,186 @@
+"""The master <-> worker channel: an AF_UNIX SOCK_SEQPACKET socketpair per worker.
+
+One message per datagram (so no framing, and an fd travels with its message):
+    header  <BBH  version, type, length of the JSON meta
+    meta    JSON object (the message's fields)
+    raw     optional bytes (the client bytes a HANDOFF/ADOPT carries)
+Both ends are non-blocking. A send that meets EAGAIN is queued, fds held open, until the
+socket is writable again; so neither side ever blocks on or dies of a slow peer."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import json
+import os
+import socket
+import struct
+from collections import deque
+from typing import Any, NamedTuple
+
+from mpd.log import get_logger
+
+VERSION = 1
+HEADER = struct.Struct("<BBH")
+MAX_MESSAGE = 128 * 1024  # bytes in one datagram; fits the default unix socket buffer
+MAX_FDS = 4  # fds one message may carry
+MAX_QUEUE = 100_000  # queued messages before the peer counts as gone
+
+log = get_logger()
+
+
+class Kind(enum.IntEnum):
+    """Every channel message, defined once. Fields travel in the JSON meta."""
+    # worker -> master
+    HELLO = 1      # slot, pid: the worker's loop is serving
+    STATS = 2      # counters; also the heartbeat, about once a second
+    HANDOFF = 3    # key, sent_ns + raw carried bytes + the client fd
+    # master -> worker
+    ROUTES = 10    # slots: the slot table
+    ADOPT = 11     # key, from_slot, sent_ns + raw carried bytes + the client fd
+    CONFIG = 12    # changed limits and log level after a reload
+    DRAIN = 13     # retire: stop accepting, hand live clients to their new owners, exit
+    STOP = 14      # graceful stop: stop accepting, finish clients, exit
+
+
+class Message(NamedTuple):
+    kind: Kind
+    meta: dict[str, Any]
+    raw: bytes
+    fds: list[int]
+
+
+class ChannelClosed(Exception):
+    """The peer closed its end (EOF) or the socket failed."""
+
+
+def encode(kind: Kind, meta: dict[str, Any] | None = None, raw: bytes = b"") -> bytes:
+    body = json.dumps(meta or {}, separators=(",", ":")).encode()
+    data = HEADER.pack(VERSION, kind, len(body)) + body + raw
+    if len(data) > MAX_MESSAGE:
+        raise ValueError(f"channel message of {len(data)} bytes is over {MAX_MESSAGE}")
+    return data
+
+
+def decode(data: bytes, fds: list[int]) -> Message:
+    """Parse one datagram; raises ValueError saying what is wrong with it."""
+    if len(data) < HEADER.size:
+        raise ValueError(f"short message ({len(data)} bytes)")
+    version, kind, meta_len = HEADER.unpack_from(data)
+    if version != VERSION:
+        raise ValueError(f"unknown version {version}, expected {VERSION}")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise ValueError(f"unknown message type {kind}") from None
+    end = HEADER.size + meta_len
+    if end > len(data):
+        raise ValueError("meta length past the end of the message")
+    try:
+        meta = json.loads(data[HEADER.size:end])
+    except ValueError as e:
+        raise ValueError(f"bad JSON meta: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError("meta is not a JSON object")
+    return Message(kind, meta, data[end:], fds)
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class Channel:
+    """One end of a worker's socketpair. Owns every fd handed to send() until it is sent."""
+
+    def __init__(self, sock: socket.socket, peer: str):
+        sock.setblocking(False)
+        self.sock = sock
+        self.peer = peer  # for log lines: "master" or "slot 3"
+        self.queue: deque[tuple[bytes, list[int]]] = deque()
+
+    @staticmethod
+    def pair() -> tuple[socket.socket, socket.socket]:
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self.queue)
+
+    def send(self, kind: Kind, meta: dict[str, Any] | None = None, raw: bytes = b"",
+             fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send now, or queue on EAGAIN. Takes ownership of `fds`: they are closed once
+        sent. Raises ValueError (too big) or ChannelClosed; the fds stay the caller's then."""
+        data = encode(kind, meta, raw)
+        fds = list(fds)
+        if self.queue:
+            self._enqueue(data, fds)
+            return
+        if not self._send_one(data, fds):
+            self._enqueue(data, fds)
+
+    def _enqueue(self, data: bytes, fds: list[int]) -> None:
+        if len(self.queue) >= MAX_QUEUE:
+            raise ChannelClosed(f"{self.peer}: {MAX_QUEUE} messages queued, peer not reading")
+        self.queue.append((data, fds))
+
+    def _send_one(self, data: bytes, fds: list[int]) -> bool:
+        """True when sent (fds then closed), False on EAGAIN."""
+        try:
+            if fds:
+                socket.send_fds(self.sock, [data], fds)
+            else:
+                self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            if e.errno == errno.ENOBUFS:
+                return False
+            raise ChannelClosed(f"{self.peer}: send failed: {e.strerror}") from None
+        close_fds(fds)
+        return True
+
+    def flush(self) -> bool:
+        """Send what is queued; True once the queue is empty. Call on EVENT_WRITE."""
+        while self.queue:
+            data, fds = self.queue[0]
+            if not self._send_one(data, fds):
+                return False
+            self.queue.popleft()
+        return True
+
+    def receive(self, limit: int = 64) -> list[Message]:
+        """Up to `limit` messages that are waiting. Malformed ones are logged and dropped
+        (their fds closed). Raises ChannelClosed on EOF."""
+        out: list[Message] = []
+        for _ in range(limit):
+            try:
+                data, fds, flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                raise ChannelClosed(f"{self.peer}: receive failed: {e.strerror}") from None
+            if not data and not fds:
+                raise ChannelClosed(f"{self.peer}: end of file")
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                close_fds(fds)
+                log.error("channel.error", peer=self.peer, error="message or fds truncated",
+                          size=len(data))
+                continue
+            try:
+                out.append(decode(data, fds))
+            except ValueError as e:
+                close_fds(fds)
+                log.error("channel.error", peer=self.peer, error=str(e), size=len(data))
+        return out
+
+    def close(self) -> None:
+        """Close the socket and every fd still waiting in the queue."""
+        while self.queue:
+            close_fds(self.queue.popleft()[1])
+        self.sock.close()

@@ -1,0 +1,289 @@
+"""The configuration: one schema table, the TOML loader that checks a file against it,
+and the renderer that writes the documented example config from the same table."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.9/3.10 in CI
+    import tomli as tomllib
+
+EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus uses it
+DEFAULT_PATH = "/etc/mpd.toml"
+
+
+class ConfigError(Exception):
+    """A config problem, already phrased for the operator: file, line, key, what was expected."""
+
+    def __init__(self, path: str, message: str, line: int | None = None, key: str | None = None):
+        self.path, self.line, self.key, self.detail = path, line, key, message
+        where = path if line is None else f"{path}:{line}"
+        super().__init__(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+
+def default_socket_path() -> str:
+    """/run/mpd/mpd.sock for root (systemd's RuntimeDirectory), else under XDG_RUNTIME_DIR."""
+    if os.geteuid() == 0:
+        return "/run/mpd/mpd.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/mpd-{os.geteuid()}"
+    return os.path.join(runtime, "mpd", "mpd.sock")
+
+
+# --- validators: each returns the (possibly normalised) value or raises ValueError(expected) ---
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"an integer from {lo} to {hi}")
+        return v
+    return check
+
+
+def _float_range(lo: float, hi: float) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+            raise ValueError(f"a number of seconds from {lo:g} to {hi:g}")
+        return float(v)
+    return check
+
+
+def _choice(*options: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in options:
+            raise ValueError("one of " + ", ".join(f'"{o}"' for o in options))
+        return v
+    return check
+
+
+def _address(v: Any) -> str:
+    try:
+        if not isinstance(v, str):
+            raise ValueError
+        ipaddress.ip_address(v)
+    except ValueError:
+        raise ValueError('an IPv4 or IPv6 address such as "127.0.0.1", "0.0.0.0" or "::"') from None
+    return v
+
+
+def _workers(v: Any) -> int | str:
+    if v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1024:
+        raise ValueError('"auto" or an integer from 0 (single-process mode) to 1024')
+    return v
+
+
+def _socket_path(v: Any) -> str:
+    if v == "auto":
+        return v
+    if not isinstance(v, str) or not v.startswith("/") or len(v.encode()) > 107:
+        raise ValueError('"auto" or an absolute path of at most 107 bytes')
+    return v
+
+
+def _mode(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o777:
+        raise ValueError("a file mode from 0o000 to 0o777, written as an octal integer like 0o660")
+    return v
+
+
+def _protocol(v: Any) -> str:
+    from mpd.protocols import PROTOCOLS
+
+    if v not in PROTOCOLS:
+        raise ValueError("one of " + ", ".join(f'"{p}"' for p in sorted(PROTOCOLS)))
+    return v
+
+
+@dataclass(frozen=True)
+class Key:
+    section: str
+    name: str
+    default: Any
+    check: Callable[[Any], Any]
+    doc: str
+    toml_default: str = ""  # how the default is written in the example file, when repr() won't do
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def attr(self) -> str:
+        return self.name if self.section != "log" else f"log_{self.name}"
+
+
+# The one place that defines every config key, its default, its check and its documentation.
+SCHEMA: tuple[Key, ...] = (
+    Key("server", "listen", "127.0.0.1", _address,
+        "Address to listen on: IPv4 or IPv6 (\"0.0.0.0\" or \"::\" for every interface)."),
+    Key("server", "port", 1990, _int_range(0, 65535),
+        "TCP port. 0 lets the kernel pick a free one; the chosen port is logged in mpd.started."),
+    Key("server", "backlog", 1024, _int_range(1, 65535),
+        "listen(2) backlog: connections the kernel queues before a worker accepts them."),
+    Key("server", "protocol", "ping", _protocol,
+        "Client protocol module spoken by the workers (see mpd/protocols)."),
+    Key("workers", "workers", "auto", _workers,
+        "Number of worker processes. \"auto\" = one per CPU this process may run on;\n"
+        "0 = single-process mode: the master serves clients itself."),
+    Key("workers", "max_workers", 64, _int_range(1, 1024),
+        "Upper bound for the worker count (auto-scale, SIGTTIN and mpdctl scale stop here)."),
+    Key("workers", "max_clients", 1000, _int_range(1, 1_000_000),
+        "Connections one worker serves at once; at the limit it stops accepting until one leaves."),
+    Key("workers", "max_output_buffer", 262144, _int_range(1024, 1 << 30),
+        "Bytes of replies a worker holds for a client that does not read; past it the client\n"
+        "is closed (client.overflow), so a stuck client never blocks the others."),
+    Key("workers", "graceful_timeout", 10.0, _float_range(0, 3600),
+        "Seconds that workers get to finish their clients on SIGTERM before SIGKILL."),
+    Key("workers", "worker_timeout", 30.0, _float_range(1, 3600),
+        "Seconds without a heartbeat after which a worker counts as hung and is replaced."),
+    Key("control", "socket", "auto", _socket_path,
+        "Control socket for mpdctl. \"auto\" = /run/mpd/mpd.sock for root, else\n"
+        "$XDG_RUNTIME_DIR/mpd/mpd.sock."),
+    Key("control", "mode", 0o660, _mode,
+        "File mode of the control socket.", toml_default="0o660"),
+    Key("log", "level", "info", _choice("debug", "info", "warning", "error"),
+        "Least severe level written: debug also logs every client connect and close."),
+    Key("log", "format", "json", _choice("json", "console"),
+        "json = one JSON object per line on stdout (for journald); console = for humans."),
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = "127.0.0.1"
+    port: int = 1990
+    backlog: int = 1024
+    protocol: str = "ping"
+    workers: int | str = "auto"
+    max_workers: int = 64
+    max_clients: int = 1000
+    max_output_buffer: int = 262144
+    graceful_timeout: float = 10.0
+    worker_timeout: float = 30.0
+    socket: str = "auto"
+    mode: int = 0o660
+    log_level: str = "info"
+    log_format: str = "json"
+    path: str | None = None  # the file it came from; None = embedded defaults
+
+    @property
+    def worker_count(self) -> int:
+        """The configured worker count with "auto" resolved, never above max_workers."""
+        if self.workers == "auto":
+            return min(len(os.sched_getaffinity(0)), self.max_workers)
+        return min(int(self.workers), self.max_workers)
+
+    @property
+    def socket_path(self) -> str:
+        return default_socket_path() if self.socket == "auto" else self.socket
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+def _key_line(text: str, section: str, name: str | None) -> int | None:
+    """Line (1-based) where `name` is set inside [section], or where [section] starts."""
+    current = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        header = re.match(r"^\[\s*([A-Za-z0-9_.-]+)\s*\]", stripped)
+        if header:
+            current = header.group(1)
+            if name is None and current == section:
+                return number
+            continue
+        if name is not None and current == section and re.match(
+                rf"^[\"']?{re.escape(name)}[\"']?\s*=", stripped):
+            return number
+    return None
+
+
+def parse(text: str, path: str) -> Config:
+    """Check TOML text against SCHEMA; raise ConfigError naming the first problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"\(at line (\d+), column \d+\)", str(e))
+        line = int(m.group(1)) if m else None
+        raise ConfigError(path, f"TOML syntax error: {e}", line=line) from None
+    by_section: dict[str, dict[str, Key]] = {}
+    for key in SCHEMA:
+        by_section.setdefault(key.section, {})[key.name] = key
+    values: dict[str, Any] = {}
+    for section, table in data.items():
+        if section not in by_section:
+            expected = ", ".join(f"[{s}]" for s in by_section)
+            raise ConfigError(path, f"unknown section; expected one of {expected}",
+                              line=_key_line(text, section, None) or _key_line(text, "", section),
+                              key=section)
+        if not isinstance(table, dict):
+            raise ConfigError(path, "expected a [section] table", line=_key_line(text, "", section),
+                              key=section)
+        for name, value in table.items():
+            key = by_section[section].get(name)
+            if key is None:
+                known = ", ".join(by_section[section])
+                raise ConfigError(path, f"unknown key; [{section}] takes {known}",
+                                  line=_key_line(text, section, name), key=f"{section}.{name}")
+            try:
+                values[key.attr] = key.check(value)
+            except ValueError as e:
+                raise ConfigError(path, f"expected {e}, got {value!r}",
+                                  line=_key_line(text, section, name), key=key.dotted) from None
+    config = Config(path=path, **values)
+    if isinstance(config.workers, int) and config.workers > config.max_workers:
+        raise ConfigError(path, f"expected at most workers.max_workers ({config.max_workers}), "
+                          f"got {config.workers}", line=_key_line(text, "workers", "workers"),
+                          key="workers.workers")
+    return config
+
+
+def load(path: str | None) -> Config:
+    """The config from `path`, or the embedded defaults when path is None."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(path, f"cannot read the config file: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, f"expected UTF-8 text: {e}") from None
+    return parse(text, path)
+
+
+def _toml_value(key: Key, value: Any) -> str:
+    if key.toml_default and value == key.default:
+        return key.toml_default
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def render(config: Config | None = None) -> str:
+    """The config as a documented TOML file; etc/mpd.toml is render() of the defaults."""
+    config = config or Config()
+    out = ["# mpd configuration. Every key is optional: a missing one takes the default shown.",
+           "# Check a file with `mpd --check-config --config FILE` (exit 0 = valid, 78 = not).",
+           "# Generated from the schema in mpd/config.py by `mpd --print-config`."]
+    section = None
+    for key in SCHEMA:
+        if key.section != section:
+            section = key.section
+            out += ["", f"[{section}]"]
+        out += [f"# {line}" for line in key.doc.splitlines()]
+        out.append(f"{key.name} = {_toml_value(key, getattr(config, key.attr))}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,347 @@
+"""The master: forks workers into numbered slots and keeps them serving.
+
+One single-threaded event loop over the signal wake-up fd and every worker's channel.
+It never blocks and never parses the client protocol. The loop is three steps, as in
+gunicorn's arbiter: wait for events and react, kill the hung, top up the slots."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mpd import __version__
+from mpd import config as configmod
+from mpd import log as logmod
+from mpd.channel import Channel, ChannelClosed, Kind, Message
+from mpd.config import Config
+from mpd.signals import SignalQueue
+from mpd.worker import EXIT_BOOT_ERROR, Worker
+
+PR_SET_PDEATHSIG = 1
+STABLE_AFTER = 5.0  # seconds a worker must live before its slot's crash count resets
+BACKOFF_FIRST = 0.1  # seconds before the second quick respawn; doubles after each
+BACKOFF_MAX = 30.0
+KILL_WAIT = 5.0  # seconds to reap SIGKILLed workers before exiting regardless
+# Settings a reload may change in running workers (sent in CONFIG).
+LIVE_SETTINGS = ("max_clients", "max_output_buffer", "graceful_timeout", "log_level",
+                 "log_format")
+# Settings bound to the listening socket or the process model: a reload cannot change them.
+RESTART_SETTINGS = ("listen", "port", "backlog", "protocol")
+
+log = logmod.get_logger()
+
+
+@dataclass
+class WorkerProc:
+    """The master's view of one worker process."""
+    slot: int
+    pid: int
+    channel: Channel
+    started: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    state: str = "starting"  # starting -> ready -> stopping
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class SlotHistory:
+    """What survives a worker's death: how often this slot crashed, when to retry."""
+    restarts: int = 0
+    quick_failures: int = 0
+    respawn_at: float = 0.0
+
+
+class Master:
+    def __init__(self, config: Config, listener: socket.socket):
+        self.config = config
+        self.listener = listener
+        self.selector = selectors.DefaultSelector()
+        self.signals = SignalQueue([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                                    signal.SIGHUP, signal.SIGCHLD, signal.SIGTTIN,
+                                    signal.SIGTTOU])
+        self.workers: dict[int, WorkerProc] = {}  # by pid
+        self.history: dict[int, SlotHistory] = {}  # by slot
+        self.target = config.worker_count
+        self.state = "starting"  # starting -> running -> stopping
+        self.stop_deadline = 0.0
+        self.kill_deadline = 0.0
+        self.started = time.monotonic()
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.selector.register(self.signals, selectors.EVENT_READ, self.on_signals)
+        log.info("mpd.started", version=__version__, config=self.config.path,
+                 listen=self.config.listen, port=self.listener.getsockname()[1],
+                 workers=self.target)
+        self.manage_workers()
+        while self.state != "stopped":
+            for key, events in self.selector.select(self.timeout()):
+                key.data(events)
+            self.murder_workers()
+            self.manage_workers()
+        self.selector.close()
+        self.signals.close()
+        log.info("mpd.stopped", uptime=round(time.monotonic() - self.started, 3))
+        return 0
+
+    def timeout(self) -> float:
+        """Seconds until the next timed duty: a respawn, a heartbeat check, a deadline."""
+        now = time.monotonic()
+        due = [now + 1.0]
+        due += [h.respawn_at for h in self.history.values() if h.respawn_at]
+        due += [d for d in (self.stop_deadline, self.kill_deadline) if d]
+        return max(0.0, min(due) - now)
+
+    # --- signals: one table, one handler each ----------------------------------------------
+
+    def on_signals(self, _events: int) -> None:
+        for sig in self.signals.drain():
+            getattr(self, "handle_" + sig.name[3:].lower())()
+
+    def handle_term(self) -> None:
+        self.stop(graceful=self.state != "stopping")  # a second TERM: stop at once
+
+    handle_int = handle_term
+
+    def handle_quit(self) -> None:
+        self.stop(graceful=False)
+
+    def handle_chld(self) -> None:
+        self.reap_workers()
+
+    def handle_hup(self) -> None:
+        self.reload()
+
+    def handle_ttin(self) -> None:
+        self.scale(self.target + 1)
+
+    def handle_ttou(self) -> None:
+        self.scale(self.target - 1)
+
+    # --- workers ----------------------------------------------------------------------------
+
+    def spawn_worker(self, slot: int) -> None:
+        master_end, worker_end = Channel.pair()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the master's code
+            code = EXIT_BOOT_ERROR
+            try:
+                master_end.close()
+                code = self.become_worker(slot, worker_end)
+            except BaseException as e:  # noqa: BLE001 - anything here must end the child
+                log.exception("worker.crashed", error=repr(e))
+            finally:
+                os._exit(code)
+        worker_end.close()
+        worker = WorkerProc(slot=slot, pid=pid, channel=Channel(master_end, f"slot {slot}"))
+        self.workers[pid] = worker
+        history = self.history.setdefault(slot, SlotHistory())
+        history.respawn_at = 0.0
+        self.selector.register(worker.channel, selectors.EVENT_READ, self.channel_reader(worker))
+        log.info("worker.spawned", worker_pid=pid, worker_slot=slot, restarts=history.restarts)
+
+    def become_worker(self, slot: int, worker_end: socket.socket) -> int:
+        """In the forked child: drop the master's state, then run the worker loop."""
+        parent = os.getppid()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the master died between fork and prctl
+            return EXIT_BOOT_ERROR
+        logmod.set_role("worker", slot)
+        self.signals.close()
+        self.selector.close()
+        for other in self.workers.values():
+            other.channel.close()  # else a sibling never sees EOF when the master dies
+        worker = Worker(self.config, self.listener, Channel(worker_end, "master"), slot)
+        return worker.run()
+
+    def channel_reader(self, worker: WorkerProc) -> Callable[[int], None]:
+        def on_event(events: int) -> None:
+            try:
+                if events & selectors.EVENT_WRITE and worker.channel.flush():
+                    self.selector.modify(worker.channel, selectors.EVENT_READ, on_event)
+                if events & selectors.EVENT_READ:
+                    for message in worker.channel.receive():
+                        self.on_message(worker, message)
+            except ChannelClosed:
+                # The worker is dying; SIGCHLD will tell how. Stop listening to it.
+                self.forget_channel(worker)
+        return on_event
+
+    def forget_channel(self, worker: WorkerProc) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(worker.channel)
+
+    def send(self, worker: WorkerProc, kind: Kind, meta: dict[str, Any] | None = None) -> None:
+        try:
+            worker.channel.send(kind, meta)
+        except ChannelClosed as e:
+            log.warning("channel.error", worker_pid=worker.pid, worker_slot=worker.slot,
+                        error=str(e))
+            return
+        if worker.channel.wants_write:
+            self.selector.modify(worker.channel, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                                 self.channel_reader(worker))
+
+    def on_message(self, worker: WorkerProc, message: Message) -> None:
+        worker.last_seen = time.monotonic()
+        if message.kind is Kind.STATS:
+            worker.stats = {k: v for k, v in message.meta.items() if isinstance(v, int)}
+        elif message.kind is Kind.HELLO:
+            if worker.state == "starting":
+                worker.state = "ready"
+            log.info("worker.ready", worker_pid=worker.pid, worker_slot=worker.slot,
+                     boot_ms=round((worker.last_seen - worker.started) * 1000, 1))
+            if self.state == "starting" and self.ready_count() >= self.target:
+                self.state = "running"
+                log.info("mpd.ready", workers=self.ready_count())
+        else:
+            for fd in message.fds:
+                os.close(fd)
+            log.warning("channel.error", worker_pid=worker.pid, worker_slot=worker.slot,
+                        error=f"unexpected {message.kind.name} from a worker")
+
+    def ready_count(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state == "ready")
+
+    def reap_workers(self) -> None:
+        """Collect every child that ended (several may end at once) and schedule respawns."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            self.forget_channel(worker)
+            worker.channel.close()
+            uptime = time.monotonic() - worker.started
+            how: dict[str, Any] = {}
+            if os.WIFSIGNALED(status):
+                how["signal"] = signal.Signals(os.WTERMSIG(status)).name
+            else:
+                how["exit_code"] = os.WEXITSTATUS(status)
+            expected = worker.state == "stopping" or self.state == "stopping"
+            log.log(20 if expected else 30, "worker.exited", worker_pid=pid,
+                    worker_slot=worker.slot, uptime=round(uptime, 3), **how)
+            if not expected:
+                self.schedule_respawn(worker.slot, uptime)
+
+    def schedule_respawn(self, slot: int, uptime: float) -> None:
+        history = self.history.setdefault(slot, SlotHistory())
+        history.restarts += 1
+        history.quick_failures = history.quick_failures + 1 if uptime < STABLE_AFTER else 1
+        delay = 0.0
+        if history.quick_failures > 1:  # a crash loop: wait longer each time, capped
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (history.quick_failures - 2))
+            log.warning("worker.backoff", worker_slot=slot, failures=history.quick_failures,
+                        delay=delay)
+        history.respawn_at = time.monotonic() + delay
+
+    def murder_workers(self) -> None:
+        """SIGKILL workers whose heartbeat stopped; reap_workers() respawns them."""
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            if worker.state != "stopping" and now - worker.last_seen > self.config.worker_timeout:
+                log.error("worker.timeout", worker_pid=worker.pid, worker_slot=worker.slot,
+                          silent_for=round(now - worker.last_seen, 3))
+                worker.state = "stopping"  # killed on purpose; still respawned (below)
+                self.kill(worker)
+                self.history.setdefault(worker.slot, SlotHistory()).respawn_at = now
+        if self.stop_deadline and now >= self.stop_deadline:
+            self.halt("graceful_timeout")
+        if self.kill_deadline and now >= self.kill_deadline:
+            log.error("mpd.stop_incomplete", workers=[w.pid for w in self.workers.values()])
+            self.state = "stopped"
+
+    def manage_workers(self) -> None:
+        """Top up: spawn every wanted slot that has no worker and whose back-off is over."""
+        if self.state == "stopping":
+            if not self.workers:
+                self.state = "stopped"
+            return
+        now = time.monotonic()
+        live = {w.slot for w in self.workers.values() if w.state != "stopping"}
+        for slot in range(self.target):
+            if slot in live:
+                continue
+            history = self.history.get(slot)
+            if history is None or history.respawn_at <= now:
+                if history is not None and history.restarts:
+                    log.info("worker.respawned", worker_slot=slot, restarts=history.restarts)
+                self.spawn_worker(slot)
+
+    def kill(self, worker: WorkerProc) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGKILL)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def scale(self, count: int) -> None:
+        count = max(1, min(count, self.config.max_workers))
+        if count == self.target or self.state == "stopping":
+            return
+        log.info("worker.scaled", previous=self.target, workers=count)
+        self.target = count
+        for worker in self.workers.values():
+            if worker.slot >= count and worker.state != "stopping":
+                worker.state = "stopping"
+                self.send(worker, Kind.STOP)
+        for slot in [s for s in self.history if s >= count]:
+            del self.history[slot]
+
+    def reload(self) -> None:
+        try:
+            new = configmod.load(self.config.path)
+        except configmod.ConfigError as e:
+            log.error("config.reload_failed", error=str(e))
+            return
+        fixed = [k for k in RESTART_SETTINGS if getattr(new, k) != getattr(self.config, k)]
+        if fixed or (new.worker_count == 0) != (self.config.worker_count == 0):
+            log.error("config.reload_failed", error="these settings need a restart: "
+                      + ", ".join(fixed or ["workers (single-process mode)"]))
+            return
+        self.config = new
+        logmod.configure(new.log_level, new.log_format)
+        settings = {k: getattr(new, k) for k in LIVE_SETTINGS}
+        for worker in self.workers.values():
+            self.send(worker, Kind.CONFIG, settings)
+        log.info("config.reloaded", path=new.path, workers=new.worker_count)
+        self.scale(new.worker_count)
+
+    def stop(self, graceful: bool = True) -> None:
+        if not graceful:
+            self.halt("quit")
+            return
+        log.info("mpd.stopping", workers=len(self.workers),
+                 graceful_timeout=self.config.graceful_timeout)
+        self.state = "stopping"
+        self.listener.close()  # no new connections queue up for us
+        self.stop_deadline = time.monotonic() + self.config.graceful_timeout
+        for worker in self.workers.values():
+            worker.state = "stopping"
+            self.send(worker, Kind.STOP)
+
+    def halt(self, reason: str) -> None:
+        """Stop now: SIGKILL every worker, then exit once they are reaped (bounded)."""
+        if self.kill_deadline:
+            return
+        log.warning("mpd.halting", reason=reason, workers=len(self.workers))
+        self.state = "stopping"
+        self.listener.close()
+        self.stop_deadline = 0.0
+        self.kill_deadline = time.monotonic() + KILL_WAIT
+        for worker in self.workers.values():
+            worker.state = "stopping"
+            self.kill(worker)

@@ -1,0 +1,353 @@
+"""A worker: one level-triggered epoll loop over the shared listening socket, its channel
+to the master, its clients and its signals. It knows the client protocol only through
+the ClientProtocol interface; with `workers = 0` the master process runs it directly."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import signal
+import socket
+import time
+from typing import Any
+
+from mpd import log as logmod
+from mpd.channel import Channel, ChannelClosed, Kind, Message
+from mpd.config import Config
+from mpd.protocols import PROTOCOLS, ProtocolError
+from mpd.signals import SignalQueue
+
+RECV_SIZE = 32768
+ACCEPT_BATCH = 32  # accepts per wake-up, so a burst spreads over the workers
+HEARTBEAT = 1.0  # seconds between STATS messages (the master's liveness check)
+ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
+EXIT_OK, EXIT_BOOT_ERROR = 0, 3  # 3: failed before serving (the master backs off harder)
+
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
+ACCEPT_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+log = logmod.get_logger()
+
+
+class Connection:
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "key")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.inbuf = bytearray()  # received, not yet consumed (an incomplete frame)
+        self.outbuf = bytearray()  # replies the client has not taken yet
+        self.key: int | None = None
+
+    @property
+    def idle(self) -> bool:
+        return not self.inbuf and not self.outbuf
+
+
+class Worker:
+    def __init__(self, config: Config, listener: socket.socket, channel: Channel | None,
+                 slot: int | None = None):
+        self.config = config
+        self.listener = listener
+        self.channel = channel
+        self.slot = slot
+        self.protocol = PROTOCOLS[config.protocol]
+        self.conns: dict[int, Connection] = {}
+        self.epoll = select.epoll()
+        self.accepting = False
+        self.accept_retry_at = 0.0  # monotonic time to retry accepting after a shortage
+        self.stopping = False  # graceful: no new clients; close each at a frame boundary
+        self.stop_deadline = 0.0  # when stopping: close whatever is left at this time
+        self.running = True
+        self.next_heartbeat = 0.0
+        self.debug = logmod.enabled("debug")
+        self.stats = {"accepted": 0, "requests": 0, "handoffs_out": 0, "adopted": 0,
+                      "refused": 0, "protocol_errors": 0, "overflows": 0}
+        if channel is None:  # single-process mode: the master's signals are ours
+            self.signals = SignalQueue([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
+                                        signal.SIGHUP])
+        else:  # the master coordinates INT (ctrl-C hits the whole group), HUP, TTIN, TTOU
+            self.signals = SignalQueue([signal.SIGTERM, signal.SIGQUIT],
+                                       ignore=[signal.SIGINT, signal.SIGHUP, signal.SIGTTIN,
+                                               signal.SIGTTOU])
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.epoll.register(self.signals.fileno(), IN)
+        if self.channel is not None:
+            self.epoll.register(self.channel.fileno(), IN)
+        self.resume_accepting()
+        if self.channel is not None:
+            self.channel.send(Kind.HELLO, {"slot": self.slot, "pid": os.getpid()})
+        log.info("worker.serving", max_clients=self.config.max_clients)
+        lfd = self.listener.fileno()
+        sfd = self.signals.fileno()
+        cfd = self.channel.fileno() if self.channel is not None else -1
+        conns = self.conns
+        while self.running:
+            for fd, events in self.epoll.poll(self.poll_timeout()):
+                conn = conns.get(fd)
+                if conn is not None:
+                    if events & OUT:
+                        self.flush(conn)
+                    if events & ~OUT and fd in conns:
+                        self.on_readable(conn)
+                elif fd == lfd:
+                    self.accept()
+                elif fd == cfd:
+                    self.on_channel(events)
+                elif fd == sfd:
+                    self.on_signals()
+            self.on_timers()
+        self.shutdown()
+        return EXIT_OK
+
+    def poll_timeout(self) -> float:
+        deadlines = [t for t in (self.accept_retry_at, self.stop_deadline) if t]
+        if self.channel is not None:
+            deadlines.append(self.next_heartbeat)
+        if not deadlines:
+            return -1
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    def on_timers(self) -> None:
+        now = time.monotonic()
+        if self.accept_retry_at and now >= self.accept_retry_at:
+            self.accept_retry_at = 0.0
+            self.resume_accepting()
+        if self.channel is not None and now >= self.next_heartbeat:
+            self.next_heartbeat = now + HEARTBEAT
+            self.send_stats()
+        if self.stopping and (not self.conns or now >= self.stop_deadline):
+            self.running = False
+
+    # --- accepting ----------------------------------------------------------------------
+
+    def resume_accepting(self) -> None:
+        if self.accepting or self.stopping or self.accept_retry_at:
+            return
+        if len(self.conns) >= self.config.max_clients:
+            return
+        # EPOLLEXCLUSIVE: a new client wakes one worker, not all (no thundering herd).
+        self.epoll.register(self.listener.fileno(), IN | select.EPOLLEXCLUSIVE)
+        self.accepting = True
+
+    def pause_accepting(self, reason: str, retry: bool = False) -> None:
+        if self.accepting:
+            self.epoll.unregister(self.listener.fileno())
+            self.accepting = False
+        if retry:
+            self.accept_retry_at = time.monotonic() + ACCEPT_RETRY
+        log.warning("worker.accept_paused", reason=reason, clients=len(self.conns),
+                    max_clients=self.config.max_clients)
+
+    def accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if len(self.conns) >= self.config.max_clients:
+                self.pause_accepting("max_clients")
+                return
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued
+            except OSError as e:
+                if e.errno in ACCEPT_SHORTAGE:  # out of fds or memory: back off, no spin
+                    self.pause_accepting(errno.errorcode[e.errno], retry=True)
+                    return
+                if e.errno in (errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH):
+                    continue
+                raise
+            sock.setblocking(False)
+            self.add(Connection(sock))
+            self.stats["accepted"] += 1
+            if self.debug:
+                log.debug("client.accepted", fd=sock.fileno(), peer=_peer(addr),
+                          clients=len(self.conns))
+
+    def add(self, conn: Connection) -> None:
+        self.conns[conn.fd] = conn
+        self.epoll.register(conn.fd, IN)
+
+    # --- serving ------------------------------------------------------------------------
+
+    def on_readable(self, conn: Connection) -> None:
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.close(conn, e.strerror or "error")
+            return
+        if not data:
+            self.close(conn, "eof")
+            return
+        self.consume(conn, data)
+
+    def consume(self, conn: Connection, data: bytes) -> None:
+        """Feed bytes to the protocol and write back its replies."""
+        try:
+            replies, frames, key = self.protocol.feed(conn.inbuf, data)
+            while key is not None:
+                conn.key = key
+                more, more_frames, key = self.protocol.feed(conn.inbuf, b"")
+                replies += more
+                frames += more_frames
+        except ProtocolError as e:
+            self.stats["protocol_errors"] += 1
+            log.warning("client.protocol_error", fd=conn.fd, error=str(e))
+            self.close(conn, "protocol_error")
+            return
+        if frames:
+            self.stats["requests"] += frames
+            self.write(conn, replies)
+        if self.stopping and conn.idle and conn.fd in self.conns:
+            self.close(conn, "stopping")
+
+    def write(self, conn: Connection, data: bytes) -> None:
+        if conn.outbuf:  # earlier replies still wait: keep the order
+            conn.outbuf += data
+        else:
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as e:
+                self.close(conn, e.strerror or "error")
+                return
+            if sent == len(data):
+                return
+            conn.outbuf += data[sent:]
+            self.epoll.modify(conn.fd, IN | OUT)
+        if len(conn.outbuf) > self.config.max_output_buffer:
+            self.stats["overflows"] += 1
+            log.warning("client.overflow", fd=conn.fd, buffered=len(conn.outbuf),
+                        max_output_buffer=self.config.max_output_buffer)
+            self.close(conn, "overflow")
+
+    def flush(self, conn: Connection) -> None:
+        try:
+            sent = conn.sock.send(conn.outbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.close(conn, e.strerror or "error")
+            return
+        del conn.outbuf[:sent]
+        if not conn.outbuf:
+            self.epoll.modify(conn.fd, IN)
+            if self.stopping and conn.idle:
+                self.close(conn, "stopping")
+
+    def close(self, conn: Connection, reason: str) -> None:
+        del self.conns[conn.fd]
+        self.epoll.unregister(conn.fd)
+        conn.sock.close()
+        if self.debug:
+            log.debug("client.closed", fd=conn.fd, reason=reason, clients=len(self.conns))
+        if not self.accepting:
+            self.resume_accepting()
+
+    # --- master and signals ---------------------------------------------------------------
+
+    def on_channel(self, events: int) -> None:
+        assert self.channel is not None
+        try:
+            if events & OUT and self.channel.flush():
+                self.epoll.modify(self.channel.fileno(), IN)
+            for message in self.channel.receive():
+                self.on_message(message)
+        except ChannelClosed:
+            # The master is gone: no one would route, supervise or reap us. Leave now.
+            log.warning("worker.orphaned", reason="channel closed")
+            self.running = False
+
+    def on_message(self, message: Message) -> None:
+        if self.debug:
+            log.debug("channel.message", kind=message.kind.name, size=len(message.raw))
+        if message.kind is Kind.STOP:
+            self.stop()
+        elif message.kind is Kind.CONFIG:
+            self.apply(message.meta)
+        else:
+            for fd in message.fds:
+                os.close(fd)
+            log.warning("channel.error", error=f"unexpected {message.kind.name} from master")
+
+    def send_stats(self) -> None:
+        assert self.channel is not None
+        try:
+            self.channel.send(Kind.STATS, {"clients": len(self.conns), **self.stats})
+        except ChannelClosed:
+            log.warning("worker.orphaned", reason="channel closed")
+            self.running = False
+            return
+        if self.channel.wants_write:
+            self.epoll.modify(self.channel.fileno(), IN | OUT)
+
+    def apply(self, settings: dict[str, Any]) -> None:
+        """Take changed limits and log level from a reload."""
+        self.config = self.config.replace(**settings)
+        logmod.configure(self.config.log_level, self.config.log_format)
+        self.debug = logmod.enabled("debug")
+        if len(self.conns) < self.config.max_clients:
+            self.resume_accepting()
+        elif self.accepting:
+            self.pause_accepting("max_clients")
+
+    def on_signals(self) -> None:
+        for sig in self.signals.drain():
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self.stop()
+            elif sig == signal.SIGQUIT:
+                log.info("worker.quit")
+                os._exit(EXIT_OK)
+            elif sig == signal.SIGHUP:
+                self.reload_standalone()
+
+    def reload_standalone(self) -> None:
+        from mpd import config as configmod
+
+        try:
+            new = configmod.load(self.config.path)
+        except configmod.ConfigError as e:
+            log.error("config.reload_failed", error=str(e))
+            return
+        self.apply({"max_clients": new.max_clients, "max_output_buffer": new.max_output_buffer,
+                    "log_level": new.log_level, "graceful_timeout": new.graceful_timeout})
+        log.info("config.reloaded", path=new.path)
+
+    def stop(self) -> None:
+        """Graceful: no new clients; each client is closed once its replies are out."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.stop_deadline = time.monotonic() + self.config.graceful_timeout
+        log.info("worker.stopping", clients=len(self.conns))
+        if self.accepting:
+            self.epoll.unregister(self.listener.fileno())
+            self.accepting = False
+        for conn in list(self.conns.values()):
+            if conn.idle:
+                self.close(conn, "stopping")
+
+    def shutdown(self) -> None:
+        for conn in list(self.conns.values()):
+            self.close(conn, "shutdown")
+        if self.channel is not None:
+            self.send_stats()
+            self.channel.sock.setblocking(True)
+            self.channel.sock.settimeout(1.0)  # last stats out; bounded
+            with contextlib.suppress(ChannelClosed, OSError):
+                self.channel.flush()
+        log.info("worker.stopped", **self.stats)
+
+
+def _peer(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
+    return str(addr)
