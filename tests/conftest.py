@@ -1,0 +1,191 @@
+"""Test harness: run the real mpd as a subprocess, read its JSON log, talk to it over
+real sockets. Every wait polls a condition against a deadline; nothing sleeps and hopes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+REPLY = b"hello, server ping!\0"
+PING = b"hello, client ping!\0"  # what the seed's mpclient sends
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
+               what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(p) for p in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def toml_config(settings: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for section, values in settings.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            else:
+                lines.append(f"{key} = {value}")
+    return "\n".join(lines) + "\n"
+
+
+class Mpd:
+    """A running mpd: its process, its log, its port."""
+
+    def __init__(self, tmp: Path, settings: dict[str, dict[str, Any]],
+                 env: dict[str, str] | None = None):
+        self.tmp = tmp
+        self.config_path = tmp / "mpd.toml"
+        merged: dict[str, dict[str, Any]] = {"server": {"port": 0},
+                                             "control": {"socket": str(tmp / "mpd.sock")}}
+        for section, values in settings.items():
+            merged.setdefault(section, {}).update(values)
+        self.write_config(merged)
+        self.log_path = tmp / "mpd.log"
+        # A file, not a pipe: mpd never blocks on a reader that fell behind.
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mpd.cli", "--config", str(self.config_path)],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True)
+        self.pid = self.proc.pid
+        self._offset = 0
+        self._events: list[dict[str, Any]] = []
+        started = self.wait_event("mpd.started")
+        self.port: int = started["port"]
+        self.wait_event("mpd.ready")
+
+    def write_config(self, settings: dict[str, dict[str, Any]]) -> None:
+        self.settings = settings
+        self.config_path.write_text(toml_config(settings))
+
+    # --- the log --------------------------------------------------------------------------
+
+    def events(self, name: str | None = None, **fields: Any) -> list[dict[str, Any]]:
+        with open(self.log_path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # only whole lines
+        self._offset += end
+        for line in data[:end].splitlines():
+            try:
+                self._events.append(json.loads(line))
+            except ValueError:
+                self._events.append({"event": "<non-json>", "line": line.decode(errors="replace")})
+        return [e for e in self._events
+                if (name is None or e.get("event") == name)
+                and all(e.get(k) == v for k, v in fields.items())]
+
+    def wait_event(self, name: str, timeout: float = 10.0, count: int = 1,
+                   **fields: Any) -> dict[str, Any]:
+        def found() -> Any:
+            if self.proc.poll() is not None and len(self.events(name, **fields)) < count:
+                raise AssertionError(f"mpd exited ({self.proc.returncode}) before {name}:\n"
+                                     + self.log_path.read_text()[-3000:])
+            matches = self.events(name, **fields)
+            return matches[count - 1] if len(matches) >= count else None
+        return wait_until(found, timeout, what=f"{count}x {name} {fields or ''}")
+
+    # --- processes --------------------------------------------------------------------------
+
+    def worker_pids(self) -> list[int]:
+        return sorted(children(self.pid))
+
+    def wait_workers(self, count: int, timeout: float = 10.0) -> list[int]:
+        return wait_until(lambda: len(self.worker_pids()) == count and self.worker_pids(),
+                          timeout, what=f"{count} workers")
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout: float = 15.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        """Tear down whatever is left, whatever state the test left it in."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        for pid in children(self.pid) if pid_alive(self.pid) else []:
+            os.kill(pid, signal.SIGKILL)
+        self._log.close()
+
+    # --- clients ----------------------------------------------------------------------------
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def ping(sock: socket.socket, payload: bytes = PING) -> None:
+    sock.sendall(payload)
+    assert recv_exact(sock, len(REPLY)) == REPLY
+
+
+@pytest.fixture
+def mpd_factory(tmp_path: Path) -> Iterator[Callable[..., Mpd]]:
+    started: list[Mpd] = []
+
+    def start(settings: dict[str, dict[str, Any]] | None = None,
+              env: dict[str, str] | None = None) -> Mpd:
+        server = Mpd(tmp_path, settings or {}, env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
