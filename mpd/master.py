@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mpd import __version__
+from mpd import __version__, routing
 from mpd import config as configmod
 from mpd import log as logmod
-from mpd.channel import Channel, ChannelClosed, Kind, Message
+from mpd.channel import Channel, ChannelClosed, Kind, Message, close_fds
 from mpd.config import Config
 from mpd.signals import SignalQueue
 from mpd.worker import EXIT_BOOT_ERROR, Worker
@@ -29,6 +29,8 @@ STABLE_AFTER = 5.0  # seconds a worker must live before its slot's crash count r
 BACKOFF_FIRST = 0.1  # seconds before the second quick respawn; doubles after each
 BACKOFF_MAX = 30.0
 KILL_WAIT = 5.0  # seconds to reap SIGKILLed workers before exiting regardless
+HOLD_TIMEOUT = 1.0  # seconds a hand-off waits for its owner's respawn before a fallback
+HOLD_MAX = 30.0  # seconds a hand-off may wait when no worker at all can take it
 # Settings a reload may change in running workers (sent in CONFIG).
 LIVE_SETTINGS = ("max_clients", "max_output_buffer", "graceful_timeout", "log_level",
                  "log_format")
@@ -51,6 +53,15 @@ class WorkerProc:
 
 
 @dataclass
+class HeldClient:
+    """A handed-off client whose owner slot has no worker right now."""
+    meta: dict[str, Any]
+    raw: bytes
+    fd: int
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
 class SlotHistory:
     """What survives a worker's death: how often this slot crashed, when to retry."""
     restarts: int = 0
@@ -67,6 +78,8 @@ class Master:
                                     signal.SIGHUP, signal.SIGCHLD, signal.SIGTTIN,
                                     signal.SIGTTOU])
         self.workers: dict[int, WorkerProc] = {}  # by pid
+        self.serving: dict[int, WorkerProc] = {}  # by slot: workers that take clients
+        self.held: list[HeldClient] = []  # hand-offs waiting for a worker
         self.history: dict[int, SlotHistory] = {}  # by slot
         self.target = config.worker_count
         self.state = "starting"  # starting -> running -> stopping
@@ -87,6 +100,9 @@ class Master:
                 key.data(events)
             self.murder_workers()
             self.manage_workers()
+            if self.held:
+                self.deliver_held()
+        self.drop_held("stopping")
         self.selector.close()
         self.signals.close()
         log.info("mpd.stopped", uptime=round(time.monotonic() - self.started, 3))
@@ -98,6 +114,7 @@ class Master:
         due = [now + 1.0]
         due += [h.respawn_at for h in self.history.values() if h.respawn_at]
         due += [d for d in (self.stop_deadline, self.kill_deadline) if d]
+        due += [h.since + HOLD_TIMEOUT for h in self.held[:1]]
         return max(0.0, min(due) - now)
 
     # --- signals: one table, one handler each ----------------------------------------------
@@ -143,6 +160,7 @@ class Master:
         worker_end.close()
         worker = WorkerProc(slot=slot, pid=pid, channel=Channel(master_end, f"slot {slot}"))
         self.workers[pid] = worker
+        self.serving[slot] = worker
         history = self.history.setdefault(slot, SlotHistory())
         history.respawn_at = 0.0
         self.selector.register(worker.channel, selectors.EVENT_READ, self.channel_reader(worker))
@@ -160,7 +178,8 @@ class Master:
         self.selector.close()
         for other in self.workers.values():
             other.channel.close()  # else a sibling never sees EOF when the master dies
-        worker = Worker(self.config, self.listener, Channel(worker_end, "master"), slot)
+        worker = Worker(self.config, self.listener, Channel(worker_end, "master"), slot,
+                        self.slots)
         return worker.run()
 
     def channel_reader(self, worker: WorkerProc) -> Callable[[int], None]:
@@ -180,20 +199,89 @@ class Master:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(worker.channel)
 
-    def send(self, worker: WorkerProc, kind: Kind, meta: dict[str, Any] | None = None) -> None:
+    def send(self, worker: WorkerProc, kind: Kind, meta: dict[str, Any] | None = None,
+             raw: bytes = b"", fds: list[int] | None = None) -> bool:
+        """Send or queue; False if the worker's channel is gone (fds stay the caller's)."""
         try:
-            worker.channel.send(kind, meta)
-        except ChannelClosed as e:
+            worker.channel.send(kind, meta, raw, fds or ())
+        except (ChannelClosed, ValueError) as e:
             log.warning("channel.error", worker_pid=worker.pid, worker_slot=worker.slot,
                         error=str(e))
-            return
+            return False
         if worker.channel.wants_write:
             self.selector.modify(worker.channel, selectors.EVENT_READ | selectors.EVENT_WRITE,
                                  self.channel_reader(worker))
+        return True
+
+    def retire(self, worker: WorkerProc) -> None:
+        """The worker takes no more clients; it is on its way out."""
+        worker.state = "stopping"
+        if self.serving.get(worker.slot) is worker:
+            del self.serving[worker.slot]
+
+    @property
+    def slots(self) -> tuple[int, ...]:
+        return tuple(range(self.target))
+
+    # --- hand-off: route a client to the worker that owns its key -------------------------
+
+    def dispatch(self, sender: WorkerProc, message: Message) -> None:
+        key = message.meta.get("key")
+        if len(message.fds) != 1 or not isinstance(key, int):
+            close_fds(message.fds)
+            log.error("channel.error", worker_pid=sender.pid, worker_slot=sender.slot,
+                      error="HANDOFF without exactly one fd and a key")
+            return
+        held = HeldClient({"key": key, "from_slot": sender.slot, "from_pid": sender.pid,
+                           "sent_ns": message.meta.get("sent_ns")}, message.raw, message.fds[0])
+        if not self.deliver(held):
+            self.held.append(held)
+
+    def deliver(self, held: HeldClient) -> bool:
+        """ADOPT to the key's owner; while the owner is respawning, wait HOLD_TIMEOUT, then
+        (or at once if the slot is backing off) take the next slot in the key's ranking."""
+        key = held.meta["key"]
+        target = self.serving.get(routing.owner(key, self.slots))
+        if target is None:
+            history = self.history.get(routing.owner(key, self.slots))
+            backing_off = history is not None and history.respawn_at > time.monotonic()
+            if time.monotonic() - held.since < HOLD_TIMEOUT and not backing_off:
+                return False
+            for slot in routing.ranking(key, self.slots)[1:]:
+                target = self.serving.get(slot)
+                if target is not None:
+                    break
+            else:
+                return False
+        return self.send(target, Kind.ADOPT, held.meta, held.raw, [held.fd])
+
+    def deliver_held(self) -> None:
+        waiting, self.held = self.held, []
+        for held in waiting:
+            if self.deliver(held):
+                continue
+            if time.monotonic() - held.since > HOLD_MAX:
+                close_fds([held.fd])
+                log.error("fd.dropped", key=held.meta["key"], reason="no worker took it",
+                          waited=round(time.monotonic() - held.since, 3))
+            else:
+                self.held.append(held)
+
+    def drop_held(self, reason: str) -> None:
+        for held in self.held:
+            close_fds([held.fd])
+            log.warning("fd.dropped", key=held.meta["key"], reason=reason)
+        self.held = []
+
+    def broadcast_routes(self) -> None:
+        for worker in self.workers.values():
+            self.send(worker, Kind.ROUTES, {"slots": list(self.slots)})
 
     def on_message(self, worker: WorkerProc, message: Message) -> None:
         worker.last_seen = time.monotonic()
-        if message.kind is Kind.STATS:
+        if message.kind is Kind.HANDOFF:
+            self.dispatch(worker, message)
+        elif message.kind is Kind.STATS:
             worker.stats = {k: v for k, v in message.meta.items() if isinstance(v, int)}
         elif message.kind is Kind.HELLO:
             if worker.state == "starting":
@@ -224,6 +312,8 @@ class Master:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            if self.serving.get(worker.slot) is worker:
+                del self.serving[worker.slot]
             self.forget_channel(worker)
             worker.channel.close()
             uptime = time.monotonic() - worker.started
@@ -256,9 +346,11 @@ class Master:
             if worker.state != "stopping" and now - worker.last_seen > self.config.worker_timeout:
                 log.error("worker.timeout", worker_pid=worker.pid, worker_slot=worker.slot,
                           silent_for=round(now - worker.last_seen, 3))
-                worker.state = "stopping"  # killed on purpose; still respawned (below)
+                self.retire(worker)  # killed on purpose: its slot is refilled at once
                 self.kill(worker)
-                self.history.setdefault(worker.slot, SlotHistory()).respawn_at = now
+                history = self.history.setdefault(worker.slot, SlotHistory())
+                history.restarts += 1
+                history.respawn_at = now
         if self.stop_deadline and now >= self.stop_deadline:
             self.halt("graceful_timeout")
         if self.kill_deadline and now >= self.kill_deadline:
@@ -272,9 +364,8 @@ class Master:
                 self.state = "stopped"
             return
         now = time.monotonic()
-        live = {w.slot for w in self.workers.values() if w.state != "stopping"}
         for slot in range(self.target):
-            if slot in live:
+            if slot in self.serving:
                 continue
             history = self.history.get(slot)
             if history is None or history.respawn_at <= now:
@@ -294,12 +385,13 @@ class Master:
             return
         log.info("worker.scaled", previous=self.target, workers=count)
         self.target = count
-        for worker in self.workers.values():
-            if worker.slot >= count and worker.state != "stopping":
-                worker.state = "stopping"
+        for worker in list(self.serving.values()):
+            if worker.slot >= count:
+                self.retire(worker)
                 self.send(worker, Kind.STOP)
         for slot in [s for s in self.history if s >= count]:
             del self.history[slot]
+        self.broadcast_routes()
 
     def reload(self) -> None:
         try:
@@ -330,7 +422,7 @@ class Master:
         self.listener.close()  # no new connections queue up for us
         self.stop_deadline = time.monotonic() + self.config.graceful_timeout
         for worker in self.workers.values():
-            worker.state = "stopping"
+            self.retire(worker)
             self.send(worker, Kind.STOP)
 
     def halt(self, reason: str) -> None:
@@ -343,5 +435,5 @@ class Master:
         self.stop_deadline = 0.0
         self.kill_deadline = time.monotonic() + KILL_WAIT
         for worker in self.workers.values():
-            worker.state = "stopping"
+            self.retire(worker)
             self.kill(worker)

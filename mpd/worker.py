@@ -14,9 +14,10 @@ import time
 from typing import Any
 
 from mpd import log as logmod
-from mpd.channel import Channel, ChannelClosed, Kind, Message
+from mpd.channel import Channel, ChannelClosed, Kind, Message, close_fds
 from mpd.config import Config
 from mpd.protocols import PROTOCOLS, ProtocolError
+from mpd.routing import owner
 from mpd.signals import SignalQueue
 
 RECV_SIZE = 32768
@@ -32,7 +33,7 @@ log = logmod.get_logger()
 
 
 class Connection:
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "key")
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "key", "handoff_pending", "pinned")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -40,6 +41,8 @@ class Connection:
         self.inbuf = bytearray()  # received, not yet consumed (an incomplete frame)
         self.outbuf = bytearray()  # replies the client has not taken yet
         self.key: int | None = None
+        self.handoff_pending = False  # hand off once the replies already due are out
+        self.pinned = False  # a hand-off failed: serve it here whatever its key
 
     @property
     def idle(self) -> bool:
@@ -48,8 +51,9 @@ class Connection:
 
 class Worker:
     def __init__(self, config: Config, listener: socket.socket, channel: Channel | None,
-                 slot: int | None = None):
+                 slot: int | None = None, slots: tuple[int, ...] = ()):
         self.config = config
+        self.slots = slots  # the slot table: who owns which key (ROUTES updates it)
         self.listener = listener
         self.channel = channel
         self.slot = slot
@@ -176,6 +180,9 @@ class Worker:
     # --- serving ------------------------------------------------------------------------
 
     def on_readable(self, conn: Connection) -> None:
+        if conn.handoff_pending:  # its unread bytes belong to the next owner
+            self.flush(conn)
+            return
         try:
             data = conn.sock.recv(RECV_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -189,11 +196,21 @@ class Worker:
         self.consume(conn, data)
 
     def consume(self, conn: Connection, data: bytes) -> None:
-        """Feed bytes to the protocol and write back its replies."""
+        """Feed bytes to the protocol, write back its replies, and hand the client off
+        when it names a key that another slot owns."""
         try:
             replies, frames, key = self.protocol.feed(conn.inbuf, data)
             while key is not None:
                 conn.key = key
+                if not self.owns(conn, key):
+                    if frames:
+                        self.stats["requests"] += frames
+                        self.write(conn, replies)
+                    if conn.fd in self.conns:
+                        self.hand_off(conn)
+                    return
+                if self.debug:
+                    log.debug("client.bound", fd=conn.fd, key=key)
                 more, more_frames, key = self.protocol.feed(conn.inbuf, b"")
                 replies += more
                 frames += more_frames
@@ -239,9 +256,85 @@ class Worker:
             return
         del conn.outbuf[:sent]
         if not conn.outbuf:
+            if conn.handoff_pending:
+                self.hand_off(conn)
+                return
             self.epoll.modify(conn.fd, IN)
             if self.stopping and conn.idle:
                 self.close(conn, "stopping")
+
+    # --- routing and hand-off --------------------------------------------------------------
+
+    def owns(self, conn: Connection, key: int) -> bool:
+        if conn.pinned or self.channel is None or not self.slots:
+            return True
+        return owner(key, self.slots) == self.slot
+
+    def hand_off(self, conn: Connection) -> None:
+        """Give the client, with every byte read but not consumed, to the master, which
+        passes it to the key's owner. Replies already due go out first, so the client's
+        stream stays in order; until then the client is not read."""
+        assert self.channel is not None
+        if conn.outbuf:
+            conn.handoff_pending = True
+            self.epoll.modify(conn.fd, OUT)
+            return
+        conn.handoff_pending = False
+        # Out of epoll before the fd leaves: an in-flight copy would keep the entry alive.
+        self.epoll.unregister(conn.fd)
+        try:
+            self.channel.send(Kind.HANDOFF, {"key": conn.key, "sent_ns": time.monotonic_ns()},
+                              bytes(conn.inbuf), [conn.fd])
+        except (ValueError, ChannelClosed) as e:
+            # The send failed, so the client stays here and is served in place.
+            log.error("fd.handoff_failed", fd=conn.fd, key=conn.key, error=str(e))
+            self.epoll.register(conn.fd, IN)
+            conn.pinned = True
+            self.consume(conn, b"")
+            return
+        del self.conns[conn.fd]
+        conn.sock.detach()  # the channel owns the fd now and closes it once it is sent
+        self.stats["handoffs_out"] += 1
+        if self.channel.wants_write:
+            self.epoll.modify(self.channel.fileno(), IN | OUT)
+        if not self.accepting:
+            self.resume_accepting()
+
+    def adopt(self, message: Message) -> None:
+        """Take a client handed over by the master: its carried bytes first, then its socket."""
+        meta = message.meta
+        if len(message.fds) != 1 or not isinstance(meta.get("key"), int):
+            close_fds(message.fds)
+            log.error("channel.error", error="ADOPT without exactly one fd and a key")
+            return
+        try:
+            sock = socket.socket(fileno=message.fds[0])
+        except OSError as e:
+            close_fds(message.fds)
+            log.error("channel.error", error=f"ADOPT fd unusable: {e.strerror}")
+            return
+        sock.setblocking(False)
+        sent_ns = meta.get("sent_ns")
+        latency_us = (time.monotonic_ns() - sent_ns) // 1000 if isinstance(sent_ns, int) else None
+        if len(self.conns) >= self.config.max_clients:
+            self.stats["refused"] += 1
+            with contextlib.suppress(OSError):
+                sock.send(self.protocol.refusal)
+            sock.close()
+            log.warning("fd.refused", key=meta["key"], from_slot=meta.get("from_slot"),
+                        reason="max_clients", clients=len(self.conns),
+                        max_clients=self.config.max_clients)
+            return
+        conn = Connection(sock)
+        conn.key = meta["key"]
+        self.add(conn)
+        if self.debug:
+            log.debug("client.bound", fd=conn.fd, key=conn.key)
+        self.stats["adopted"] += 1
+        log.info("fd.dispatched", key=conn.key, from_slot=meta.get("from_slot"),
+                 from_pid=meta.get("from_pid"), to_slot=self.slot, to_pid=os.getpid(),
+                 carried=len(message.raw), latency_us=latency_us)
+        self.consume(conn, message.raw)
 
     def close(self, conn: Connection, reason: str) -> None:
         del self.conns[conn.fd]
@@ -269,13 +362,16 @@ class Worker:
     def on_message(self, message: Message) -> None:
         if self.debug:
             log.debug("channel.message", kind=message.kind.name, size=len(message.raw))
-        if message.kind is Kind.STOP:
+        if message.kind is Kind.ADOPT:
+            self.adopt(message)
+        elif message.kind is Kind.ROUTES:
+            self.slots = tuple(message.meta.get("slots", ()))
+        elif message.kind is Kind.STOP:
             self.stop()
         elif message.kind is Kind.CONFIG:
             self.apply(message.meta)
         else:
-            for fd in message.fds:
-                os.close(fd)
+            close_fds(message.fds)
             log.warning("channel.error", error=f"unexpected {message.kind.name} from master")
 
     def send_stats(self) -> None:

@@ -1,0 +1,195 @@
+"""Key routing and connection hand-off between workers, through the master."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import struct
+from concurrent.futures import ThreadPoolExecutor
+
+from conftest import REPLY, fd_count, recv_exact, wait_until
+
+from mpd import routing
+from mpd.protocols.ping import REFUSAL
+
+M_PING = b"Mclient, ping message!\0"
+
+
+def key_frame(key: int) -> bytes:
+    return b"C" + struct.pack("<i", key)
+
+
+def keys_owned_by(slot: int, slots: tuple[int, ...], count: int, seed: int = 1) -> list[int]:
+    rng = random.Random(seed)
+    keys: list[int] = []
+    while len(keys) < count:
+        key = rng.randint(-2**31, 2**31 - 1)
+        if routing.owner(key, slots) == slot:
+            keys.append(key)
+    return keys
+
+
+def slot_pids(server) -> dict[int, int]:
+    """slot -> pid of its current worker, from the master's worker.spawned events."""
+    return {e["worker_slot"]: e["worker_pid"] for e in server.events("worker.spawned")}
+
+
+# --- rendezvous hashing ---------------------------------------------------------------------
+
+def test_owner_is_stable_and_scaling_moves_few_keys():
+    keys = range(-5000, 5000)
+    four = {k: routing.owner(k, (0, 1, 2, 3)) for k in keys}
+    assert four == {k: routing.owner(k, (0, 1, 2, 3)) for k in keys}
+    assert {routing.ranking(k, (0, 1, 2, 3))[0] for k in keys[:100]} <= {0, 1, 2, 3}
+    assert all(routing.ranking(k, (0, 1, 2, 3))[0] == four[k] for k in keys)
+    spread = [list(four.values()).count(s) for s in range(4)]
+    assert min(spread) > 2000, spread  # 2500 each if even
+    five = {k: routing.owner(k, (0, 1, 2, 3, 4)) for k in keys}
+    moved = [k for k in keys if four[k] != five[k]]
+    assert all(five[k] == 4 for k in moved)  # only the new slot takes keys
+    assert 0.15 < len(moved) / len(keys) < 0.25, len(moved)  # about 1/5
+
+
+# --- hand-off -------------------------------------------------------------------------------
+
+def test_every_client_is_served_by_the_owner_of_its_key(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 4}, "log": {"level": "debug"}})
+    rng = random.Random(7)
+    keys = rng.sample(range(-2**31, 2**31 - 1), 400)
+
+    def client(key: int) -> bytes:
+        with server.connect() as sock:
+            sock.sendall(key_frame(key) + M_PING)
+            return recv_exact(sock, len(REPLY))
+
+    with ThreadPoolExecutor(50) as pool:
+        assert list(pool.map(client, keys)) == [REPLY] * 400
+    pids = slot_pids(server)
+    slots = (0, 1, 2, 3)
+    bound = wait_until(lambda: len(server.events("client.bound")) >= 400 and
+                       server.events("client.bound"), what="400 client.bound events")
+    served_by = {e["key"]: e["pid"] for e in bound}
+    assert set(served_by) == set(keys)
+    wrong = [k for k in keys if served_by[k] != pids[routing.owner(k, slots)]]
+    assert wrong == []
+    dispatched = server.events("fd.dispatched")
+    # About 3 in 4 clients were accepted by a worker that does not own their key.
+    assert 200 < len(dispatched) < 400
+    assert all(e["to_slot"] == routing.owner(e["key"], slots) for e in dispatched)
+    assert all(e["from_slot"] != e["to_slot"] and e["latency_us"] >= 0 for e in dispatched)
+
+
+def test_pings_sent_with_the_key_frame_survive_the_hand_off_in_order(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 4}})
+    rng = random.Random(3)
+    for _ in range(40):
+        key = rng.randint(-2**31, 2**31 - 1)
+        with server.connect() as sock:
+            # Key frame, then pings of growing size, one send, before any reply.
+            pings = [b"M" + b"x" * n + b"\0" for n in (1, 1000, 20000)] + [b"plain\0", M_PING]
+            sock.sendall(key_frame(key) + b"".join(pings))
+            assert recv_exact(sock, len(REPLY) * len(pings)) == REPLY * len(pings)
+            # A frame split across sends after the hand-off still completes.
+            sock.sendall(b"Mhalf")
+            sock.sendall(b" a frame\0")
+            assert recv_exact(sock, len(REPLY)) == REPLY
+    assert len(server.events("fd.dispatched")) > 10
+
+
+def test_ten_thousand_hand_offs_leak_no_fd(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2}})
+    workers = server.wait_workers(2)
+    slots = (0, 1)
+    keys = keys_owned_by(0, slots, 50) + keys_owned_by(1, slots, 50)
+
+    def clients(count: int) -> None:
+        def one(i: int) -> None:
+            with server.connect() as sock:
+                sock.sendall(key_frame(keys[i % len(keys)]) + M_PING)
+                assert recv_exact(sock, len(REPLY)) == REPLY
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(one, range(count)))
+
+    clients(200)  # warm up: every lazy allocation done
+    processes = [server.pid, *workers]
+    baseline = {pid: fd_count(pid) for pid in processes}
+    before = len(server.events("fd.dispatched"))
+    # Half the keys belong to the worker that did not accept the client: hand-offs.
+    while len(server.events("fd.dispatched")) - before < 10_000:
+        clients(2000)
+    wait_until(lambda: {pid: fd_count(pid) for pid in processes} == baseline, timeout=10,
+               what=f"fd counts back to {baseline}")
+
+
+def test_a_stalled_worker_does_not_block_the_master_and_gets_its_clients_later(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2, "worker_timeout": 120}})
+    server.wait_workers(2)
+    pids = slot_pids(server)
+    slots = (0, 1)
+    stalled = pids[1]
+    os.kill(stalled, signal.SIGSTOP)  # it stops reading its channel
+    try:
+        # 40 clients for slot 1, each carrying 30 KB: far more than a channel buffer holds.
+        big = b"M" + b"y" * 30000 + b"\0"
+        socks = []
+        for key in keys_owned_by(1, slots, 40):
+            sock = server.connect(timeout=20)
+            sock.sendall(key_frame(key) + big)
+            socks.append(sock)
+        # Meanwhile the master and the other worker carry on.
+        for _ in range(20):
+            with server.connect() as sock:
+                sock.sendall(b"hello\0")
+                assert recv_exact(sock, len(REPLY)) == REPLY
+        server.signal(signal.SIGHUP)  # the master still reacts
+        server.wait_event("config.reloaded")
+    finally:
+        os.kill(stalled, signal.SIGCONT)
+    for sock in socks:  # every queued hand-off arrives, bytes intact
+        assert recv_exact(sock, len(REPLY)) == REPLY
+        sock.close()
+    assert len(server.events("fd.dispatched", to_slot=1)) == 40
+
+
+def test_a_client_whose_owner_is_full_is_refused_and_counted(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2, "max_clients": 2}})
+    server.wait_workers(2)
+    slots = (0, 1)
+    first, second, third = keys_owned_by(1, slots, 3, seed=11)
+    held = []
+    for key in (first, second):
+        sock = server.connect()
+        sock.sendall(key_frame(key) + M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+        held.append(sock)
+    # Slot 1 holds its two clients; slot 0 takes the next one and hands it over.
+    with server.connect() as sock:
+        sock.sendall(key_frame(third) + M_PING)
+        assert recv_exact(sock, len(REFUSAL)) == REFUSAL
+        assert sock.recv(100) == b""
+    refused = server.wait_event("fd.refused")
+    assert refused["key"] == third and refused["reason"] == "max_clients"
+    for sock in held:
+        sock.close()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    stopped = {e["slot"]: e for e in server.events("worker.stopped")}
+    assert stopped[1]["refused"] == 1
+    assert stopped[0]["refused"] == 0
+
+
+def test_handoff_to_a_respawning_slot_waits_for_it(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2}})
+    server.wait_workers(2)
+    pids = slot_pids(server)
+    key = keys_owned_by(1, (0, 1), 1, seed=5)[0]
+    os.kill(pids[1], signal.SIGKILL)
+    server.wait_event("worker.exited", worker_slot=1)
+    # The master either holds the hand-off until slot 1 is back, or the new worker
+    # already serves: either way slot 1 gets the client.
+    with server.connect(timeout=10) as sock:
+        sock.sendall(key_frame(key) + M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+    new_pid = server.wait_event("worker.spawned", worker_slot=1, count=2)["worker_pid"]
+    assert server.wait_event("fd.dispatched", key=key)["to_pid"] == new_pid
