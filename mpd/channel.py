@@ -156,7 +156,8 @@ class Channel:
 
     def receive(self, limit: int = 64) -> list[Message]:
         """Up to `limit` messages that are waiting. Malformed ones are logged and dropped
-        (their fds closed). Raises ChannelClosed on EOF."""
+        (their fds closed). Raises ChannelClosed on EOF once every message before it has
+        been returned."""
         out: list[Message] = []
         for _ in range(limit):
             try:
@@ -166,6 +167,8 @@ class Channel:
             except OSError as e:
                 raise ChannelClosed(f"{self.peer}: receive failed: {e.strerror}") from None
             if not data and not fds:
+                if out:  # deliver what came before the EOF; the next call reports it
+                    break
                 raise ChannelClosed(f"{self.peer}: end of file")
             if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
                 close_fds(fds)

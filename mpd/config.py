@@ -145,6 +145,9 @@ SCHEMA: tuple[Key, ...] = (
         "Seconds that workers get to finish their clients on SIGTERM before SIGKILL."),
     Key("workers", "worker_timeout", 30.0, _float_range(1, 3600),
         "Seconds without a heartbeat after which a worker counts as hung and is replaced."),
+    Key("workers", "backoff_max", 30.0, _float_range(0.1, 3600),
+        "Longest wait, in seconds, before respawning a slot that keeps crashing soon after\n"
+        "start (the wait doubles from 0.1 s with each quick crash)."),
     Key("control", "socket", "auto", _socket_path,
         "Control socket for mpdctl. \"auto\" = /run/mpd/mpd.sock for root, else\n"
         "$XDG_RUNTIME_DIR/mpd/mpd.sock."),
@@ -169,6 +172,7 @@ class Config:
     max_output_buffer: int = 262144
     graceful_timeout: float = 10.0
     worker_timeout: float = 30.0
+    backoff_max: float = 30.0
     socket: str = "auto"
     mode: int = 0o660
     log_level: str = "info"

@@ -27,7 +27,6 @@ from mpd.worker import EXIT_BOOT_ERROR, Worker
 PR_SET_PDEATHSIG = 1
 STABLE_AFTER = 5.0  # seconds a worker must live before its slot's crash count resets
 BACKOFF_FIRST = 0.1  # seconds before the second quick respawn; doubles after each
-BACKOFF_MAX = 30.0
 KILL_WAIT = 5.0  # seconds to reap SIGKILLed workers before exiting regardless
 HOLD_TIMEOUT = 1.0  # seconds a hand-off waits for its owner's respawn before a fallback
 HOLD_MAX = 30.0  # seconds a hand-off may wait when no worker at all can take it
@@ -195,6 +194,19 @@ class Master:
                 self.forget_channel(worker)
         return on_event
 
+    def read_last_words(self, worker: WorkerProc) -> None:
+        """Take what a dead worker sent before it died: a retiring worker's last HANDOFFs
+        carry live clients, which closing the channel unread would drop."""
+        while True:
+            try:
+                messages = worker.channel.receive()
+            except ChannelClosed:
+                return
+            if not messages:
+                return
+            for message in messages:
+                self.on_message(worker, message)
+
     def forget_channel(self, worker: WorkerProc) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(worker.channel)
@@ -227,7 +239,7 @@ class Master:
 
     def dispatch(self, sender: WorkerProc, message: Message) -> None:
         key = message.meta.get("key")
-        if len(message.fds) != 1 or not isinstance(key, int):
+        if len(message.fds) != 1 or not isinstance(key, (int, type(None))):
             close_fds(message.fds)
             log.error("channel.error", worker_pid=sender.pid, worker_slot=sender.slot,
                       error="HANDOFF without exactly one fd and a key")
@@ -241,6 +253,16 @@ class Master:
         """ADOPT to the key's owner; while the owner is respawning, wait HOLD_TIMEOUT, then
         (or at once if the slot is backing off) take the next slot in the key's ranking."""
         key = held.meta["key"]
+        if key is None:  # a keyless client from a retiring worker: the least busy worker
+            target = min(self.serving.values(), key=lambda w: w.stats.get("clients", 0),
+                         default=None)
+            if target is None or not self.send(target, Kind.ADOPT, held.meta, held.raw,
+                                               [held.fd]):
+                return False
+            # Count it now: the next STATS is up to a second away, and a burst would
+            # otherwise all land on one worker.
+            target.stats["clients"] = target.stats.get("clients", 0) + 1
+            return True
         target = self.serving.get(routing.owner(key, self.slots))
         if target is None:
             history = self.history.get(routing.owner(key, self.slots))
@@ -315,6 +337,7 @@ class Master:
             if self.serving.get(worker.slot) is worker:
                 del self.serving[worker.slot]
             self.forget_channel(worker)
+            self.read_last_words(worker)
             worker.channel.close()
             uptime = time.monotonic() - worker.started
             how: dict[str, Any] = {}
@@ -334,7 +357,7 @@ class Master:
         history.quick_failures = history.quick_failures + 1 if uptime < STABLE_AFTER else 1
         delay = 0.0
         if history.quick_failures > 1:  # a crash loop: wait longer each time, capped
-            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (history.quick_failures - 2))
+            delay = min(self.config.backoff_max, BACKOFF_FIRST * 2 ** (history.quick_failures - 2))
             log.warning("worker.backoff", worker_slot=slot, failures=history.quick_failures,
                         delay=delay)
         history.respawn_at = time.monotonic() + delay
@@ -386,9 +409,9 @@ class Master:
         log.info("worker.scaled", previous=self.target, workers=count)
         self.target = count
         for worker in list(self.serving.values()):
-            if worker.slot >= count:
+            if worker.slot >= count:  # retire: it hands its clients to their new owners
                 self.retire(worker)
-                self.send(worker, Kind.STOP)
+                self.send(worker, Kind.DRAIN, {"slots": list(self.slots)})
         for slot in [s for s in self.history if s >= count]:
             del self.history[slot]
         self.broadcast_routes()

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from mpd import log as logmod
+from mpd import testhooks as hooks
 from mpd.channel import Channel, ChannelClosed, Kind, Message, close_fds
 from mpd.config import Config
 from mpd.protocols import PROTOCOLS, ProtocolError
@@ -63,6 +64,7 @@ class Worker:
         self.accepting = False
         self.accept_retry_at = 0.0  # monotonic time to retry accepting after a shortage
         self.stopping = False  # graceful: no new clients; close each at a frame boundary
+        self.draining = False  # retiring: hand every client to its new owner, then exit
         self.stop_deadline = 0.0  # when stopping: close whatever is left at this time
         self.running = True
         self.next_heartbeat = 0.0
@@ -80,6 +82,9 @@ class Worker:
     # --- the loop ---------------------------------------------------------------------
 
     def run(self) -> int:
+        if hooks.crash_requested():
+            log.error("worker.test_crash")
+            return EXIT_BOOT_ERROR
         self.epoll.register(self.signals.fileno(), IN)
         if self.channel is not None:
             self.epoll.register(self.channel.fileno(), IN)
@@ -124,6 +129,8 @@ class Worker:
             self.resume_accepting()
         if self.channel is not None and now >= self.next_heartbeat:
             self.next_heartbeat = now + HEARTBEAT
+            if hooks.hang_requested():
+                hooks.hang()
             self.send_stats()
         if self.stopping and (not self.conns or now >= self.stop_deadline):
             self.running = False
@@ -268,6 +275,8 @@ class Worker:
     def owns(self, conn: Connection, key: int) -> bool:
         if conn.pinned or self.channel is None or not self.slots:
             return True
+        if self.draining:
+            return False
         return owner(key, self.slots) == self.slot
 
     def hand_off(self, conn: Connection) -> None:
@@ -303,9 +312,9 @@ class Worker:
     def adopt(self, message: Message) -> None:
         """Take a client handed over by the master: its carried bytes first, then its socket."""
         meta = message.meta
-        if len(message.fds) != 1 or not isinstance(meta.get("key"), int):
+        if len(message.fds) != 1 or not isinstance(meta.get("key", 0), (int, type(None))):
             close_fds(message.fds)
-            log.error("channel.error", error="ADOPT without exactly one fd and a key")
+            log.error("channel.error", error="ADOPT without exactly one fd and a valid key")
             return
         try:
             sock = socket.socket(fileno=message.fds[0])
@@ -321,13 +330,17 @@ class Worker:
             with contextlib.suppress(OSError):
                 sock.send(self.protocol.refusal)
             sock.close()
-            log.warning("fd.refused", key=meta["key"], from_slot=meta.get("from_slot"),
+            log.warning("fd.refused", key=meta.get("key"), from_slot=meta.get("from_slot"),
                         reason="max_clients", clients=len(self.conns),
                         max_clients=self.config.max_clients)
             return
         conn = Connection(sock)
-        conn.key = meta["key"]
+        conn.key = meta.get("key")
         self.add(conn)
+        if self.draining:  # it crossed our DRAIN: pass it on, bytes untouched
+            conn.inbuf += message.raw
+            self.hand_off(conn)
+            return
         if self.debug:
             log.debug("client.bound", fd=conn.fd, key=conn.key)
         self.stats["adopted"] += 1
@@ -368,6 +381,8 @@ class Worker:
             self.slots = tuple(message.meta.get("slots", ()))
         elif message.kind is Kind.STOP:
             self.stop()
+        elif message.kind is Kind.DRAIN:
+            self.drain(tuple(message.meta.get("slots", ())))
         elif message.kind is Kind.CONFIG:
             self.apply(message.meta)
         else:
@@ -423,13 +438,27 @@ class Worker:
             return
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.config.graceful_timeout
-        log.info("worker.stopping", clients=len(self.conns))
         if self.accepting:
             self.epoll.unregister(self.listener.fileno())
             self.accepting = False
+        if self.draining:
+            return
+        log.info("worker.stopping", clients=len(self.conns))
         for conn in list(self.conns.values()):
             if conn.idle:
                 self.close(conn, "stopping")
+
+    def drain(self, slots: tuple[int, ...]) -> None:
+        """Retire: stop accepting and hand every client, with its unread bytes, to the owner
+        of its key under the new slot table (or to any worker when it has no key)."""
+        if self.draining or self.channel is None:
+            return
+        self.slots = slots
+        log.info("worker.draining", clients=len(self.conns))
+        self.draining = True
+        self.stop()
+        for conn in list(self.conns.values()):
+            self.hand_off(conn)
 
     def shutdown(self) -> None:
         for conn in list(self.conns.values()):

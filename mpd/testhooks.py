@@ -1,0 +1,34 @@
+"""Fault injection for the test suite, switched on only by environment variables that
+name a trigger file. Unset (as in production), each check is one dict lookup.
+
+MPD_TEST_CRASH_FILE  while this file exists, a starting worker exits at once (code 3),
+                     as a worker with a broken build would: a crash loop.
+MPD_TEST_HANG_FILE   when this file appears, the next worker to notice it deletes it
+                     and stops its loop for good, as a deadlocked worker would."""
+
+from __future__ import annotations
+
+import os
+import time
+
+CRASH_FILE = os.environ.get("MPD_TEST_CRASH_FILE")
+HANG_FILE = os.environ.get("MPD_TEST_HANG_FILE")
+
+
+def crash_requested() -> bool:
+    return bool(CRASH_FILE) and os.path.exists(CRASH_FILE)
+
+
+def hang_requested() -> bool:
+    if not HANG_FILE:
+        return False
+    try:
+        os.unlink(HANG_FILE)  # one worker hangs per trigger
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def hang() -> None:
+    while True:
+        time.sleep(3600)

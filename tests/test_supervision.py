@@ -1,0 +1,329 @@
+"""Supervision under faults: respawn, back-off, hung workers, orphans, stop and reload."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from datetime import datetime
+
+from conftest import REPLY, fd_count, pid_alive, recv_exact, wait_until
+from test_routing import M_PING, key_frame, keys_owned_by, slot_pids
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def ts(event: dict) -> float:
+    return datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
+
+
+def zombies_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] == "Z" and int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+class Pinger(threading.Thread):
+    """A client bound to `key` that pings until told to stop; records any failure."""
+
+    def __init__(self, port: int, key: int):
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(key_frame(key) + M_PING)
+        assert recv_exact(self.sock, len(REPLY)) == REPLY
+        self.halt = threading.Event()
+        self.error: Exception | None = None
+        self.count = 0
+
+    def run(self) -> None:
+        try:
+            while not self.halt.is_set():
+                self.sock.sendall(M_PING)
+                assert recv_exact(self.sock, len(REPLY)) == REPLY
+                self.count += 1
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            self.error = e
+        finally:
+            self.sock.close()
+
+
+def test_sigkill_of_a_worker_spares_the_other_workers_clients(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2}})
+    server.wait_workers(2)
+    victim = slot_pids(server)[1]
+    pingers = [Pinger(server.port, k) for k in keys_owned_by(0, (0, 1), 50, seed=2)]
+    doomed = [Pinger(server.port, k) for k in keys_owned_by(1, (0, 1), 50, seed=3)]
+    for p in pingers + doomed:
+        p.start()
+    wait_until(lambda: all(p.count > 3 for p in pingers), what="pings flowing")
+    os.kill(victim, signal.SIGKILL)
+    exited = server.wait_event("worker.exited", worker_pid=victim)
+    assert exited["signal"] == "SIGKILL"
+    new_pid = server.wait_event("worker.spawned", worker_slot=1, count=2)["worker_pid"]
+    ready = server.wait_event("worker.ready", worker_pid=new_pid)
+    assert ts(ready) - ts(exited) < 1.0  # the slot serves again within a second
+    counts = [p.count for p in pingers]
+    wait_until(lambda: all(p.count > c + 3 for p, c in zip(pingers, counts)),
+               what="slot 0's clients still pinging")
+    for p in pingers + doomed:
+        p.halt.set()
+    for p in pingers + doomed:
+        p.join(10)
+    assert [p.error for p in pingers] == [None] * 50
+    assert all(p.error is not None for p in doomed)  # they were the dead worker's
+    with server.connect() as sock:  # and slot 1 serves new clients
+        sock.sendall(key_frame(keys_owned_by(1, (0, 1), 1, seed=9)[0]) + M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+
+
+def test_killing_every_worker_five_times_in_a_row(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 3}})
+    for round_ in range(5):
+        pids = server.wait_workers(3, timeout=15)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda p=pids: not set(p) & set(server.worker_pids()),
+                   what=f"round {round_}: the killed workers reaped")
+    assert pid_alive(server.pid)
+    new = server.wait_workers(3, timeout=30)
+    for pid in new:
+        server.wait_event("worker.ready", worker_pid=pid, timeout=30)
+    with server.connect() as sock:
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+
+
+def test_a_crash_looping_slot_backs_off_and_recovers(mpd_factory, tmp_path):
+    crash = tmp_path / "crash"
+    server = mpd_factory({"workers": {"workers": 1}}, env={"MPD_TEST_CRASH_FILE": str(crash)})
+    first = server.wait_workers(1)[0]
+    crash.touch()
+    cpu_before = cpu_seconds(server.pid)
+    wall_before = time.monotonic()
+    os.kill(first, signal.SIGKILL)
+    backoffs = [server.wait_event("worker.backoff", count=n, timeout=15) for n in (1, 2, 3, 4, 5)]
+    delays = [e["delay"] for e in backoffs]
+    assert delays == sorted(delays) and delays[-1] > delays[0], delays
+    crashes = server.events("worker.exited", exit_code=3)
+    assert len(crashes) >= 5
+    # Spacing of the crashes grows with the delays: the master really waits.
+    gaps = [ts(b) - ts(a) for a, b in zip(crashes, crashes[1:])]
+    assert gaps[-1] >= delays[-2] * 0.9, (gaps, delays)
+    cpu_used = cpu_seconds(server.pid) - cpu_before
+    wall = time.monotonic() - wall_before
+    assert cpu_used < 0.5 * wall, (cpu_used, wall)  # no spinning while backing off
+    # The client of a key whose slot is backing off is not left waiting: single slot, so
+    # it waits in the backlog until the slot recovers.
+    crash.unlink()
+    spawned = len(server.events("worker.spawned"))
+    new_pid = server.wait_event("worker.spawned", count=spawned + 1, timeout=40)["worker_pid"]
+    server.wait_event("worker.ready", worker_pid=new_pid, timeout=10)
+    with server.connect() as sock:
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+
+
+def test_a_backing_off_slot_does_not_hold_its_keys_clients(mpd_factory, tmp_path):
+    crash = tmp_path / "crash"
+    server = mpd_factory({"workers": {"workers": 2}}, env={"MPD_TEST_CRASH_FILE": str(crash)})
+    server.wait_workers(2)
+    victim = slot_pids(server)[1]
+    crash.touch()
+    os.kill(victim, signal.SIGKILL)
+    server.wait_event("worker.backoff", worker_slot=1)
+    key = keys_owned_by(1, (0, 1), 1, seed=4)[0]
+    with server.connect(timeout=10) as sock:
+        sock.sendall(key_frame(key) + M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY  # served by the next slot: 0
+    assert server.wait_event("fd.dispatched", key=key)["to_slot"] == 0
+    crash.unlink()
+
+
+def test_a_hung_worker_is_killed_and_replaced(mpd_factory, tmp_path):
+    hang = tmp_path / "hang"
+    server = mpd_factory({"workers": {"workers": 2, "worker_timeout": 1}},
+                         env={"MPD_TEST_HANG_FILE": str(hang)})
+    before = set(server.wait_workers(2))
+    hang.touch()  # the next worker to tick hangs
+    timeout = server.wait_event("worker.timeout", timeout=10)
+    assert timeout["worker_pid"] in before and timeout["silent_for"] >= 1
+    exited = server.wait_event("worker.exited", worker_pid=timeout["worker_pid"])
+    assert exited["signal"] == "SIGKILL"
+    new_pid = server.wait_event("worker.spawned", worker_slot=timeout["worker_slot"],
+                                count=2)["worker_pid"]
+    server.wait_event("worker.ready", worker_pid=new_pid)
+    assert len(server.wait_workers(2)) == 2
+
+
+def test_workers_die_with_their_master(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 3}})
+    workers = server.wait_workers(3)
+    os.kill(server.pid, signal.SIGKILL)
+    server.proc.wait(5)
+    wait_until(lambda: not any(pid_alive(p) for p in workers), timeout=2,
+               what="every worker gone after the master's SIGKILL")
+
+
+def test_sigterm_with_500_clients_exits_cleanly(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2, "graceful_timeout": 5}})
+    workers = server.wait_workers(2)
+    clients = []
+    for _ in range(500):
+        sock = server.connect()
+        clients.append(sock)
+    for sock in clients[::10]:
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+    start = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(timeout=5 + 5) == 0
+    assert time.monotonic() - start < 5 + 1
+    assert not any(pid_alive(p) for p in workers)
+    for sock in clients:
+        assert sock.recv(10) == b""  # closed cleanly at a frame boundary
+        sock.close()
+    server.wait_event("mpd.stopped")
+
+
+def test_sigquit_stops_at_once(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2, "graceful_timeout": 60}})
+    workers = server.wait_workers(2)
+    busy = server.connect()
+    busy.sendall(b"partial frame without its NUL")  # would hold a graceful stop
+    server.signal(signal.SIGQUIT)
+    assert server.wait_exit(timeout=10) == 0
+    assert not any(pid_alive(p) for p in workers)
+    busy.close()
+
+
+def test_second_sigterm_makes_the_stop_immediate(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1, "graceful_timeout": 60}})
+    server.wait_workers(1)
+    busy = server.connect()
+    busy.sendall(b"partial frame")  # keeps the worker from finishing
+    server.signal(signal.SIGTERM)
+    server.wait_event("mpd.stopping")
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(timeout=10) == 0
+    assert server.events("mpd.halting")
+    busy.close()
+
+
+def test_reload_with_a_broken_config_keeps_serving(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2}})
+    workers = server.wait_workers(2)
+    server.config_path.write_text("[workers]\nworkers = -3\n")
+    server.signal(signal.SIGHUP)
+    failed = server.wait_event("config.reload_failed")
+    assert "workers.workers" in failed["error"] and ":2:" in failed["error"]
+    assert server.worker_pids() == workers
+    with server.connect() as sock:
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+
+
+def test_reload_refuses_a_change_of_port(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1}})
+    settings = dict(server.settings)
+    settings["server"] = {"port": 1}
+    server.write_config(settings)
+    server.signal(signal.SIGHUP)
+    assert "port" in server.wait_event("config.reload_failed")["error"]
+
+
+def test_reload_changes_the_worker_count_without_dropping_clients(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2}})
+    server.wait_workers(2)
+    rng = random.Random(1)
+    pingers = [Pinger(server.port, rng.randint(-2**31, 2**31 - 1)) for _ in range(40)]
+    for p in pingers:
+        p.start()
+    for count in (4, 1, 3):
+        settings = dict(server.settings)
+        settings["workers"] = {"workers": count}
+        server.write_config(settings)
+        server.signal(signal.SIGHUP)
+        server.wait_event("config.reloaded", workers=count)
+        server.wait_workers(count, timeout=15)
+        marks = [p.count for p in pingers]
+        wait_until(lambda m=marks: all(p.count > c for p, c in zip(pingers, m)),
+                   what=f"every client pinging with {count} workers")
+    for p in pingers:
+        p.halt.set()
+    for p in pingers:
+        p.join(10)
+    assert [p.error for p in pingers] == [None] * 40
+
+
+def signal_in_order(pid: int, sig: int) -> None:
+    """Send `sig` and wait until it has been delivered (no longer pending): the kernel
+    delivers pending signals by number, not by arrival, so the test orders them itself."""
+    os.kill(pid, sig)
+
+    def delivered() -> bool:
+        with open(f"/proc/{pid}/status") as f:
+            masks = [int(line.split()[1], 16) for line in f
+                     if line.startswith(("SigPnd:", "ShdPnd:"))]
+        return not any(mask & (1 << (sig - 1)) for mask in masks)
+    wait_until(delivered, what=f"signal {sig} delivered")
+
+
+def test_sigttin_and_sigttou_add_and_remove_one_worker(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1, "max_workers": 2}})
+    server.wait_workers(1)
+    signal_in_order(server.pid, signal.SIGTTOU)  # never fewer than one
+    signal_in_order(server.pid, signal.SIGTTIN)
+    server.wait_workers(2)
+    signal_in_order(server.pid, signal.SIGTTIN)  # never more than max_workers
+    signal_in_order(server.pid, signal.SIGTTOU)
+    server.wait_workers(1)
+    scaled = [e["workers"] for e in server.events("worker.scaled")]
+    assert scaled == [2, 1]
+
+
+def test_chaos_random_kills_leave_a_clean_tree(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 3, "backoff_max": 1}})
+    server.wait_workers(3)
+    base_fds = fd_count(server.pid)
+    rng = random.Random(42)
+    pingers = [Pinger(server.port, k) for k in keys_owned_by(0, (0, 1, 2), 5)]
+    for p in pingers:
+        p.start()
+    deadline = time.monotonic() + float(os.environ.get("MPD_CHAOS_SECONDS", "30"))
+    kills = 0
+    while time.monotonic() < deadline:
+        pids = server.worker_pids()
+        if pids:
+            try:
+                os.kill(rng.choice(pids), signal.SIGKILL)
+                kills += 1
+            except ProcessLookupError:
+                pass
+        time.sleep(rng.uniform(0.1, 0.4))  # the chaos pace, not a wait for a condition
+    for p in pingers:
+        p.halt.set()
+    assert kills > 2 * float(os.environ.get("MPD_CHAOS_SECONDS", "30"))
+    assert pid_alive(server.pid)
+    workers = server.wait_workers(3, timeout=60)
+    for pid in workers:
+        server.wait_event("worker.ready", worker_pid=pid, timeout=60)
+    wait_until(lambda: fd_count(server.pid) == base_fds, what=f"master back to {base_fds} fds")
+    assert zombies_of(server.pid) == []
+    with server.connect() as sock:
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
