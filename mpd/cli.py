@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import socket
 import sys
 
@@ -23,8 +24,8 @@ def default_config_path() -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mpd", description="mpd: a multi-process TCP server daemon (master + epoll workers).",
-        epilog="Exit codes: 0 stopped cleanly, 1 internal error, 69 cannot bind the address, "
-               "78 invalid configuration.")
+        epilog="Exit codes: 0 stopped cleanly, 1 internal error, 69 cannot listen (address in "
+               "use, or another mpd owns the control socket), 78 invalid configuration.")
     p.add_argument("--config", metavar="PATH",
                    help=f"config file (default: {configmod.DEFAULT_PATH} if it exists, "
                         "else the embedded defaults)")
@@ -64,18 +65,40 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(configmod.render(config))
         return 0
     logmod.configure(config.log_level, config.log_format)
+    raise_fd_limit()
+    control_sock = None
+    if config.worker_count > 0:  # single-process mode has no master, so no control socket
+        from mpd.control import ControlError, open_socket
+
+        try:
+            control_sock = open_socket(config.socket_path, config.mode, config.allow_group)
+        except ControlError as e:
+            log.error("control.failed", path=config.socket_path, error=str(e))
+            print(f"mpd: {e}", file=sys.stderr)
+            return EX_UNAVAILABLE
     try:
         listener = bind(config)
     except OSError as e:
         log.error("mpd.bind_failed", listen=config.listen, port=config.port, error=e.strerror)
         print(f"mpd: cannot listen on {config.listen} port {config.port}: {e.strerror}",
               file=sys.stderr)
+        if control_sock is not None:
+            control_sock.close()
+            os.unlink(config.socket_path)
         return EX_UNAVAILABLE
-    if config.worker_count == 0:
+    if control_sock is None:
         return serve_single_process(config, listener)
     from mpd.master import Master
 
-    return Master(config, listener).run()
+    return Master(config, listener, control_sock).run()
+
+
+def raise_fd_limit() -> None:
+    """Lift the soft RLIMIT_NOFILE to the hard one: clients, hand-offs in flight and the
+    master's queues all hold fds. Workers inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def serve_single_process(config: configmod.Config, listener: socket.socket) -> int:

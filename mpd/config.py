@@ -95,6 +95,32 @@ def _mode(v: Any) -> int:
     return v
 
 
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("true or false")
+    return v
+
+
+def _uids(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list) or not all(
+            isinstance(u, int) and not isinstance(u, bool) and 0 <= u < 2**32 - 1 for u in v):
+        raise ValueError("a list of numeric user ids, like [1000, 1001]")
+    return tuple(v)
+
+
+def _group(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError('a group name, or "" for none')
+    if v:
+        import grp
+
+        try:
+            grp.getgrnam(v)
+        except KeyError:
+            raise ValueError(f'an existing group name (no group "{v}" on this system)') from None
+    return v
+
+
 def _protocol(v: Any) -> str:
     from mpd.protocols import PROTOCOLS
 
@@ -141,6 +167,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("workers", "max_output_buffer", 262144, _int_range(1024, 1 << 30),
         "Bytes of replies a worker holds for a client that does not read; past it the client\n"
         "is closed (client.overflow), so a stuck client never blocks the others."),
+    Key("workers", "autoscale", False, _bool,
+        "Add a worker (up to max_workers) whenever every worker is at max_clients."),
     Key("workers", "graceful_timeout", 10.0, _float_range(0, 3600),
         "Seconds that workers get to finish their clients on SIGTERM before SIGKILL."),
     Key("workers", "worker_timeout", 30.0, _float_range(1, 3600),
@@ -153,6 +181,12 @@ SCHEMA: tuple[Key, ...] = (
         "$XDG_RUNTIME_DIR/mpd/mpd.sock."),
     Key("control", "mode", 0o660, _mode,
         "File mode of the control socket.", toml_default="0o660"),
+    Key("control", "allow_uids", (), _uids,
+        "User ids allowed to use the control socket besides root and mpd's own user\n"
+        "(checked with SO_PEERCRED on every connection).", toml_default="[]"),
+    Key("control", "allow_group", "", _group,
+        "A group whose members may use the control socket; the socket is made\n"
+        "group-owned by it. \"\" = none."),
     Key("log", "level", "info", _choice("debug", "info", "warning", "error"),
         "Least severe level written: debug also logs every client connect and close."),
     Key("log", "format", "json", _choice("json", "console"),
@@ -170,11 +204,14 @@ class Config:
     max_workers: int = 64
     max_clients: int = 1000
     max_output_buffer: int = 262144
+    autoscale: bool = False
     graceful_timeout: float = 10.0
     worker_timeout: float = 30.0
     backoff_max: float = 30.0
     socket: str = "auto"
     mode: int = 0o660
+    allow_uids: tuple[int, ...] = ()
+    allow_group: str = ""
     log_level: str = "info"
     log_format: str = "json"
     path: str | None = None  # the file it came from; None = embedded defaults

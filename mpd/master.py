@@ -16,11 +16,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mpd import __version__, routing
+from mpd import __version__, commands, routing
 from mpd import config as configmod
 from mpd import log as logmod
 from mpd.channel import Channel, ChannelClosed, Kind, Message, close_fds
 from mpd.config import Config
+from mpd.control import ControlServer
 from mpd.signals import SignalQueue
 from mpd.worker import EXIT_BOOT_ERROR, Worker
 
@@ -34,7 +35,7 @@ HOLD_MAX = 30.0  # seconds a hand-off may wait when no worker at all can take it
 LIVE_SETTINGS = ("max_clients", "max_output_buffer", "graceful_timeout", "log_level",
                  "log_format")
 # Settings bound to the listening socket or the process model: a reload cannot change them.
-RESTART_SETTINGS = ("listen", "port", "backlog", "protocol")
+RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "socket", "mode", "allow_group")
 
 log = logmod.get_logger()
 
@@ -69,9 +70,12 @@ class SlotHistory:
 
 
 class Master:
-    def __init__(self, config: Config, listener: socket.socket):
+    def __init__(self, config: Config, listener: socket.socket,
+                 control_sock: socket.socket | None = None):
         self.config = config
         self.listener = listener
+        self.control_sock = control_sock
+        self.control: ControlServer | None = None
         self.selector = selectors.DefaultSelector()
         self.signals = SignalQueue([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
                                     signal.SIGHUP, signal.SIGCHLD, signal.SIGTTIN,
@@ -85,14 +89,20 @@ class Master:
         self.stop_deadline = 0.0
         self.kill_deadline = 0.0
         self.started = time.monotonic()
+        self.port: int = listener.getsockname()[1]
 
     # --- the loop -------------------------------------------------------------------------
 
     def run(self) -> int:
         self.selector.register(self.signals, selectors.EVENT_READ, self.on_signals)
+        if self.control_sock is not None:
+            self.control = ControlServer(
+                self.control_sock, self.config.socket_path, self.selector,
+                lambda request: commands.handle(self, request),
+                lambda uid, gid: commands.allowed(self, uid, gid))
         log.info("mpd.started", version=__version__, config=self.config.path,
-                 listen=self.config.listen, port=self.listener.getsockname()[1],
-                 workers=self.target)
+                 listen=self.config.listen, port=self.port, workers=self.target,
+                 control=self.config.socket_path if self.control else None)
         self.manage_workers()
         while self.state != "stopped":
             for key, events in self.selector.select(self.timeout()):
@@ -101,7 +111,11 @@ class Master:
             self.manage_workers()
             if self.held:
                 self.deliver_held()
+            if self.control is not None:
+                self.control.expire()
         self.drop_held("stopping")
+        if self.control is not None:
+            self.control.close()
         self.selector.close()
         self.signals.close()
         log.info("mpd.stopped", uptime=round(time.monotonic() - self.started, 3))
@@ -175,6 +189,8 @@ class Master:
         logmod.set_role("worker", slot)
         self.signals.close()
         self.selector.close()
+        if self.control is not None:
+            self.control.close(unlink=False)
         for other in self.workers.values():
             other.channel.close()  # else a sibling never sees EOF when the master dies
         worker = Worker(self.config, self.listener, Channel(worker_end, "master"), slot,
@@ -305,6 +321,8 @@ class Master:
             self.dispatch(worker, message)
         elif message.kind is Kind.STATS:
             worker.stats = {k: v for k, v in message.meta.items() if isinstance(v, int)}
+            if self.config.autoscale:
+                self.autoscale()
         elif message.kind is Kind.HELLO:
             if worker.state == "starting":
                 worker.state = "ready"
@@ -318,6 +336,17 @@ class Master:
                 os.close(fd)
             log.warning("channel.error", worker_pid=worker.pid, worker_slot=worker.slot,
                         error=f"unexpected {message.kind.name} from a worker")
+
+    def autoscale(self) -> None:
+        """Add a worker when every worker is full, one at a time (the last must be ready)."""
+        serving = list(self.serving.values())
+        if (self.state != "running" or self.target >= self.config.max_workers
+                or len(serving) < self.target or any(w.state != "ready" for w in serving)):
+            return
+        if all(w.stats.get("clients", 0) >= self.config.max_clients for w in serving):
+            log.info("worker.autoscaled", previous=self.target, workers=self.target + 1,
+                     max_clients=self.config.max_clients)
+            self.scale(self.target + 1)
 
     def ready_count(self) -> int:
         return sum(1 for w in self.workers.values() if w.state == "ready")
@@ -416,17 +445,19 @@ class Master:
             del self.history[slot]
         self.broadcast_routes()
 
-    def reload(self) -> None:
+    def reload(self) -> str | None:
+        """Re-read the config and apply it; on any problem change nothing and return why."""
         try:
             new = configmod.load(self.config.path)
         except configmod.ConfigError as e:
             log.error("config.reload_failed", error=str(e))
-            return
+            return str(e)
         fixed = [k for k in RESTART_SETTINGS if getattr(new, k) != getattr(self.config, k)]
         if fixed or (new.worker_count == 0) != (self.config.worker_count == 0):
-            log.error("config.reload_failed", error="these settings need a restart: "
-                      + ", ".join(fixed or ["workers (single-process mode)"]))
-            return
+            error = "these settings need a restart: " + ", ".join(
+                fixed or ["workers (single-process mode)"])
+            log.error("config.reload_failed", error=error)
+            return error
         self.config = new
         logmod.configure(new.log_level, new.log_format)
         settings = {k: getattr(new, k) for k in LIVE_SETTINGS}
@@ -434,6 +465,7 @@ class Master:
             self.send(worker, Kind.CONFIG, settings)
         log.info("config.reloaded", path=new.path, workers=new.worker_count)
         self.scale(new.worker_count)
+        return None
 
     def stop(self, graceful: bool = True) -> None:
         if not graceful:

@@ -150,6 +150,8 @@ class Worker:
         if self.accepting:
             self.epoll.unregister(self.listener.fileno())
             self.accepting = False
+            if self.channel is not None and reason == "max_clients":
+                self.send_stats()  # tell the master now: it may auto-scale
         if retry:
             self.accept_retry_at = time.monotonic() + ACCEPT_RETRY
         log.warning("worker.accept_paused", reason=reason, clients=len(self.conns),

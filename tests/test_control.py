@@ -1,0 +1,291 @@
+"""The control socket and mpdctl, against a running mpd."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+from conftest import REPLY, ROOT, children, pid_alive, recv_exact, wait_until
+from test_routing import M_PING
+from test_supervision import Pinger
+
+from mpd import ctl
+
+NOBODY = 65534
+
+
+def mpdctl(server, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mpd.ctl", "--config", str(server.config_path),
+                           *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def status(server) -> dict:
+    result = mpdctl(server, "--json", "status")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def raw_request(path: str, data: bytes, timeout: float = 10) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(data)
+        out = b""
+        while not out.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def test_status_tells_the_truth(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 3}})
+    workers = server.wait_workers(3)
+    held = [server.connect() for _ in range(7)]
+    for sock in held:
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+    reply = wait_until(lambda: (r := status(server))["totals"]["clients"] == 7 and r,
+                       what="status to count the 7 clients")
+    master = reply["master"]
+    assert master["pid"] == server.pid and master["state"] == "running"
+    assert master["port"] == server.port and master["listen"] == "127.0.0.1"
+    assert master["config"] == str(server.config_path) and master["ready"] == 3
+    rows = reply["workers"]
+    assert sorted(w["pid"] for w in rows) == workers == sorted(children(server.pid))
+    assert all(pid_alive(w["pid"]) for w in rows)
+    assert sorted(w["slot"] for w in rows) == [0, 1, 2]
+    assert sum(w["clients"] for w in rows) == 7 and sum(w["accepted"] for w in rows) == 7
+    assert sum(w["requests"] for w in rows) == 7
+    assert all(w["state"] == "ready" and w["max_clients"] == 1000 for w in rows)
+    assert all(0 <= w["heartbeat_age"] < 5 for w in rows)
+    table = mpdctl(server, "status")
+    assert table.returncode == 0
+    assert "3/3 ready" in table.stdout and str(server.pid) in table.stdout
+    for w in rows:
+        assert str(w["pid"]) in table.stdout
+    for sock in held:
+        sock.close()
+    wait_until(lambda: status(server)["totals"]["clients"] == 0, what="clients gone")
+    assert server.events("control.command", command="status")[0]["peer_uid"] == os.getuid()
+
+
+def test_scale_to_30_and_back_to_2_under_load_drops_nothing(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2}})
+    server.wait_workers(2)
+    rng = random.Random(5)
+    pingers = [Pinger(server.port, rng.randint(-2**31, 2**31 - 1)) for _ in range(200)]
+    for p in pingers:
+        p.start()
+    up = mpdctl(server, "scale", "30")
+    assert up.returncode == 0, up.stderr
+    assert len(server.worker_pids()) == 30
+    marks = [p.count for p in pingers]
+    wait_until(lambda: all(p.count > c for p, c in zip(pingers, marks)), timeout=30,
+               what="every client pinging with 30 workers")
+    down = mpdctl(server, "scale", "2")
+    assert down.returncode == 0, down.stderr
+    assert len(server.worker_pids()) == 2
+    marks = [p.count for p in pingers]
+    wait_until(lambda: all(p.count > c for p, c in zip(pingers, marks)), timeout=30,
+               what="every client pinging with 2 workers again")
+    for p in pingers:
+        p.halt.set()
+    for p in pingers:
+        p.join(10)
+    assert [p.error for p in pingers] == [None] * 200
+    assert len(server.events("worker.draining")) == 28
+
+
+def test_relative_scale_and_limits(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2, "max_workers": 4}})
+    assert mpdctl(server, "scale", "+2").returncode == 0
+    assert status(server)["master"]["ready"] == 4
+    too_many = mpdctl(server, "scale", "+1")
+    assert too_many.returncode == ctl.EXIT_ERROR
+    assert "out of range: 1 to 4" in too_many.stderr
+    assert mpdctl(server, "scale", "-3").returncode == 0
+    assert status(server)["master"]["ready"] == 1
+
+
+def test_reload_and_stop_through_mpdctl(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1}})
+    server.config_path.write_text(server.config_path.read_text().replace(
+        "[workers]\nworkers = 1", "[workers]\nworkers = 2"))
+    ok = mpdctl(server, "reload")
+    assert ok.returncode == 0 and "2 workers" in ok.stdout
+    server.wait_workers(2)
+    good_config = server.config_path.read_text()
+    server.config_path.write_text("[server]\nport = 'x'\n")
+    # mpdctl itself refuses to read a broken config...
+    assert mpdctl(server, "reload").returncode == ctl.EXIT_CONFIG
+    # ...and mpd, asked through the socket, reports it and changes nothing.
+    bad = subprocess.run([sys.executable, "-m", "mpd.ctl", "--socket",
+                          str(server.tmp / "mpd.sock"), "reload"],
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert bad.returncode == ctl.EXIT_ERROR and "server.port" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert len(server.worker_pids()) == 2
+    server.config_path.write_text(good_config)
+    assert mpdctl(server, "ping").returncode == 0
+    assert mpdctl(server, "stop").returncode == 0
+    assert server.wait_exit() == 0
+    assert not os.path.exists(server.tmp / "mpd.sock")
+
+
+def test_exit_codes(mpd_factory, tmp_path):
+    gone = subprocess.run([sys.executable, "-m", "mpd.ctl", "--socket",
+                           str(tmp_path / "none.sock"), "status"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert gone.returncode == ctl.EXIT_NOT_RUNNING
+    assert gone.stderr.startswith("mpdctl: mpd is not running") and gone.stderr.count("\n") == 1
+    for bad in (["scale"], ["scale", "many"], ["status", "3"], ["frobnicate"]):
+        result = subprocess.run([sys.executable, "-m", "mpd.ctl", *bad], capture_output=True,
+                                text=True, cwd=ROOT)
+        assert result.returncode == ctl.EXIT_USAGE, bad
+    help_text = subprocess.run([sys.executable, "-m", "mpd.ctl", "--help"], capture_output=True,
+                               text=True, cwd=ROOT).stdout
+    assert "exit codes" in help_text and "permission denied" in help_text
+
+
+def run_as(uid: int, argv: list[str]) -> tuple[int, str]:
+    """Run mpdctl's main in a child that has dropped to `uid`: a real other user.
+    Imports happen first: this Python lives under /root, which that user cannot read."""
+    import locale  # noqa: F401 - argparse's gettext wants it
+    ctl.build_parser().format_help()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read)
+            sys.stderr = os.fdopen(write, "w")  # pytest has replaced the usual one
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            code = ctl.main(argv)
+            sys.stderr.flush()
+        except BaseException:  # noqa: BLE001
+            code = 99
+        finally:
+            os._exit(code if isinstance(code, int) else 98)
+    os.close(write)
+    with os.fdopen(read) as f:
+        err = f.read()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run mpdctl as another user")
+def test_permission_denied_as_another_user(mpd_factory):
+    shared = tempfile.mkdtemp(prefix="mpd-ctl-")  # reachable by other users
+    os.chmod(shared, 0o755)
+    path = os.path.join(shared, "mpd.sock")
+    server = mpd_factory({"workers": {"workers": 1}, "control": {"socket": path}})
+    # The socket's mode (0660, root's) keeps uid 65534 out.
+    code, err = run_as(NOBODY, ["--socket", path, "status"])
+    assert code == ctl.EXIT_DENIED, err
+    assert "permission denied" in err and "mode 660" in err
+    # With the mode opened up, mpd's own SO_PEERCRED allow-list still says no.
+    os.chmod(path, 0o666)
+    code, err = run_as(NOBODY, ["--socket", path, "status"])
+    assert code == ctl.EXIT_DENIED, err
+    assert f"uid {NOBODY} may not" in err
+    assert server.wait_event("control.denied")["peer_uid"] == NOBODY
+    server.stop()
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_bad_requests_get_errors_and_never_stall_the_master(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1}})
+    path = str(server.tmp / "mpd.sock")
+    assert b"invalid JSON" in raw_request(path, b"{not json\n")
+    assert b"unknown command" in raw_request(path, b'{"command": "dance"}\n')
+    assert b"unsupported version" in raw_request(path, b'{"version": 9, "command": "ping"}\n')
+    assert b"expected a JSON object" in raw_request(path, b"[1, 2]\n")
+    assert b"scale takes" in raw_request(path, b'{"command": "scale", "workers": "x"}\n')
+    # A 10 MB line: an error, then the connection is closed.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as big:
+        big.settimeout(10)
+        big.connect(path)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            big.sendall(b"x" * (10 * 1024 * 1024) + b"\n")
+        answer = big.recv(65536)
+        assert answer == b"" or b"request over" in answer
+    # Half a line, then silence: the master answers others meanwhile, and closes it.
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stalled.connect(path)
+    stalled.sendall(b'{"command": "sta')
+    assert status(server)["ok"]
+    stalled.settimeout(15)
+    assert b"not finished within" in stalled.recv(65536)
+    assert stalled.recv(100) == b""
+    stalled.close()
+    # 200 clients at once: each is answered or turned away, and status still answers.
+    results: list[bytes] = []
+    lock = threading.Lock()
+
+    def hammer() -> None:
+        try:
+            out = raw_request(path, b'{"command": "ping"}\n')
+        except OSError as e:
+            out = repr(e).encode()
+        with lock:
+            results.append(out)
+
+    threads = [threading.Thread(target=hammer) for _ in range(200)]
+    for t in threads:
+        t.start()
+    assert status(server)["ok"]
+    for t in threads:
+        t.join(30)
+    assert len(results) == 200
+    assert all(b'"pong":true' in r or b"too many" in r or b"Error" in r for r in results)
+    assert sum(b'"pong":true' in r for r in results) >= 64
+    assert status(server)["master"]["state"] == "running"
+
+
+def test_a_second_mpd_on_the_same_socket_refuses_to_start(mpd_factory):
+    first = mpd_factory({"workers": {"workers": 1}})
+    second = subprocess.run([sys.executable, "-m", "mpd.cli", "--config",
+                             str(first.config_path)], capture_output=True, text=True,
+                            timeout=30, cwd=ROOT)
+    assert second.returncode == 69
+    assert "another mpd is running" in second.stderr
+    assert status(first)["master"]["pid"] == first.pid  # the first one is untouched
+
+
+def test_a_stale_socket_is_replaced(mpd_factory, tmp_path):
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "mpd.sock"))  # bound, never listening: a crashed run's
+    stale.close()
+    server = mpd_factory({"workers": {"workers": 1}})
+    assert status(server)["ok"]
+
+
+def test_autoscale_adds_a_worker_when_all_are_full(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1, "max_clients": 3, "max_workers": 3,
+                                      "autoscale": True}})
+    held = []
+    for _ in range(3):
+        sock = server.connect()
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+        held.append(sock)
+    scaled = server.wait_event("worker.autoscaled")
+    assert scaled["previous"] == 1 and scaled["workers"] == 2
+    server.wait_workers(2)
+    sock = server.connect()  # the new worker takes it
+    sock.sendall(M_PING)
+    assert recv_exact(sock, len(REPLY)) == REPLY
+    held.append(sock)
+    for sock in held:
+        sock.close()
