@@ -328,3 +328,16 @@ def render(config: Config | None = None) -> str:
         out += [f"# {line}" for line in key.doc.splitlines()]
         out.append(f"{key.name} = {_toml_value(key, getattr(config, key.attr))}")
     return "\n".join(out) + "\n"
+
+
+def markdown() -> str:
+    """The config reference table for the README, from the same schema."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for key in SCHEMA:
+        default = _toml_value(key, key.default)
+        rows.append(f"| `{key.dotted}` | `{default}` | {' '.join(key.doc.splitlines())} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")

@@ -1,0 +1,90 @@
+"""The catalogue of log events: every `event` name mpd writes, its level and meaning.
+The README's catalogue is generated from it (`python -m mpd.events`), and a test checks
+that every event the code logs is listed here."""
+
+from __future__ import annotations
+
+# name: (level, who logs it, what it means and its own fields)
+EVENTS: dict[str, tuple[str, str, str]] = {
+    "mpd.started": ("info", "master", "bound and starting: version, config, listen, port "
+                    "(the real one when port = 0), workers, control"),
+    "mpd.ready": ("info", "master", "every initial worker serves: workers"),
+    "mpd.stopping": ("info", "master", "graceful stop begun (SIGTERM, SIGINT, mpdctl stop): "
+                     "workers, graceful_timeout"),
+    "mpd.halting": ("warning", "master", "immediate stop: SIGKILL to every worker; reason "
+                    "(quit, graceful_timeout)"),
+    "mpd.stopped": ("info", "master", "the master exits 0: uptime"),
+    "mpd.stop_incomplete": ("error", "master", "killed workers not reaped in time: workers"),
+    "mpd.bind_failed": ("error", "master", "cannot listen: listen, port, error (exit 69)"),
+    "config.invalid": ("error", "master", "the config file is invalid at start: path, line, "
+                       "key, error (exit 78)"),
+    "config.reloaded": ("info", "master", "SIGHUP or mpdctl reload applied: path, workers"),
+    "config.reload_failed": ("error", "master", "reload refused, nothing changed: error"),
+    "worker.spawned": ("info", "master", "forked a worker: worker_pid, worker_slot, restarts"),
+    "worker.serving": ("info", "worker", "the worker's loop runs: max_clients"),
+    "worker.ready": ("info", "master", "the worker said HELLO: worker_pid, worker_slot, "
+                     "boot_ms"),
+    "worker.exited": ("info/warning", "master", "a worker ended (warning if unexpected): "
+                      "worker_pid, worker_slot, uptime, exit_code or signal"),
+    "worker.respawned": ("info", "master", "a slot is refilled after a death: worker_slot, "
+                         "restarts"),
+    "worker.backoff": ("warning", "master", "a slot keeps crashing soon after start; the "
+                       "respawn waits: worker_slot, failures, delay"),
+    "worker.timeout": ("error", "master", "no heartbeat for worker_timeout; SIGKILL: "
+                       "worker_pid, worker_slot, silent_for"),
+    "worker.scaled": ("info", "master", "the worker count changed: previous, workers"),
+    "worker.autoscaled": ("info", "master", "every worker was full; one added: previous, "
+                          "workers, max_clients"),
+    "worker.accept_paused": ("warning", "worker", "the worker stopped accepting: reason "
+                             "(max_clients, EMFILE, ENFILE, ENOBUFS, ENOMEM), clients"),
+    "worker.draining": ("info", "worker", "retiring on scale-down: hands its clients on: "
+                        "clients"),
+    "worker.stopping": ("info", "worker", "graceful stop: finishing its clients: clients"),
+    "worker.stopped": ("info", "worker", "the worker exits: its counters"),
+    "worker.quit": ("info", "worker", "SIGQUIT: the worker exits at once"),
+    "worker.orphaned": ("warning", "worker", "the master is gone (channel closed); exiting"),
+    "worker.crashed": ("error", "worker", "an exception ended the worker: error, traceback"),
+    "worker.test_crash": ("error", "worker", "test hook MPD_TEST_CRASH_FILE made it exit"),
+    "client.accepted": ("debug", "worker", "a client connected: fd, peer, clients"),
+    "client.bound": ("debug", "worker", "a client named a key this worker owns: fd, key"),
+    "client.closed": ("debug", "worker", "a client is gone: fd, reason, clients"),
+    "client.protocol_error": ("warning", "worker", "a client broke the protocol and was "
+                              "closed: fd, error"),
+    "client.overflow": ("warning", "worker", "a client left too many replies unread and was "
+                        "closed: fd, buffered, max_output_buffer"),
+    "fd.dispatched": ("info", "worker", "a handed-off client was adopted by its key's owner: "
+                      "key, from_slot, from_pid, to_slot, to_pid, carried (bytes), latency_us "
+                      "(HANDOFF sent to ADOPT taken)"),
+    "fd.refused": ("warning", "worker", "the key's owner was full; the client got the refusal "
+                   "reply: key, from_slot, reason, clients, max_clients"),
+    "fd.handoff_failed": ("error", "worker", "HANDOFF could not be sent; the client is served "
+                          "where it is: fd, key, error"),
+    "fd.dropped": ("error/warning", "master", "a held hand-off could not be delivered: key, "
+                   "reason"),
+    "channel.message": ("debug", "worker", "a channel message arrived: kind, size"),
+    "channel.error": ("error/warning", "both", "a malformed, unexpected or failed channel "
+                      "message (its fds are closed): error, peer"),
+    "control.command": ("info", "master", "a control request: command, peer_uid, peer_pid"),
+    "control.denied": ("warning", "master", "a control peer not on the allow-list: peer_uid, "
+                       "peer_pid"),
+    "control.bad_request": ("warning", "master", "an oversized or stalled control request; "
+                            "closed: peer_uid, error"),
+    "control.busy": ("warning", "master", "too many control connections: peer_uid, "
+                     "connections"),
+    "control.accept_failed": ("warning", "master", "accept on the control socket failed: "
+                              "error"),
+    "control.error": ("error", "master", "a control command raised (a bug): command"),
+    "control.failed": ("error", "master", "cannot create the control socket (exit 69): path, "
+                       "error"),
+}
+
+
+def markdown() -> str:
+    rows = ["| event | level | from | meaning and fields |", "| --- | --- | --- | --- |"]
+    rows += [f"| `{name}` | {level} | {role} | {text} |"
+             for name, (level, role, text) in EVENTS.items()]
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
