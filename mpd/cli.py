@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate the config and exit: 0 valid, 78 invalid")
     p.add_argument("--print-config", action="store_true",
                    help="print the effective config as documented TOML and exit")
+    p.add_argument("--daemon", action="store_true",
+                   help="detach from the terminal and write a pidfile (daemon.pidfile); for "
+                        "systems without systemd")
     p.add_argument("--version", action="version", version=f"mpd {__version__}")
     return p
 
@@ -64,8 +67,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(configmod.render(config))
         return 0
-    logmod.configure(config.log_level, config.log_format)
+    if args.daemon and config.log_target == "stdout":
+        # A detached process has no stdout worth writing to.
+        print("mpd: --daemon with log.target = \"stdout\": logging to syslog instead",
+              file=sys.stderr)
+        config = config.replace(log_target="syslog")
+    logmod.configure_from(config)
     raise_fd_limit()
+    try:
+        return serve(config, args.daemon)
+    except StartError as e:
+        log.error(e.event, error=str(e))
+        print(f"mpd: {e}", file=sys.stderr)
+        return EX_UNAVAILABLE
+
+
+class StartError(Exception):
+    """mpd cannot start (address in use, another mpd running); exit 69."""
+
+    def __init__(self, event: str, message: str):
+        super().__init__(message)
+        self.event = event
+
+
+def serve(config: configmod.Config, detach: bool) -> int:
+    """Open the sockets (errors still reach the terminal), detach if asked, then run."""
+    pidfile = None
+    if detach:
+        from mpd.daemonize import PidFile, PidFileError
+
+        pidfile = PidFile(config.pidfile_path)
+        try:
+            pidfile.check()
+        except PidFileError as e:
+            raise StartError("mpd.already_running", str(e)) from None
     control_sock = None
     if config.worker_count > 0:  # single-process mode has no master, so no control socket
         from mpd.control import ControlError, open_socket
@@ -73,24 +108,44 @@ def main(argv: list[str] | None = None) -> int:
         try:
             control_sock = open_socket(config.socket_path, config.mode, config.allow_group)
         except ControlError as e:
-            log.error("control.failed", path=config.socket_path, error=str(e))
-            print(f"mpd: {e}", file=sys.stderr)
-            return EX_UNAVAILABLE
+            raise StartError("control.failed", str(e)) from None
     try:
-        listener = bind(config)
+        listener = listening_socket(config)
     except OSError as e:
-        log.error("mpd.bind_failed", listen=config.listen, port=config.port, error=e.strerror)
-        print(f"mpd: cannot listen on {config.listen} port {config.port}: {e.strerror}",
-              file=sys.stderr)
         if control_sock is not None:
             control_sock.close()
             os.unlink(config.socket_path)
-        return EX_UNAVAILABLE
+        raise StartError("mpd.bind_failed", f"cannot listen on {config.listen} port "
+                         f"{config.port}: {e.strerror}") from None
+    if pidfile is not None:
+        from mpd.daemonize import detach as enter_daemon
+
+        enter_daemon(pidfile, [s for s in (listener, control_sock) if s is not None])
+        logmod.set_role("master" if control_sock is not None else "single")
+        logmod.configure_from(config)  # python-daemon closed the old log fds
     if control_sock is None:
         return serve_single_process(config, listener)
     from mpd.master import Master
 
     return Master(config, listener, control_sock).run()
+
+
+def listening_socket(config: configmod.Config) -> socket.socket:
+    """The socket systemd passed (socket activation), else a freshly bound one."""
+    from mpd import systemd
+
+    log = logmod.get_logger()
+    for sock in systemd.listen_fds():
+        if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
+            address = sock.getsockname()
+            log.info("mpd.socket_activated", listen=address[0], port=address[1])
+            if (address[0], address[1]) != (config.listen, config.port):
+                log.warning("mpd.socket_mismatch", listen=address[0], port=address[1],
+                            config_listen=config.listen, config_port=config.port)
+            sock.setblocking(False)
+            return sock
+        sock.close()
+    return bind(config)
 
 
 def raise_fd_limit() -> None:

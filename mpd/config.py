@@ -89,6 +89,12 @@ def _socket_path(v: Any) -> str:
     return v
 
 
+def _path_or_empty(v: Any) -> str:
+    if not isinstance(v, str) or (v and not v.startswith("/")):
+        raise ValueError('an absolute path, or "" for none')
+    return v
+
+
 def _mode(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o777:
         raise ValueError("a file mode from 0o000 to 0o777, written as an octal integer like 0o660")
@@ -127,6 +133,14 @@ def _protocol(v: Any) -> str:
     if v not in PROTOCOLS:
         raise ValueError("one of " + ", ".join(f'"{p}"' for p in sorted(PROTOCOLS)))
     return v
+
+
+# Settings a reload may change in running workers (the master sends them in CONFIG).
+LIVE_SETTINGS = ("max_clients", "max_output_buffer", "graceful_timeout", "log_level",
+                 "log_format", "log_target", "log_file")
+# Settings bound to the listening socket or the control socket: changing them needs a restart.
+RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "socket", "mode", "allow_group",
+                    "pidfile")
 
 
 @dataclass(frozen=True)
@@ -191,6 +205,15 @@ SCHEMA: tuple[Key, ...] = (
         "Least severe level written: debug also logs every client connect and close."),
     Key("log", "format", "json", _choice("json", "console"),
         "json = one JSON object per line on stdout (for journald); console = for humans."),
+    Key("log", "target", "stdout", _choice("stdout", "file", "syslog"),
+        "Where logs go. stdout: under systemd, each event also goes to journald with its\n"
+        "fields (MPD_EVENT, MPD_SLOT, ...); file: append to log.file (reopened on reload);\n"
+        "syslog: the local syslog, facility daemon."),
+    Key("log", "file", "", _path_or_empty,
+        "The log file for target = \"file\"."),
+    Key("daemon", "pidfile", "auto", _socket_path,
+        "Pidfile written by `mpd --daemon`. \"auto\" = /run/mpd/mpd.pid for root, else\n"
+        "next to the control socket."),
 )
 
 
@@ -214,6 +237,9 @@ class Config:
     allow_group: str = ""
     log_level: str = "info"
     log_format: str = "json"
+    log_target: str = "stdout"
+    log_file: str = ""
+    pidfile: str = "auto"
     path: str | None = None  # the file it came from; None = embedded defaults
 
     @property
@@ -226,6 +252,12 @@ class Config:
     @property
     def socket_path(self) -> str:
         return default_socket_path() if self.socket == "auto" else self.socket
+
+    @property
+    def pidfile_path(self) -> str:
+        if self.pidfile == "auto":
+            return os.path.join(os.path.dirname(default_socket_path()), "mpd.pid")
+        return self.pidfile
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -281,6 +313,9 @@ def parse(text: str, path: str) -> Config:
                 raise ConfigError(path, f"expected {e}, got {value!r}",
                                   line=_key_line(text, section, name), key=key.dotted) from None
     config = Config(path=path, **values)
+    if config.log_target == "file" and not config.log_file:
+        raise ConfigError(path, 'expected log.file to be set when log.target = "file"',
+                          line=_key_line(text, "log", "target"), key="log.file")
     if isinstance(config.workers, int) and config.workers > config.max_workers:
         raise ConfigError(path, f"expected at most workers.max_workers ({config.max_workers}), "
                           f"got {config.workers}", line=_key_line(text, "workers", "workers"),

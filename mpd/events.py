@@ -15,7 +15,14 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                     "(quit, graceful_timeout)"),
     "mpd.stopped": ("info", "master", "the master exits 0: uptime"),
     "mpd.stop_incomplete": ("error", "master", "killed workers not reaped in time: workers"),
-    "mpd.bind_failed": ("error", "master", "cannot listen: listen, port, error (exit 69)"),
+    "mpd.socket_activated": ("info", "master", "systemd passed the listening socket: listen, "
+                             "port"),
+    "mpd.socket_mismatch": ("warning", "master", "the passed socket is not the configured "
+                            "address (it is used anyway): listen, port, config_listen, "
+                            "config_port"),
+    "mpd.already_running": ("error", "master", "--daemon: a live mpd holds the pidfile (exit "
+                            "69): error"),
+    "mpd.bind_failed": ("error", "master", "cannot listen: error (exit 69)"),
     "config.invalid": ("error", "master", "the config file is invalid at start: path, line, "
                        "key, error (exit 78)"),
     "config.reloaded": ("info", "master", "SIGHUP or mpdctl reload applied: path, workers"),
@@ -74,8 +81,7 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "control.accept_failed": ("warning", "master", "accept on the control socket failed: "
                               "error"),
     "control.error": ("error", "master", "a control command raised (a bug): command"),
-    "control.failed": ("error", "master", "cannot create the control socket (exit 69): path, "
-                       "error"),
+    "control.failed": ("error", "master", "cannot create the control socket (exit 69): error"),
 }
 
 

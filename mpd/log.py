@@ -4,12 +4,15 @@ line as MESSAGE). Every event carries ts, level, event, pid, role and slot."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
-import sys
+import syslog
 from typing import Any
 
 import structlog
+
+from mpd import systemd
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
@@ -31,6 +34,10 @@ def _order_fields(_logger: Any, method: str, event: dict[str, Any]) -> dict[str,
     return head
 
 
+PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2,
+              "exception": 3}
+
+
 class FdWriter:
     """A structlog logger that writes each line with one os.write(2) call: no user-space
     buffer to duplicate across fork, and lines of concurrent processes never interleave."""
@@ -38,7 +45,7 @@ class FdWriter:
     def __init__(self, fd: int):
         self.fd = fd
 
-    def msg(self, line: str) -> None:
+    def msg(self, line: str, fields: dict[str, Any] | None = None) -> None:
         data = (line + "\n").encode("utf-8", "replace")
         while data:
             try:
@@ -54,26 +61,101 @@ class FdWriter:
 
     debug = info = warning = warn = error = critical = exception = log = msg
 
+    def close(self) -> None:
+        if self.fd > 2:
+            os.close(self.fd)
 
-def configure(level: str = "info", fmt: str = "json", fd: int | None = None) -> None:
-    """(Re)configure logging; safe to call again on reload to change the level."""
+
+class JournalWriter(FdWriter):
+    """journald's native protocol: the JSON line as MESSAGE plus every field as its own
+    journal field (MPD_EVENT=worker.exited, MPD_SLOT=3, ...), so journalctl can match on
+    them. Falls back to the stdout stream if journald does not take the datagram."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.sender = systemd.JournalSender()
+
+    def msg(self, line: str, fields: dict[str, Any] | None = None) -> None:
+        entry = [("MESSAGE", line), ("SYSLOG_IDENTIFIER", "mpd")]
+        for key, value in (fields or {}).items():
+            if key == "level":
+                entry.append(("PRIORITY", str(PRIORITIES.get(value, 6))))
+            elif key != "ts" and value is not None:
+                text = value if isinstance(value, str) else json.dumps(value, default=str)
+                entry.append((systemd.journal_field_name("MPD_" + key), text))
+        if not self.sender.send(entry):
+            super().msg(line)
+
+    debug = info = warning = warn = error = critical = exception = log = msg
+
+    def close(self) -> None:
+        self.sender.sock.close()
+
+
+class SyslogWriter:
+    """The local syslog daemon (for `--daemon` without systemd)."""
+
+    def __init__(self) -> None:
+        syslog.openlog("mpd", syslog.LOG_PID, syslog.LOG_DAEMON)
+
+    def msg(self, line: str, fields: dict[str, Any] | None = None) -> None:
+        level = (fields or {}).get("level", "info")
+        syslog.syslog(PRIORITIES.get(level, 6), line)
+
+    debug = info = warning = warn = error = critical = exception = log = msg
+
+    def close(self) -> None:
+        syslog.closelog()
+
+
+_writer: list[Any] = []  # the current writer, closed when replaced
+
+
+def make_writer(target: str, path: str) -> Any:
+    if target == "syslog":
+        return SyslogWriter()
+    if target == "file":
+        return FdWriter(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                                0o640))
+    if systemd.journal_stream_connected(1):
+        return JournalWriter()
+    return FdWriter(1)
+
+
+def configure(level: str = "info", fmt: str = "json", target: str = "stdout",
+              path: str = "") -> None:
+    """(Re)configure logging; called again on reload (a log file is then reopened)."""
     _current["level"] = LEVELS[level]
     renderer: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=False)
     else:
         renderer = structlog.processors.JSONRenderer()
+
+    def render(logger: Any, method: str, event: dict[str, Any]) -> Any:
+        # The writer gets the line and the fields: journald and syslog want both.
+        return (renderer(logger, method, event),), {"fields": event}
+
+    writer = make_writer(target, path)
+    for old in _writer:
+        old.close()
+    _writer[:] = [writer]
     structlog.configure(
         processors=[
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
             structlog.processors.format_exc_info,
             _order_fields,
-            renderer,
+            render,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=lambda *_: FdWriter(sys.stdout.fileno() if fd is None else fd),
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=False,
     )
+
+
+def configure_from(config: Any) -> None:
+    """configure() with a Config's log settings."""
+    configure(config.log_level, config.log_format, config.log_target, config.log_file)
 
 
 def get_logger() -> Any:

@@ -20,9 +20,10 @@ from mpd import __version__, commands, routing
 from mpd import config as configmod
 from mpd import log as logmod
 from mpd.channel import Channel, ChannelClosed, Kind, Message, close_fds
-from mpd.config import Config
+from mpd.config import LIVE_SETTINGS, RESTART_SETTINGS, Config
 from mpd.control import ControlServer
 from mpd.signals import SignalQueue
+from mpd.systemd import Notifier
 from mpd.worker import EXIT_BOOT_ERROR, Worker
 
 PR_SET_PDEATHSIG = 1
@@ -31,11 +32,7 @@ BACKOFF_FIRST = 0.1  # seconds before the second quick respawn; doubles after ea
 KILL_WAIT = 5.0  # seconds to reap SIGKILLed workers before exiting regardless
 HOLD_TIMEOUT = 1.0  # seconds a hand-off waits for its owner's respawn before a fallback
 HOLD_MAX = 30.0  # seconds a hand-off may wait when no worker at all can take it
-# Settings a reload may change in running workers (sent in CONFIG).
-LIVE_SETTINGS = ("max_clients", "max_output_buffer", "graceful_timeout", "log_level",
-                 "log_format")
-# Settings bound to the listening socket or the process model: a reload cannot change them.
-RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "socket", "mode", "allow_group")
+STATUS_EVERY = 1.0  # seconds between systemd STATUS= updates, at most
 
 log = logmod.get_logger()
 
@@ -90,6 +87,9 @@ class Master:
         self.kill_deadline = 0.0
         self.started = time.monotonic()
         self.port: int = listener.getsockname()[1]
+        self.notifier = Notifier()
+        self.next_watchdog = 0.0
+        self.next_status = 0.0
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -113,11 +113,13 @@ class Master:
                 self.deliver_held()
             if self.control is not None:
                 self.control.expire()
+            self.tell_systemd()
         self.drop_held("stopping")
         if self.control is not None:
             self.control.close()
         self.selector.close()
         self.signals.close()
+        self.notifier.close()
         log.info("mpd.stopped", uptime=round(time.monotonic() - self.started, 3))
         return 0
 
@@ -128,7 +130,23 @@ class Master:
         due += [h.respawn_at for h in self.history.values() if h.respawn_at]
         due += [d for d in (self.stop_deadline, self.kill_deadline) if d]
         due += [h.since + HOLD_TIMEOUT for h in self.held[:1]]
+        if self.notifier.watchdog_interval:
+            due.append(self.next_watchdog)
         return max(0.0, min(due) - now)
+
+    def tell_systemd(self) -> None:
+        """WATCHDOG=1 from the loop itself (a stuck loop stops it), STATUS= when it changes."""
+        now = time.monotonic()
+        if self.notifier.watchdog_interval and now >= self.next_watchdog:
+            self.next_watchdog = now + self.notifier.watchdog_interval
+            self.notifier.watchdog()
+        if now >= self.next_status and self.state == "running":
+            self.next_status = now + STATUS_EVERY
+            self.notifier.status(self.status_line())
+
+    def status_line(self) -> str:
+        clients = sum(w.stats.get("clients", 0) for w in self.workers.values())
+        return f"{self.ready_count()}/{self.target} workers ready, {clients} clients"
 
     # --- signals: one table, one handler each ----------------------------------------------
 
@@ -189,6 +207,7 @@ class Master:
         logmod.set_role("worker", slot)
         self.signals.close()
         self.selector.close()
+        self.notifier.close()
         if self.control is not None:
             self.control.close(unlink=False)
         for other in self.workers.values():
@@ -331,6 +350,7 @@ class Master:
             if self.state == "starting" and self.ready_count() >= self.target:
                 self.state = "running"
                 log.info("mpd.ready", workers=self.ready_count())
+                self.notifier.ready(self.status_line())
         else:
             for fd in message.fds:
                 os.close(fd)
@@ -447,6 +467,13 @@ class Master:
 
     def reload(self) -> str | None:
         """Re-read the config and apply it; on any problem change nothing and return why."""
+        self.notifier.reloading()
+        try:
+            return self.apply_config()
+        finally:
+            self.notifier.ready(self.status_line())
+
+    def apply_config(self) -> str | None:
         try:
             new = configmod.load(self.config.path)
         except configmod.ConfigError as e:
@@ -459,7 +486,7 @@ class Master:
             log.error("config.reload_failed", error=error)
             return error
         self.config = new
-        logmod.configure(new.log_level, new.log_format)
+        logmod.configure_from(new)
         settings = {k: getattr(new, k) for k in LIVE_SETTINGS}
         for worker in self.workers.values():
             self.send(worker, Kind.CONFIG, settings)
@@ -473,6 +500,7 @@ class Master:
             return
         log.info("mpd.stopping", workers=len(self.workers),
                  graceful_timeout=self.config.graceful_timeout)
+        self.notifier.stopping()
         self.state = "stopping"
         self.listener.close()  # no new connections queue up for us
         self.stop_deadline = time.monotonic() + self.config.graceful_timeout
@@ -485,6 +513,7 @@ class Master:
         if self.kill_deadline:
             return
         log.warning("mpd.halting", reason=reason, workers=len(self.workers))
+        self.notifier.stopping()
         self.state = "stopping"
         self.listener.close()
         self.stop_deadline = 0.0

@@ -405,7 +405,7 @@ class Worker:
     def apply(self, settings: dict[str, Any]) -> None:
         """Take changed limits and log level from a reload."""
         self.config = self.config.replace(**settings)
-        logmod.configure(self.config.log_level, self.config.log_format)
+        logmod.configure_from(self.config)
         self.debug = logmod.enabled("debug")
         if len(self.conns) < self.config.max_clients:
             self.resume_accepting()
@@ -430,8 +430,7 @@ class Worker:
         except configmod.ConfigError as e:
             log.error("config.reload_failed", error=str(e))
             return
-        self.apply({"max_clients": new.max_clients, "max_output_buffer": new.max_output_buffer,
-                    "log_level": new.log_level, "graceful_timeout": new.graceful_timeout})
+        self.apply({k: getattr(new, k) for k in configmod.LIVE_SETTINGS})
         log.info("config.reloaded", path=new.path)
 
     def stop(self) -> None:

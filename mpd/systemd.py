@@ -1,0 +1,132 @@
+"""The few systemd interfaces mpd speaks, written by hand (each is a few lines):
+sd_notify (READY, STATUS, RELOADING, STOPPING, WATCHDOG), socket activation
+(LISTEN_FDS), and journald's native protocol for structured fields."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+SD_LISTEN_FDS_START = 3
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+
+
+def _address(name: str) -> str | bytes:
+    """A path, or an abstract socket name ("@name" -> b"\\0name")."""
+    return b"\0" + name[1:].encode() if name.startswith("@") else name
+
+
+class Notifier:
+    """sd_notify(3) from the master. Without NOTIFY_SOCKET every call does nothing."""
+
+    def __init__(self) -> None:
+        self.path = os.environ.get("NOTIFY_SOCKET") or ""
+        self.sock: socket.socket | None = None
+        if self.path:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.watchdog_interval = self._watchdog_interval()
+        self.last_status = ""
+
+    @staticmethod
+    def _watchdog_interval() -> float:
+        """Half of WATCHDOG_USEC (as sd_watchdog_enabled advises), or 0 when off."""
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+            return 0.0
+        return int(usec) / 2e6
+
+    def notify(self, *lines: str) -> bool:
+        if self.sock is None:
+            return False
+        try:
+            self.sock.sendto("\n".join(lines).encode(), _address(self.path))
+        except OSError:
+            return False  # systemd gone or the socket full: never fatal
+        return True
+
+    def ready(self, status: str) -> None:
+        self.last_status = status
+        self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+    def reloading(self) -> None:
+        now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={now_usec}")
+
+    def stopping(self) -> None:
+        self.notify("STOPPING=1")
+
+    def status(self, status: str) -> None:
+        if status != self.last_status:
+            self.last_status = status
+            self.notify(f"STATUS={status}")
+
+    def watchdog(self) -> None:
+        self.notify("WATCHDOG=1")
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def listen_fds() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation (sd_listen_fds), as socket objects.
+    Unsets LISTEN_* so that the workers do not take them for their own."""
+    pid, count = os.environ.get("LISTEN_PID", ""), os.environ.get("LISTEN_FDS", "")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if pid != str(os.getpid()) or not count.isdigit():
+        return []
+    sockets = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + int(count)):
+        os.set_inheritable(fd, False)
+        sockets.append(socket.socket(fileno=fd))
+    return sockets
+
+
+def journal_stream_connected(fd: int = 1) -> bool:
+    """True when `fd` is the stream systemd connected to journald (JOURNAL_STREAM)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    if ":" not in expected:
+        return False
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
+def journal_field_name(name: str) -> str:
+    """A valid journal field name: upper case letters, digits, underscores, no leading _."""
+    cleaned = "".join(c if c.isalnum() else "_" for c in name.upper()).lstrip("_")
+    return cleaned[:64] or "FIELD"
+
+
+def journal_entry(fields: list[tuple[str, str]]) -> bytes:
+    """Serialise fields in journald's native format (binary-safe for multi-line values)."""
+    out = bytearray()
+    for name, value in fields:
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            out += name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += name.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+class JournalSender:
+    """Sends entries to journald's native socket; False when it cannot (caller falls back)."""
+
+    def __init__(self, path: str = JOURNAL_SOCKET):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def send(self, fields: list[tuple[str, str]]) -> bool:
+        try:
+            self.sock.sendto(journal_entry(fields), self.path)
+        except OSError:
+            return False
+        return True
