@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error(e.event, error=str(e))
         print(f"mpd: {e}", file=sys.stderr)
         return EX_UNAVAILABLE
+    except Exception as e:  # noqa: BLE001 - a detached daemon has only its log to tell
+        log.exception("mpd.crashed", error=repr(e))
+        raise
 
 
 class StartError(Exception):
@@ -122,7 +125,8 @@ def serve(config: configmod.Config, detach: bool) -> int:
 
         enter_daemon(pidfile, [s for s in (listener, control_sock) if s is not None])
         logmod.set_role("master" if control_sock is not None else "single")
-        logmod.configure_from(config)  # python-daemon closed the old log fds
+        logmod.forget_writer()  # python-daemon closed the old log fds
+        logmod.configure_from(config)
     if control_sock is None:
         return serve_single_process(config, listener)
     from mpd.master import Master

@@ -30,7 +30,11 @@ class ConfigError(Exception):
 
 
 def default_socket_path() -> str:
-    """/run/mpd/mpd.sock for root (systemd's RuntimeDirectory), else under XDG_RUNTIME_DIR."""
+    """systemd's RuntimeDirectory= when it set one, /run/mpd for root, else under
+    XDG_RUNTIME_DIR (or /tmp/mpd-UID)."""
+    runtime_dirs = os.environ.get("RUNTIME_DIRECTORY", "")
+    if runtime_dirs:
+        return os.path.join(runtime_dirs.split(":")[0], "mpd.sock")
     if os.geteuid() == 0:
         return "/run/mpd/mpd.sock"
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/mpd-{os.geteuid()}"
@@ -191,8 +195,8 @@ SCHEMA: tuple[Key, ...] = (
         "Longest wait, in seconds, before respawning a slot that keeps crashing soon after\n"
         "start (the wait doubles from 0.1 s with each quick crash)."),
     Key("control", "socket", "auto", _socket_path,
-        "Control socket for mpdctl. \"auto\" = /run/mpd/mpd.sock for root, else\n"
-        "$XDG_RUNTIME_DIR/mpd/mpd.sock."),
+        "Control socket for mpdctl. \"auto\" = mpd.sock in systemd's RuntimeDirectory\n"
+        "(/run/mpd), else /run/mpd/mpd.sock for root, else $XDG_RUNTIME_DIR/mpd/mpd.sock."),
     Key("control", "mode", 0o660, _mode,
         "File mode of the control socket.", toml_default="0o660"),
     Key("control", "allow_uids", (), _uids,

@@ -14,6 +14,8 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "mpd.halting": ("warning", "master", "immediate stop: SIGKILL to every worker; reason "
                     "(quit, graceful_timeout)"),
     "mpd.stopped": ("info", "master", "the master exits 0: uptime"),
+    "mpd.crashed": ("error", "master", "an unexpected exception ended mpd (a bug): error, "
+                    "traceback"),
     "mpd.stop_incomplete": ("error", "master", "killed workers not reaped in time: workers"),
     "mpd.socket_activated": ("info", "master", "systemd passed the listening socket: listen, "
                              "port"),

@@ -153,6 +153,12 @@ def configure(level: str = "info", fmt: str = "json", target: str = "stdout",
     )
 
 
+def forget_writer() -> None:
+    """After python-daemon closed every fd: drop the writer without closing its fd number,
+    which may already belong to something else."""
+    _writer.clear()
+
+
 def configure_from(config: Any) -> None:
     """configure() with a Config's log settings."""
     configure(config.log_level, config.log_format, config.log_target, config.log_file)

@@ -1,0 +1,429 @@
+"""mpd under a real systemd (252, booted as PID 1 by sdbox in throw-away namespaces) and
+a real journald; sd_notify against a socket the test holds; socket activation; --daemon."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPLY, ROOT, Mpd, pid_alive, recv_exact, toml_config, wait_until
+
+SDBOX = ROOT.parent / "shared" / "tools" / "sdbox" / "sdbox"
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's: readable by a DynamicUser, unlike pyenv's
+VENV_ROOT = Path("/opt/mpd-test")  # outside /tmp, /var/tmp (fresh in the box) and /root
+
+CLIENT = """
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+s.sendall(b"hello, client ping!\\0" * 3)
+data = b""
+while len(data) < 60:
+    chunk = s.recv(100)
+    if not chunk:
+        break
+    data += chunk
+print(data == b"hello, server ping!\\0" * 3)
+"""
+
+
+def box_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to boot systemd in namespaces"
+    for tool in ("unshare", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not SDBOX.exists():
+        return f"sdbox not found at {SDBOX}"
+    if not os.path.exists("/lib/systemd/systemd"):
+        return "systemd is not installed"
+    if not os.path.exists(SYSTEM_PYTHON):
+        return f"{SYSTEM_PYTHON} is missing"
+    return None
+
+
+needs_box = pytest.mark.skipif(box_unavailable() is not None,
+                               reason=box_unavailable() or "")
+
+
+@pytest.fixture(scope="session")
+def system_venv() -> Path:
+    """mpd installed (not editable) into a venv of the system Python, reused while the
+    source is unchanged: the unit's ExecStart runs it inside the box."""
+    digest = hashlib.sha256()
+    for path in sorted([*(ROOT / "mpd").rglob("*.py"), ROOT / "pyproject.toml"]):
+        digest.update(path.read_bytes())
+    venv = VENV_ROOT / f"venv-{digest.hexdigest()[:16]}"
+    done = venv / ".complete"
+    if not done.exists():
+        shutil.rmtree(venv, ignore_errors=True)  # a half-built one from an interrupted run
+        VENV_ROOT.mkdir(parents=True, exist_ok=True)
+        os.chmod(VENV_ROOT, 0o755)
+        old_umask = os.umask(0o022)  # the service's DynamicUser must read it
+        try:
+            subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True)
+            subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-cache-dir",
+                            str(ROOT)], check=True, cwd="/")
+        finally:
+            os.umask(old_umask)
+        done.touch()
+    return venv
+
+
+class Box:
+    """One sdbox: systemd 252 as PID 1 with journald, torn down whatever happens."""
+
+    def __init__(self) -> None:
+        parent = tempfile.mkdtemp(prefix="mpd-sdbox-")
+        self.dir = os.path.join(parent, "box")
+        subprocess.run([str(SDBOX), "up", self.dir], check=True, capture_output=True,
+                       timeout=120)
+        self.parent = parent
+
+    def run(self, *cmd: str, check: bool = False, timeout: float = 60
+            ) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(SDBOX), "exec", self.dir, "--", *cmd],
+                                capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{cmd} exited {result.returncode}: {result.stderr}")
+        return result
+
+    def copy(self, text: str, dest: str) -> None:
+        src = os.path.join(self.parent, "payload")
+        with open(src, "w") as f:
+            f.write(text)
+        subprocess.run([str(SDBOX), "cp", self.dir, src, dest], check=True,
+                       capture_output=True, timeout=60)
+
+    def journal(self, *match: str) -> list[dict]:
+        out = self.run("journalctl", "-u", "mpd", "-o", "json", "--no-pager", *match).stdout
+        entries = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        return entries
+
+    def events(self, name: str | None = None) -> list[dict]:
+        found = []
+        for entry in self.journal():
+            try:
+                event = json.loads(entry.get("MESSAGE", ""))
+            except (ValueError, TypeError):
+                continue
+            if name is None or event.get("event") == name:
+                found.append(event)
+        return found
+
+    def down(self) -> None:
+        subprocess.run([str(SDBOX), "down", self.dir], capture_output=True, timeout=120)
+        shutil.rmtree(self.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def box(system_venv: Path):
+    b = Box()
+    try:
+        yield b
+    finally:
+        b.down()
+
+
+def install(box: Box, venv: Path, config: dict, socket_unit: bool = False) -> None:
+    unit = (ROOT / "packaging" / "mpd.service").read_text().replace(
+        "ExecStart=/usr/local/bin/mpd", f"ExecStart={venv}/bin/mpd")
+    assert f"ExecStart={venv}/bin/mpd --config /etc/mpd.toml" in unit
+    box.copy(unit, "/etc/systemd/system/mpd.service")
+    if socket_unit:
+        box.copy((ROOT / "packaging" / "mpd.socket").read_text(),
+                 "/etc/systemd/system/mpd.socket")
+    box.copy(toml_config(config), "/etc/mpd.toml")
+    box.run("systemctl", "daemon-reload", check=True)
+
+
+def prop(box: Box, name: str, unit: str = "mpd") -> str:
+    return box.run("systemctl", "show", "-p", name, "--value", unit).stdout.strip()
+
+
+def mpdctl_status(box: Box, venv: Path) -> dict:
+    result = box.run(f"{venv}/bin/mpdctl", "--json", "status", check=True)
+    return json.loads(result.stdout)
+
+
+def ping_inside(box: Box, venv: Path, port: int = 1990) -> bool:
+    return box.run(f"{venv}/bin/python", "-c", CLIENT, str(port)).stdout.strip() == "True"
+
+
+BASE = {"server": {"port": 1990}, "workers": {"workers": 2, "graceful_timeout": 2}}
+
+
+@needs_box
+def test_systemctl_start_serve_status_journal_reload_respawn_stop(box, system_venv):
+    install(box, system_venv, BASE)
+    box.run("systemctl", "start", "mpd", check=True)
+    # Type=notify: start returned, so READY=1 came, after the workers said HELLO.
+    assert prop(box, "ActiveState") == "active"
+    assert box.events("mpd.ready"), "READY before the workers served"
+    assert ping_inside(box, system_venv)
+    assert "workers ready" in prop(box, "StatusText")
+    status = mpdctl_status(box, system_venv)  # through /run/mpd/mpd.sock, as root
+    assert status["master"]["ready"] == 2
+    assert status["master"]["pid"] == int(prop(box, "MainPID"))
+    # The JSON lines are MESSAGE, and each field is a journal field of its own.
+    spawned = box.events("worker.spawned")
+    assert len(spawned) == 2 and {e["worker_slot"] for e in spawned} == {0, 1}
+    matched = box.journal("MPD_EVENT=worker.spawned")
+    assert len(matched) == 2
+    assert {m["MPD_WORKER_SLOT"] for m in matched} == {"0", "1"}
+    assert all(m["MPD_ROLE"] == "master" and m["PRIORITY"] == "6" for m in matched)
+    # systemctl reload applies a changed worker count.
+    box.copy(toml_config({**BASE, "workers": {"workers": 3, "graceful_timeout": 2}}),
+             "/etc/mpd.toml")
+    box.run("systemctl", "reload", "mpd", check=True)
+    wait_until(lambda: mpdctl_status(box, system_venv)["master"]["ready"] == 3,
+               what="3 workers after systemctl reload")
+    assert box.journal("MPD_EVENT=config.reloaded")
+    # kill -9 of a worker: worker.exited, then worker.respawned, in the journal.
+    victim = status["workers"][0]["pid"]
+    box.run("kill", "-9", str(victim), check=True)
+
+    def exited_then_respawned() -> bool:
+        events = [e["event"] for e in box.events()
+                  if e["event"] in ("worker.exited", "worker.respawned")]
+        return "worker.exited" in events and "worker.respawned" in events[
+            events.index("worker.exited"):]
+    wait_until(exited_then_respawned, timeout=20, interval=0.2, what="exited then respawned")
+    exited = box.journal("MPD_EVENT=worker.exited")
+    assert exited[0]["MPD_WORKER_PID"] == str(victim) and exited[0]["MPD_SIGNAL"] == "SIGKILL"
+    assert ping_inside(box, system_venv)
+    # systemctl stop leaves no mpd process.
+    box.run("systemctl", "stop", "mpd", check=True)
+    assert prop(box, "ActiveState") == "inactive"
+    assert prop(box, "Result") == "success"
+    left = box.run("pgrep", "-f", f"{system_venv}/bin/mpd")
+    assert left.stdout.strip() == ""
+    assert box.events("mpd.stopped")
+
+
+@needs_box
+def test_a_broken_config_fails_the_start_without_a_restart_loop(box, system_venv):
+    install(box, system_venv, BASE)
+    box.copy("[workers]\nworkers = 'many'\n", "/etc/mpd.toml")
+    assert box.run("systemctl", "start", "mpd").returncode != 0
+    assert prop(box, "ActiveState") == "failed"
+    assert prop(box, "ExecMainStatus") == "78"
+    # RestartPreventExitStatus=78: give a restart (RestartSec=1) the chance to happen.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:  # watching for something that must not happen
+        assert prop(box, "NRestarts") == "0"
+        time.sleep(0.25)
+    invalid = box.journal("MPD_EVENT=config.invalid")
+    assert invalid and invalid[0]["MPD_KEY"] == "workers.workers"
+
+
+@needs_box
+def test_socket_activation_with_mpd_socket(box, system_venv):
+    install(box, system_venv, BASE, socket_unit=True)
+    box.run("systemctl", "start", "mpd.socket", check=True)
+    assert prop(box, "ActiveState") == "inactive"  # nothing runs until a client comes
+    assert ping_inside(box, system_venv)  # the connection starts mpd.service
+    assert prop(box, "ActiveState") == "active"
+    activated = box.events("mpd.socket_activated")
+    assert activated and activated[0]["port"] == 1990
+    assert not box.events("mpd.socket_mismatch")
+    box.run("systemctl", "stop", "mpd", check=True)
+
+
+@needs_box
+def test_exposure_level_is_low(box, system_venv):
+    install(box, system_venv, BASE)
+    out = box.run("systemd-analyze", "security", "mpd.service").stdout
+    level = float(out.strip().splitlines()[-1].split("level for mpd.service:")[1].split()[0])
+    assert level <= 1.5, out[-500:]
+
+
+# --- without a box ----------------------------------------------------------------------------
+
+class NotifySocket:
+    """A NOTIFY_SOCKET that the test holds: every message mpd sends, with its arrival time."""
+
+    def __init__(self, abstract: bool):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = f"mpd-test-{os.getpid()}-{time.monotonic_ns()}"
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            self.dir = tempfile.mkdtemp()
+            self.address = os.path.join(self.dir, "notify")
+            self.sock.bind(self.address)
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+
+    def collect(self) -> list[tuple[float, dict[str, str]]]:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                return self.messages
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append((time.monotonic(), fields))
+
+    def wait_for(self, key: str, value: str | None = None, after: int = 0) -> int:
+        def found() -> int | None:
+            for i, (_, fields) in enumerate(self.collect()[after:], after):
+                if key in fields and (value is None or fields[key] == value):
+                    return i + 1
+            return None
+        return wait_until(found, what=f"{key}={value} on NOTIFY_SOCKET")
+
+
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_sd_notify_messages(tmp_path, abstract):
+    notify = NotifySocket(abstract)
+    env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "400000"}
+    server = Mpd(tmp_path, {"workers": {"workers": 2}}, env=env)
+    try:
+        ready_at = notify.wait_for("READY", "1")
+        _, ready = notify.messages[ready_at - 1]
+        assert ready["STATUS"] == "2/2 workers ready, 0 clients"
+        assert int(ready["MAINPID"]) == server.pid
+        # READY only after every worker is ready.
+        assert len(server.events("worker.ready")) == 2
+        # WATCHDOG=1 at half of WATCHDOG_USEC (0.2 s), from the master's loop.
+        first = notify.wait_for("WATCHDOG", "1", after=ready_at)
+        wait_until(lambda: sum("WATCHDOG" in m for _, m in notify.collect()) >= 6,
+                   what="6 watchdog pings")
+        times = [t for t, m in notify.messages if "WATCHDOG" in m]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert all(0.1 < g < 0.4 for g in gaps), gaps
+        # STATUS follows the clients (at most once a second).
+        client = server.connect()
+        client.sendall(b"x\0")
+        assert recv_exact(client, len(REPLY)) == REPLY
+        notify.wait_for("STATUS", "2/2 workers ready, 1 clients", after=first)
+        # Reload: RELOADING=1 with MONOTONIC_USEC, then READY=1.
+        mark = len(notify.collect())
+        server.signal(signal.SIGHUP)
+        reloading = notify.wait_for("RELOADING", "1", after=mark)
+        usec = int(notify.messages[reloading - 1][1]["MONOTONIC_USEC"])
+        assert abs(usec / 1e6 - time.clock_gettime(time.CLOCK_MONOTONIC)) < 5
+        notify.wait_for("READY", "1", after=reloading)
+        # Stop: STOPPING=1.
+        client.close()
+        server.signal(signal.SIGTERM)
+        notify.wait_for("STOPPING", "1", after=reloading)
+        assert server.wait_exit() == 0
+    finally:
+        server.stop()
+        notify.sock.close()
+
+
+def test_a_stuck_master_loop_stops_the_watchdog(tmp_path):
+    notify = NotifySocket(abstract=True)
+    server = Mpd(tmp_path, {"workers": {"workers": 1}},
+                 env={"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": "200000"})
+    try:
+        notify.wait_for("WATCHDOG", "1")
+        os.kill(server.pid, signal.SIGSTOP)  # the master's loop can no longer run
+        notify.collect()
+        stopped_at = time.monotonic()
+        time.sleep(0.5)  # an interval in which no ping may arrive, not a wait for one
+        notify.collect()
+        assert not [t for t, m in notify.messages if "WATCHDOG" in m and t > stopped_at + 0.05]
+        os.kill(server.pid, signal.SIGCONT)
+        count = sum("WATCHDOG" in m for _, m in notify.messages)
+        wait_until(lambda: sum("WATCHDOG" in m for _, m in notify.collect()) > count,
+                   what="watchdog pings again")
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        server.stop()
+        notify.sock.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="systemd-socket-activate is not installed")
+def test_socket_activation_with_systemd_socket_activate(tmp_path):
+    port = free_port()
+    config = tmp_path / "mpd.toml"
+    config.write_text(toml_config({"server": {"port": 1990}, "workers": {"workers": 2},
+                                   "control": {"socket": str(tmp_path / "mpd.sock")}}))
+    log = open(tmp_path / "mpd.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{port}",
+                             sys.executable, "-m", "mpd.cli", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        sock = wait_until(lambda: _try_connect(port), what="systemd-socket-activate listening")
+        sock.sendall(b"ping\0")
+        assert recv_exact(sock, len(REPLY)) == REPLY
+        sock.close()
+        events = [json.loads(line) for line in (tmp_path / "mpd.log").read_text().splitlines()
+                  if line.startswith("{")]
+        activated = [e for e in events if e["event"] == "mpd.socket_activated"]
+        assert activated and activated[0]["port"] == port
+        mismatch = [e for e in events if e["event"] == "mpd.socket_mismatch"]
+        assert mismatch and mismatch[0]["config_port"] == 1990  # the config said 1990
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+        log.close()
+
+
+def _try_connect(port: int) -> socket.socket | None:
+    try:
+        return socket.create_connection(("127.0.0.1", port), timeout=10)
+    except ConnectionRefusedError:
+        return None
+
+
+def test_daemon_mode_detaches_writes_a_pidfile_and_stops_by_it(tmp_path):
+    pidfile = tmp_path / "run" / "mpd.pid"
+    logfile = tmp_path / "mpd.log"
+    config = tmp_path / "mpd.toml"
+    port = free_port()
+    config.write_text(toml_config({
+        "server": {"port": port}, "workers": {"workers": 2},
+        "control": {"socket": str(tmp_path / "mpd.sock")},
+        "log": {"target": "file", "file": str(logfile)},
+        "daemon": {"pidfile": str(pidfile)}}))
+    start = subprocess.run([sys.executable, "-m", "mpd.cli", "--daemon", "--config",
+                            str(config)], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert start.returncode == 0, start.stderr
+    pid = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(),
+                         what="the pidfile"))
+    try:
+        assert pid_alive(pid)
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read().rsplit(")", 1)[1].split()
+        assert int(stat[1]) != os.getpid()  # detached: not our child
+        assert int(stat[3]) != os.getsid(0)  # nor in our session (no controlling tty)
+        sock = wait_until(lambda: _try_connect(port), what="the daemon serving")
+        sock.sendall(b"ping\0")
+        assert recv_exact(sock, len(REPLY)) == REPLY
+        sock.close()
+        wait_until(lambda: '"mpd.ready"' in logfile.read_text(), what="mpd.ready in the file")
+        second = subprocess.run([sys.executable, "-m", "mpd.cli", "--daemon", "--config",
+                                 str(config)], capture_output=True, text=True, timeout=30,
+                                cwd=ROOT)
+        assert second.returncode == 69
+        assert f"pid {pid} holds {pidfile}" in second.stderr
+        assert pid_alive(pid)
+        os.kill(int(pidfile.read_text()), signal.SIGTERM)
+        wait_until(lambda: not pid_alive(pid), timeout=15, what="the daemon gone")
+        assert not pidfile.exists()
+        assert '"mpd.stopped"' in logfile.read_text()
+    finally:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
