@@ -267,19 +267,29 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+def _dotted(path: str) -> str:
+    """A TOML key path with quotes and spaces around the dots removed."""
+    return ".".join(part.strip().strip("\"'") for part in path.split("."))
+
+
 def _key_line(text: str, section: str, name: str | None) -> int | None:
-    """Line (1-based) where `name` is set inside [section], or where [section] starts."""
+    """Line (1-based) that sets section.name (or opens section when name is None), whether
+    by a key under a [table] header, a dotted key, or a [section.name] sub-table header."""
+    target = ".".join(p for p in (section, name) if p)
     current = ""
     for number, line in enumerate(text.splitlines(), 1):
         stripped = line.strip()
-        header = re.match(r"^\[\s*([A-Za-z0-9_.-]+)\s*\]", stripped)
+        header = re.match(r"^\[\[?([^\]]+)\]", stripped)
         if header:
-            current = header.group(1)
-            if name is None and current == section:
-                return number
-            continue
-        if name is not None and current == section and re.match(
-                rf"^[\"']?{re.escape(name)}[\"']?\s*=", stripped):
+            current = _dotted(header.group(1))
+            full = current
+        else:
+            assignment = re.match(r"^([A-Za-z0-9_.\"' -]+?)\s*=", stripped)
+            if not assignment:
+                continue
+            key = _dotted(assignment.group(1))
+            full = f"{current}.{key}" if current else key
+        if full == target or full.startswith(target + "."):
             return number
     return None
 
@@ -300,11 +310,11 @@ def parse(text: str, path: str) -> Config:
         if section not in by_section:
             expected = ", ".join(f"[{s}]" for s in by_section)
             raise ConfigError(path, f"unknown section; expected one of {expected}",
-                              line=_key_line(text, section, None) or _key_line(text, "", section),
+                              line=_key_line(text, section, None),
                               key=section)
         if not isinstance(table, dict):
-            raise ConfigError(path, "expected a [section] table", line=_key_line(text, "", section),
-                              key=section)
+            raise ConfigError(path, "expected a [section] table",
+                              line=_key_line(text, section, None), key=section)
         for name, value in table.items():
             key = by_section[section].get(name)
             if key is None:

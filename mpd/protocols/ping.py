@@ -20,7 +20,8 @@ class PingProtocol:
 
     def feed(self, buf: bytearray, data: bytes) -> tuple[bytes, int, int | None]:
         # Fast path: nothing pending and `data` is exactly one plain frame (the usual ping).
-        if not buf and data and data[0] != KEY_FRAME and data.find(0) == len(data) - 1:
+        if (not buf and data and data[0] != KEY_FRAME and data.find(0) == len(data) - 1
+                and len(data) <= MAX_FRAME):
             return REPLY, 1, None
         buf += data
         frames = 0
