@@ -30,6 +30,8 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "config.reloaded": ("info", "master", "SIGHUP or mpdctl reload applied: path, workers"),
     "config.reload_failed": ("error", "master", "reload refused, nothing changed: error"),
     "worker.spawned": ("info", "master", "forked a worker: worker_pid, worker_slot, restarts"),
+    "worker.spawn_failed": ("error", "master", "fork or socketpair failed (EAGAIN, ENOMEM, "
+                            "EMFILE); retried with back-off: worker_slot, error"),
     "worker.serving": ("info", "worker", "the worker's loop runs: max_clients"),
     "worker.ready": ("info", "master", "the worker said HELLO: worker_pid, worker_slot, "
                      "boot_ms"),

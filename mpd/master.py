@@ -177,8 +177,18 @@ class Master:
     # --- workers ----------------------------------------------------------------------------
 
     def spawn_worker(self, slot: int) -> None:
-        master_end, worker_end = Channel.pair()
-        pid = os.fork()
+        try:
+            master_end, worker_end = Channel.pair()
+        except OSError as e:
+            self.spawn_failed(slot, e)
+            return
+        try:
+            pid = os.fork()
+        except OSError as e:  # EAGAIN/ENOMEM: out of processes or memory; try again later
+            master_end.close()
+            worker_end.close()
+            self.spawn_failed(slot, e)
+            return
         if pid == 0:  # the child: never returns into the master's code
             code = EXIT_BOOT_ERROR
             try:
@@ -196,6 +206,10 @@ class Master:
         history.respawn_at = 0.0
         self.selector.register(worker.channel, selectors.EVENT_READ, self.channel_reader(worker))
         log.info("worker.spawned", worker_pid=pid, worker_slot=slot, restarts=history.restarts)
+
+    def spawn_failed(self, slot: int, error: OSError) -> None:
+        log.error("worker.spawn_failed", worker_slot=slot, error=error.strerror)
+        self.schedule_respawn(slot, uptime=0.0)
 
     def become_worker(self, slot: int, worker_end: socket.socket) -> int:
         """In the forked child: drop the master's state, then run the worker loop."""
@@ -391,7 +405,7 @@ class Master:
             uptime = time.monotonic() - worker.started
             how: dict[str, Any] = {}
             if os.WIFSIGNALED(status):
-                how["signal"] = signal.Signals(os.WTERMSIG(status)).name
+                how["signal"] = signal_name(os.WTERMSIG(status))
             else:
                 how["exit_code"] = os.WEXITSTATUS(status)
             expected = worker.state == "stopping" or self.state == "stopping"
@@ -521,3 +535,10 @@ class Master:
         for worker in self.workers.values():
             self.retire(worker)
             self.kill(worker)
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal has no name in the enum
+        return f"SIG{number}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import signal
 import time
 
 from conftest import PING, REPLY, fd_count, recv_exact, wait_until
@@ -35,3 +37,23 @@ def test_emfile_pauses_accepting_without_spinning_and_loses_no_client(mpd_factor
     for sock in clients:
         sock.close()
     wait_until(lambda: server.events("worker.accept_paused", reason="EMFILE"), what="logged")
+
+
+def test_a_failed_spawn_is_retried_and_the_master_survives(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1}})
+    worker = server.wait_workers(1)[0]
+    soft, hard = resource.prlimit(server.pid, resource.RLIMIT_NOFILE)
+    # No fd left for the next worker's channel: its socketpair fails with EMFILE.
+    resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (fd_count(server.pid), hard))
+    try:
+        os.kill(worker, signal.SIGKILL)
+        failed = server.wait_event("worker.spawn_failed")
+        assert failed["worker_slot"] == 0 and "Too many open files" in failed["error"]
+        server.wait_event("worker.backoff", worker_slot=0)
+    finally:
+        resource.prlimit(server.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    new = server.wait_event("worker.spawned", worker_slot=0, count=2, timeout=30)
+    server.wait_event("worker.ready", worker_pid=new["worker_pid"])
+    with server.connect() as sock:
+        sock.sendall(PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
