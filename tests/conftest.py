@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -189,3 +190,42 @@ def mpd_factory(tmp_path: Path) -> Iterator[Callable[..., Mpd]]:
     yield start
     for server in started:
         server.stop()
+
+
+# --- the seed's C++ clients -----------------------------------------------------------------
+
+SEED = Path(os.environ.get("MPD_SEED", "/work/shared/seed/000_9156ad83d542a1c1.txt"))
+
+
+def seed_program(name: str, seed: Path = SEED) -> str:
+    """The C++ source of `name` (mpclient, mpclient2, ...) from the seed article, where each
+    code line is prefixed with "- ": from the line "- // NAME —— ..." up to the last code
+    line before the article's text resumes."""
+    lines = seed.read_text(encoding="utf-8").splitlines()
+    start = next((i for i, line in enumerate(lines)
+                  if line.startswith(f"- // {name} ") and "——" in line), None)
+    if start is None:
+        raise LookupError(f"no program {name!r} in {seed}")
+    code = []
+    for line in lines[start:]:
+        if not line.startswith("- "):
+            break
+        code.append(line[2:])
+    return "\n".join(code) + "\n"
+
+
+def build_seed_client(name: str, dest_dir: Path) -> Path:
+    """Compile the seed's program `name` with g++ into dest_dir and return the binary.
+    Skips the calling test when g++ or the seed is missing."""
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is not installed: cannot build the seed's C++ client")
+    if not SEED.exists():
+        pytest.skip(f"the seed article {SEED} is not here (set MPD_SEED)")
+    source = dest_dir / f"{name}.cpp"
+    source.write_text(seed_program(name), encoding="utf-8")
+    binary = dest_dir / name
+    built = subprocess.run([gxx, "-O2", "-o", str(binary), str(source)],
+                           capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, f"g++ failed on the seed's {name}:\n{built.stderr}"
+    return binary

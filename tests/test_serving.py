@@ -1,0 +1,290 @@
+"""Serving, end to end: the real mpd in its own process tree, real TCP clients, real
+signals. Each test is one scenario a user or a misbehaving client would cause."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import os
+import select
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import termios
+import time
+
+import pytest
+from conftest import PING, REPLY, build_seed_client, children, pid_alive, ping, recv_exact
+
+from mpd.protocols.ping import MAX_FRAME
+
+CLOSED = (ConnectionResetError, BrokenPipeError)
+
+
+def ping_swarm(port: int, clients: int, pings: int, timeout: float = 20.0,
+               connects_per_round: int = 10) -> list[socket.socket]:
+    """`clients` concurrent connections, each doing `pings` round trips (send one ping, wait
+    for its whole reply, send the next), driven by one selector loop. New clients keep
+    arriving, `connects_per_round` per loop turn, while the earlier ones are pinging, as
+    on a live server. Returns the sockets, still open. Fails on a wrong reply, an early
+    close, or the deadline."""
+    sel = selectors.DefaultSelector()
+    socks: list[socket.socket] = []
+    done: dict[socket.socket, int] = {}
+    pending: dict[socket.socket, bytes] = {}
+    deadline = time.monotonic() + timeout
+    unfinished = clients
+    while unfinished:
+        assert time.monotonic() < deadline, f"{unfinished} clients unfinished after {timeout}s"
+        for _ in range(min(connects_per_round, clients - len(socks))):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ)
+            socks.append(sock)
+            done[sock], pending[sock] = 0, b""
+            sock.sendall(PING)
+        for key, _ in sel.select(1.0):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            data = sock.recv(4096)
+            assert data, f"closed by mpd after {done[sock]} replies"
+            pending[sock] += data
+            while len(pending[sock]) >= len(REPLY):
+                assert pending[sock][:len(REPLY)] == REPLY
+                pending[sock] = pending[sock][len(REPLY):]
+                done[sock] += 1
+                assert done[sock] <= pings, "more replies than pings"
+                if done[sock] < pings:
+                    sock.sendall(PING)
+                else:
+                    sel.unregister(sock)
+                    unfinished -= 1
+    sel.close()
+    assert len(socks) == clients
+    assert all(n == pings for n in done.values()) and not any(pending.values())
+    for sock in socks:
+        sock.setblocking(True)
+        sock.settimeout(5)
+    return socks
+
+
+def sees_eof(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """True when mpd closed `sock`: recv gives b"" (FIN) or ECONNRESET, within `timeout`."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def unread(sock: socket.socket) -> int:
+    """Bytes waiting in the socket's receive queue (FIONREAD), without reading them."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+# --- load and balance ---------------------------------------------------------------------------
+
+def test_200_concurrent_clients_are_served_by_both_workers(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2}, "log": {"level": "debug"}})
+    workers = server.wait_workers(2)
+    socks = ping_swarm(server.port, clients=200, pings=50)
+    try:
+        server.wait_event("client.accepted", count=200)
+        spread = collections.Counter(e["pid"] for e in server.events("client.accepted"))
+        print(f"client.accepted by worker pid: {dict(spread)}")
+        assert sum(spread.values()) == 200
+        assert set(spread) == set(workers), f"accepts by {spread}, workers are {workers}"
+        assert all(spread[pid] >= 1 for pid in workers)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+# --- limits ----------------------------------------------------------------------------------
+
+def test_max_clients_is_enforced_and_accepting_resumes(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1, "max_clients": 5}})
+    first = [server.connect() for _ in range(5)]
+    for sock in first:
+        ping(sock)
+    paused = server.wait_event("worker.accept_paused", reason="max_clients")
+    assert paused["max_clients"] == 5 and paused["clients"] == 5
+
+    sixth = server.connect()  # the kernel completes the handshake; no worker accepts it
+    sixth.sendall(PING)
+    sixth.settimeout(0.5)  # the bounded negative check
+    with pytest.raises(socket.timeout):
+        sixth.recv(len(REPLY))
+    for sock in first:  # the five are still served while the sixth waits
+        ping(sock)
+
+    first.pop().close()
+    sixth.settimeout(5)
+    assert recv_exact(sixth, len(REPLY)) == REPLY
+    ping(sixth)
+    for sock in [*first, sixth]:
+        ping(sock)
+        sock.close()
+
+
+# --- misbehaving clients ---------------------------------------------------------------------
+
+def test_an_oversized_frame_closes_that_client_only(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1}})
+    other = server.connect()
+    ping(other)
+    garbage = (bytes(range(1, 256)) * 300)[:MAX_FRAME + 4096]  # no NUL: one endless frame
+    assert 0 not in garbage
+    bad = server.connect()
+    with contextlib.suppress(*CLOSED):  # mpd may close it before the last bytes are out
+        bad.sendall(garbage)
+    assert sees_eof(bad)
+    event = server.wait_event("client.protocol_error")
+    assert "NUL" in event["error"]
+    ping(other)  # same worker, still serving
+    with server.connect() as late:
+        ping(late)
+    other.close()
+    bad.close()
+
+
+def test_a_client_that_never_reads_does_not_slow_the_others(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1, "max_output_buffer": 1024}})
+    other = server.connect()
+    ping(other)
+    flooder = server.connect()
+    flooder.setblocking(False)
+    burst = PING * 200  # 200 pings per send; it never calls recv
+    sent = 0
+    broken: OSError | None = None
+
+    def flood() -> None:
+        nonlocal sent, broken
+        if broken is None:
+            try:
+                sent += flooder.send(burst)
+            except BlockingIOError:  # mpd is behind on reading it: wait until it reads
+                select.select([], [flooder], [], 0.01)
+            except CLOSED as e:
+                broken = e
+
+    # Flood until the flooder's own receive queue holds replies it never reads...
+    deadline = time.monotonic() + 10
+    while broken is None and unread(flooder) < 32768:
+        assert time.monotonic() < deadline, "mpd's replies never piled up at the flooder"
+        flood()
+    assert broken is None, f"flooder closed before its replies piled up: {broken!r}"
+    # ...then keep flooding while the other client does its 200 pings, one burst per ping.
+    during = 0
+    started = time.monotonic()
+    for _ in range(200):
+        flood()
+        was_flooding = broken is None and unread(flooder) >= 32768
+        ping(other)  # socket timeout 5 s: a stalled worker fails here
+        during += was_flooding
+    took = time.monotonic() - started
+    # Flood on until mpd cuts the flooder off.
+    deadline = time.monotonic() + 20
+    while broken is None:
+        assert time.monotonic() < deadline, f"flooder still connected after {sent} bytes"
+        flood()
+    print(f"200 pings in {took:.3f}s, {during} of them while the flooder held >= 32 KiB "
+          f"of unread replies; flooder cut off after sending {sent} bytes ({broken!r})")
+    assert during >= 1
+    overflow = server.wait_event("client.overflow")
+    assert overflow["max_output_buffer"] == 1024 and overflow["buffered"] > 1024
+    for _ in range(10):
+        ping(other)
+    other.close()
+    flooder.close()
+
+
+# --- stopping ------------------------------------------------------------------------------
+
+def test_sigterm_with_idle_clients_exits_0_and_leaves_no_process(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2, "graceful_timeout": 5.0}})
+    workers = server.wait_workers(2)
+    clients = ping_swarm(server.port, clients=50, pings=1)
+    started = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(timeout=5.0 + 5) == 0
+    took = time.monotonic() - started
+    assert took < 5.0, f"idle clients held the stop for {took:.2f}s"
+    assert [pid for pid in workers if pid_alive(pid)] == []
+    assert all(sees_eof(sock) for sock in clients)
+    assert server.events("mpd.stopped")
+    for sock in clients:
+        sock.close()
+
+
+def test_sigterm_waits_at_most_graceful_timeout_for_a_busy_client(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2, "graceful_timeout": 1.0}})
+    workers = server.wait_workers(2)
+    busy = server.connect()
+    ping(busy)
+    busy.sendall(b"half a pi")  # a frame in progress: not idle, so not closed at once
+    idle = ping_swarm(server.port, clients=10, pings=1)
+    started = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(timeout=1.0 + 5) == 0
+    took = time.monotonic() - started
+    assert took < 1.0 + 3, f"stop took {took:.2f}s with graceful_timeout 1.0"
+    assert [pid for pid in workers if pid_alive(pid)] == []
+    assert sees_eof(busy)
+    assert all(sees_eof(sock) for sock in idle)
+    for sock in [busy, *idle]:
+        sock.close()
+
+
+def test_single_process_mode_serves_and_stops_on_sigterm(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 0}})
+    assert children(server.pid) == []  # no workers: the one process serves
+    with server.connect() as plain:
+        for _ in range(3):
+            ping(plain)
+    keyed = server.connect()
+    keyed.sendall(b"C" + struct.pack("<i", -12345) + b"Mhello, client ping!\0" * 3)
+    assert recv_exact(keyed, 3 * len(REPLY)) == REPLY * 3
+    ping(keyed, b"Mhello, client ping!\0")
+    assert server.events("worker.serving", role="single")
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(timeout=5) == 0
+    assert sees_eof(keyed)
+    keyed.close()
+
+
+# --- the seed's own client ---------------------------------------------------------------------
+
+def test_the_seeds_mpclient_works_unchanged(mpd_factory, tmp_path):
+    mpclient = build_seed_client("mpclient", tmp_path)
+    server = mpd_factory({"workers": {"workers": 2}, "log": {"level": "debug"}})
+    proc = subprocess.Popen([str(mpclient), "127.0.0.1", str(server.port), "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    output: list[str] = []
+    try:
+        # It connects 5 clients, then pings them in turn with sleep(3) after each reply,
+        # forever: one line per client takes about 12 s. Read until 5, with a deadline.
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + 30
+        buffer = b""
+        while sum(line.startswith("recv from server:") for line in output) < 5:
+            assert time.monotonic() < deadline, f"mpclient said only: {output}"
+            assert proc.poll() is None, f"mpclient exited ({proc.returncode}): {output}"
+            if sel.select(0.5):
+                buffer += os.read(proc.stdout.fileno(), 4096)
+                *lines, buffer = buffer.split(b"\n")
+                output += [line.decode(errors="replace") for line in lines]
+        sel.close()
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+    print("\n".join(output))
+    assert output.count("connect socket success!") == 5
+    replies = [line for line in output if line.startswith("recv from server:")]
+    assert replies == ["recv from server: hello, server ping!"] * 5
+    assert len(server.events("client.accepted")) == 5
