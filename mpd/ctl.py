@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import grp
 import json
 import os
@@ -83,7 +84,9 @@ class Client:
         line = json.dumps({"version": 1, "command": command, **fields}) + "\n"
         try:
             self.sock.settimeout(max(0.05, self.deadline - time.monotonic()))
-            self.sock.sendall(line.encode())
+            # mpd may have turned us away already: then its reason waits to be read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.sock.sendall(line.encode())
             while b"\n" not in self.buf:
                 chunk = self.sock.recv(65536)
                 if not chunk:

@@ -6,17 +6,23 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
+import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+from mpd import routing
 
 REPLY = b"hello, server ping!\0"
 PING = b"hello, client ping!\0"  # what the seed's mpclient sends
@@ -214,6 +220,35 @@ def seed_program(name: str, seed: Path = SEED) -> str:
     return "\n".join(code) + "\n"
 
 
+def count_replies(output: list[str]) -> int:
+    return sum(line.startswith("recv from server:") for line in output)
+
+
+def run_seed_client(argv: list[str], done: Callable[[list[str]], bool],
+                    timeout: float) -> list[str]:
+    """Run a seed client (they loop forever) until its output lines satisfy `done`, with a
+    deadline; then kill it and return the lines."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    output: list[str] = []
+    buffer = b""
+    deadline = time.monotonic() + timeout
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while not done(output):
+                assert time.monotonic() < deadline, f"{argv[0]} said only: {output[-20:]}"
+                assert proc.poll() is None, f"{argv[0]} exited ({proc.returncode}): {output}"
+                if sel.select(0.5):
+                    buffer += os.read(proc.stdout.fileno(), 65536)
+                    *lines, buffer = buffer.split(b"\n")
+                    output += [line.decode(errors="replace") for line in lines]
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
+    return output
+
+
 def build_seed_client(name: str, dest_dir: Path) -> Path:
     """Compile the seed's program `name` with g++ into dest_dir and return the binary.
     Skips the calling test when g++ or the seed is missing."""
@@ -229,3 +264,58 @@ def build_seed_client(name: str, dest_dir: Path) -> Path:
                            capture_output=True, text=True, timeout=120)
     assert built.returncode == 0, f"g++ failed on the seed's {name}:\n{built.stderr}"
     return binary
+
+
+# --- shared by the routing, supervision and control tests ------------------------------
+
+M_PING = b"Mclient, ping message!\0"
+
+
+
+def key_frame(key: int) -> bytes:
+    return b"C" + struct.pack("<i", key)
+
+
+def keys_owned_by(slot: int, slots: tuple[int, ...], count: int, seed: int = 1) -> list[int]:
+    rng = random.Random(seed)
+    keys: list[int] = []
+    while len(keys) < count:
+        key = rng.randint(-2**31, 2**31 - 1)
+        if routing.owner(key, slots) == slot:
+            keys.append(key)
+    return keys
+
+
+def slot_pids(server) -> dict[int, int]:
+    """slot -> pid of its current worker, from the master's worker.spawned events."""
+    return {e["worker_slot"]: e["worker_pid"] for e in server.events("worker.spawned")}
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Pinger(threading.Thread):
+    """A client bound to `key` that pings until told to stop; records any failure."""
+
+    def __init__(self, port: int, key: int):
+        super().__init__(daemon=True)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.sendall(key_frame(key) + M_PING)
+        assert recv_exact(self.sock, len(REPLY)) == REPLY
+        self.halt = threading.Event()
+        self.error: Exception | None = None
+        self.count = 0
+
+    def run(self) -> None:
+        try:
+            while not self.halt.is_set():
+                self.sock.sendall(M_PING)
+                assert recv_exact(self.sock, len(REPLY)) == REPLY
+                self.count += 1
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            self.error = e
+        finally:
+            self.sock.close()

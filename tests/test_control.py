@@ -14,9 +14,7 @@ import tempfile
 import threading
 
 import pytest
-from conftest import REPLY, ROOT, children, pid_alive, recv_exact, wait_until
-from test_routing import M_PING
-from test_supervision import Pinger
+from conftest import M_PING, REPLY, ROOT, Pinger, children, pid_alive, recv_exact, wait_until
 
 from mpd import ctl
 

@@ -7,8 +7,7 @@ import resource
 import signal
 import time
 
-from conftest import PING, REPLY, fd_count, recv_exact, wait_until
-from test_supervision import cpu_seconds
+from conftest import PING, REPLY, cpu_seconds, fd_count, recv_exact, wait_until
 
 
 def test_emfile_pauses_accepting_without_spinning_and_loses_no_client(mpd_factory):

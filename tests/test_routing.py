@@ -5,35 +5,24 @@ from __future__ import annotations
 import os
 import random
 import signal
-import struct
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import REPLY, fd_count, recv_exact, wait_until
+from conftest import (
+    M_PING,
+    REPLY,
+    build_seed_client,
+    count_replies,
+    fd_count,
+    key_frame,
+    keys_owned_by,
+    recv_exact,
+    run_seed_client,
+    slot_pids,
+    wait_until,
+)
 
 from mpd import routing
 from mpd.protocols.ping import REFUSAL
-
-M_PING = b"Mclient, ping message!\0"
-
-
-def key_frame(key: int) -> bytes:
-    return b"C" + struct.pack("<i", key)
-
-
-def keys_owned_by(slot: int, slots: tuple[int, ...], count: int, seed: int = 1) -> list[int]:
-    rng = random.Random(seed)
-    keys: list[int] = []
-    while len(keys) < count:
-        key = rng.randint(-2**31, 2**31 - 1)
-        if routing.owner(key, slots) == slot:
-            keys.append(key)
-    return keys
-
-
-def slot_pids(server) -> dict[int, int]:
-    """slot -> pid of its current worker, from the master's worker.spawned events."""
-    return {e["worker_slot"]: e["worker_pid"] for e in server.events("worker.spawned")}
-
 
 # --- rendezvous hashing ---------------------------------------------------------------------
 
@@ -193,3 +182,18 @@ def test_handoff_to_a_respawning_slot_waits_for_it(mpd_factory):
         assert recv_exact(sock, len(REPLY)) == REPLY
     new_pid = server.wait_event("worker.spawned", worker_slot=1, count=2)["worker_pid"]
     assert server.wait_event("fd.dispatched", key=key)["to_pid"] == new_pid
+
+
+def test_the_seeds_mpclient2_with_100_clients_against_4_workers(mpd_factory, tmp_path):
+    mpclient2 = build_seed_client("mpclient2", tmp_path)
+    server = mpd_factory({"workers": {"workers": 4}})
+    # 100 clients, each `C` + rand() key, then `M` pings in turn, 1 ms apart. One round
+    # of 100 replies means every client was answered; two rounds, that they go on.
+    output = run_seed_client([str(mpclient2), "127.0.0.1", str(server.port), "100", "1"],
+                             lambda out: count_replies(out) >= 200, timeout=60)
+    assert output.count("connect socket success!") == 100
+    replies = [line for line in output if line.startswith("recv from server:")]
+    assert set(replies) == {"recv from server: hello, server ping!"}
+    dispatched = server.wait_event("fd.dispatched", count=50)  # about 3 in 4 are handed off
+    assert dispatched["to_slot"] == routing.owner(dispatched["key"], (0, 1, 2, 3))
+    assert all(e["key"] >= 0 for e in server.events("fd.dispatched"))  # glibc rand()

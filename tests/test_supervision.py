@@ -5,19 +5,22 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
-import threading
 import time
 from datetime import datetime
 
-from conftest import REPLY, fd_count, pid_alive, recv_exact, wait_until
-from test_routing import M_PING, key_frame, keys_owned_by, slot_pids
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from conftest import (
+    M_PING,
+    REPLY,
+    Pinger,
+    cpu_seconds,
+    fd_count,
+    key_frame,
+    keys_owned_by,
+    pid_alive,
+    recv_exact,
+    slot_pids,
+    wait_until,
+)
 
 
 def ts(event: dict) -> float:
@@ -36,30 +39,6 @@ def zombies_of(pid: int) -> list[int]:
             if fields[0] == "Z" and int(fields[1]) == pid:
                 out.append(int(entry))
     return out
-
-
-class Pinger(threading.Thread):
-    """A client bound to `key` that pings until told to stop; records any failure."""
-
-    def __init__(self, port: int, key: int):
-        super().__init__(daemon=True)
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.sendall(key_frame(key) + M_PING)
-        assert recv_exact(self.sock, len(REPLY)) == REPLY
-        self.halt = threading.Event()
-        self.error: Exception | None = None
-        self.count = 0
-
-    def run(self) -> None:
-        try:
-            while not self.halt.is_set():
-                self.sock.sendall(M_PING)
-                assert recv_exact(self.sock, len(REPLY)) == REPLY
-                self.count += 1
-        except Exception as e:  # noqa: BLE001 - the test reads it
-            self.error = e
-        finally:
-            self.sock.close()
 
 
 def test_sigkill_of_a_worker_spares_the_other_workers_clients(mpd_factory):
