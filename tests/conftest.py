@@ -319,3 +319,31 @@ class Pinger(threading.Thread):
             self.error = e
         finally:
             self.sock.close()
+
+
+class Pingers:
+    """A crowd of Pinger threads, one per key, started together."""
+
+    def __init__(self, port: int, keys: list[int]):
+        self.all = [Pinger(port, key) for key in keys]
+        for p in self.all:
+            p.start()
+
+    def wait_progress(self, what: str, timeout: float = 30) -> None:
+        """Wait until every one of them has pinged again since now."""
+        marks = [p.count for p in self.all]
+        wait_until(lambda: all(p.count > c for p, c in zip(self.all, marks)), timeout,
+                   what=what)
+
+    def stop(self) -> list[Exception | None]:
+        """Stop them all; their errors, in order (None for a client that saw none)."""
+        for p in self.all:
+            p.halt.set()
+        for p in self.all:
+            p.join(10)
+        return [p.error for p in self.all]
+
+
+def random_keys(count: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(-2**31, 2**31 - 1) for _ in range(count)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -14,7 +13,17 @@ import tempfile
 import threading
 
 import pytest
-from conftest import M_PING, REPLY, ROOT, Pinger, children, pid_alive, recv_exact, wait_until
+from conftest import (
+    M_PING,
+    REPLY,
+    ROOT,
+    Pingers,
+    children,
+    pid_alive,
+    random_keys,
+    recv_exact,
+    wait_until,
+)
 
 from mpd import ctl
 
@@ -81,27 +90,16 @@ def test_status_tells_the_truth(mpd_factory):
 def test_scale_to_30_and_back_to_2_under_load_drops_nothing(mpd_factory):
     server = mpd_factory({"workers": {"workers": 2}})
     server.wait_workers(2)
-    rng = random.Random(5)
-    pingers = [Pinger(server.port, rng.randint(-2**31, 2**31 - 1)) for _ in range(200)]
-    for p in pingers:
-        p.start()
+    pingers = Pingers(server.port, random_keys(200, seed=5))
     up = mpdctl(server, "scale", "30")
     assert up.returncode == 0, up.stderr
     assert len(server.worker_pids()) == 30
-    marks = [p.count for p in pingers]
-    wait_until(lambda: all(p.count > c for p, c in zip(pingers, marks)), timeout=30,
-               what="every client pinging with 30 workers")
+    pingers.wait_progress("every client pinging with 30 workers")
     down = mpdctl(server, "scale", "2")
     assert down.returncode == 0, down.stderr
     assert len(server.worker_pids()) == 2
-    marks = [p.count for p in pingers]
-    wait_until(lambda: all(p.count > c for p, c in zip(pingers, marks)), timeout=30,
-               what="every client pinging with 2 workers again")
-    for p in pingers:
-        p.halt.set()
-    for p in pingers:
-        p.join(10)
-    assert [p.error for p in pingers] == [None] * 200
+    pingers.wait_progress("every client pinging with 2 workers again")
+    assert pingers.stop() == [None] * 200
     assert len(server.events("worker.draining")) == 28
 
 

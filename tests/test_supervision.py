@@ -11,12 +11,13 @@ from datetime import datetime
 from conftest import (
     M_PING,
     REPLY,
-    Pinger,
+    Pingers,
     cpu_seconds,
     fd_count,
     key_frame,
     keys_owned_by,
     pid_alive,
+    random_keys,
     recv_exact,
     slot_pids,
     wait_until,
@@ -45,26 +46,18 @@ def test_sigkill_of_a_worker_spares_the_other_workers_clients(mpd_factory):
     server = mpd_factory({"workers": {"workers": 2}})
     server.wait_workers(2)
     victim = slot_pids(server)[1]
-    pingers = [Pinger(server.port, k) for k in keys_owned_by(0, (0, 1), 50, seed=2)]
-    doomed = [Pinger(server.port, k) for k in keys_owned_by(1, (0, 1), 50, seed=3)]
-    for p in pingers + doomed:
-        p.start()
-    wait_until(lambda: all(p.count > 3 for p in pingers), what="pings flowing")
+    pingers = Pingers(server.port, keys_owned_by(0, (0, 1), 50, seed=2))
+    doomed = Pingers(server.port, keys_owned_by(1, (0, 1), 50, seed=3))
+    pingers.wait_progress("pings flowing")
     os.kill(victim, signal.SIGKILL)
     exited = server.wait_event("worker.exited", worker_pid=victim)
     assert exited["signal"] == "SIGKILL"
     new_pid = server.wait_event("worker.spawned", worker_slot=1, count=2)["worker_pid"]
     ready = server.wait_event("worker.ready", worker_pid=new_pid)
     assert ts(ready) - ts(exited) < 1.0  # the slot serves again within a second
-    counts = [p.count for p in pingers]
-    wait_until(lambda: all(p.count > c + 3 for p, c in zip(pingers, counts)),
-               what="slot 0's clients still pinging")
-    for p in pingers + doomed:
-        p.halt.set()
-    for p in pingers + doomed:
-        p.join(10)
-    assert [p.error for p in pingers] == [None] * 50
-    assert all(p.error is not None for p in doomed)  # they were the dead worker's
+    pingers.wait_progress("slot 0's clients still pinging")
+    assert pingers.stop() == [None] * 50
+    assert None not in doomed.stop()  # they were the dead worker's
     with server.connect() as sock:  # and slot 1 serves new clients
         sock.sendall(key_frame(keys_owned_by(1, (0, 1), 1, seed=9)[0]) + M_PING)
         assert recv_exact(sock, len(REPLY)) == REPLY
@@ -228,10 +221,7 @@ def test_reload_refuses_a_change_of_port(mpd_factory):
 def test_reload_changes_the_worker_count_without_dropping_clients(mpd_factory):
     server = mpd_factory({"workers": {"workers": 2}})
     server.wait_workers(2)
-    rng = random.Random(1)
-    pingers = [Pinger(server.port, rng.randint(-2**31, 2**31 - 1)) for _ in range(40)]
-    for p in pingers:
-        p.start()
+    pingers = Pingers(server.port, random_keys(40, seed=1))
     for count in (4, 1, 3):
         settings = dict(server.settings)
         settings["workers"] = {"workers": count}
@@ -239,14 +229,8 @@ def test_reload_changes_the_worker_count_without_dropping_clients(mpd_factory):
         server.signal(signal.SIGHUP)
         server.wait_event("config.reloaded", workers=count)
         server.wait_workers(count, timeout=15)
-        marks = [p.count for p in pingers]
-        wait_until(lambda m=marks: all(p.count > c for p, c in zip(pingers, m)),
-                   what=f"every client pinging with {count} workers")
-    for p in pingers:
-        p.halt.set()
-    for p in pingers:
-        p.join(10)
-    assert [p.error for p in pingers] == [None] * 40
+        pingers.wait_progress(f"every client pinging with {count} workers")
+    assert pingers.stop() == [None] * 40
 
 
 def signal_in_order(pid: int, sig: int) -> None:
@@ -280,9 +264,7 @@ def test_chaos_random_kills_leave_a_clean_tree(mpd_factory):
     server.wait_workers(3)
     base_fds = fd_count(server.pid)
     rng = random.Random(42)
-    pingers = [Pinger(server.port, k) for k in keys_owned_by(0, (0, 1, 2), 5)]
-    for p in pingers:
-        p.start()
+    pingers = Pingers(server.port, keys_owned_by(0, (0, 1, 2), 5))
     deadline = time.monotonic() + float(os.environ.get("MPD_CHAOS_SECONDS", "30"))
     kills = 0
     while time.monotonic() < deadline:
@@ -294,8 +276,7 @@ def test_chaos_random_kills_leave_a_clean_tree(mpd_factory):
             except ProcessLookupError:
                 pass
         time.sleep(rng.uniform(0.1, 0.4))  # the chaos pace, not a wait for a condition
-    for p in pingers:
-        p.halt.set()
+    pingers.stop()  # their slot was killed too: errors expected
     assert kills > 2 * float(os.environ.get("MPD_CHAOS_SECONDS", "30"))
     assert pid_alive(server.pid)
     workers = server.wait_workers(3, timeout=60)
