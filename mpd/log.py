@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import syslog
+import time
+from datetime import datetime, timezone
 from typing import Any
 
 import structlog
@@ -26,12 +28,26 @@ def set_role(role: str, slot: int | None = None) -> None:
     _identity.update(pid=os.getpid(), role=role, slot=slot)
 
 
+def _timestamp() -> str:
+    """UTC, ISO 8601 with microseconds and a Z."""
+    return datetime.fromtimestamp(time.time(), timezone.utc).isoformat()[:-6] + "Z"
+
+
 def _order_fields(_logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
-    """Put the fields every event has first, in a fixed order, then the event's own."""
-    head = {"ts": event.pop("timestamp"), "level": method if method != "warn" else "warning",
+    """Stamp the time and put the fields every event has first, in a fixed order, then
+    the event's own."""
+    head = {"ts": _timestamp(), "level": method if method != "warn" else "warning",
             "event": event.pop("event"), **_identity}
     head.update(event)
     return head
+
+
+# One encoder for every line: json.dumps(..., default=...) would build a new one per call.
+_JSON = json.JSONEncoder(default=repr, ensure_ascii=False)
+
+
+def _render_json(_logger: Any, _method: str, event: dict[str, Any]) -> str:
+    return _JSON.encode(event)
 
 
 PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2,
@@ -127,10 +143,7 @@ def configure(level: str = "info", fmt: str = "json", target: str = "stdout",
     """(Re)configure logging; called again on reload (a log file is then reopened)."""
     _current["level"] = LEVELS[level]
     renderer: Any
-    if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
-    else:
-        renderer = structlog.processors.JSONRenderer()
+    renderer = structlog.dev.ConsoleRenderer(colors=False) if fmt == "console" else _render_json
 
     def render(logger: Any, method: str, event: dict[str, Any]) -> Any:
         # The writer gets the line and the fields: journald and syslog want both.
@@ -141,16 +154,16 @@ def configure(level: str = "info", fmt: str = "json", target: str = "stdout",
         old.close()
     _writer[:] = [writer]
     structlog.configure(
-        processors=[
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
-            structlog.processors.format_exc_info,
-            _order_fields,
-            render,
-        ],
+        processors=[structlog.processors.format_exc_info, _order_fields, render],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         logger_factory=lambda *_: writer,
-        cache_logger_on_first_use=False,
     )
+    # Point the shared facade at a concrete bound logger for this configuration: no lazy
+    # proxy to rebuild on every call, and a reload takes effect everywhere at once.
+    bound = structlog.get_config()["wrapper_class"](
+        writer, processors=structlog.get_config()["processors"], context={})
+    for name in ("debug", "info", "warning", "error", "exception", "log"):
+        setattr(_facade, name, getattr(bound, name))
 
 
 def forget_writer() -> None:
@@ -164,8 +177,24 @@ def configure_from(config: Any) -> None:
     configure(config.log_level, config.log_format, config.log_target, config.log_file)
 
 
+class _Facade:
+    """What every module logs through (`log = get_logger()` at import time). configure()
+    rebinds its methods to the current logger's."""
+
+    def __init__(self) -> None:
+        self.debug = self.info = self.warning = self.error = self.exception = self._unset
+        self.log = self._unset
+
+    @staticmethod
+    def _unset(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("mpd.log.configure() was not called")
+
+
+_facade = _Facade()
+
+
 def get_logger() -> Any:
-    return structlog.get_logger()
+    return _facade
 
 
 def enabled(level: str) -> bool:
