@@ -1,14 +1,16 @@
 """The master <-> worker channel: an AF_UNIX SOCK_SEQPACKET socketpair per worker.
 
 One message per datagram (so no framing, and an fd travels with its message):
-    header  <BBH  version, type, length of the JSON meta
-    meta    JSON object (the message's fields)
+    header  <BBH  version, type, length of the meta
+    meta    the message's fields: a JSON object, except for HANDOFF and ADOPT, which
+            travel once per hand-off and so use a fixed binary layout (HANDOFF_META)
     raw     optional bytes (the client bytes a HANDOFF/ADOPT carries)
 Both ends are non-blocking. A send that meets EAGAIN is queued, fds held open, until the
 socket is writable again; so neither side ever blocks on or dies of a slow peer."""
 
 from __future__ import annotations
 
+import array
 import contextlib
 import enum
 import errno
@@ -26,6 +28,10 @@ HEADER = struct.Struct("<BBH")
 MAX_MESSAGE = 128 * 1024  # bytes in one datagram; fits the default unix socket buffer
 MAX_FDS = 4  # fds one message may carry
 MAX_QUEUE = 100_000  # queued messages before the peer counts as gone
+
+# HANDOFF/ADOPT meta: has_key, key, from_slot (-1: none), from_pid (0: none), sent_ns.
+HANDOFF_META = struct.Struct("<?iiiQ")
+FD_SIZE = array.array("i").itemsize
 
 log = get_logger()
 
@@ -56,7 +62,15 @@ class ChannelClosed(Exception):
 
 
 def encode(kind: Kind, meta: dict[str, Any] | None = None, raw: bytes = b"") -> bytes:
-    body = json.dumps(meta or {}, separators=(",", ":")).encode()
+    meta = meta or {}
+    if kind is Kind.HANDOFF or kind is Kind.ADOPT:
+        key = meta.get("key")
+        from_slot = meta.get("from_slot")
+        body = HANDOFF_META.pack(key is not None, key or 0,
+                                 -1 if from_slot is None else from_slot,
+                                 meta.get("from_pid") or 0, meta.get("sent_ns") or 0)
+    else:
+        body = json.dumps(meta, separators=(",", ":")).encode()
     data = HEADER.pack(VERSION, kind, len(body)) + body + raw
     if len(data) > MAX_MESSAGE:
         raise ValueError(f"channel message of {len(data)} bytes is over {MAX_MESSAGE}")
@@ -77,12 +91,22 @@ def decode(data: bytes, fds: list[int]) -> Message:
     end = HEADER.size + meta_len
     if end > len(data):
         raise ValueError("meta length past the end of the message")
-    try:
-        meta = json.loads(data[HEADER.size:end])
-    except ValueError as e:
-        raise ValueError(f"bad JSON meta: {e}") from None
-    if not isinstance(meta, dict):
-        raise ValueError("meta is not a JSON object")
+    if kind is Kind.HANDOFF or kind is Kind.ADOPT:
+        if meta_len != HANDOFF_META.size:
+            raise ValueError(f"{kind.name} meta of {meta_len} bytes, expected "
+                             f"{HANDOFF_META.size}")
+        has_key, key, from_slot, from_pid, sent_ns = HANDOFF_META.unpack_from(data,
+                                                                              HEADER.size)
+        meta = {"key": key if has_key else None,
+                "from_slot": None if from_slot < 0 else from_slot,
+                "from_pid": from_pid or None, "sent_ns": sent_ns or None}
+    else:
+        try:
+            meta = json.loads(data[HEADER.size:end])
+        except ValueError as e:
+            raise ValueError(f"bad JSON meta: {e}") from None
+        if not isinstance(meta, dict):
+            raise ValueError("meta is not a JSON object")
     return Message(kind, meta, data[end:], fds)
 
 
@@ -100,6 +124,10 @@ class Channel:
         self.sock = sock
         self.peer = peer  # for log lines: "master" or "slot 3"
         self.queue: deque[tuple[bytes, list[int]]] = deque()
+        # One receive buffer for the channel's life: recv_fds() would allocate (and,
+        # at this size, mmap) MAX_MESSAGE bytes on every call.
+        self.buffer = bytearray(MAX_MESSAGE)
+        self.view = memoryview(self.buffer)
 
     @staticmethod
     def pair() -> tuple[socket.socket, socket.socket]:
@@ -161,11 +189,20 @@ class Channel:
         out: list[Message] = []
         for _ in range(limit):
             try:
-                data, fds, flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, MAX_FDS)
+                size, ancillary, flags, _addr = self.sock.recvmsg_into(
+                    [self.buffer], socket.CMSG_SPACE(MAX_FDS * FD_SIZE),
+                    socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as e:
                 raise ChannelClosed(f"{self.peer}: receive failed: {e.strerror}") from None
+            data = bytes(self.view[:size])
+            fds: list[int] = []
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds_array = array.array("i")
+                    fds_array.frombytes(payload[:len(payload) - len(payload) % FD_SIZE])
+                    fds += fds_array
             if not data and not fds:
                 if out:  # deliver what came before the EOF; the next call reports it
                     break

@@ -319,7 +319,9 @@ class Worker:
             log.error("channel.error", error="ADOPT without exactly one fd and a valid key")
             return
         try:
-            sock = socket.socket(fileno=message.fds[0])
+            # Family and type given: no getsockopt() calls to detect them.
+            sock = socket.socket(self.listener.family, socket.SOCK_STREAM, 0,
+                                 fileno=message.fds[0])
         except OSError as e:
             close_fds(message.fds)
             log.error("channel.error", error=f"ADOPT fd unusable: {e.strerror}")

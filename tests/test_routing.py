@@ -197,3 +197,11 @@ def test_the_seeds_mpclient2_with_100_clients_against_4_workers(mpd_factory, tmp
     dispatched = server.wait_event("fd.dispatched", count=50)  # about 3 in 4 are handed off
     assert dispatched["to_slot"] == routing.owner(dispatched["key"], (0, 1, 2, 3))
     assert all(e["key"] >= 0 for e in server.events("fd.dispatched"))  # glibc rand()
+
+
+def test_the_inlined_owner_agrees_with_the_ranking():
+    rng = random.Random(12)
+    for slots in [(0,), (0, 1), (0, 1, 2, 3), tuple(range(30))]:
+        for _ in range(2000):
+            key = rng.randint(-2**31, 2**31 - 1)
+            assert routing.owner(key, slots) == routing.ranking(key, slots)[0]
