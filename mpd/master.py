@@ -30,6 +30,7 @@ PR_SET_PDEATHSIG = 1
 STABLE_AFTER = 5.0  # seconds a worker must live before its slot's crash count resets
 BACKOFF_FIRST = 0.1  # seconds before the second quick respawn; doubles after each
 KILL_WAIT = 5.0  # seconds to reap SIGKILLed workers before exiting regardless
+SPAWN_BATCH = 8  # forks per loop turn (each costs a few ms of the master's time)
 HOLD_TIMEOUT = 1.0  # seconds a hand-off waits for its owner's respawn before a fallback
 HOLD_MAX = 30.0  # seconds a hand-off may wait when no worker at all can take it
 STATUS_EVERY = 1.0  # seconds between systemd STATUS= updates, at most
@@ -90,6 +91,7 @@ class Master:
         self.notifier = Notifier()
         self.next_watchdog = 0.0
         self.next_status = 0.0
+        self.spawn_pending = False  # more slots to fill than one turn spawned
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -126,6 +128,8 @@ class Master:
     def timeout(self) -> float:
         """Seconds until the next timed duty: a respawn, a heartbeat check, a deadline."""
         now = time.monotonic()
+        if self.spawn_pending:
+            return 0.0
         due = [now + 1.0]
         due += [h.respawn_at for h in self.history.values() if h.respawn_at]
         due += [d for d in (self.stop_deadline, self.kill_deadline) if d]
@@ -444,20 +448,29 @@ class Master:
             self.state = "stopped"
 
     def manage_workers(self) -> None:
-        """Top up: spawn every wanted slot that has no worker and whose back-off is over."""
+        """Top up: spawn wanted slots that have no worker and whose back-off is over, at
+        most SPAWN_BATCH per turn, so that a big scale-up never stalls hand-offs."""
+        self.spawn_pending = False
         if self.state == "stopping":
             if not self.workers:
                 self.state = "stopped"
             return
+        if len(self.serving) >= self.target:
+            return
         now = time.monotonic()
+        spawned = 0
         for slot in range(self.target):
             if slot in self.serving:
                 continue
             history = self.history.get(slot)
             if history is None or history.respawn_at <= now:
+                if spawned == SPAWN_BATCH:
+                    self.spawn_pending = True  # the loop comes back at once
+                    return
                 if history is not None and history.restarts:
                     log.info("worker.respawned", worker_slot=slot, restarts=history.restarts)
                 self.spawn_worker(slot)
+                spawned += 1
 
     def kill(self, worker: WorkerProc) -> None:
         with contextlib.suppress(ProcessLookupError):
