@@ -28,6 +28,7 @@ ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE/ENFILE/ENOBUFS/ENO
 EXIT_OK, EXIT_BOOT_ERROR = 0, 3  # 3: failed before serving (the master backs off harder)
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
+INF = float("inf")
 ACCEPT_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 log = logmod.get_logger()
@@ -68,6 +69,7 @@ class Worker:
         self.stop_deadline = 0.0  # when stopping: close whatever is left at this time
         self.running = True
         self.next_heartbeat = 0.0
+        self.next_timer = 0.0  # the earliest of the three times above: one check per turn
         self.debug = logmod.enabled("debug")
         self.stats = {"accepted": 0, "requests": 0, "handoffs_out": 0, "adopted": 0,
                       "refused": 0, "protocol_errors": 0, "overflows": 0}
@@ -96,8 +98,13 @@ class Worker:
         sfd = self.signals.fileno()
         cfd = self.channel.fileno() if self.channel is not None else -1
         conns = self.conns
+        poll = self.epoll.poll
+        monotonic = time.monotonic
         while self.running:
-            for fd, events in self.epoll.poll(self.poll_timeout()):
+            now = monotonic()
+            if now >= self.next_timer:
+                self.on_timers(now)
+            for fd, events in poll(self.next_timer - now if self.next_timer < INF else -1):
                 conn = conns.get(fd)
                 if conn is not None:
                     if events & OUT:
@@ -110,20 +117,17 @@ class Worker:
                     self.on_channel(events)
                 elif fd == sfd:
                     self.on_signals()
-            self.on_timers()
+            if self.stopping and not conns:
+                self.running = False
         self.shutdown()
         return EXIT_OK
 
-    def poll_timeout(self) -> float:
-        deadlines = [t for t in (self.accept_retry_at, self.stop_deadline) if t]
-        if self.channel is not None:
-            deadlines.append(self.next_heartbeat)
-        if not deadlines:
-            return -1
-        return max(0.0, min(deadlines) - time.monotonic())
+    def rearm(self) -> None:
+        """Recompute the next time the loop has timed work (heartbeat, retry, deadline)."""
+        self.next_timer = min(self.accept_retry_at or INF, self.stop_deadline or INF,
+                              self.next_heartbeat if self.channel is not None else INF)
 
-    def on_timers(self) -> None:
-        now = time.monotonic()
+    def on_timers(self, now: float) -> None:
         if self.accept_retry_at and now >= self.accept_retry_at:
             self.accept_retry_at = 0.0
             self.resume_accepting()
@@ -134,6 +138,7 @@ class Worker:
             self.send_stats()
         if self.stopping and (not self.conns or now >= self.stop_deadline):
             self.running = False
+        self.rearm()
 
     # --- accepting ----------------------------------------------------------------------
 
@@ -154,16 +159,19 @@ class Worker:
                 self.send_stats()  # tell the master now: it may auto-scale
         if retry:
             self.accept_retry_at = time.monotonic() + ACCEPT_RETRY
+            self.rearm()
         log.warning("worker.accept_paused", reason=reason, clients=len(self.conns),
                     max_clients=self.config.max_clients)
 
     def accept(self) -> None:
+        conns, accept, register = self.conns, self.listener.accept, self.epoll.register
+        max_clients = self.config.max_clients
         for _ in range(ACCEPT_BATCH):
-            if len(self.conns) >= self.config.max_clients:
+            if len(conns) >= max_clients:
                 self.pause_accepting("max_clients")
                 return
             try:
-                sock, addr = self.listener.accept()
+                sock, addr = accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -176,7 +184,9 @@ class Worker:
                     continue
                 raise
             sock.setblocking(False)
-            self.add(Connection(sock))
+            conn = Connection(sock)
+            conns[conn.fd] = conn  # add(), inlined: this is the connection-rate path
+            register(conn.fd, IN)
             self.stats["accepted"] += 1
             if self.debug:
                 log.debug("client.accepted", fd=sock.fileno(), peer=_peer(addr),
@@ -441,6 +451,7 @@ class Worker:
             return
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.config.graceful_timeout
+        self.rearm()
         if self.accepting:
             self.epoll.unregister(self.listener.fileno())
             self.accepting = False
