@@ -1,0 +1,27 @@
+"""The benchmark suite runs: every scenario, in its quick form, prints its figures. (No
+timing is asserted here; the figures are for BENCHMARKS.md, not for pass or fail.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+HEADINGS = ("### ping", "### connrate", "### handoff", "### respawn", "### memory",
+            "### scale")
+
+
+def test_every_benchmark_scenario_runs_and_prints_its_figures(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench" / "run.py"), "--quick",
+         "--scenarios", "all", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for heading in HEADINGS:
+        assert heading in result.stdout, f"{heading} missing:\n{result.stdout[-3000:]}"
+    latest = json.loads((tmp_path / "latest.json").read_text())
+    assert latest["failed"] == {}
+    assert set(latest["scenarios"]) == {h.split()[1] for h in HEADINGS}
+    assert "`mpdctl scale" in result.stdout
