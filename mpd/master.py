@@ -370,8 +370,7 @@ class Master:
                 log.info("mpd.ready", workers=self.ready_count())
                 self.notifier.ready(self.status_line())
         else:
-            for fd in message.fds:
-                os.close(fd)
+            close_fds(message.fds)
             log.warning("channel.error", worker_pid=worker.pid, worker_slot=worker.slot,
                         error=f"unexpected {message.kind.name} from a worker")
 

@@ -1,0 +1,116 @@
+"""The master<->worker channel on a real SEQPACKET socketpair: malformed messages are
+dropped with their fds closed, and a full socket queues messages instead of blocking."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from mpd import log as logmod
+from mpd.channel import (
+    HEADER,
+    MAX_MESSAGE,
+    VERSION,
+    Channel,
+    ChannelClosed,
+    Kind,
+    encode,
+)
+
+
+@pytest.fixture
+def pair():
+    logmod.configure(target="file", path=os.devnull)
+    a, b = Channel.pair()
+    left, right = Channel(a, "left"), Channel(b, "right")
+    yield left, right
+    left.close()
+    right.close()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_malformed_messages_are_dropped_and_their_fds_closed(pair):
+    left, right = pair
+    before = open_fds()
+    bad = [b"\x01",  # shorter than a header
+           HEADER.pack(VERSION + 1, Kind.STATS, 2) + b"{}",  # unknown version
+           HEADER.pack(VERSION, 99, 2) + b"{}",  # unknown type
+           HEADER.pack(VERSION, Kind.STATS, 5) + b"{nope",  # bad JSON
+           HEADER.pack(VERSION, Kind.STATS, 2) + b"[]",  # not an object
+           HEADER.pack(VERSION, Kind.STATS, 50) + b"{}",  # meta length past the end
+           HEADER.pack(VERSION, Kind.ADOPT, 3) + b"abc"]  # short binary meta
+    for data in bad:
+        r, w = os.pipe()  # an fd rides along with every bad message
+        socket.send_fds(left.sock, [data], [r, w])
+        os.close(r)
+        os.close(w)
+    socket.send_fds(left.sock, [encode(Kind.STATS, {"clients": 3})], [])
+    messages = right.receive()
+    assert [(m.kind, m.meta) for m in messages] == [(Kind.STATS, {"clients": 3})]
+    assert open_fds() == before  # the fds of the bad messages were closed
+
+
+def test_handoff_meta_round_trips_with_its_fd_and_bytes(pair):
+    left, right = pair
+    r, w = os.pipe()
+    left.send(Kind.HANDOFF, {"key": -5, "sent_ns": 123}, b"Mrest\0", [r])
+    (message,) = right.receive()
+    assert message.kind is Kind.HANDOFF and message.raw == b"Mrest\0"
+    assert message.meta == {"key": -5, "from_slot": None, "from_pid": None, "sent_ns": 123}
+    assert len(message.fds) == 1
+    os.write(w, b"x")
+    assert os.read(message.fds[0], 1) == b"x"  # the same pipe came across
+    for fd in (*message.fds, w):
+        os.close(fd)
+    with pytest.raises(OSError):
+        os.fstat(r)  # the sender's copy was closed once sent
+
+
+def test_a_full_channel_queues_in_order_and_delivers_when_read(pair):
+    left, right = pair
+    sent = 0
+    while not left.wants_write:  # fill the socket until a send would block
+        r, w = os.pipe()
+        os.close(w)
+        left.send(Kind.ADOPT, {"key": sent}, b"y" * 8000, [r])
+        sent += 1
+    for _ in range(5):  # these wait in the queue, their fds held open
+        r, w = os.pipe()
+        os.close(w)
+        left.send(Kind.ADOPT, {"key": sent}, b"y" * 8000, [r])
+        sent += 1
+    assert len(left.queue) >= 5
+    keys: list[int] = []
+    while len(keys) < sent:
+        for message in right.receive():
+            keys.append(message.meta["key"])
+            for fd in message.fds:
+                os.close(fd)
+        left.flush()
+    assert keys == list(range(sent))
+    assert not left.wants_write
+
+
+def test_too_big_a_message_is_refused_and_the_fd_stays_the_callers(pair):
+    left, _right = pair
+    r, w = os.pipe()
+    with pytest.raises(ValueError):
+        left.send(Kind.ADOPT, {"key": 1}, b"z" * MAX_MESSAGE, [r])
+    os.fstat(r)  # still open: the caller keeps it
+    os.close(r)
+    os.close(w)
+
+
+def test_eof_after_the_last_messages(pair):
+    left, right = pair
+    left.send(Kind.STATS, {"clients": 1})
+    left.send(Kind.HELLO, {"slot": 0})
+    left.sock.close()
+    assert [m.kind for m in right.receive()] == [Kind.STATS, Kind.HELLO]
+    with pytest.raises(ChannelClosed):
+        right.receive()
