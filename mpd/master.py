@@ -120,7 +120,7 @@ class Master:
         if self.control is not None:
             self.control.close()
         self.selector.close()
-        self.signals.close()
+        self.signals.close(signal.SIG_IGN)  # stopped: a late SIGTERM must not turn exit 0 to -15
         self.notifier.close()
         log.info("mpd.stopped", uptime=round(time.monotonic() - self.started, 3))
         return 0
@@ -230,6 +230,7 @@ class Master:
             self.control.close(unlink=False)
         for other in self.workers.values():
             other.channel.close()  # else a sibling never sees EOF when the master dies
+        close_fds([held.fd for held in self.held])  # the master's to deliver, not ours
         worker = Worker(self.config, self.listener, Channel(worker_end, "master"), slot,
                         self.slots)
         return worker.run()

@@ -42,10 +42,11 @@ class SignalQueue:
                 received.append(signal.Signals(number))
         return received
 
-    def close(self) -> None:
-        """Restore default handlers and drop the wake-up fd (a forked child calls this)."""
+    def close(self, disposition: signal.Handlers = signal.SIG_DFL) -> None:
+        """Drop the wake-up fd and set the signals to `disposition`: SIG_DFL in a forked
+        child; SIG_IGN in a process on its way out, which a late SIGTERM must not kill."""
         signal.set_wakeup_fd(-1)
         for sig in self.signals:
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, disposition)
         self._reader.close()
         self._writer.close()

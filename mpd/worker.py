@@ -460,6 +460,10 @@ class Worker:
         log.info("worker.stopping", clients=len(self.conns))
         for conn in list(self.conns.values()):
             if conn.idle:
+                # Take what the client already sent: a frame it started is finished and
+                # answered before its connection is closed.
+                self.on_readable(conn)
+            if conn.fd in self.conns and conn.idle:
                 self.close(conn, "stopping")
 
     def drain(self, slots: tuple[int, ...]) -> None:
