@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
+import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from conftest import (
@@ -12,6 +15,7 @@ from conftest import (
     REPLY,
     build_seed_client,
     count_replies,
+    cpu_seconds,
     fd_count,
     key_frame,
     keys_owned_by,
@@ -97,6 +101,9 @@ def test_ten_thousand_hand_offs_leak_no_fd(mpd_factory):
             with server.connect() as sock:
                 sock.sendall(key_frame(keys[i % len(keys)]) + M_PING)
                 assert recv_exact(sock, len(REPLY)) == REPLY
+                if i % 2:  # half of them reset the connection instead of closing it
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(one, range(count)))
 
@@ -109,6 +116,12 @@ def test_ten_thousand_hand_offs_leak_no_fd(mpd_factory):
         clients(2000)
     wait_until(lambda: {pid: fd_count(pid) for pid in processes} == baseline, timeout=10,
                what=f"fd counts back to {baseline}")
+    # And nothing is left behind in an epoll set either: a stale registration of a
+    # closed client would make its worker spin on events nobody reads.
+    before_cpu = {pid: cpu_seconds(pid) for pid in processes}
+    time.sleep(1.0)  # a span to measure CPU over, not a wait for a condition
+    busy = {pid: cpu_seconds(pid) - before_cpu[pid] for pid in processes}
+    assert all(used < 0.2 for used in busy.values()), busy
 
 
 def test_a_stalled_worker_does_not_block_the_master_and_gets_its_clients_later(mpd_factory):
