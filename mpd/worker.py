@@ -371,6 +371,10 @@ class Worker:
 
     def close(self, conn: Connection, reason: str) -> None:
         del self.conns[conn.fd]
+        # Unregister first: close() alone leaves the epoll entry live while another copy
+        # of the socket exists, and the master's copy of a handed-off fd can outlive this
+        # whole exchange (waking us may preempt it just before it closes that copy); a
+        # dead client's level-triggered HUP would then spin this loop until it does.
         self.epoll.unregister(conn.fd)
         conn.sock.close()
         if self.debug:
