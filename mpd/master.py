@@ -83,6 +83,7 @@ class Master:
         self.held: list[HeldClient] = []  # hand-offs waiting for a worker
         self.history: dict[int, SlotHistory] = {}  # by slot
         self.target = config.worker_count
+        self.slots = tuple(range(self.target))  # the slot table; changes only in scale()
         self.state = "starting"  # starting -> running -> stopping
         self.stop_deadline = 0.0
         self.kill_deadline = 0.0
@@ -285,10 +286,6 @@ class Master:
         if self.serving.get(worker.slot) is worker:
             del self.serving[worker.slot]
 
-    @property
-    def slots(self) -> tuple[int, ...]:
-        return tuple(range(self.target))
-
     # --- hand-off: route a client to the worker that owns its key -------------------------
 
     def dispatch(self, sender: WorkerProc, message: Message) -> None:
@@ -317,9 +314,10 @@ class Master:
             # otherwise all land on one worker.
             target.stats["clients"] = target.stats.get("clients", 0) + 1
             return True
-        target = self.serving.get(routing.owner(key, self.slots))
+        owner = routing.owner(key, self.slots)
+        target = self.serving.get(owner)
         if target is None:
-            history = self.history.get(routing.owner(key, self.slots))
+            history = self.history.get(owner)
             backing_off = history is not None and history.respawn_at > time.monotonic()
             if time.monotonic() - held.since < HOLD_TIMEOUT and not backing_off:
                 return False
@@ -484,6 +482,7 @@ class Master:
             return
         log.info("worker.scaled", previous=self.target, workers=count)
         self.target = count
+        self.slots = tuple(range(count))
         for worker in list(self.serving.values()):
             if worker.slot >= count:  # retire: it hands its clients to their new owners
                 self.retire(worker)
