@@ -187,6 +187,7 @@ class Channel:
         (their fds closed). Raises ChannelClosed on EOF once every message before it has
         been returned."""
         out: list[Message] = []
+        reset_seen = False
         for _ in range(limit):
             try:
                 size, ancillary, flags, _addr = self.sock.recvmsg_into(
@@ -194,6 +195,14 @@ class Channel:
                     socket.MSG_CMSG_CLOEXEC)
             except (BlockingIOError, InterruptedError):
                 break
+            except ConnectionResetError:
+                # The peer closed with our messages unread. For datagram-style sockets the
+                # kernel reports that once, *before* the messages the peer sent us, which
+                # are still queued (a retiring worker's last HANDOFFs): read on.
+                if reset_seen:
+                    raise ChannelClosed(f"{self.peer}: connection reset") from None
+                reset_seen = True
+                continue
             except OSError as e:
                 raise ChannelClosed(f"{self.peer}: receive failed: {e.strerror}") from None
             data = bytes(self.view[:size])

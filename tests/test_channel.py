@@ -114,3 +114,23 @@ def test_eof_after_the_last_messages(pair):
     assert [m.kind for m in right.receive()] == [Kind.STATS, Kind.HELLO]
     with pytest.raises(ChannelClosed):
         right.receive()
+
+
+def test_messages_sent_before_a_reset_are_still_delivered(pair):
+    # A worker that exits with a master's message unread makes the kernel report
+    # ECONNRESET to the master before the worker's own last messages: a retiring worker's
+    # final HANDOFFs, each carrying a live client.
+    master, worker = pair
+    for key in range(3):
+        r, w = os.pipe()
+        os.close(w)
+        worker.send(Kind.HANDOFF, {"key": key}, b"", [r])
+    master.send(Kind.ROUTES, {"slots": [0]})  # never read by the worker
+    worker.sock.close()
+    messages = master.receive()
+    assert [m.meta["key"] for m in messages] == [0, 1, 2]
+    for message in messages:
+        for fd in message.fds:
+            os.close(fd)
+    with pytest.raises(ChannelClosed):
+        master.receive()
