@@ -353,6 +353,19 @@ def load(path: str | None) -> Config:
     return parse(text, path)
 
 
+def reload(current: Config) -> Config:
+    """Re-read current.path for a reload; raise ConfigError if the file is invalid or
+    changes a setting that only a restart can apply."""
+    new = load(current.path)
+    fixed = [k for k in RESTART_SETTINGS if getattr(new, k) != getattr(current, k)]
+    if (new.worker_count == 0) != (current.worker_count == 0):
+        fixed.append("workers (single-process mode)")
+    if fixed:
+        raise ConfigError(current.path or "(embedded defaults)",
+                          "these settings need a restart: " + ", ".join(fixed))
+    return new
+
+
 def _toml_value(key: Key, value: Any) -> str:
     if key.toml_default and value == key.default:
         return key.toml_default

@@ -20,7 +20,7 @@ from mpd import __version__, commands, routing
 from mpd import config as configmod
 from mpd import log as logmod
 from mpd.channel import Channel, ChannelClosed, Kind, Message, close_fds
-from mpd.config import LIVE_SETTINGS, RESTART_SETTINGS, Config
+from mpd.config import LIVE_SETTINGS, Config
 from mpd.control import ControlServer
 from mpd.signals import SignalQueue
 from mpd.systemd import Notifier
@@ -501,16 +501,10 @@ class Master:
 
     def apply_config(self) -> str | None:
         try:
-            new = configmod.load(self.config.path)
+            new = configmod.reload(self.config)
         except configmod.ConfigError as e:
             log.error("config.reload_failed", error=str(e))
             return str(e)
-        fixed = [k for k in RESTART_SETTINGS if getattr(new, k) != getattr(self.config, k)]
-        if fixed or (new.worker_count == 0) != (self.config.worker_count == 0):
-            error = "these settings need a restart: " + ", ".join(
-                fixed or ["workers (single-process mode)"])
-            log.error("config.reload_failed", error=error)
-            return error
         self.config = new
         logmod.configure_from(new)
         settings = {k: getattr(new, k) for k in LIVE_SETTINGS}

@@ -448,7 +448,7 @@ class Worker:
         from mpd import config as configmod
 
         try:
-            new = configmod.load(self.config.path)
+            new = configmod.reload(self.config)
         except configmod.ConfigError as e:
             log.error("config.reload_failed", error=str(e))
             return

@@ -8,6 +8,7 @@ import signal
 import time
 from datetime import datetime
 
+import pytest
 from conftest import (
     M_PING,
     REPLY,
@@ -209,8 +210,9 @@ def test_reload_with_a_broken_config_keeps_serving(mpd_factory):
         assert recv_exact(sock, len(REPLY)) == REPLY
 
 
-def test_reload_refuses_a_change_of_port(mpd_factory):
-    server = mpd_factory({"workers": {"workers": 1}})
+@pytest.mark.parametrize("workers", [1, 0], ids=["master", "single-process"])
+def test_reload_refuses_a_change_of_port(mpd_factory, workers):
+    server = mpd_factory({"workers": {"workers": workers}})
     settings = dict(server.settings)
     settings["server"] = {"port": 1}
     server.write_config(settings)
