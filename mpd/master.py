@@ -289,37 +289,43 @@ class Master:
     # --- hand-off: route a client to the worker that owns its key -------------------------
 
     def dispatch(self, sender: WorkerProc, message: Message) -> None:
-        key = message.meta.get("key")
-        if len(message.fds) != 1 or not isinstance(key, (int, type(None))):
+        meta = message.meta
+        if len(message.fds) != 1 or not isinstance(meta.get("key"), (int, type(None))):
             close_fds(message.fds)
             log.error("channel.error", worker_pid=sender.pid, worker_slot=sender.slot,
                       error="HANDOFF without exactly one fd and a key")
             return
-        held = HeldClient({"key": key, "from_slot": sender.slot, "from_pid": sender.pid,
-                           "sent_ns": message.meta.get("sent_ns")}, message.raw, message.fds[0])
-        if not self.deliver(held):
-            self.held.append(held)
+        meta["from_slot"], meta["from_pid"] = sender.slot, sender.pid
+        if not self.deliver(meta, message.raw, message.fds[0]):
+            self.held.append(HeldClient(meta, message.raw, message.fds[0]))
 
-    def deliver(self, held: HeldClient) -> bool:
-        """ADOPT to the key's owner; while the owner is respawning, wait HOLD_TIMEOUT, then
-        (or at once if the slot is backing off) take the next slot in the key's ranking."""
-        key = held.meta["key"]
+    def deliver(self, meta: dict[str, Any], raw: bytes, fd: int,
+                since: float | None = None) -> bool:
+        """ADOPT to the key's owner; while the owner is respawning, wait HOLD_TIMEOUT (from
+        `since`, else from now), then (or at once if the slot is backing off) take the next
+        slot in the key's ranking."""
+        key = meta["key"]
         if key is None:  # a keyless client from a retiring worker: the least busy worker
             target = min(self.serving.values(), key=lambda w: w.stats.get("clients", 0),
                          default=None)
-            if target is None or not self.send(target, Kind.ADOPT, held.meta, held.raw,
-                                               [held.fd]):
+            if target is None or not self.send(target, Kind.ADOPT, meta, raw, [fd]):
                 return False
             # Count it now: the next STATS is up to a second away, and a burst would
             # otherwise all land on one worker.
             target.stats["clients"] = target.stats.get("clients", 0) + 1
             return True
-        owner = routing.owner(key, self.slots)
+        # The sender's answer stands if it used the same table: tables are always slots
+        # 0..N-1 (see scale()), so the same size means the same table.
+        owner = meta.get("owner")
+        if meta.get("table") != len(self.slots) or not isinstance(owner, int) \
+                or not 0 <= owner < len(self.slots):
+            owner = routing.owner(key, self.slots)
         target = self.serving.get(owner)
         if target is None:
             history = self.history.get(owner)
-            backing_off = history is not None and history.respawn_at > time.monotonic()
-            if time.monotonic() - held.since < HOLD_TIMEOUT and not backing_off:
+            now = time.monotonic()
+            backing_off = history is not None and history.respawn_at > now
+            if (since is None or now - since < HOLD_TIMEOUT) and not backing_off:
                 return False
             for slot in routing.ranking(key, self.slots)[1:]:
                 target = self.serving.get(slot)
@@ -327,12 +333,12 @@ class Master:
                     break
             else:
                 return False
-        return self.send(target, Kind.ADOPT, held.meta, held.raw, [held.fd])
+        return self.send(target, Kind.ADOPT, meta, raw, [fd])
 
     def deliver_held(self) -> None:
         waiting, self.held = self.held, []
         for held in waiting:
-            if self.deliver(held):
+            if self.deliver(held.meta, held.raw, held.fd, held.since):
                 continue
             if time.monotonic() - held.since > HOLD_MAX:
                 close_fds([held.fd])
@@ -482,7 +488,7 @@ class Master:
             return
         log.info("worker.scaled", previous=self.target, workers=count)
         self.target = count
-        self.slots = tuple(range(count))
+        self.slots = tuple(range(count))  # always 0..N-1: deliver() relies on it
         for worker in list(self.serving.values()):
             if worker.slot >= count:  # retire: it hands its clients to their new owners
                 self.retire(worker)

@@ -35,7 +35,7 @@ log = logmod.get_logger()
 
 
 class Connection:
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "key", "handoff_pending", "pinned")
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "key", "owner", "handoff_pending", "pinned")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -43,6 +43,7 @@ class Connection:
         self.inbuf = bytearray()  # received, not yet consumed (an incomplete frame)
         self.outbuf = bytearray()  # replies the client has not taken yet
         self.key: int | None = None
+        self.owner: int | None = None  # the slot that owns its key, when it has one
         self.handoff_pending = False  # hand off once the replies already due are out
         self.pinned = False  # a hand-off failed: serve it here whatever its key
 
@@ -60,6 +61,8 @@ class Worker:
         self.channel = channel
         self.slot = slot
         self.protocol = PROTOCOLS[config.protocol]
+        self.family = int(listener.family)  # the property converts to an enum on each call
+        self.pid = os.getpid()
         self.conns: dict[int, Connection] = {}
         self.epoll = select.epoll()
         self.accepting = False
@@ -227,7 +230,8 @@ class Worker:
             replies, frames, key = self.protocol.feed(conn.inbuf, data)
             while key is not None:
                 conn.key = key
-                if not self.owns(conn, key):
+                conn.owner = self.owner_of(conn, key)
+                if conn.owner != self.slot:
                     if frames:
                         self.stats["requests"] += frames
                         self.write(conn, replies)
@@ -290,12 +294,14 @@ class Worker:
 
     # --- routing and hand-off --------------------------------------------------------------
 
-    def owns(self, conn: Connection, key: int) -> bool:
+    def owner_of(self, conn: Connection, key: int) -> int | None:
+        """The slot that serves this client: ours to keep it; None when we are retiring
+        (the master decides)."""
         if conn.pinned or self.channel is None or not self.slots:
-            return True
+            return self.slot
         if self.draining:
-            return False
-        return owner(key, self.slots) == self.slot
+            return None
+        return owner(key, self.slots)
 
     def hand_off(self, conn: Connection) -> None:
         """Give the client, with every byte read but not consumed, to the master, which
@@ -310,7 +316,10 @@ class Worker:
         # Out of epoll before the fd leaves: an in-flight copy would keep the entry alive.
         self.epoll.unregister(conn.fd)
         try:
-            self.channel.send(Kind.HANDOFF, {"key": conn.key, "sent_ns": time.monotonic_ns()},
+            # The owner we computed, and with which table; retiring, we let the master say.
+            self.channel.send(Kind.HANDOFF, {"key": conn.key, "sent_ns": time.monotonic_ns(),
+                                             "owner": None if self.draining else conn.owner,
+                                             "table": len(self.slots)},
                               bytes(conn.inbuf), [conn.fd])
         except (ValueError, ChannelClosed) as e:
             # The send failed, so the client stays here and is served in place.
@@ -336,8 +345,7 @@ class Worker:
             return
         try:
             # Family and type given: no getsockopt() calls to detect them.
-            sock = socket.socket(self.listener.family, socket.SOCK_STREAM, 0,
-                                 fileno=message.fds[0])
+            sock = socket.socket(self.family, socket.SOCK_STREAM, 0, message.fds[0])
         except OSError as e:
             close_fds(message.fds)
             log.error("channel.error", error=f"ADOPT fd unusable: {e.strerror}")
@@ -365,7 +373,7 @@ class Worker:
             log.debug("client.bound", fd=conn.fd, key=conn.key)
         self.stats["adopted"] += 1
         log.info("fd.dispatched", key=conn.key, from_slot=meta.get("from_slot"),
-                 from_pid=meta.get("from_pid"), to_slot=self.slot, to_pid=os.getpid(),
+                 from_pid=meta.get("from_pid"), to_slot=self.slot, to_pid=self.pid,
                  carried=len(message.raw), latency_us=latency_us)
         self.consume(conn, message.raw)
 

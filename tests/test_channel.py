@@ -61,7 +61,8 @@ def test_handoff_meta_round_trips_with_its_fd_and_bytes(pair):
     left.send(Kind.HANDOFF, {"key": -5, "sent_ns": 123}, b"Mrest\0", [r])
     (message,) = right.receive()
     assert message.kind is Kind.HANDOFF and message.raw == b"Mrest\0"
-    assert message.meta == {"key": -5, "from_slot": None, "from_pid": None, "sent_ns": 123}
+    assert message.meta == {"key": -5, "from_slot": None, "from_pid": None, "sent_ns": 123,
+                            "owner": None, "table": None}
     assert len(message.fds) == 1
     os.write(w, b"x")
     assert os.read(message.fds[0], 1) == b"x"  # the same pipe came across
@@ -69,6 +70,18 @@ def test_handoff_meta_round_trips_with_its_fd_and_bytes(pair):
         os.close(fd)
     with pytest.raises(OSError):
         os.fstat(r)  # the sender's copy was closed once sent
+
+
+def test_handoff_meta_carries_the_senders_routing(pair):
+    left, right = pair
+    meta = {"key": 2**31 - 1, "from_slot": 29, "from_pid": 4_000_000, "sent_ns": 2**63,
+            "owner": 0, "table": 30}
+    r, w = os.pipe()
+    left.send(Kind.ADOPT, meta, b"", [r])
+    (message,) = right.receive()
+    assert message.kind is Kind.ADOPT and message.meta == meta and message.raw == b""
+    for fd in (*message.fds, w):
+        os.close(fd)
 
 
 def test_a_full_channel_queues_in_order_and_delivers_when_read(pair):
