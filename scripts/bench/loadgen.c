@@ -243,6 +243,41 @@ static void mark_end(void) {
     }
 }
 
+static void print_result(const char *extra, double window, double cpu);
+
+/* The measured window: it opens after the warm-up and lasts `duration` seconds. */
+typedef struct {
+    uint64_t start, end; /* ns */
+    double cpu0;         /* our CPU seconds when it opened */
+    int open;
+} Window;
+
+static Window window_new(void) {
+    Window w = {0};
+    w.start = now_ns() + (uint64_t)(warmup * 1e9);
+    w.end = w.start + (uint64_t)(duration * 1e9);
+    w.open = warmup <= 0;
+    if (w.open) w.cpu0 = mark_start();
+    return w;
+}
+
+/* call with the time at the top of each loop turn */
+static void window_tick(Window *w, uint64_t t) {
+    if (!w->open && t >= w->start) {
+        w->open = 1;
+        w->cpu0 = mark_start();
+    }
+}
+
+static int in_window(const Window *w, uint64_t t) { return t >= w->start && t < w->end; }
+
+/* after mark_end(): the window's length (cut short if the run ended early) and CPU */
+static void window_result(const Window *w, const char *extra) {
+    double length = (now_ns() - w->start) / 1e9;
+    if (length > duration) length = duration;
+    print_result(extra, length, cpu_at_end - w->cpu0);
+}
+
 typedef struct {
     uint64_t ops, completed, errors, lost, hist_n, hist_max, connect_errors;
     double hist_sum, cpu, setup_s;
@@ -349,12 +384,7 @@ static int run_ping(void) {
     g_established = ready;
     g_setup_s = setup_s;
     sync_start();
-    uint64_t t_begin = now_ns();
-    uint64_t t_measure = t_begin + (uint64_t)(warmup * 1e9);
-    uint64_t t_end = t_measure + (uint64_t)(duration * 1e9);
-    double cpu0 = 0;
-    int measuring = warmup <= 0;
-    if (measuring) cpu0 = mark_start();
+    Window w = window_new();
     int outstanding = 0;
     for (int i = 0; i < conns; i++) {
         Conn *c = &cs[i];
@@ -372,19 +402,16 @@ static int run_ping(void) {
     struct epoll_event evs[1024];
     while (outstanding > 0) {
         uint64_t t = now_ns();
-        if (!measuring && t >= t_measure) {
-            measuring = 1;
-            cpu0 = mark_start();
-        }
-        if (t >= t_end || ops >= max_ops) {
+        window_tick(&w, t);
+        if (t >= w.end || ops >= max_ops) {
             mark_end();
             break;
         }
-        int ms = (int)(((measuring ? t_end : t_measure) - t) / 1000000) + 1;
+        int ms = (int)(((w.open ? w.end : w.start) - t) / 1000000) + 1;
         int n = epoll_wait(epfd, evs, 1024, ms);
         if (n < 0 && errno != EINTR) die("epoll_wait");
         uint64_t tn = now_ns();
-        int stop = tn >= t_end || ops >= max_ops;
+        int stop = tn >= w.end || ops >= max_ops;
         for (int i = 0; i < n; i++) {
             Conn *c = evs[i].data.ptr;
             int r = on_readable(c);
@@ -396,7 +423,7 @@ static int run_ping(void) {
             }
             if (r == 0) continue;
             completed++;
-            if (tn >= t_measure && tn < t_end) {
+            if (in_window(&w, tn)) {
                 record(tn - c->t0);
                 ops++;
             }
@@ -411,33 +438,22 @@ static int run_ping(void) {
         }
     }
     mark_end();
-    double window = (now_ns() - t_measure) / 1e9;
-    if (window > duration) window = duration;
-    double cpu = cpu_at_end - cpu0;
     char extra[128];
     snprintf(extra, sizeof extra, ",\"established\":%d,\"setup_s\":%.3f", ready, setup_s);
-    print_result(extra, window, cpu);
+    window_result(&w, extra);
     for (int i = 0; i < conns; i++) close_conn(&cs[i]);
     return 0;
 }
 
 static int run_cycles(int handoff) {
     sync_start();
-    uint64_t t_begin = now_ns();
-    uint64_t t_measure = t_begin + (uint64_t)(warmup * 1e9);
-    uint64_t t_end = t_measure + (uint64_t)(duration * 1e9);
-    double cpu0 = 0;
-    int measuring = warmup <= 0;
-    if (measuring) cpu0 = mark_start();
+    Window w = window_new();
     uint64_t connect_errors = 0;
     struct epoll_event evs[1024];
     for (;;) {
         uint64_t t = now_ns();
-        if (!measuring && t >= t_measure) {
-            measuring = 1;
-            cpu0 = mark_start();
-        }
-        int stop = t >= t_end || started_ops >= max_ops;
+        window_tick(&w, t);
+        int stop = t >= w.end || started_ops >= max_ops;
         if (stop) mark_end();
         int active = 0;
         for (int i = 0; i < conns; i++) {
@@ -460,7 +476,7 @@ static int run_cycles(int handoff) {
             continue;
         }
         /* past the end: give in-flight cycles at most 2 s to finish */
-        if (t >= t_end + 2000000000ull) break;
+        if (t >= w.end + 2000000000ull) break;
         int n = epoll_wait(epfd, evs, 1024, 100);
         if (n < 0 && errno != EINTR) die("epoll_wait");
         uint64_t tn = now_ns();
@@ -473,7 +489,7 @@ static int run_cycles(int handoff) {
                 r = on_readable(c);
                 if (r == 1) {
                     completed++;
-                    if (tn >= t_measure && tn < t_end) {
+                    if (in_window(&w, tn)) {
                         record(tn - c->t0);
                         ops++;
                     }
@@ -490,13 +506,10 @@ static int run_cycles(int handoff) {
     }
     mark_end();
     g_connect_errors = connect_errors;
-    double window = (now_ns() - t_measure) / 1e9;
-    if (window > duration) window = duration;
-    double cpu = cpu_at_end - cpu0;
     char extra[128];
     snprintf(extra, sizeof extra, ",\"connect_errors\":%llu",
              (unsigned long long)connect_errors);
-    print_result(extra, window, cpu);
+    window_result(&w, extra);
     for (int i = 0; i < conns; i++) close_conn(&cs[i]);
     return 0;
 }
