@@ -18,15 +18,13 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
 
 # Who is logging; set once per process (after fork) by set_role().
 _identity: dict[str, Any] = {"pid": os.getpid(), "role": "master", "slot": None}
-_identity_json = {"text": ""}  # the same, rendered: ', "pid": 1, "role": ..., "slot": ...'
 _current = {"level": logging.INFO}
 STANDARD = frozenset(("ts", "level", "event", "pid", "role", "slot"))  # first in every line
 
 
 def set_role(role: str, slot: int | None = None) -> None:
     _identity.update(pid=os.getpid(), role=role, slot=slot)
-    _identity_json["text"] = "".join(f", {jsonline.key(k)}{jsonline.value(v)}"
-                                     for k, v in _identity.items())
+    jsonline.set_identity(_identity)
 
 
 def _order_fields(_logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
@@ -43,9 +41,7 @@ def json_line(level: str, event: str, fields: dict[str, Any]) -> str:
     if not STANDARD.isdisjoint(fields):  # a field overrides a standard one: the general
         fields["event"] = event           # way keeps one key of each name
         return jsonline.render(_order_fields(None, level, fields))
-    return jsonline.render_event(
-        f'{{"ts": "{jsonline.timestamp()}", "level": "{level}", "event": '
-        f'{jsonline.value(event)}{_identity_json["text"]}', fields)
+    return jsonline.line(level, event, fields)
 
 
 def _render_json(_logger: Any, method: str, event: dict[str, Any]) -> str:

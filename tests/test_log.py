@@ -24,6 +24,7 @@ ODD_FIELDS: list[dict[str, Any]] = [
     {"slots": [0, 1, 2], "nested": {"a": [1, {"b": None}]}, "empty": [], "t": (1, "x")},
     {"obj": object(), "bytes": b"\xff", "big_int": 2 ** 70, "neg": -(2 ** 63)},
     {"weird key \"\n": 1, "ключ": "значение"},
+    {"100%": "50%s %d %%", "%s": 1},
 ]
 
 
@@ -38,6 +39,24 @@ def expected_line(line: str, level: str, event: str, fields: dict[str, Any]) -> 
 def test_line_is_what_json_dumps_gives(fields: dict[str, Any]) -> None:
     line = logmod.json_line("info", "some.event", dict(fields))
     assert line == expected_line(line, "info", "some.event", fields)
+
+
+def test_lines_of_one_shape_keep_their_own_values() -> None:
+    """Lines of one shape share a template: values of any type still render as their own."""
+    for value in (1, "one", None, True, 1.5, [1], -7):
+        line = logmod.json_line("info", "same.shape", {"a": value, "b": 2})
+        assert line == expected_line(line, "info", "same.shape", {"a": value, "b": 2})
+
+
+def test_a_new_role_shows_in_the_next_line() -> None:
+    before = dict(logmod._identity)
+    try:
+        logmod.json_line("info", "role.test", {"n": 1})  # the shape's template exists now
+        logmod.set_role("worker", 7)
+        parsed = json.loads(logmod.json_line("info", "role.test", {"n": 1}))
+        assert (parsed["role"], parsed["slot"]) == ("worker", 7)
+    finally:
+        logmod.set_role(before["role"], before["slot"])
 
 
 def test_a_field_named_like_a_standard_one_appears_once() -> None:
