@@ -25,3 +25,16 @@ def test_every_benchmark_scenario_runs_and_prints_its_figures(tmp_path):
     assert latest["failed"] == {}
     assert set(latest["scenarios"]) == {h.split()[1] for h in HEADINGS}
     assert "`mpdctl scale" in result.stdout
+
+
+def test_ab_compares_a_git_revision_with_the_working_tree(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench" / "ab.py"), "--rounds", "1",
+         "--duration", "0.3", "--warmup", "0.1", "--out", str(tmp_path), "HEAD", "."],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| HEAD |" in result.stdout and "| . |" in result.stdout, result.stdout
+    assert "hand-offs/s (medians): HEAD " in result.stdout
+    (saved,) = tmp_path.glob("ab-*.json")
+    runs = json.loads(saved.read_text())["runs"]
+    assert all(r[0]["handoffs"] > 0 for r in runs.values())

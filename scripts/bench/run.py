@@ -305,8 +305,9 @@ class Server:
 
     def __init__(self, name: str, kind: str, argv: list[str], cpus: list[int] | None,
                  workdir: Path, ready: Callable[[dict[str, Any]], bool],
-                 config_path: Path | None = None, workers: int = 0):
+                 config_path: Path | None = None, workers: int = 0, cwd: Path = ROOT):
         self.name, self.kind, self.argv, self.cpus = name, kind, argv, cpus
+        self.cwd = cwd  # for mpd: the source tree it runs from (`python -m mpd.cli`)
         self.ready = ready
         self.config_path = config_path
         self.workers = workers
@@ -332,7 +333,7 @@ class Server:
         t = time.monotonic()
         with open(self.log_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err,
-                                         stdin=subprocess.DEVNULL, cwd=ROOT,
+                                         stdin=subprocess.DEVNULL, cwd=self.cwd,
                                          start_new_session=True, preexec_fn=setup)
         started = self.tail.wait_for(lambda e: "port" in e, timeout, f"{self.name} start",
                                      alive_pid=self.pid)
@@ -393,13 +394,13 @@ class Bench:
         return f"{self.seq:02d}-{name}"
 
     def mpd(self, name: str, workers: int, cpus: list[int] | None, log_level: str = "info",
-            max_clients: int = 20000) -> Server:
+            max_clients: int = 20000, tree: Path = ROOT) -> Server:
         name = self._name(name)
         config = self.workdir / f"{name}.toml"
         self.write_mpd_config(config, workers, log_level, max_clients)
         server = Server(name, "mpd", [self.tools.mpd_python, "-m", "mpd.cli", "--config",
                                       str(config)], cpus, self.workdir,
-                        lambda e: e.get("event") in ("mpd.ready",), config, workers)
+                        lambda e: e.get("event") in ("mpd.ready",), config, workers, tree)
         return self.track(server)
 
     def write_mpd_config(self, path: Path, workers: int, log_level: str = "info",

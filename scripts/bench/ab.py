@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Compare versions of mpd side by side on one load: the tool behind "this change costs
+0.9x the CPU". Each version runs as its own server; the rounds alternate between them, and
+every ratio is the median of per-round ratios against the first version given.
+
+    python scripts/bench/ab.py HEAD~1 .                      # the hand-off load, pinned
+    python scripts/bench/ab.py --spread --rounds 5 main .   # spread over every CPU
+    python scripts/bench/ab.py --mode connrate --workers 1 v1 v2 v3
+
+A version is a directory holding an mpd/ package (`.` is this checkout, uncommitted
+changes included) or a git revision, exported with `git archive` into the results
+directory. Servers, the load generator, CPU accounting and the `fd.dispatched` collection
+are scripts/bench/run.py's; results go to bench-results/ab-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import run
+
+
+def resolve(version: str, into: Path) -> Path:
+    """A source tree for `version`: an existing directory, or a git revision exported."""
+    path = Path(version)
+    if (path / "mpd" / "__init__.py").exists():
+        return path.resolve()
+    commit = subprocess.run(["git", "rev-parse", "--short", f"{version}^{{commit}}"],
+                            cwd=run.ROOT, capture_output=True, text=True)
+    if commit.returncode != 0:
+        raise SystemExit(f"ab.py: {version!r} is neither a directory with mpd/ nor a git "
+                         f"revision: {commit.stderr.strip()}")
+    tree = into / f"tree-{commit.stdout.strip()}"
+    if not tree.exists():
+        archive = into / f"{commit.stdout.strip()}.tar"
+        subprocess.run(["git", "archive", "-o", str(archive), commit.stdout.strip(), "mpd"],
+                       cwd=run.ROOT, check=True)
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):  # 3.12, and 3.9.17+/3.11.4+ backports
+                tar.extractall(tree, filter="data")
+            else:
+                tar.extractall(tree)
+        archive.unlink()
+    return tree
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("versions", nargs="+", help="directories with mpd/, or git revisions; "
+                   "the first is the baseline of every ratio")
+    p.add_argument("--mode", default="handoff", choices=("handoff", "connrate", "ping"))
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--conns", type=int, default=32, help="connections or cycles in flight")
+    p.add_argument("--spread", action="store_true",
+                   help="servers and load generator on every CPU (default: all on CPU 0)")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--duration", type=float, default=2.0, help="seconds measured per run")
+    p.add_argument("--warmup", type=float, default=0.5)
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--mpd-python", help="interpreter that runs mpd (default as run.py)")
+    p.add_argument("--out", default=str(run.ROOT / "bench-results"))
+    args = p.parse_args(argv)
+    args.keep_hist = False  # run.Bench reads it
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out)
+    workdir = out / f"ab-{stamp}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    run.raise_nofile()
+    tools = run.Tools(out / "build", run.find_mpd_python(args.mpd_python))
+    tools.build()
+    trees = {version: resolve(version, workdir) for version in args.versions}
+    cpus = None if args.spread else run.PINNED
+    if not args.spread and run.NPROC > 1:  # the driver keeps off the pinned CPU
+        run.os.sched_setaffinity(0, [c for c in run.ALL_CPUS if c not in run.PINNED])
+    bench = run.Bench(args, tools, workdir, run.Report())
+    try:
+        cases = [{"name": version, "mode": args.mode, "cpus": cpus,
+                  "server": bench.mpd(f"ab-{i}", args.workers, cpus, args.log_level,
+                                      tree=tree).start(),
+                  "collect": run.dispatched if args.mode == "handoff" else None}
+                 for i, (version, tree) in enumerate(trees.items())]
+        results = bench.run_cases("ab", cases, args.conns, args.rounds, args.duration,
+                                  args.warmup)
+    finally:
+        bench.stop_all()
+        run.shutil.rmtree(bench.sockdir, ignore_errors=True)
+    report(args, trees, results)
+    path = out / f"ab-{stamp}.json"
+    path.write_text(json.dumps({"args": vars(args), "trees": {k: str(v) for k, v in
+                                                              trees.items()},
+                                "runs": results}, indent=1, default=str))
+    run.progress(f"results: {path}")
+    return 0
+
+
+def report(args: argparse.Namespace, trees: dict[str, Path],
+           results: dict[str, list[dict[str, Any]]]) -> None:
+    summary = run.summarise(results)
+    base = args.versions[0]
+    placement = "spread over every CPU" if args.spread else "server and load generator on CPU 0"
+    print(f"{args.mode}, mpd with {args.workers} workers, {args.conns} in flight, "
+          f"{placement}; {args.rounds} rounds of {args.duration:g} s, log level "
+          f"{args.log_level}\n")
+    print("| version | ops/s | server CPU us/op | master us/op | client p99 us | "
+          "ops/s ratio | CPU/op ratio | p99 ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for version in args.versions:
+        s = summary[version]
+        ratios = [run.round_ratios(results, version, base, key)
+                  for key in (run.rate_of, run.cpu_of, run.p99_of)]
+        print(f"| {version} | {run.fmt(s['rate'])} | {run.fmt(s['server_cpu_us_per_op'])} | "
+              f"{run.fmt(s['master_cpu_us_per_op'])} | {run.fmt(s['p99_us'])} | "
+              + " | ".join(run.fmt(r) for r in ratios) + " |")
+    if args.mode == "handoff":
+        print("\nhand-offs/s (medians): " + ", ".join(
+            f"{v} {run.fmt(run.median([r['rate'] * r['handoffs'] / r['completed'] for r in results[v] if r.get('completed')]))}"  # noqa: E501
+            for v in args.versions))
+    print(f"\nratios: median of per-round ratios against {base}; "
+          f"CPU/op per round: " + "; ".join(
+              f"{v} " + " ".join(run.fmt(run.ratio(run.cpu_of(r), run.cpu_of(b)))
+                                 for r, b in zip(results[v], results[base]))
+              for v in args.versions[1:]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
