@@ -35,7 +35,8 @@ log = logmod.get_logger()
 
 
 class Connection:
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "key", "owner", "handoff_pending", "pinned")
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "key", "owner", "table", "handoff_pending",
+                 "pinned")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -43,7 +44,8 @@ class Connection:
         self.inbuf = bytearray()  # received, not yet consumed (an incomplete frame)
         self.outbuf = bytearray()  # replies the client has not taken yet
         self.key: int | None = None
-        self.owner: int | None = None  # the slot that owns its key, when it has one
+        self.owner: int | None = None  # the slot that owns its key, when it has one,
+        self.table = 0  # by a slot table of this many slots (ROUTES may come before we hand off)
         self.handoff_pending = False  # hand off once the replies already due are out
         self.pinned = False  # a hand-off failed: serve it here whatever its key
 
@@ -230,7 +232,7 @@ class Worker:
             replies, frames, key = self.protocol.feed(conn.inbuf, data)
             while key is not None:
                 conn.key = key
-                conn.owner = self.owner_of(conn, key)
+                conn.owner, conn.table = self.owner_of(conn, key), len(self.slots)
                 if conn.owner != self.slot:
                     if frames:
                         self.stats["requests"] += frames
@@ -319,7 +321,7 @@ class Worker:
             # The owner we computed, and with which table; retiring, we let the master say.
             self.channel.send(Kind.HANDOFF, {"key": conn.key, "sent_ns": time.monotonic_ns(),
                                              "owner": None if self.draining else conn.owner,
-                                             "table": len(self.slots)},
+                                             "table": conn.table},
                               bytes(conn.inbuf), [conn.fd])
         except (ValueError, ChannelClosed) as e:
             # The send failed, so the client stays here and is served in place.
