@@ -1,5 +1,10 @@
 """Structured logs: structlog, one JSON object per line on stdout (journald stores each
-line as MESSAGE). Every event carries ts, level, event, pid, role and slot."""
+line as MESSAGE). Every event carries ts, level, event, pid, role and slot.
+
+JSON lines to an fd (stdout or a file) are rendered by mpd.jsonline and written by the
+facade's direct methods, without structlog's processor chain: the hand-off path logs a
+line per client. Everything else goes through structlog: exceptions, the console format,
+and the journald and syslog writers, which take the fields beside the line."""
 
 from __future__ import annotations
 
@@ -196,8 +201,8 @@ def configure(level: str = "info", fmt: str = "json", target: str = "stdout",
 
 def _direct(level: str, writer: FdWriter, through_structlog: Any) -> Any:
     """A JSON line straight to the writer: what structlog's chain would produce, without
-    its layers of calls (a third of a line's cost on the hand-off path). Exceptions and
-    %-style arguments still take structlog's way."""
+    its layers of calls (1.3 us of a line's 4.9 in timeit). Exceptions and %-style
+    arguments still take structlog's way."""
     def log(event: str, *args: Any, **fields: Any) -> None:
         if args or "exc_info" in fields:
             through_structlog(event, *args, **fields)
