@@ -20,7 +20,6 @@ import json
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out)
-    workdir = out / f"ab-{stamp}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    run.raise_nofile()
-    tools = run.Tools(out / "build", run.find_mpd_python(args.mpd_python))
-    tools.build()
+    stamp, out, workdir, _nofile, tools = run.prepare(args.out, "ab", args.mpd_python)
     trees = {version: resolve(version, workdir) for version in args.versions}
     cpus = None if args.spread else run.PINNED
-    if not args.spread and run.NPROC > 1:  # the driver keeps off the pinned CPU
-        run.os.sched_setaffinity(0, [c for c in run.ALL_CPUS if c not in run.PINNED])
     bench = run.Bench(args, tools, workdir, run.Report())
     try:
         cases = [{"name": version, "mode": args.mode, "cpus": cpus,

@@ -1001,19 +1001,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def prepare(out: str, prefix: str, mpd_python: str | None,
+            use_cc: bool = True) -> tuple[str, Path, Path, tuple[int, int], Tools]:
+    """What every driver does first: a time stamp, the run's directory under `out`, the fd
+    limit raised, itself off the pinned CPU, the load generator built. Returns the stamp,
+    `out` as a Path, the run's directory, the (soft, hard) fd limit and the tools."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(args.out)
-    workdir = out_dir / f"run-{stamp}"
+    out_dir = Path(out)
+    workdir = out_dir / f"{prefix}-{stamp}"
     workdir.mkdir(parents=True, exist_ok=True)
     nofile = raise_nofile()
     # The driver keeps off the pinned CPU so that it does not disturb per-core runs.
     if NPROC > 1:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, [c for c in os.sched_getaffinity(0) if c not in PINNED])
-    tools = Tools(out_dir / "build", find_mpd_python(args.mpd_python), not args.no_cc)
+    tools = Tools(out_dir / "build", find_mpd_python(mpd_python), use_cc)
     tools.build()
+    return stamp, out_dir, workdir, nofile, tools
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp, out_dir, workdir, nofile, tools = prepare(args.out, "run", args.mpd_python,
+                                                     not args.no_cc)
     report = Report()
     meta = machine(tools)
     progress(f"machine: {meta['nproc']} CPUs, {meta['cpu_model']}, kernel {meta['kernel']}, "
