@@ -29,6 +29,22 @@ PING = b"hello, client ping!\0"
 REPLY_LEN = 20
 
 
+def start_connect(addr: tuple[str, int], nodelay: bool = False) -> socket.socket | None:
+    """A non-blocking socket with its connect under way; None if connect failed at once."""
+    s = socket.socket()
+    s.setblocking(False)
+    if nodelay:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        s.connect(addr)
+    except BlockingIOError:
+        pass
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
 def establish(addr: tuple[str, int], n: int, inflight: int,
               limit: float) -> tuple[list[socket.socket], int]:
     """n connections, each pinged once; returns (established, lost)."""
@@ -40,16 +56,9 @@ def establish(addr: tuple[str, int], n: int, inflight: int,
     deadline = time.monotonic() + limit
     while len(ready) + lost < n and time.monotonic() < deadline:
         while opened < n and len(pending) < inflight:
-            s = socket.socket()
-            s.setblocking(False)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             opened += 1
-            try:
-                s.connect(addr)
-            except BlockingIOError:
-                pass
-            except OSError:
-                s.close()
+            s = start_connect(addr, nodelay=True)
+            if s is None:
                 lost += 1
                 continue
             pending[s.fileno()] = (s, -1)
@@ -106,15 +115,9 @@ def worker(args: argparse.Namespace, conns: int, seed: int, pipe: Any) -> None:
 
     def open_one() -> None:
         nonlocal errors
-        s = socket.socket()
-        s.setblocking(False)
         t0 = time.monotonic()
-        try:
-            s.connect(addr)
-        except BlockingIOError:
-            pass
-        except OSError:
-            s.close()
+        s = start_connect(addr)
+        if s is None:
             errors += 1
             return
         state[s.fileno()] = [s, 1, 0, t0]
