@@ -9,27 +9,23 @@ numbers (tests/test_log.py compares the two), so every JSON reader sees the same
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from typing import Any
 
 _encoder = json.JSONEncoder(default=repr, ensure_ascii=False)  # values other than plain ones
 _escape = json.encoder.encode_basestring  # C: a JSON string literal, non-ASCII kept
-_keys: dict[str, str] = {}  # field name -> '"name": '
 _second = {"at": -1, "text": ""}  # the timestamp up to the second, kept while it holds
 _identity = {"text": ""}  # ', "pid": 1, "role": "master", "slot": null'
 _templates: dict[tuple[str, ...], str] = {}  # (level, event, field names...) -> %-template
 MAX_KEYS = MAX_TEMPLATES = 4096  # names from outside must not grow a cache without bound
 
 
+@functools.lru_cache(maxsize=MAX_KEYS)
 def key(name: str) -> str:
     """'"name": ', cached: events use a few dozen field names."""
-    text = _keys.get(name)
-    if text is None:
-        if len(_keys) >= MAX_KEYS:
-            _keys.clear()
-        text = _keys[name] = _escape(name if type(name) is str else str(name)) + ": "
-    return text
+    return _escape(name if type(name) is str else str(name)) + ": "
 
 
 def value(obj: Any) -> str:
@@ -48,10 +44,15 @@ def timestamp(now: float | None = None) -> str:
     if now is None:
         now = time.time()
     second = int(now)
+    return f"{_up_to_second(second)}.{int((now - second) * 1_000_000):06d}Z"
+
+
+def _up_to_second(second: int) -> str:
+    """'2026-11-27T08:39:55' for this second, kept while it lasts (strftime costs 1 us)."""
     if second != _second["at"]:
         _second["at"] = second
         _second["text"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second['text']}.{int((now - second) * 1_000_000):06d}Z"
+    return _second["text"]
 
 
 def render(fields: dict[str, Any]) -> str:
@@ -73,9 +74,7 @@ def line(level: str, event: str, fields: dict[str, Any]) -> str:
     template = _templates.get(shape) or _template(shape)
     now = time.time()
     second = int(now)
-    if second != _second["at"]:
-        timestamp(now)
-    return template % (_second["text"], int((now - second) * 1_000_000),
+    return template % (_up_to_second(second), int((now - second) * 1_000_000),
                        *[obj if type(obj) is int else value(obj) for obj in fields.values()])
 
 

@@ -108,21 +108,15 @@ class JournalWriter(FdWriter):
     def __init__(self) -> None:
         super().__init__(1)
         self.sender = systemd.JournalSender()
-        self.names: dict[str, str] = {}  # field -> journal field name, cached
 
     def msg(self, line: str, fields: dict[str, Any] | None = None) -> None:
         entry = [("MESSAGE", line), ("SYSLOG_IDENTIFIER", "mpd")]
-        names = self.names
         for key, value in (fields or {}).items():
             if key == "level":
                 entry.append(("PRIORITY", str(PRIORITIES.get(value, 6))))
             elif key != "ts" and value is not None:
-                name = names.get(key)
-                if name is None:
-                    if len(names) > 4096:
-                        names.clear()
-                    name = names[key] = systemd.journal_field_name("MPD_" + key)
-                entry.append((name, value if type(value) is str else jsonline.value(value)))
+                entry.append((systemd.journal_field_name("MPD_" + key),
+                              value if type(value) is str else jsonline.value(value)))
         if not self.sender.send(entry):
             super().msg(line)
 

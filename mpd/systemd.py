@@ -4,6 +4,7 @@ sd_notify (READY, STATUS, RELOADING, STOPPING, WATCHDOG), socket activation
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import struct
@@ -99,6 +100,7 @@ def journal_stream_connected(fd: int = 1) -> bool:
     return expected == f"{st.st_dev}:{st.st_ino}"
 
 
+@functools.lru_cache(maxsize=4096)  # events use a few dozen names; built char by char
 def journal_field_name(name: str) -> str:
     """A valid journal field name: upper case letters, digits, underscores, no leading _."""
     cleaned = "".join(c if c.isalnum() else "_" for c in name.upper()).lstrip("_")

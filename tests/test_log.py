@@ -82,7 +82,7 @@ def test_timestamp_matches_datetime_across_second_boundaries() -> None:
 def test_key_cache_is_bounded() -> None:
     for i in range(jsonline.MAX_KEYS + 100):
         assert jsonline.key(f"field_{i}") == f'"field_{i}": '
-    assert len(jsonline._keys) <= jsonline.MAX_KEYS
+    assert jsonline.key.cache_info().currsize <= jsonline.MAX_KEYS
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
