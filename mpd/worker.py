@@ -63,7 +63,8 @@ class Worker:
         self.channel = channel
         self.slot = slot
         self.protocol = PROTOCOLS[config.protocol]
-        self.family = int(listener.family)  # the property converts to an enum on each call
+        # The listener's family and type as ints: the properties convert to enums per call.
+        self.family, self.kind = int(listener.family), int(listener.type)
         self.pid = os.getpid()
         self.conns: dict[int, Connection] = {}
         self.epoll = select.epoll()
@@ -171,7 +172,7 @@ class Worker:
     def accept(self) -> None:
         conns, register = self.conns, self.epoll.register
         raw_accept = self.listener._accept  # (fd, address): see the note below
-        family, kind = int(self.listener.family), int(self.listener.type)
+        family, kind = self.family, self.kind
         max_clients = self.config.max_clients
         for _ in range(ACCEPT_BATCH):
             if len(conns) >= max_clients:
@@ -347,7 +348,7 @@ class Worker:
             return
         try:
             # Family and type given: no getsockopt() calls to detect them.
-            sock = socket.socket(self.family, socket.SOCK_STREAM, 0, message.fds[0])
+            sock = socket.socket(self.family, self.kind, 0, message.fds[0])
         except OSError as e:
             close_fds(message.fds)
             log.error("channel.error", error=f"ADOPT fd unusable: {e.strerror}")
