@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from mpd import config as configmod
+from mpd.commands import COMMANDS
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the daemon answered with an error
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="how long to wait for an answer, or for scale to finish (default 10)")
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
-    p.add_argument("command", choices=["status", "scale", "reload", "stop", "ping"])
+    p.add_argument("command", choices=list(COMMANDS))  # the daemon's own table
     p.add_argument("count", nargs="?", help="for scale: N, +N or -N")
     return p
 
