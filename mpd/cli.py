@@ -161,14 +161,14 @@ def raise_fd_limit() -> None:
 
 
 def serve_single_process(config: configmod.Config, listener: socket.socket) -> int:
-    from mpd.worker import Worker
+    from mpd.worker import run_single
 
     log = logmod.get_logger()
     logmod.set_role("single")
     log.info("mpd.started", version=__version__, config=config.path, listen=config.listen,
              port=listener.getsockname()[1], workers=0)
     log.info("mpd.ready", workers=0)
-    code = Worker(config, listener, None).run()
+    code = run_single(config, listener)
     log.info("mpd.stopped")
     return code
 

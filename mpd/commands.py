@@ -1,98 +1,195 @@
-"""What each control command does to the master: one function per command, one table.
-The control socket (control.py) carries requests here and replies back."""
+"""Control commands: one table (COMMANDS) that the daemon dispatches on and that mpdctl
+builds its help, its argument parsing and its output from; and the signals that stand for
+commands (SIGNALS), as nginx keeps one table for its signals and `nginx -s`.
+
+Commands see the daemon only through the narrow Daemon interface below."""
 
 from __future__ import annotations
 
 import grp
 import os
 import pwd
-import time
-from typing import TYPE_CHECKING, Any, Callable
+import signal
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
-from mpd import __version__
+from mpd import __version__, humane
+from mpd.config import Config
 
-if TYPE_CHECKING:
-    from mpd.master import Master
+Reply = dict[str, Any]
+
+
+class Daemon(Protocol):
+    """What a control command may see of and do to the master."""
+
+    @property
+    def target(self) -> int: ...
+
+    def snapshot(self) -> dict[str, Any]: ...
+
+    def scale(self, count: int) -> str | None: ...  # each returns why not, or None
+
+    def reload(self) -> str | None: ...
+
+    def stop(self, graceful: bool = True) -> str | None: ...
+
+
+def error(message: str) -> Reply:
+    return {"ok": False, "error": message}
+
+
+def done(why_not: str | None, **fields: Any) -> Reply:
+    return error(why_not) if why_not is not None else {"ok": True, **fields}
+
+
+# --- what each command does in the daemon -------------------------------------------------
 
 STAT_FIELDS = ("clients", "accepted", "requests", "handoffs_out", "adopted", "refused")
 
 
-def status(master: Master, _request: dict[str, Any]) -> dict[str, Any]:
-    now = time.monotonic()
-    workers = []
-    for worker in sorted(master.workers.values(), key=lambda w: (w.slot, w.started)):
-        history = master.history.get(worker.slot)
-        workers.append({
-            "slot": worker.slot, "pid": worker.pid, "state": worker.state,
-            **{k: worker.stats.get(k, 0) for k in STAT_FIELDS},
-            "max_clients": master.config.max_clients,
-            "restarts": history.restarts if history else 0,
-            "uptime": round(now - worker.started, 3),
-            "heartbeat_age": round(now - worker.last_seen, 3),
-        })
+def status(daemon: Daemon, _request: dict[str, Any]) -> Reply:
+    snapshot = daemon.snapshot()
+    workers = [{"slot": w["slot"], "pid": w["pid"], "state": w["state"],
+                **{k: w["stats"].get(k, 0) for k in STAT_FIELDS},
+                "max_clients": snapshot["master"]["max_clients"],
+                **{k: w[k] for k in ("restarts", "uptime", "heartbeat_age")}}
+               for w in snapshot["workers"]]
     totals = {k: sum(w[k] for w in workers) for k in STAT_FIELDS}
-    return {"ok": True, "master": {
-        "pid": os.getpid(), "version": __version__, "uptime": round(now - master.started, 3),
-        "config": master.config.path, "listen": master.config.listen,
-        "port": master.port, "state": master.state, "workers": master.target,
-        "ready": master.ready_count(), "held": len(master.held),
-        "autoscale": master.config.autoscale, "max_workers": master.config.max_workers,
-    }, "workers": workers, "totals": totals}
+    return {"ok": True, "master": snapshot["master"], "workers": workers, "totals": totals}
 
 
-def scale(master: Master, request: dict[str, Any]) -> dict[str, Any]:
+def scale(daemon: Daemon, request: dict[str, Any]) -> Reply:
     """{"workers": N} sets the count; {"delta": +N or -N} changes it."""
     workers, delta = request.get("workers"), request.get("delta")
-    if isinstance(workers, int) and not isinstance(workers, bool) and delta is None:
+    if is_int(workers) and delta is None:
         count = workers
-    elif isinstance(delta, int) and not isinstance(delta, bool) and workers is None:
-        count = master.target + delta
+    elif is_int(delta) and workers is None:
+        count = daemon.target + delta
     else:
-        return {"ok": False, "error": 'scale takes "workers": N or "delta": +N/-N (integers)'}
-    limit = master.config.max_workers
-    if not 1 <= count <= limit:
-        return {"ok": False, "error": f"worker count {count} out of range: 1 to {limit} "
-                "(workers.max_workers)"}
-    if master.state == "stopping":
-        return {"ok": False, "error": "mpd is stopping"}
-    previous = master.target
-    master.scale(count)
-    return {"ok": True, "previous": previous, "workers": count}
+        return error('scale takes "workers": N or "delta": +N/-N (integers)')
+    previous = daemon.target
+    return done(daemon.scale(count), previous=previous, workers=count)
 
 
-def reload(master: Master, _request: dict[str, Any]) -> dict[str, Any]:
-    error = master.reload()
-    if error is not None:
-        return {"ok": False, "error": f"reload failed, nothing changed: {error}"}
-    return {"ok": True, "workers": master.target}
+def reload(daemon: Daemon, _request: dict[str, Any]) -> Reply:
+    why_not = daemon.reload()
+    if why_not is not None:
+        return error(f"reload failed, nothing changed: {why_not}")
+    return {"ok": True, "workers": daemon.target}
 
 
-def stop(master: Master, request: dict[str, Any]) -> dict[str, Any]:
+def stop(daemon: Daemon, request: dict[str, Any]) -> Reply:
     graceful = request.get("graceful", True) is not False
-    master.stop(graceful=graceful)
-    return {"ok": True, "graceful": graceful}
+    return done(daemon.stop(graceful=graceful), graceful=graceful)
 
 
-def ping(master: Master, _request: dict[str, Any]) -> dict[str, Any]:
+def ping(_daemon: Daemon, _request: dict[str, Any]) -> Reply:
     return {"ok": True, "pong": True, "pid": os.getpid(), "version": __version__}
 
 
-COMMANDS: dict[str, Callable[[Master, dict[str, Any]], dict[str, Any]]] = {
-    "status": status, "scale": scale, "reload": reload, "stop": stop, "ping": ping,
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --- mpdctl's side: the argument each command takes, and how its reply is shown ------------
+
+def no_argument(arg: str | None) -> dict[str, Any]:
+    if arg is not None:
+        raise ValueError("takes no argument")
+    return {}
+
+
+def scale_argument(arg: str | None) -> dict[str, Any]:
+    """N sets the count, +N or -N changes it."""
+    if arg is None:
+        raise ValueError("takes a count: N, +N or -N")
+    try:
+        number = int(arg)
+    except ValueError:
+        raise ValueError(f"{arg!r} is not N, +N or -N") from None
+    return {"delta": number} if arg[:1] in "+-" else {"workers": number}
+
+
+def scale_done(reply: Reply, status: Reply) -> bool:
+    """Exactly the wanted number of workers serve, and the retired are gone."""
+    wanted = reply["workers"]
+    return status["master"]["ready"] == wanted and len(status["workers"]) == wanted
+
+
+STATUS_COLUMNS = (("slot", "SLOT"), ("pid", "PID"), ("state", "STATE"),
+                  ("clients", "CLIENTS"), ("max_clients", "MAX"), ("accepted", "ACCEPTED"),
+                  ("requests", "REQUESTS"), ("handoffs_out", "HANDOFF"),
+                  ("adopted", "ADOPTED"), ("refused", "REFUSED"), ("restarts", "RESTARTS"),
+                  ("uptime", "UPTIME"), ("heartbeat_age", "HEARTBEAT"))
+
+
+def show_status(reply: Reply) -> str:
+    m = reply["master"]
+    lines = [f"mpd {m['version']}  pid {m['pid']}  {m['state']}  up "
+             f"{humane.duration(m['uptime'])}  listening on {m['listen']}:{m['port']}  "
+             f"config {m['config'] or '(defaults)'}",
+             f"workers {m['ready']}/{m['workers']} ready (max {m['max_workers']}, autoscale "
+             f"{'on' if m['autoscale'] else 'off'})"]
+    rows = [[cell(w, name) for name, _ in STATUS_COLUMNS] for w in reply["workers"]]
+    totals = reply["totals"]
+    rows.append(["total"] + [str(totals[name]) if name in totals else ""
+                             for name, _ in STATUS_COLUMNS[1:]])
+    return "\n".join(lines + humane.table([h for _, h in STATUS_COLUMNS], rows))
+
+
+def cell(worker: dict[str, Any], name: str) -> str:
+    if name in ("uptime", "heartbeat_age"):
+        return humane.duration(worker[name])
+    return str(worker[name])
+
+
+@dataclass(frozen=True)
+class Command:
+    """One control command: what it does in the daemon, and how mpdctl speaks it."""
+    run: Callable[[Daemon, dict[str, Any]], Reply]  # in the daemon: request -> reply
+    usage: str  # as `mpdctl --help` shows it
+    summary: str
+    argument: Callable[[str | None], dict[str, Any]] = no_argument  # mpdctl's arg -> fields
+    show: Callable[[Reply], str] = lambda reply: "ok"  # what mpdctl prints of the reply
+    done: Callable[[Reply, Reply], bool] | None = None  # mpdctl waits for it on status
+
+
+COMMANDS: dict[str, Command] = {
+    "status": Command(status, "status", "workers, clients and counters (--json: the raw "
+                      "reply)", show=show_status),
+    "scale": Command(scale, "scale N|+N|-N", "set or change the worker count; waits until "
+                     "that many are ready", argument=scale_argument, done=scale_done,
+                     show=lambda r: f"mpd: {r['workers']} workers ready (was {r['previous']})"),
+    "reload": Command(reload, "reload", "re-read the config (as SIGHUP); an invalid file "
+                      "changes nothing", show=lambda r: f"mpd: config reloaded, {r['workers']} "
+                      "workers"),
+    "stop": Command(stop, "stop", "graceful stop (as SIGTERM); a second stop is immediate",
+                    show=lambda r: "mpd: stopping"),
+    "ping": Command(ping, "ping", "check that mpd answers",
+                    show=lambda r: f"mpd {r['version']} (pid {r['pid']}) answers"),
+}
+
+# Signals that stand for a command: the master runs the command as if mpdctl had sent it.
+SIGNALS: dict[signal.Signals, dict[str, Any]] = {
+    signal.SIGTERM: {"command": "stop"},
+    signal.SIGINT: {"command": "stop"},
+    signal.SIGQUIT: {"command": "stop", "graceful": False},
+    signal.SIGHUP: {"command": "reload"},
+    signal.SIGTTIN: {"command": "scale", "delta": 1},
+    signal.SIGTTOU: {"command": "scale", "delta": -1},
 }
 
 
-def handle(master: Master, request: dict[str, Any]) -> dict[str, Any]:
+def handle(daemon: Daemon, request: dict[str, Any]) -> Reply:
     command = COMMANDS.get(request["command"])
     if command is None:
-        return {"ok": False, "error": f"unknown command {request['command']!r}; expected one "
-                "of " + ", ".join(COMMANDS)}
-    return command(master, request)
+        return error(f"unknown command {request['command']!r}; expected one of "
+                     + ", ".join(COMMANDS))
+    return command.run(daemon, request)
 
 
-def allowed(master: Master, uid: int, gid: int) -> bool:
+def allowed(config: Config, uid: int, gid: int) -> bool:
     """Root, mpd's own user, control.allow_uids, and members of control.allow_group."""
-    config = master.config
     if uid in (0, os.geteuid()) or uid in config.allow_uids:
         return True
     if not config.allow_group:

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from mpd import config as configmod
-from mpd.commands import COMMANDS
+from mpd.commands import COMMANDS, Command
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the daemon answered with an error
@@ -24,21 +24,20 @@ EXIT_DENIED = 4  # the socket or the daemon refused us
 EXIT_TIMEOUT = 5  # no answer, or scale not done, within --timeout
 EXIT_CONFIG = configmod.EX_CONFIG  # the config that names the socket is invalid
 
-EPILOG = f"""commands:
-  status             workers, clients and counters (--json for the raw reply)
-  scale N|+N|-N      set or change the worker count; waits until that many are ready
-  reload             re-read the config (as SIGHUP); an invalid file changes nothing
-  stop               graceful stop (as SIGTERM)
-  ping               check that mpd answers
+EXIT_CODES = ((EXIT_OK, "done"), (EXIT_ERROR, "mpd answered with an error"),
+              (EXIT_USAGE, "bad arguments"),
+              (EXIT_NOT_RUNNING, "mpd is not running (no socket, or nothing answers on it)"),
+              (EXIT_DENIED, "permission denied (socket file mode/owner, or mpd's allow-list)"),
+              (EXIT_TIMEOUT, "timed out"), (EXIT_CONFIG, "the config file is invalid"))
 
-exit codes:
-  {EXIT_OK}  done
-  {EXIT_ERROR}  mpd answered with an error
-  {EXIT_USAGE}  bad arguments
-  {EXIT_NOT_RUNNING}  mpd is not running (no socket, or nothing answers on it)
-  {EXIT_DENIED}  permission denied (socket file mode/owner, or mpd's allow-list)
-  {EXIT_TIMEOUT}  timed out
-  {EXIT_CONFIG} the config file is invalid"""
+
+def epilog() -> str:
+    """The commands and exit codes, from the daemon's own table."""
+    lines = ["commands:"]
+    lines += [f"  {c.usage:<18} {c.summary}" for c in COMMANDS.values()]
+    lines += ["", "exit codes:"]
+    lines += [f"  {code:<2} {meaning}" for code, meaning in EXIT_CODES]
+    return "\n".join(lines)
 
 
 class CtlError(Exception):
@@ -49,7 +48,7 @@ class CtlError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpdctl", description="Steer a running mpd.",
-                                epilog=EPILOG, formatter_class=argparse.RawTextHelpFormatter)
+                                epilog=epilog(), formatter_class=argparse.RawTextHelpFormatter)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--config", metavar="PATH",
                        help=f"mpd's config, to find its socket (default: {configmod.DEFAULT_PATH}"
@@ -59,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to wait for an answer, or for scale to finish (default 10)")
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
     p.add_argument("command", choices=list(COMMANDS))  # the daemon's own table
-    p.add_argument("count", nargs="?", help="for scale: N, +N or -N")
+    p.add_argument("argument", nargs="?", help="for scale: N, +N or -N")
     return p
 
 
@@ -137,63 +136,32 @@ def socket_path(args: argparse.Namespace) -> str:
         raise CtlError(EXIT_CONFIG, f"invalid config: {e}") from None
 
 
-def print_status(reply: dict[str, Any]) -> None:
-    m = reply["master"]
-    print(f"mpd {m['version']}  pid {m['pid']}  {m['state']}  up {m['uptime']:.0f}s  "
-          f"listening on {m['listen']}:{m['port']}  config {m['config'] or '(defaults)'}")
-    print(f"workers {m['ready']}/{m['workers']} ready (max {m['max_workers']}, autoscale "
-          f"{'on' if m['autoscale'] else 'off'})")
-    columns = ("slot", "pid", "state", "clients", "max_clients", "accepted", "requests",
-               "handoffs_out", "adopted", "refused", "restarts", "uptime", "heartbeat_age")
-    heads = ("SLOT", "PID", "STATE", "CLIENTS", "MAX", "ACCEPTED", "REQUESTS", "HANDOFF",
-             "ADOPTED", "REFUSED", "RESTARTS", "UPTIME", "HEARTBEAT")
-    rows = [[str(w[c]) for c in columns] for w in reply["workers"]]
-    totals = reply["totals"]
-    rows.append(["total", "", "", *(str(totals[c]) for c in columns[3:4]), "",
-                 *(str(totals[c]) for c in columns[5:10]), "", "", ""])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(heads)]
-    for row in [list(heads), *rows]:
-        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)).rstrip())
-
-
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if (args.command == "scale") != (args.count is not None):
-        parser.error("scale takes a count (N, +N or -N); other commands take none")
-    fields: dict[str, int] = {}
-    if args.command == "scale":
-        try:
-            number = int(args.count)
-        except ValueError:
-            parser.error(f"scale: {args.count!r} is not N, +N or -N")
-        fields = {"delta": number} if args.count[0] in "+-" else {"workers": number}
+    command = COMMANDS[args.command]
+    try:
+        fields = command.argument(args.argument)
+    except ValueError as e:
+        parser.error(f"{args.command}: {e}")
     client = Client(socket_path(args), args.timeout)
-    if args.command == "scale":
-        reply = client.request("scale", **fields)
-        wanted = reply["workers"]
-        while True:  # done when exactly `wanted` workers serve and the retired are gone
-            status = client.request("status")
-            if status["master"]["ready"] == wanted and len(status["workers"]) == wanted:
-                break
-            if time.monotonic() > client.deadline:
-                raise CtlError(EXIT_TIMEOUT, f"scale: {status['master']['ready']} of {wanted} "
-                               f"workers ready after {args.timeout:g} s")
-            time.sleep(0.02)  # a poll interval against the daemon, bounded by the deadline
-        reply = {**reply, "ready": wanted}
-    else:
-        reply = client.request(args.command)
-    if args.json:
-        print(json.dumps(reply, indent=2))
-    elif args.command == "status":
-        print_status(reply)
-    elif args.command == "scale":
-        print(f"mpd: {reply['ready']} workers ready (was {reply['previous']})")
-    elif args.command == "ping":
-        print(f"mpd {reply['version']} (pid {reply['pid']}) answers")
-    elif args.command == "reload":
-        print(f"mpd: config reloaded, {reply['workers']} workers")
-    else:
-        print("mpd: stopping")
+    reply = client.request(args.command, **fields)
+    if command.done is not None:
+        wait_done(client, command, reply, args.timeout)
+    print(json.dumps(reply, indent=2) if args.json else command.show(reply))
     return EXIT_OK
+
+
+def wait_done(client: Client, command: Command, reply: dict[str, Any], timeout: float) -> None:
+    """Poll status until the command's effect is complete, or fail at the deadline."""
+    assert command.done is not None
+    while True:
+        status = client.request("status")
+        if command.done(reply, status):
+            return
+        if time.monotonic() > client.deadline:
+            m = status["master"]
+            raise CtlError(EXIT_TIMEOUT, f"{command.usage.split()[0]}: not done after "
+                           f"{timeout:g} s ({m['ready']} of {m['workers']} workers ready)")
+        time.sleep(0.02)  # a poll interval against the daemon, bounded by the deadline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     except CtlError as e:
         print(f"mpdctl: {e}", file=sys.stderr)
         return e.code
+    except BrokenPipeError:  # `mpdctl status | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "mpd.already_running": ("error", "master", "--daemon: a live mpd holds the pidfile (exit "
                             "69): error"),
     "mpd.bind_failed": ("error", "master", "cannot listen: error (exit 69)"),
+    "mpd.signal_refused": ("warning", "master", "a signal's command could not be done (SIGTTIN "
+                           "at max_workers, SIGTTOU at one worker): signal, command, error"),
     "config.invalid": ("error", "master", "the config file is invalid at start: path, line, "
                        "key, error (exit 78)"),
     "config.reloaded": ("info", "master", "SIGHUP or mpdctl reload applied: path, workers"),

@@ -1,12 +1,16 @@
 """Signals as events: handlers do nothing but let Python write the signal number to a
-wake-up socket (signal.set_wakeup_fd); the event loop reads the numbers and reacts. No
-logging or real work ever runs inside a handler."""
+wake-up socket (signal.set_wakeup_fd); the event loop reads the numbers and runs the
+reaction that the process's one table gives. No logging or real work ever runs inside a
+signal handler (gunicorn's "reentrant call" deadlocks came from that)."""
 
 from __future__ import annotations
 
 import signal
 import socket
 from collections.abc import Iterable
+from typing import Any, Callable
+
+Table = dict[signal.Signals, Callable[[], Any]]
 
 
 def _record(_signum: int, _frame: object) -> None:
@@ -14,13 +18,15 @@ def _record(_signum: int, _frame: object) -> None:
 
 
 class SignalQueue:
-    def __init__(self, signals: Iterable[signal.Signals], ignore: Iterable[signal.Signals] = ()):
+    """The process's signal table: each signal with its reaction, run from the loop."""
+
+    def __init__(self, handlers: Table, ignore: Iterable[signal.Signals] = ()):
+        self.handlers = handlers
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
-        self.signals = list(signals)
         signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
-        for sig in self.signals:
+        for sig in handlers:
             signal.signal(sig, _record)
         for sig in ignore:
             signal.signal(sig, signal.SIG_IGN)
@@ -38,15 +44,19 @@ class SignalQueue:
                 break
             if not data:
                 break
-            for number in data:
-                received.append(signal.Signals(number))
+            received += [signal.Signals(number) for number in data]
         return received
+
+    def dispatch(self) -> None:
+        """Run the reaction to every signal that arrived, in order."""
+        for sig in self.drain():
+            self.handlers[sig]()
 
     def close(self, disposition: signal.Handlers = signal.SIG_DFL) -> None:
         """Drop the wake-up fd and set the signals to `disposition`: SIG_DFL in a forked
         child; SIG_IGN in a process on its way out, which a late SIGTERM must not kill."""
         signal.set_wakeup_fd(-1)
-        for sig in self.signals:
+        for sig in self.handlers:
             signal.signal(sig, disposition)
         self._reader.close()
         self._writer.close()

@@ -1,6 +1,7 @@
-"""A worker: one level-triggered epoll loop over the shared listening socket, its channel
-to the master, its clients and its signals. It knows the client protocol only through
-the ClientProtocol interface; with `workers = 0` the master process runs it directly."""
+"""A worker: one level-triggered epoll loop over the shared listening socket, its link to
+the master, its clients and its signals. It knows the client protocol only through the
+ClientProtocol interface, and its master only through the link (link.py): under a master
+a channel, in single-process mode (`workers = 0`) a stand-in, with the same loop."""
 
 from __future__ import annotations
 
@@ -8,22 +9,21 @@ import contextlib
 import errno
 import os
 import select
-import signal
 import socket
 import time
-from typing import Any
+from typing import Any, Callable, Union
 
 from mpd import log as logmod
 from mpd import testhooks as hooks
-from mpd.channel import Channel, ChannelClosed, Kind, Message, close_fds
+from mpd.channel import ChannelClosed, Kind, Message, close_fds
 from mpd.config import Config
+from mpd.connection import PINNED, WAITING, Connection
+from mpd.link import MasterLink, StandaloneLink
 from mpd.protocols import PROTOCOLS, ProtocolError
 from mpd.routing import owner
-from mpd.signals import SignalQueue
 
 RECV_SIZE = 32768
 ACCEPT_BATCH = 32  # accepts per wake-up, so a burst spreads over the workers
-HEARTBEAT = 1.0  # seconds between STATS messages (the master's liveness check)
 ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
 EXIT_OK, EXIT_BOOT_ERROR = 0, 3  # 3: failed before serving (the master backs off harder)
 
@@ -33,41 +33,33 @@ ACCEPT_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 log = logmod.get_logger()
 
+Link = Union[MasterLink, StandaloneLink]
 
-class Connection:
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "key", "owner", "table", "handoff_pending",
-                 "pinned")
 
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.inbuf = bytearray()  # received, not yet consumed (an incomplete frame)
-        self.outbuf = bytearray()  # replies the client has not taken yet
-        self.key: int | None = None
-        self.owner: int | None = None  # the slot that owns its key, when it has one,
-        self.table = 0  # by a slot table of this many slots (ROUTES may come before we hand off)
-        self.handoff_pending = False  # hand off once the replies already due are out
-        self.pinned = False  # a hand-off failed: serve it here whatever its key
+def run_worker(config: Config, listener: socket.socket, channel: socket.socket, slot: int,
+               slots: tuple[int, ...]) -> int:
+    """A forked worker's life, under its master."""
+    return Worker(config, listener, MasterLink(channel), slot, slots).run()
 
-    @property
-    def idle(self) -> bool:
-        return not self.inbuf and not self.outbuf
+
+def run_single(config: Config, listener: socket.socket) -> int:
+    """Single-process mode: this process serves, with no master."""
+    return Worker(config, listener, StandaloneLink()).run()
 
 
 class Worker:
-    def __init__(self, config: Config, listener: socket.socket, channel: Channel | None,
+    def __init__(self, config: Config, listener: socket.socket, link: Link,
                  slot: int | None = None, slots: tuple[int, ...] = ()):
         self.config = config
         self.slots = slots  # the slot table: who owns which key (ROUTES updates it)
         self.listener = listener
-        self.channel = channel
+        self.link = link
         self.slot = slot
         self.protocol = PROTOCOLS[config.protocol]
         # The listener's family and type as ints: the properties convert to enums per call.
         self.family, self.kind = int(listener.family), int(listener.type)
         self.pid = os.getpid()
         self.conns: dict[int, Connection] = {}
-        self.epoll = select.epoll()
         self.accepting = False
         self.accept_retry_at = 0.0  # monotonic time to retry accepting after a shortage
         self.stopping = False  # graceful: no new clients; close each at a frame boundary
@@ -76,16 +68,14 @@ class Worker:
         self.running = True
         self.next_heartbeat = 0.0
         self.next_timer = 0.0  # the earliest of the three times above: one check per turn
+        self.link_writable_wanted = False  # the link's fd is in epoll for OUT too
         self.debug = logmod.enabled("debug")
         self.stats = {"accepted": 0, "requests": 0, "handoffs_out": 0, "adopted": 0,
                       "refused": 0, "protocol_errors": 0, "overflows": 0}
-        if channel is None:  # single-process mode: the master's signals are ours
-            self.signals = SignalQueue([signal.SIGTERM, signal.SIGINT, signal.SIGQUIT,
-                                        signal.SIGHUP])
-        else:  # the master coordinates INT (ctrl-C hits the whole group), HUP, TTIN, TTOU
-            self.signals = SignalQueue([signal.SIGTERM, signal.SIGQUIT],
-                                       ignore=[signal.SIGINT, signal.SIGHUP, signal.SIGTTIN,
-                                               signal.SIGTTOU])
+        # What the master may tell us: one table, as nginx keeps one switch.
+        self.on_message_kind: dict[Kind, Callable[[Message], None]] = {
+            Kind.ADOPT: self.adopt, Kind.ROUTES: self.on_routes, Kind.CONFIG: self.on_config,
+            Kind.DRAIN: self.on_drain, Kind.STOP: lambda _message: self.stop()}
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -93,16 +83,15 @@ class Worker:
         if hooks.crash_requested():
             log.error("worker.test_crash")
             return EXIT_BOOT_ERROR
+        self.epoll = select.epoll()
+        self.signals = self.link.signals(self)
         self.epoll.register(self.signals.fileno(), IN)
-        if self.channel is not None:
-            self.epoll.register(self.channel.fileno(), IN)
+        lfd, sfd, mfd = self.listener.fileno(), self.signals.fileno(), self.link.fileno()
+        if mfd >= 0:
+            self.epoll.register(mfd, IN)
         self.resume_accepting()
-        if self.channel is not None:
-            self.channel.send(Kind.HELLO, {"slot": self.slot, "pid": os.getpid()})
+        self.link.hello(self.slot)
         log.info("worker.serving", max_clients=self.config.max_clients)
-        lfd = self.listener.fileno()
-        sfd = self.signals.fileno()
-        cfd = self.channel.fileno() if self.channel is not None else -1
         conns = self.conns
         poll = self.epoll.poll
         monotonic = time.monotonic
@@ -119,10 +108,10 @@ class Worker:
                         self.on_readable(conn)
                 elif fd == lfd:
                     self.accept()
-                elif fd == cfd:
-                    self.on_channel(events)
+                elif fd == mfd:
+                    self.on_link(events)
                 elif fd == sfd:
-                    self.on_signals()
+                    self.signals.dispatch()
             if self.stopping and not conns:
                 self.running = False
         self.shutdown()
@@ -131,17 +120,17 @@ class Worker:
     def rearm(self) -> None:
         """Recompute the next time the loop has timed work (heartbeat, retry, deadline)."""
         self.next_timer = min(self.accept_retry_at or INF, self.stop_deadline or INF,
-                              self.next_heartbeat if self.channel is not None else INF)
+                              self.next_heartbeat)
 
     def on_timers(self, now: float) -> None:
         if self.accept_retry_at and now >= self.accept_retry_at:
             self.accept_retry_at = 0.0
             self.resume_accepting()
-        if self.channel is not None and now >= self.next_heartbeat:
-            self.next_heartbeat = now + HEARTBEAT
+        if now >= self.next_heartbeat:
+            self.next_heartbeat = now + self.link.heartbeat
             if hooks.hang_requested():
                 hooks.hang()
-            self.send_stats()
+            self.report()
         if self.stopping and (not self.conns or now >= self.stop_deadline):
             self.running = False
         self.rearm()
@@ -161,8 +150,8 @@ class Worker:
         if self.accepting:
             self.epoll.unregister(self.listener.fileno())
             self.accepting = False
-            if self.channel is not None and reason == "max_clients":
-                self.send_stats()  # tell the master now: it may auto-scale
+            if reason == "max_clients":
+                self.report()  # tell the master now: it may auto-scale
         if retry:
             self.accept_retry_at = time.monotonic() + ACCEPT_RETRY
             self.rearm()
@@ -211,7 +200,7 @@ class Worker:
     # --- serving ------------------------------------------------------------------------
 
     def on_readable(self, conn: Connection) -> None:
-        if conn.handoff_pending:  # its unread bytes belong to the next owner
+        if conn.handoff == WAITING:  # its unread bytes belong to the next owner
             self.flush(conn)
             return
         try:
@@ -232,8 +221,7 @@ class Worker:
         try:
             replies, frames, key = self.protocol.feed(conn.inbuf, data)
             while key is not None:
-                conn.key = key
-                conn.owner, conn.table = self.owner_of(conn, key), len(self.slots)
+                conn.bind(key, self.owner_of(conn, key), len(self.slots))
                 if conn.owner != self.slot:
                     if frames:
                         self.stats["requests"] += frames
@@ -288,19 +276,32 @@ class Worker:
             return
         del conn.outbuf[:sent]
         if not conn.outbuf:
-            if conn.handoff_pending:
+            if conn.handoff == WAITING:
                 self.hand_off(conn)
                 return
             self.epoll.modify(conn.fd, IN)
             if self.stopping and conn.idle:
                 self.close(conn, "stopping")
 
+    def close(self, conn: Connection, reason: str) -> None:
+        del self.conns[conn.fd]
+        # Unregister first: close() alone leaves the epoll entry live while another copy
+        # of the socket exists, and the master's copy of a handed-off fd can outlive this
+        # whole exchange (waking us may preempt it just before it closes that copy); a
+        # dead client's level-triggered HUP would then spin this loop until it does.
+        self.epoll.unregister(conn.fd)
+        conn.sock.close()
+        if self.debug:
+            log.debug("client.closed", fd=conn.fd, reason=reason, clients=len(self.conns))
+        if not self.accepting:
+            self.resume_accepting()
+
     # --- routing and hand-off --------------------------------------------------------------
 
     def owner_of(self, conn: Connection, key: int) -> int | None:
-        """The slot that serves this client: ours to keep it; None when we are retiring
-        (the master decides)."""
-        if conn.pinned or self.channel is None or not self.slots:
+        """The slot that serves this client: ours to keep it (always, with no slot table:
+        single-process mode); None when we are retiring (the master decides)."""
+        if conn.handoff == PINNED or not self.slots:
             return self.slot
         if self.draining:
             return None
@@ -309,33 +310,29 @@ class Worker:
     def hand_off(self, conn: Connection) -> None:
         """Give the client, with every byte read but not consumed, to the master, which
         passes it to the key's owner. Replies already due go out first, so the client's
-        stream stays in order; until then the client is not read."""
-        assert self.channel is not None
+        stream stays in order; until then the client is not read (WAITING)."""
         if conn.outbuf:
-            conn.handoff_pending = True
+            conn.handoff = WAITING
             self.epoll.modify(conn.fd, OUT)
             return
-        conn.handoff_pending = False
         # Out of epoll before the fd leaves: an in-flight copy would keep the entry alive.
         self.epoll.unregister(conn.fd)
         try:
             # The owner we computed, and with which table; retiring, we let the master say.
-            self.channel.send(Kind.HANDOFF, {"key": conn.key, "sent_ns": time.monotonic_ns(),
-                                             "owner": None if self.draining else conn.owner,
-                                             "table": conn.table},
-                              bytes(conn.inbuf), [conn.fd])
+            self.link.hand_off({"key": conn.key, "sent_ns": time.monotonic_ns(),
+                                "owner": None if self.draining else conn.owner,
+                                "table": conn.table}, bytes(conn.inbuf), conn.fd)
         except (ValueError, ChannelClosed) as e:
             # The send failed, so the client stays here and is served in place.
             log.error("fd.handoff_failed", fd=conn.fd, key=conn.key, error=str(e))
             self.epoll.register(conn.fd, IN)
-            conn.pinned = True
+            conn.handoff = PINNED
             self.consume(conn, b"")
             return
         del self.conns[conn.fd]
         conn.sock.detach()  # the channel owns the fd now and closes it once it is sent
         self.stats["handoffs_out"] += 1
-        if self.channel.wants_write:
-            self.epoll.modify(self.channel.fileno(), IN | OUT)
+        self.watch_link()
         if not self.accepting:
             self.resume_accepting()
 
@@ -354,16 +351,8 @@ class Worker:
             log.error("channel.error", error=f"ADOPT fd unusable: {e.strerror}")
             return
         sock.setblocking(False)
-        sent_ns = meta.get("sent_ns")
-        latency_us = (time.monotonic_ns() - sent_ns) // 1000 if isinstance(sent_ns, int) else None
         if len(self.conns) >= self.config.max_clients:
-            self.stats["refused"] += 1
-            with contextlib.suppress(OSError):
-                sock.send(self.protocol.refusal)
-            sock.close()
-            log.warning("fd.refused", key=meta.get("key"), from_slot=meta.get("from_slot"),
-                        reason="max_clients", clients=len(self.conns),
-                        max_clients=self.config.max_clients)
+            self.refuse(sock, meta)
             return
         conn = Connection(sock)
         conn.key = meta.get("key")
@@ -375,65 +364,70 @@ class Worker:
         if self.debug:
             log.debug("client.bound", fd=conn.fd, key=conn.key)
         self.stats["adopted"] += 1
+        sent_ns = meta.get("sent_ns")
         log.info("fd.dispatched", key=conn.key, from_slot=meta.get("from_slot"),
                  from_pid=meta.get("from_pid"), to_slot=self.slot, to_pid=self.pid,
-                 carried=len(message.raw), latency_us=latency_us)
+                 carried=len(message.raw),
+                 latency_us=(time.monotonic_ns() - sent_ns) // 1000 if sent_ns else None)
         self.consume(conn, message.raw)
 
-    def close(self, conn: Connection, reason: str) -> None:
-        del self.conns[conn.fd]
-        # Unregister first: close() alone leaves the epoll entry live while another copy
-        # of the socket exists, and the master's copy of a handed-off fd can outlive this
-        # whole exchange (waking us may preempt it just before it closes that copy); a
-        # dead client's level-triggered HUP would then spin this loop until it does.
-        self.epoll.unregister(conn.fd)
-        conn.sock.close()
-        if self.debug:
-            log.debug("client.closed", fd=conn.fd, reason=reason, clients=len(self.conns))
-        if not self.accepting:
-            self.resume_accepting()
+    def refuse(self, sock: socket.socket, meta: dict[str, Any]) -> None:
+        """We are full: the client gets the protocol's refusal and is closed."""
+        self.stats["refused"] += 1
+        with contextlib.suppress(OSError):
+            sock.send(self.protocol.refusal)
+        sock.close()
+        log.warning("fd.refused", key=meta.get("key"), from_slot=meta.get("from_slot"),
+                    reason="max_clients", clients=len(self.conns),
+                    max_clients=self.config.max_clients)
 
-    # --- master and signals ---------------------------------------------------------------
+    # --- the master: messages through the link ------------------------------------------
 
-    def on_channel(self, events: int) -> None:
-        assert self.channel is not None
+    def on_link(self, events: int) -> None:
         try:
-            if events & OUT and self.channel.flush():
-                self.epoll.modify(self.channel.fileno(), IN)
-            for message in self.channel.receive():
-                self.on_message(message)
+            messages = self.link.receive(bool(events & OUT))
+            self.watch_link()
+            for message in messages:
+                if self.debug:
+                    log.debug("channel.message", kind=message.kind.name, size=len(message.raw))
+                react = self.on_message_kind.get(message.kind)
+                if react is None:
+                    close_fds(message.fds)
+                    log.warning("channel.error", error=f"unexpected {message.kind.name} "
+                                "from master")
+                else:
+                    react(message)
         except ChannelClosed:
-            # The master is gone: no one would route, supervise or reap us. Leave now.
-            log.warning("worker.orphaned", reason="channel closed")
-            self.running = False
+            self.orphaned()
 
-    def on_message(self, message: Message) -> None:
-        if self.debug:
-            log.debug("channel.message", kind=message.kind.name, size=len(message.raw))
-        if message.kind is Kind.ADOPT:
-            self.adopt(message)
-        elif message.kind is Kind.ROUTES:
-            self.slots = tuple(message.meta.get("slots", ()))
-        elif message.kind is Kind.STOP:
-            self.stop()
-        elif message.kind is Kind.DRAIN:
-            self.drain(tuple(message.meta.get("slots", ())))
-        elif message.kind is Kind.CONFIG:
-            self.apply(message.meta)
-        else:
-            close_fds(message.fds)
-            log.warning("channel.error", error=f"unexpected {message.kind.name} from master")
+    def watch_link(self) -> None:
+        """Wait for the channel to be writable only while something is queued for it."""
+        wants_write = self.link.wants_write
+        if wants_write != self.link_writable_wanted:
+            self.link_writable_wanted = wants_write
+            self.epoll.modify(self.link.fileno(), IN | OUT if wants_write else IN)
 
-    def send_stats(self) -> None:
-        assert self.channel is not None
+    def orphaned(self) -> None:
+        # The master is gone: no one would route, supervise or reap us. Leave now.
+        log.warning("worker.orphaned", reason="channel closed")
+        self.running = False
+
+    def report(self) -> None:
         try:
-            self.channel.send(Kind.STATS, {"clients": len(self.conns), **self.stats})
+            self.link.report({"clients": len(self.conns), **self.stats})
         except ChannelClosed:
-            log.warning("worker.orphaned", reason="channel closed")
-            self.running = False
+            self.orphaned()
             return
-        if self.channel.wants_write:
-            self.epoll.modify(self.channel.fileno(), IN | OUT)
+        self.watch_link()
+
+    def on_routes(self, message: Message) -> None:
+        self.slots = tuple(message.meta.get("slots", ()))
+
+    def on_config(self, message: Message) -> None:
+        self.apply(message.meta)
+
+    def on_drain(self, message: Message) -> None:
+        self.drain(tuple(message.meta.get("slots", ())))
 
     def apply(self, settings: dict[str, Any]) -> None:
         """Take changed limits and log level from a reload."""
@@ -445,26 +439,7 @@ class Worker:
         elif self.accepting:
             self.pause_accepting("max_clients")
 
-    def on_signals(self) -> None:
-        for sig in self.signals.drain():
-            if sig in (signal.SIGTERM, signal.SIGINT):
-                self.stop()
-            elif sig == signal.SIGQUIT:
-                log.info("worker.quit")
-                os._exit(EXIT_OK)
-            elif sig == signal.SIGHUP:
-                self.reload_standalone()
-
-    def reload_standalone(self) -> None:
-        from mpd import config as configmod
-
-        try:
-            new = configmod.reload(self.config)
-        except configmod.ConfigError as e:
-            log.error("config.reload_failed", error=str(e))
-            return
-        self.apply({k: getattr(new, k) for k in configmod.LIVE_SETTINGS})
-        log.info("config.reloaded", path=new.path)
+    # --- stopping -----------------------------------------------------------------------
 
     def stop(self) -> None:
         """Graceful: no new clients; each client is closed once its replies are out."""
@@ -487,10 +462,14 @@ class Worker:
             if conn.fd in self.conns and conn.idle:
                 self.close(conn, "stopping")
 
+    def quit(self) -> None:
+        log.info("worker.quit")
+        os._exit(EXIT_OK)
+
     def drain(self, slots: tuple[int, ...]) -> None:
         """Retire: stop accepting and hand every client, with its unread bytes, to the owner
         of its key under the new slot table (or to any worker when it has no key)."""
-        if self.draining or self.channel is None:
+        if self.draining:
             return
         self.slots = slots
         log.info("worker.draining", clients=len(self.conns))
@@ -502,12 +481,7 @@ class Worker:
     def shutdown(self) -> None:
         for conn in list(self.conns.values()):
             self.close(conn, "shutdown")
-        if self.channel is not None:
-            self.send_stats()
-            self.channel.sock.setblocking(True)
-            self.channel.sock.settimeout(1.0)  # last stats out; bounded
-            with contextlib.suppress(ChannelClosed, OSError):
-                self.channel.flush()
+        self.link.close({"clients": 0, **self.stats})
         log.info("worker.stopped", **self.stats)
 
 

@@ -26,12 +26,12 @@ from conftest import (
     wait_until,
 )
 
-from mpd import config as configmod
 from mpd import log as logmod
 from mpd import routing
 from mpd.channel import Channel, Kind, Message, close_fds
-from mpd.master import Master, WorkerProc
+from mpd.handoff import Broker
 from mpd.protocols.ping import REFUSAL
+from mpd.slots import Slots, WorkerProc
 
 # --- rendezvous hashing ---------------------------------------------------------------------
 
@@ -228,35 +228,29 @@ def test_the_inlined_owner_agrees_with_the_ranking():
 # --- the master's routing of one HANDOFF, on real socketpairs -------------------------------
 
 @pytest.fixture
-def master_of_four():
-    """A Master with four 'workers' whose channel ends the test holds: no processes, so a
-    HANDOFF can carry any owner hint. The Master's signal handlers are put back after."""
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
-               signal.SIGTTIN, signal.SIGTTOU)
-    handlers = {sig: signal.getsignal(sig) for sig in signals}
+def broker_of_four():
+    """The hand-off broker with four 'workers' whose channel ends the test holds: no
+    processes, so a HANDOFF can carry any owner hint."""
     logmod.configure("warning")
-    listener = socket.create_server(("127.0.0.1", 0))
-    master = Master(configmod.parse("[workers]\nworkers = 4\n", "test.toml"), listener)
+    slots = Slots(4)
     ends: dict[int, Channel] = {}
     for slot in range(4):
         ours, theirs = Channel.pair()
         worker = WorkerProc(slot=slot, pid=4_000_000 + slot, channel=Channel(ours, f"slot {slot}"))
         worker.state = "ready"
-        master.workers[worker.pid] = worker
-        master.serving[slot] = worker
+        slots.add(worker)
         ends[slot] = Channel(theirs, "master")
+
+    def send(worker: WorkerProc, kind: Kind, meta: dict, raw: bytes, fds: list[int]) -> bool:
+        worker.channel.send(kind, meta, raw, fds)
+        return True
     try:
-        yield master, ends
+        yield Broker(slots, send), slots, ends
     finally:
-        for worker in master.workers.values():
+        for worker in slots.workers.values():
             worker.channel.close()
         for end in ends.values():
             end.close()
-        master.selector.close()
-        master.signals.close()
-        listener.close()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
         logmod.configure("info")
 
 
@@ -267,16 +261,16 @@ def master_of_four():
     (7, 4, "owner"),         # not a slot of the table: computed
     (-1, 4, "owner"),
 ])
-def test_the_master_takes_the_senders_owner_only_from_the_same_table(master_of_four, hint,
+def test_the_master_takes_the_senders_owner_only_from_the_same_table(broker_of_four, hint,
                                                                     table, goes_to):
-    master, ends = master_of_four
+    broker, slots, ends = broker_of_four
     key = 123456789
     owner = routing.owner(key, (0, 1, 2, 3))
     sender, other = [slot for slot in range(4) if slot != owner][:2]
     r, w = os.pipe()
     meta = {"key": key, "sent_ns": 1, "owner": other if hint == "other" else hint,
             "table": table, "from_slot": None, "from_pid": None}
-    master.dispatch(master.serving[sender], Message(Kind.HANDOFF, meta, b"M\0", [r]))
+    broker.dispatch(slots.serving[sender], Message(Kind.HANDOFF, meta, b"M\0", [r]))
     received = {slot: end.receive() for slot, end in ends.items()}
     expected = other if goes_to == "other" else owner
     assert [slot for slot, messages in received.items() if messages] == [expected]
@@ -286,4 +280,4 @@ def test_the_master_takes_the_senders_owner_only_from_the_same_table(master_of_f
     os.write(w, b"x")
     assert os.read(adopt.fds[0], 1) == b"x"  # the client's fd came through
     close_fds([*adopt.fds, w])
-    assert not master.held
+    assert not broker.held

@@ -1,0 +1,113 @@
+"""How a worker talks to its master. Under a master, a MasterLink over the worker's
+channel: HELLO, heartbeats (STATS) and HANDOFF out; ADOPT, ROUTES, CONFIG, DRAIN and STOP
+in. In single-process mode (`workers = 0`) there is no master: a StandaloneLink takes the
+master's part of the signals (reload on SIGHUP) and the worker serves every key itself.
+The worker loop is the same in both modes; only the link differs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from typing import TYPE_CHECKING, Any
+
+from mpd import config as configmod
+from mpd.channel import Channel, ChannelClosed, Kind, Message
+from mpd.reloading import reload_config
+from mpd.signals import SignalQueue
+from mpd.systemd import Notifier
+
+if TYPE_CHECKING:
+    from mpd.worker import Worker
+
+HEARTBEAT = 1.0  # seconds between STATS messages (the master's liveness check)
+FINAL_FLUSH = 1.0  # seconds a stopping worker may block to get its last STATS out
+INF = float("inf")
+
+
+class MasterLink:
+    heartbeat = HEARTBEAT
+
+    def __init__(self, sock: socket.socket):
+        self.channel = Channel(sock, "master")
+
+    def fileno(self) -> int:
+        return self.channel.fileno()
+
+    def signals(self, worker: Worker) -> SignalQueue:
+        # The master coordinates INT (Ctrl-C hits the whole process group), HUP, TTIN, TTOU.
+        return SignalQueue({signal.SIGTERM: worker.stop, signal.SIGQUIT: worker.quit},
+                           ignore=[signal.SIGINT, signal.SIGHUP, signal.SIGTTIN,
+                                   signal.SIGTTOU])
+
+    @property
+    def wants_write(self) -> bool:
+        return self.channel.wants_write
+
+    def hello(self, slot: int | None) -> None:
+        self.channel.send(Kind.HELLO, {"slot": slot, "pid": os.getpid()})
+
+    def report(self, counters: dict[str, int]) -> None:
+        """The heartbeat: counters to the master. Raises ChannelClosed."""
+        self.channel.send(Kind.STATS, counters)
+
+    def hand_off(self, meta: dict[str, Any], raw: bytes, fd: int) -> None:
+        """HANDOFF the client's fd; the channel owns it from here. Raises ValueError or
+        ChannelClosed, and the fd stays the caller's then."""
+        self.channel.send(Kind.HANDOFF, meta, raw, [fd])
+
+    def receive(self, writable: bool) -> list[Message]:
+        """Flush what is queued when writable, then take what arrived. Raises
+        ChannelClosed when the master is gone."""
+        if writable:
+            self.channel.flush()
+        return self.channel.receive()
+
+    def close(self, counters: dict[str, int]) -> None:
+        """The last STATS, bounded: the master counts what this worker did to the end."""
+        with contextlib.suppress(ChannelClosed, OSError):
+            self.channel.send(Kind.STATS, counters)
+            self.channel.sock.setblocking(True)
+            self.channel.sock.settimeout(FINAL_FLUSH)
+            self.channel.flush()
+
+
+class StandaloneLink:
+    heartbeat = INF  # nobody listens for one
+    wants_write = False
+
+    def __init__(self) -> None:
+        self.notifier = Notifier()
+
+    def fileno(self) -> int:
+        return -1
+
+    def signals(self, worker: Worker) -> SignalQueue:
+        return SignalQueue({signal.SIGTERM: worker.stop, signal.SIGINT: worker.stop,
+                            signal.SIGQUIT: worker.quit,
+                            signal.SIGHUP: lambda: self.reload(worker)})
+
+    def reload(self, worker: Worker) -> None:
+        """SIGHUP: the same check as the master's reload; the worker takes what it can live."""
+        self.notifier.reloading()
+        new = reload_config(worker.config)
+        if not isinstance(new, str):
+            worker.apply({k: getattr(new, k) for k in configmod.LIVE_SETTINGS})
+        self.notifier.ready("serving")
+
+    def hello(self, _slot: int | None) -> None:
+        self.notifier.ready("serving")
+
+    def report(self, _counters: dict[str, int]) -> None:
+        pass
+
+    def hand_off(self, _meta: dict[str, Any], _raw: bytes, _fd: int) -> None:
+        raise ChannelClosed("single-process mode has no master to hand off to")
+
+    def receive(self, _writable: bool) -> list[Message]:
+        return []
+
+    def close(self, _counters: dict[str, int]) -> None:
+        self.notifier.stopping()
+        self.notifier.close()

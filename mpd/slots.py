@@ -1,0 +1,127 @@
+"""The slot table: which worker processes exist, which one serves each slot, and what
+each slot remembers across its workers' deaths (restarts, crash-loop back-off).
+
+Workers live in numbered slots 0..N-1; a respawned worker takes the slot of the one it
+replaces, so routing by slot survives respawns. This module is the master's data about
+them; the master (master.py) forks and reaps, the broker (handoff.py) routes to them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from mpd.channel import Channel
+
+STABLE_AFTER = 5.0  # seconds a worker must live before its slot's crash count resets
+BACKOFF_FIRST = 0.1  # seconds before the second quick respawn; doubles after each
+
+
+@dataclass
+class WorkerProc:
+    """The master's view of one worker process."""
+    slot: int
+    pid: int
+    channel: Channel
+    started: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+    state: str = "starting"  # starting -> ready -> stopping
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def clients(self) -> int:
+        return self.stats.get("clients", 0)
+
+
+@dataclass
+class SlotHistory:
+    """What survives a worker's death: how often this slot crashed, when to retry."""
+    restarts: int = 0
+    quick_failures: int = 0
+    respawn_at: float = 0.0
+
+
+class Slots:
+    """Every worker process by pid, the one serving each slot, and each slot's history."""
+
+    def __init__(self, count: int):
+        self.workers: dict[int, WorkerProc] = {}  # by pid, retiring ones included
+        self.serving: dict[int, WorkerProc] = {}  # by slot: the workers that take clients
+        self.history: dict[int, SlotHistory] = {}  # by slot
+        self.table: tuple[int, ...] = tuple(range(count))  # always 0..N-1: see resize()
+
+    @property
+    def target(self) -> int:
+        return len(self.table)
+
+    def add(self, worker: WorkerProc) -> SlotHistory:
+        self.workers[worker.pid] = worker
+        self.serving[worker.slot] = worker
+        history = self.history.setdefault(worker.slot, SlotHistory())
+        history.respawn_at = 0.0
+        return history
+
+    def remove(self, pid: int) -> WorkerProc | None:
+        """Forget a reaped worker; None when the pid was not one of ours."""
+        worker = self.workers.pop(pid, None)
+        if worker is not None and self.serving.get(worker.slot) is worker:
+            del self.serving[worker.slot]
+        return worker
+
+    def retire(self, worker: WorkerProc) -> None:
+        """The worker takes no more clients; it is on its way out."""
+        worker.state = "stopping"
+        if self.serving.get(worker.slot) is worker:
+            del self.serving[worker.slot]
+
+    def resize(self, count: int) -> list[WorkerProc]:
+        """Make the table slots 0..count-1 (the broker relies on that: a table's size names
+        it). Returns the serving workers whose slot is gone, now retired."""
+        self.table = tuple(range(count))
+        gone = [w for w in self.serving.values() if w.slot >= count]
+        for worker in gone:
+            self.retire(worker)
+        for slot in [s for s in self.history if s >= count]:
+            del self.history[slot]
+        return gone
+
+    def ready_count(self) -> int:
+        return sum(1 for w in self.workers.values() if w.state == "ready")
+
+    def clients(self) -> int:
+        return sum(w.clients for w in self.workers.values())
+
+    def restarts(self, slot: int) -> int:
+        history = self.history.get(slot)
+        return history.restarts if history else 0
+
+    def backing_off(self, slot: int, now: float) -> bool:
+        history = self.history.get(slot)
+        return history is not None and history.respawn_at > now
+
+    def empty_slots(self, now: float) -> list[int]:
+        """Slots of the table with no serving worker whose back-off is over."""
+        return [slot for slot in self.table
+                if slot not in self.serving and not self.backing_off(slot, now)]
+
+    def next_respawn(self) -> float | None:
+        due = [h.respawn_at for h in self.history.values() if h.respawn_at]
+        return min(due) if due else None
+
+    def schedule_respawn(self, slot: int, uptime: float, backoff_max: float) -> float:
+        """Count a death; return the seconds to wait before refilling the slot. The first
+        crash respawns at once; each further crash within STABLE_AFTER of start doubles the
+        wait from BACKOFF_FIRST, capped at backoff_max."""
+        history = self.history.setdefault(slot, SlotHistory())
+        history.restarts += 1
+        history.quick_failures = history.quick_failures + 1 if uptime < STABLE_AFTER else 1
+        delay = 0.0
+        if history.quick_failures > 1:  # a crash loop: wait longer each time, capped
+            delay = min(backoff_max, BACKOFF_FIRST * 2 ** (history.quick_failures - 2))
+        history.respawn_at = time.monotonic() + delay
+        return delay
+
+    def respawn_now(self, slot: int) -> None:
+        """A worker killed on purpose (hung): its slot is refilled at once."""
+        history = self.history.setdefault(slot, SlotHistory())
+        history.restarts += 1
+        history.respawn_at = time.monotonic()
