@@ -1,131 +1,131 @@
-"""The hand-off broker: routes a client that a worker handed over (HANDOFF, with its fd and
-unread bytes) to the worker that owns the client's key (ADOPT), and holds it for a short,
-bounded time while that slot has no worker.
+"""The worker's side of a hand-off: which slot owns a client's key, giving a client away
+(HANDOFF, with every byte read but not consumed) when another slot owns it, and adopting
+one that the master hands over (ADOPT). The master's side is broker.py.
 
-It knows the slot table and a way to send; it neither forks nor reaps (master.py does)."""
+Handover is a part of the Worker class (worker.py), kept in a file of its own so that the
+hand-off reads in one place; it works on the worker's connections, epoll and link."""
 
 from __future__ import annotations
 
+import contextlib
+import select
+import socket
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mpd import log as logmod
-from mpd import routing
-from mpd.channel import Kind, Message, close_fds
-from mpd.slots import Slots, WorkerProc
+from mpd.channel import ChannelClosed, Message, close_fds
+from mpd.config import Config
+from mpd.connection import PINNED, WAITING, Connection
+from mpd.link import Link
+from mpd.protocols import ClientProtocol
+from mpd.routing import owner
 
-HOLD_TIMEOUT = 1.0  # seconds a hand-off waits for its owner's respawn before a fallback
-HOLD_MAX = 30.0  # seconds a hand-off may wait when no worker at all can take it
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
 
 log = logmod.get_logger()
 
-# (worker, kind, meta, raw, fds) -> False when the worker's channel is gone (fds stay ours)
-Send = Callable[[WorkerProc, Kind, "dict[str, Any]", bytes, "list[int]"], bool]
 
+class Handover:
+    # The worker's state it works on (worker.py sets it up).
+    config: Config
+    protocol: ClientProtocol
+    conns: dict[int, Connection]
+    epoll: select.epoll
+    link: Link
+    slot: int | None
+    slots: tuple[int, ...]  # the slot table (ROUTES updates it); empty: every key is ours
+    family: int
+    kind: int
+    pid: int
+    draining: bool
+    accepting: bool
+    debug: bool
+    stats: dict[str, int]
+    consume: Callable[[Connection, bytes], None]
+    add: Callable[[Connection], None]
+    resume_accepting: Callable[[], None]
+    watch_link: Callable[[], None]
 
-@dataclass
-class HeldClient:
-    """A handed-off client whose owner slot has no worker right now."""
-    meta: dict[str, Any]
-    raw: bytes
-    fd: int
-    since: float = field(default_factory=time.monotonic)
-
-
-class Broker:
-    def __init__(self, slots: Slots, send: Send, hold_timeout: float = HOLD_TIMEOUT,
-                 hold_max: float = HOLD_MAX):
-        self.slots = slots
-        self.send = send
-        self.hold_timeout = hold_timeout
-        self.hold_max = hold_max
-        self.held: list[HeldClient] = []  # oldest first
-
-    def dispatch(self, sender: WorkerProc, message: Message) -> None:
-        """A HANDOFF from `sender`: deliver it now, or hold it."""
-        meta = message.meta
-        if len(message.fds) != 1 or not isinstance(meta.get("key"), (int, type(None))):
-            close_fds(message.fds)
-            log.error("channel.error", worker_pid=sender.pid, worker_slot=sender.slot,
-                      error="HANDOFF without exactly one fd and a key")
-            return
-        meta["from_slot"], meta["from_pid"] = sender.slot, sender.pid
-        if not self.deliver(meta, message.raw, message.fds[0]):
-            self.held.append(HeldClient(meta, message.raw, message.fds[0]))
-
-    def deliver(self, meta: dict[str, Any], raw: bytes, fd: int,
-                since: float | None = None) -> bool:
-        """ADOPT to the key's owner; while the owner is respawning, wait hold_timeout (from
-        `since`, else from now), then (or at once if the slot is backing off) take the next
-        slot in the key's ranking. False: nobody can take it now."""
-        key = meta["key"]
-        if key is None:  # a keyless client from a retiring worker: the least busy worker
-            target = min(self.slots.serving.values(), key=lambda w: w.clients, default=None)
-            if target is None or not self.send(target, Kind.ADOPT, meta, raw, [fd]):
-                return False
-            # Count it now: the next STATS is up to a second away, and a burst would
-            # otherwise all land on one worker.
-            target.stats["clients"] = target.clients + 1
-            return True
-        target = self.slots.serving.get(self.owner(meta))
-        if target is None:
-            target = self.fallback(meta, since)
-            if target is None:
-                return False
-        return self.send(target, Kind.ADOPT, meta, raw, [fd])
-
-    def owner(self, meta: dict[str, Any]) -> int:
-        """The sender's answer stands if it used the same table: tables are always slots
-        0..N-1 (Slots.resize), so the same size means the same table."""
-        table = self.slots.table
-        owner = meta.get("owner")
-        if meta.get("table") != len(table) or not isinstance(owner, int) \
-                or not 0 <= owner < len(table):
-            owner = routing.owner(meta["key"], table)
-        return owner
-
-    def fallback(self, meta: dict[str, Any], since: float | None) -> WorkerProc | None:
-        """The key's next serving slot once its owner's wait is over, else None (hold)."""
-        now = time.monotonic()
-        key, table = meta["key"], self.slots.table
-        owner = self.owner(meta)
-        if (since is None or now - since < self.hold_timeout) \
-                and not self.slots.backing_off(owner, now):
+    def owner_of(self, conn: Connection, key: int) -> int | None:
+        """The slot that serves this client: ours to keep it (always, with no slot table:
+        single-process mode); None when we are retiring (the master decides)."""
+        if conn.handoff == PINNED or not self.slots:
+            return self.slot
+        if self.draining:
             return None
-        for slot in routing.ranking(key, table)[1:]:
-            target = self.slots.serving.get(slot)
-            if target is not None:
-                return target
-        return None
+        return owner(key, self.slots)
 
-    def retry_held(self) -> None:
-        """Deliver what can go now; drop what waited past hold_max."""
-        waiting, self.held = self.held, []
-        for held in waiting:
-            if self.deliver(held.meta, held.raw, held.fd, held.since):
-                continue
-            waited = time.monotonic() - held.since
-            if waited >= self.hold_max:
-                close_fds([held.fd])
-                log.error("fd.dropped", key=held.meta["key"], reason="no worker took it",
-                          waited=round(waited, 3))
-            else:
-                self.held.append(held)
+    def hand_off(self, conn: Connection) -> None:
+        """Give the client, with every byte read but not consumed, to the master, which
+        passes it to the key's owner. Replies already due go out first, so the client's
+        stream stays in order; until then the client is not read (WAITING)."""
+        if conn.outbuf:
+            conn.handoff = WAITING
+            self.epoll.modify(conn.fd, OUT)
+            return
+        # Out of epoll before the fd leaves: an in-flight copy would keep the entry alive.
+        self.epoll.unregister(conn.fd)
+        try:
+            # The owner we computed, and with which table; retiring, we let the master say.
+            self.link.hand_off({"key": conn.key, "sent_ns": time.monotonic_ns(),
+                                "owner": None if self.draining else conn.owner,
+                                "table": conn.table}, bytes(conn.inbuf), conn.fd)
+        except (ValueError, ChannelClosed) as e:
+            # The send failed, so the client stays here and is served in place.
+            log.error("fd.handoff_failed", fd=conn.fd, key=conn.key, error=str(e))
+            self.epoll.register(conn.fd, IN)
+            conn.handoff = PINNED
+            self.consume(conn, b"")
+            return
+        del self.conns[conn.fd]
+        conn.sock.detach()  # the channel owns the fd now and closes it once it is sent
+        self.stats["handoffs_out"] += 1
+        self.watch_link()
+        if not self.accepting:
+            self.resume_accepting()
 
-    def drop_held(self, reason: str) -> None:
-        for held in self.held:
-            close_fds([held.fd])
-            log.warning("fd.dropped", key=held.meta["key"], reason=reason)
-        self.held = []
+    def adopt(self, message: Message) -> None:
+        """Take a client handed over by the master: its carried bytes first, then its socket."""
+        meta = message.meta
+        if len(message.fds) != 1 or not isinstance(meta.get("key", 0), (int, type(None))):
+            close_fds(message.fds)
+            log.error("channel.error", error="ADOPT without exactly one fd and a valid key")
+            return
+        try:
+            # Family and type given: no getsockopt() calls to detect them.
+            sock = socket.socket(self.family, self.kind, 0, message.fds[0])
+        except OSError as e:
+            close_fds(message.fds)
+            log.error("channel.error", error=f"ADOPT fd unusable: {e.strerror}")
+            return
+        sock.setblocking(False)
+        if len(self.conns) >= self.config.max_clients:
+            self.refuse(sock, meta)
+            return
+        conn = Connection(sock)
+        conn.key = meta.get("key")
+        self.add(conn)
+        if self.draining:  # it crossed our DRAIN: pass it on, bytes untouched
+            conn.inbuf += message.raw
+            self.hand_off(conn)
+            return
+        if self.debug:
+            log.debug("client.bound", fd=conn.fd, key=conn.key)
+        self.stats["adopted"] += 1
+        sent_ns = meta.get("sent_ns")
+        log.info("fd.dispatched", key=conn.key, from_slot=meta.get("from_slot"),
+                 from_pid=meta.get("from_pid"), to_slot=self.slot, to_pid=self.pid,
+                 carried=len(message.raw),
+                 latency_us=(time.monotonic_ns() - sent_ns) // 1000 if sent_ns else None)
+        self.consume(conn, message.raw)
 
-    def next_deadline(self, now: float) -> float | None:
-        """The next time a held client's lot changes by the clock alone: its wait for its
-        owner ends (then any slot may take it), or its hold_max (then it is dropped). A
-        worker that appears meanwhile takes it at the next turn of the loop anyway."""
-        due = [h.since + (self.hold_timeout if now < h.since + self.hold_timeout
-                          else self.hold_max) for h in self.held]
-        return min(due) if due else None
-
-    def held_fds(self) -> list[int]:
-        return [held.fd for held in self.held]
+    def refuse(self, sock: socket.socket, meta: dict[str, Any]) -> None:
+        """We are full: the client gets the protocol's refusal and is closed."""
+        self.stats["refused"] += 1
+        with contextlib.suppress(OSError):
+            sock.send(self.protocol.refusal)
+        sock.close()
+        log.warning("fd.refused", key=meta.get("key"), from_slot=meta.get("from_slot"),
+                    reason="max_clients", clients=len(self.conns),
+                    max_clients=self.config.max_clients)

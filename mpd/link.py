@@ -10,7 +10,7 @@ import contextlib
 import os
 import signal
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, Union
 
 from mpd import config as configmod
 from mpd.channel import Channel, ChannelClosed, Kind, Message
@@ -18,12 +18,20 @@ from mpd.reloading import reload_config
 from mpd.signals import SignalQueue
 from mpd.systemd import Notifier
 
-if TYPE_CHECKING:
-    from mpd.worker import Worker
-
 HEARTBEAT = 1.0  # seconds between STATS messages (the master's liveness check)
 FINAL_FLUSH = 1.0  # seconds a stopping worker may block to get its last STATS out
 INF = float("inf")
+
+
+class Worker(Protocol):
+    """What a link may ask of the worker it serves."""
+    config: configmod.Config
+
+    def stop(self) -> None: ...
+
+    def quit(self) -> None: ...
+
+    def apply(self, settings: dict[str, Any]) -> None: ...
 
 
 class MasterLink:
@@ -111,3 +119,6 @@ class StandaloneLink:
     def close(self, _counters: dict[str, int]) -> None:
         self.notifier.stopping()
         self.notifier.close()
+
+
+Link = Union[MasterLink, StandaloneLink]

@@ -9,7 +9,6 @@ what control commands (and the signals that stand for them) do in commands.py.""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import os
 import selectors
@@ -20,17 +19,16 @@ from typing import Any, Callable
 
 from mpd import __version__, commands
 from mpd import log as logmod
-from mpd.channel import Channel, ChannelClosed, Kind, Message, close_fds
+from mpd.broker import Broker
+from mpd.channel import ChannelClosed, Kind, Message, close_fds
 from mpd.config import LIVE_SETTINGS, Config
 from mpd.control import ControlServer
-from mpd.handoff import Broker
 from mpd.reloading import reload_config
 from mpd.signals import SignalQueue
 from mpd.slots import Slots, WorkerProc
+from mpd.spawn import fork_worker
 from mpd.systemd import Notifier
-from mpd.worker import EXIT_BOOT_ERROR, run_worker
 
-PR_SET_PDEATHSIG = 1
 KILL_WAIT = 5.0  # seconds to reap SIGKILLed workers before exiting regardless
 SPAWN_BATCH = 8  # forks per loop turn (each costs a few ms of the master's time)
 STATUS_EVERY = 1.0  # seconds between systemd STATUS= updates, at most
@@ -151,44 +149,19 @@ class Master:
 
     def spawn_worker(self, slot: int) -> None:
         try:
-            master_end, worker_end = Channel.pair()
-        except OSError as e:
-            self.spawn_failed(slot, e)
+            pid, channel = fork_worker(slot, self.config, self.listener, self.slots.table,
+                                       self.forget_in_child)
+        except OSError as e:  # out of processes, memory or fds: try again later
+            log.error("worker.spawn_failed", worker_slot=slot, error=e.strerror)
+            self.schedule_respawn(slot, uptime=0.0)
             return
-        try:
-            pid = os.fork()
-        except OSError as e:  # EAGAIN/ENOMEM: out of processes or memory; try again later
-            master_end.close()
-            worker_end.close()
-            self.spawn_failed(slot, e)
-            return
-        if pid == 0:  # the child: never returns into the master's code
-            code = EXIT_BOOT_ERROR
-            try:
-                master_end.close()
-                code = self.become_worker(slot, worker_end)
-            except BaseException as e:  # noqa: BLE001 - anything here must end the child
-                log.exception("worker.crashed", error=repr(e))
-            finally:
-                os._exit(code)
-        worker_end.close()
-        worker = WorkerProc(slot=slot, pid=pid, channel=Channel(master_end, f"slot {slot}"))
+        worker = WorkerProc(slot=slot, pid=pid, channel=channel)
         history = self.slots.add(worker)
         self.selector.register(worker.channel, selectors.EVENT_READ, self.channel_reader(worker))
         log.info("worker.spawned", worker_pid=pid, worker_slot=slot, restarts=history.restarts)
 
-    def spawn_failed(self, slot: int, error: OSError) -> None:
-        log.error("worker.spawn_failed", worker_slot=slot, error=error.strerror)
-        self.schedule_respawn(slot, uptime=0.0)
-
-    def become_worker(self, slot: int, worker_end: socket.socket) -> int:
-        """In the forked child: drop the master's state, then run the worker loop."""
-        parent = os.getppid()
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the master died between fork and prctl
-            return EXIT_BOOT_ERROR
-        logmod.set_role("worker", slot)
+    def forget_in_child(self) -> None:
+        """In a forked worker: close what is the master's."""
         self.signals.close()
         self.selector.close()
         self.notifier.close()
@@ -197,7 +170,6 @@ class Master:
         for other in self.slots.workers.values():
             other.channel.close()  # else a sibling never sees EOF when the master dies
         close_fds(self.broker.held_fds())  # the master's to deliver, not ours
-        return run_worker(self.config, self.listener, worker_end, slot, self.slots.table)
 
     def channel_reader(self, worker: WorkerProc) -> Callable[[int], None]:
         def on_event(events: int) -> None:

@@ -5,22 +5,21 @@ a channel, in single-process mode (`workers = 0`) a stand-in, with the same loop
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import select
 import socket
 import time
-from typing import Any, Callable, Union
+from typing import Any, Callable
 
 from mpd import log as logmod
 from mpd import testhooks as hooks
 from mpd.channel import ChannelClosed, Kind, Message, close_fds
 from mpd.config import Config
-from mpd.connection import PINNED, WAITING, Connection
-from mpd.link import MasterLink, StandaloneLink
+from mpd.connection import WAITING, Connection
+from mpd.handoff import Handover
+from mpd.link import Link, MasterLink, StandaloneLink
 from mpd.protocols import PROTOCOLS, ProtocolError
-from mpd.routing import owner
 
 RECV_SIZE = 32768
 ACCEPT_BATCH = 32  # accepts per wake-up, so a burst spreads over the workers
@@ -33,9 +32,6 @@ ACCEPT_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 log = logmod.get_logger()
 
-Link = Union[MasterLink, StandaloneLink]
-
-
 def run_worker(config: Config, listener: socket.socket, channel: socket.socket, slot: int,
                slots: tuple[int, ...]) -> int:
     """A forked worker's life, under its master."""
@@ -47,7 +43,7 @@ def run_single(config: Config, listener: socket.socket) -> int:
     return Worker(config, listener, StandaloneLink()).run()
 
 
-class Worker:
+class Worker(Handover):
     def __init__(self, config: Config, listener: socket.socket, link: Link,
                  slot: int | None = None, slots: tuple[int, ...] = ()):
         self.config = config
@@ -295,91 +291,6 @@ class Worker:
             log.debug("client.closed", fd=conn.fd, reason=reason, clients=len(self.conns))
         if not self.accepting:
             self.resume_accepting()
-
-    # --- routing and hand-off --------------------------------------------------------------
-
-    def owner_of(self, conn: Connection, key: int) -> int | None:
-        """The slot that serves this client: ours to keep it (always, with no slot table:
-        single-process mode); None when we are retiring (the master decides)."""
-        if conn.handoff == PINNED or not self.slots:
-            return self.slot
-        if self.draining:
-            return None
-        return owner(key, self.slots)
-
-    def hand_off(self, conn: Connection) -> None:
-        """Give the client, with every byte read but not consumed, to the master, which
-        passes it to the key's owner. Replies already due go out first, so the client's
-        stream stays in order; until then the client is not read (WAITING)."""
-        if conn.outbuf:
-            conn.handoff = WAITING
-            self.epoll.modify(conn.fd, OUT)
-            return
-        # Out of epoll before the fd leaves: an in-flight copy would keep the entry alive.
-        self.epoll.unregister(conn.fd)
-        try:
-            # The owner we computed, and with which table; retiring, we let the master say.
-            self.link.hand_off({"key": conn.key, "sent_ns": time.monotonic_ns(),
-                                "owner": None if self.draining else conn.owner,
-                                "table": conn.table}, bytes(conn.inbuf), conn.fd)
-        except (ValueError, ChannelClosed) as e:
-            # The send failed, so the client stays here and is served in place.
-            log.error("fd.handoff_failed", fd=conn.fd, key=conn.key, error=str(e))
-            self.epoll.register(conn.fd, IN)
-            conn.handoff = PINNED
-            self.consume(conn, b"")
-            return
-        del self.conns[conn.fd]
-        conn.sock.detach()  # the channel owns the fd now and closes it once it is sent
-        self.stats["handoffs_out"] += 1
-        self.watch_link()
-        if not self.accepting:
-            self.resume_accepting()
-
-    def adopt(self, message: Message) -> None:
-        """Take a client handed over by the master: its carried bytes first, then its socket."""
-        meta = message.meta
-        if len(message.fds) != 1 or not isinstance(meta.get("key", 0), (int, type(None))):
-            close_fds(message.fds)
-            log.error("channel.error", error="ADOPT without exactly one fd and a valid key")
-            return
-        try:
-            # Family and type given: no getsockopt() calls to detect them.
-            sock = socket.socket(self.family, self.kind, 0, message.fds[0])
-        except OSError as e:
-            close_fds(message.fds)
-            log.error("channel.error", error=f"ADOPT fd unusable: {e.strerror}")
-            return
-        sock.setblocking(False)
-        if len(self.conns) >= self.config.max_clients:
-            self.refuse(sock, meta)
-            return
-        conn = Connection(sock)
-        conn.key = meta.get("key")
-        self.add(conn)
-        if self.draining:  # it crossed our DRAIN: pass it on, bytes untouched
-            conn.inbuf += message.raw
-            self.hand_off(conn)
-            return
-        if self.debug:
-            log.debug("client.bound", fd=conn.fd, key=conn.key)
-        self.stats["adopted"] += 1
-        sent_ns = meta.get("sent_ns")
-        log.info("fd.dispatched", key=conn.key, from_slot=meta.get("from_slot"),
-                 from_pid=meta.get("from_pid"), to_slot=self.slot, to_pid=self.pid,
-                 carried=len(message.raw),
-                 latency_us=(time.monotonic_ns() - sent_ns) // 1000 if sent_ns else None)
-        self.consume(conn, message.raw)
-
-    def refuse(self, sock: socket.socket, meta: dict[str, Any]) -> None:
-        """We are full: the client gets the protocol's refusal and is closed."""
-        self.stats["refused"] += 1
-        with contextlib.suppress(OSError):
-            sock.send(self.protocol.refusal)
-        sock.close()
-        log.warning("fd.refused", key=meta.get("key"), from_slot=meta.get("from_slot"),
-                    reason="max_clients", clients=len(self.conns),
-                    max_clients=self.config.max_clients)
 
     # --- the master: messages through the link ------------------------------------------
 

@@ -29,7 +29,7 @@ from conftest import (
 from mpd import log as logmod
 from mpd import routing
 from mpd.channel import Channel, Kind, Message, close_fds
-from mpd.handoff import Broker
+from mpd.broker import Broker
 from mpd.protocols.ping import REFUSAL
 from mpd.slots import Slots, WorkerProc
 
