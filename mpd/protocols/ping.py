@@ -5,7 +5,7 @@ anything else runs up to and including a NUL and gets REPLY."""
 
 from __future__ import annotations
 
-from mpd.protocols import ProtocolError
+from mpd.protocols.base import ProtocolError
 
 REPLY = b"hello, server ping!\0"
 REFUSAL = b"busy, server full!\0"
