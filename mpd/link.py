@@ -79,6 +79,7 @@ class MasterLink:
             self.channel.sock.setblocking(True)
             self.channel.sock.settimeout(FINAL_FLUSH)
             self.channel.flush()
+        self.channel.close()
 
 
 class StandaloneLink:

@@ -393,6 +393,8 @@ class Worker(Handover):
         for conn in list(self.conns.values()):
             self.close(conn, "shutdown")
         self.link.close({"clients": 0, **self.stats})
+        self.signals.close()
+        self.epoll.close()
         log.info("worker.stopped", **self.stats)
 
 

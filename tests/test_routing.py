@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import socket
 import struct
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,8 +30,8 @@ from conftest import (
 
 from mpd import log as logmod
 from mpd import routing
-from mpd.channel import Channel, Kind, Message, close_fds
 from mpd.broker import Broker
+from mpd.channel import Channel, Kind, Message, close_fds
 from mpd.protocols.ping import REFUSAL
 from mpd.slots import Slots, WorkerProc
 
@@ -93,6 +95,59 @@ def test_pings_sent_with_the_key_frame_survive_the_hand_off_in_order(mpd_factory
             sock.sendall(b" a frame\0")
             assert recv_exact(sock, len(REPLY)) == REPLY
     assert len(server.events("fd.dispatched")) > 10
+
+
+def test_a_hand_off_waits_until_the_replies_already_due_are_read(mpd_factory):
+    # More replies than the kernel buffers between worker and client can hold (the
+    # worker's send buffer grows to tcp_wmem's 4 MB at most, the client's receive buffer
+    # is kept small), so when the key frame comes the worker still holds replies for this
+    # client: it must write them all before the client moves, or the stream breaks.
+    server = mpd_factory({"workers": {"workers": 2, "max_output_buffer": 64 << 20},
+                          "log": {"level": "debug"}})
+    slot_of = {pid: slot for slot, pid in slot_pids(server).items()}
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", server.port))
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+        here = slot_of[server.wait_event("client.accepted")["pid"]]
+        key = keys_owned_by(1 - here, (0, 1), 1, seed=8)[0]  # the other slot's key
+        pings = 250_000  # 5 MB of replies
+        sender = threading.Thread(target=sock.sendall,
+                                  args=(M_PING * pings + key_frame(key) + b"after\0",))
+        sender.start()
+        assert recv_exact(sock, len(REPLY) * (pings + 1)) == REPLY * (pings + 1)
+        sender.join(30)
+    dispatched = server.wait_event("fd.dispatched", key=key)
+    assert dispatched["to_slot"] == 1 - here and dispatched["carried"] == len(b"after\0")
+
+
+def test_keyless_clients_of_a_retiring_worker_move_on_a_scale_down(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2}, "log": {"level": "debug"}})
+    pids = slot_pids(server)
+    clients: list[socket.socket] = []
+
+    def on_slot_1() -> int:
+        return sum(e["pid"] == pids[1] for e in server.events("client.accepted"))
+
+    while on_slot_1() < 5:  # open keyless clients until slot 1 has five of them
+        assert len(clients) < 200, "slot 1 never accepted a client"
+        sock = server.connect()
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+        clients.append(sock)
+    server.config_path.write_text(server.config_path.read_text().replace(
+        "workers = 2", "workers = 1"))
+    server.signal(signal.SIGHUP)
+    server.wait_event("worker.exited", worker_pid=pids[1])
+    moved = server.events("fd.dispatched", from_slot=1)
+    assert len(moved) == on_slot_1() and all(e["key"] is None for e in moved)
+    assert all(e["to_slot"] == 0 for e in moved)
+    for sock in clients:  # every one of them is still served, now by slot 0
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+        sock.close()
 
 
 def test_ten_thousand_hand_offs_leak_no_fd(mpd_factory):
@@ -281,3 +336,58 @@ def test_the_master_takes_the_senders_owner_only_from_the_same_table(broker_of_f
     assert os.read(adopt.fds[0], 1) == b"x"  # the client's fd came through
     close_fds([*adopt.fds, w])
     assert not broker.held
+
+
+# --- held clients: the owner's slot has no worker ------------------------------------------
+
+def test_held_clients_are_dropped_after_hold_max_and_on_stop(tmp_path):
+    log_path = tmp_path / "master.log"
+    logmod.configure(target="file", path=str(log_path))
+    slots = Slots(2)  # no worker serves either slot: every hand-off is held
+    broker = Broker(slots, lambda *args: True, hold_timeout=0.05, hold_max=0.5)
+    sender = WorkerProc(slot=0, pid=4_000_000, channel=None)  # type: ignore[arg-type]
+
+    def hand_off(key: int) -> socket.socket:
+        ours, theirs = socket.socketpair()
+        theirs.settimeout(5)
+        broker.dispatch(sender, Message(Kind.HANDOFF, {"key": key, "table": 2}, b"",
+                                        [ours.detach()]))
+        return theirs
+
+    try:
+        client = hand_off(11)
+        assert len(broker.held) == 1 and broker.next_deadline(time.monotonic())
+        broker.retry_held()  # before any deadline: still held, nothing closed
+        assert len(broker.held) == 1
+        since = broker.held[0].since
+        wait_until(lambda: (broker.retry_held(), not broker.held)[1], timeout=5,
+                   what="the held client dropped after hold_max")
+        assert time.monotonic() - since >= 0.5
+        assert client.recv(1) == b""  # its connection is closed
+        client.close()
+        client = hand_off(13)  # another is dropped when mpd stops
+        broker.drop_held("stopping")
+        assert client.recv(1) == b"" and not broker.held
+        client.close()
+    finally:
+        logmod.configure("info")
+    events = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert [(e["key"], e["reason"]) for e in events if e["event"] == "fd.dropped"] == [
+        (11, "no worker took it"), (13, "stopping")]
+
+
+def test_a_held_client_goes_to_its_owner_once_the_slot_has_a_worker(broker_of_four):
+    broker, slots, ends = broker_of_four
+    key = 987654
+    owner = routing.owner(key, (0, 1, 2, 3))
+    away = slots.serving.pop(owner)  # the owner's slot is between two workers
+    r, w = os.pipe()
+    sender = next(iter(slots.serving.values()))
+    broker.dispatch(sender, Message(Kind.HANDOFF, {"key": key, "table": 4}, b"M\0", [r]))
+    assert len(broker.held) == 1  # held, not given to another slot at once
+    assert not any(end.receive() for end in ends.values())
+    slots.serving[owner] = away  # the respawned worker
+    broker.retry_held()
+    (adopt,) = ends[owner].receive()
+    assert adopt.kind is Kind.ADOPT and adopt.meta["key"] == key and not broker.held
+    close_fds([*adopt.fds, w])

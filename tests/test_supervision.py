@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import time
 from datetime import datetime
 
@@ -259,6 +260,48 @@ def test_sigttin_and_sigttou_add_and_remove_one_worker(mpd_factory):
     server.wait_workers(1)
     scaled = [e["workers"] for e in server.events("worker.scaled")]
     assert scaled == [2, 1]
+    refused = server.events("mpd.signal_refused")  # each says why, as mpdctl scale would
+    assert [(e["signal"], e["error"]) for e in refused] == [
+        ("SIGTTOU", "worker count 0 out of range: 1 to 2 (workers.max_workers)"),
+        ("SIGTTIN", "worker count 3 out of range: 1 to 2 (workers.max_workers)")]
+
+
+def test_reload_changes_max_clients_live(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1, "max_clients": 2}})
+    held = [server.connect() for _ in range(2)]
+    for sock in held:
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+    server.wait_event("worker.accept_paused", reason="max_clients", clients=2)
+    third = server.connect()  # queued in the backlog: the worker is full
+    third.sendall(M_PING)
+    settings = dict(server.settings)
+    settings["workers"] = {"workers": 1, "max_clients": 3}
+    server.write_config(settings)
+    server.signal(signal.SIGHUP)
+    server.wait_event("config.reloaded")
+    assert recv_exact(third, len(REPLY)) == REPLY  # the worker took the new limit
+    held.append(third)
+    # Lowered below what it serves: nobody is dropped, and no one new gets in until
+    # the worker is under the new limit (under the old one, a free place would do).
+    settings["workers"] = {"workers": 1, "max_clients": 1}
+    server.write_config(settings)
+    server.signal(signal.SIGHUP)
+    server.wait_event("config.reloaded", count=2)
+    for sock in held:
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+    fourth = server.connect()
+    fourth.sendall(M_PING)
+    held.pop().close()  # 2 clients: under the old limit of 3, not under the new one
+    fourth.settimeout(0.5)  # the bounded negative check
+    with pytest.raises(socket.timeout):
+        fourth.recv(len(REPLY))
+    for sock in held:
+        sock.close()
+    fourth.settimeout(10)
+    assert recv_exact(fourth, len(REPLY)) == REPLY  # 0 clients: the worker accepts again
+    fourth.close()
 
 
 def test_chaos_random_kills_leave_a_clean_tree(mpd_factory):

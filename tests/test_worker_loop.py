@@ -1,0 +1,197 @@
+"""The worker loop in this very process, on a real socketpair for its channel and a real
+listening socket: the test plays the master on the channel's other end (in a thread) and
+the clients, while the main thread runs Worker.run() until it returns."""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from conftest import M_PING, REPLY, key_frame, keys_owned_by, recv_exact
+
+from mpd import config as configmod
+from mpd import log as logmod
+from mpd.channel import Channel, ChannelClosed, Kind, Message, close_fds
+from mpd.link import MasterLink
+from mpd.worker import EXIT_OK, Worker
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
+           signal.SIGTTOU)
+
+
+class Harness:
+    """A worker for slot 0 of a two-slot table, its listener, and the master's end."""
+
+    def __init__(self, tmp_path: Path, settings: str = ""):
+        self.log_path = tmp_path / "worker.log"
+        config = configmod.parse(f"[log]\ntarget = \"file\"\nfile = \"{self.log_path}\"\n"
+                                 + settings, str(tmp_path / "mpd.toml"))
+        logmod.configure_from(config)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        master_end, worker_end = Channel.pair()
+        self.master_sock = master_end
+        self.master = Channel(master_end, "worker")
+        self.link = MasterLink(worker_end)
+        self.worker = Worker(config, self.listener, self.link, slot=0, slots=(0, 1))
+        self.pending: list[Message] = []  # received from the worker, not yet looked at
+
+    def run(self, scenario: Callable[[], None]) -> int:
+        """Run the worker here until it returns; `scenario` in a thread. Whatever the
+        scenario does, the channel's end is closed after it, so the loop ends."""
+        failure: list[BaseException] = []
+
+        def play() -> None:
+            try:
+                scenario()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+                failure.append(e)
+            finally:
+                self.master.close()  # an orphaned worker leaves its loop
+
+        thread = threading.Thread(target=play, daemon=True)
+        thread.start()
+        code = self.worker.run()
+        thread.join(30)
+        if failure:
+            raise failure[0]
+        return code
+
+    def receive(self, kind: Kind, timeout: float = 10.0) -> Message:
+        """The next message of `kind` from the worker (those before it are skipped)."""
+        poller = select.poll()
+        poller.register(self.master_sock.fileno(), select.POLLIN)
+        while True:
+            while self.pending:
+                message = self.pending.pop(0)
+                if message.kind is kind:
+                    return message
+                close_fds(message.fds)
+            assert poller.poll(timeout * 1000), f"no {kind.name} from the worker"
+            self.pending += self.master.receive()
+
+    def last(self, kind: Kind, timeout: float = 10.0) -> Message:
+        """The last message of `kind` before the worker closed its end."""
+        poller = select.poll()
+        poller.register(self.master_sock.fileno(), select.POLLIN)
+        found = next((m for m in reversed(self.pending) if m.kind is kind), None)
+        while True:
+            assert poller.poll(timeout * 1000), "the worker did not close its channel"
+            try:
+                messages = self.master.receive()
+            except ChannelClosed:
+                assert found is not None, f"no {kind.name} from the worker"
+                return found
+            for message in messages:
+                close_fds(message.fds)
+                found = message if message.kind is kind else found
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
+        return [e for e in map(json.loads, lines) if e["event"] == name]
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Callable[..., Harness]]:
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    made: list[Harness] = []
+
+    def make(settings: str = "") -> Harness:
+        made.append(Harness(tmp_path, settings))
+        return made[-1]
+    try:
+        yield make
+    finally:
+        for h in made:
+            h.listener.close()
+            h.master.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        logmod.configure("info")
+
+
+def test_the_worker_loop_serves_hands_off_adopts_and_stops(harness):
+    h = harness()
+    ours = keys_owned_by(0, (0, 1), 1, seed=3)[0]
+    theirs = keys_owned_by(1, (0, 1), 1, seed=4)[0]
+
+    def scenario() -> None:
+        assert h.receive(Kind.HELLO).meta["slot"] == 0
+        assert h.receive(Kind.STATS).meta["clients"] == 0  # the first heartbeat
+        with h.connect() as plain, h.connect() as keyed, h.connect() as foreign:
+            plain.sendall(M_PING)
+            assert recv_exact(plain, len(REPLY)) == REPLY
+            keyed.sendall(key_frame(ours) + M_PING)
+            assert recv_exact(keyed, len(REPLY)) == REPLY
+            foreign.sendall(key_frame(theirs) + M_PING)
+            handoff = h.receive(Kind.HANDOFF)
+            assert handoff.meta["key"] == theirs and handoff.meta["owner"] == 1
+            assert handoff.meta["table"] == 2 and handoff.raw == M_PING
+            # As the master would for slot 1's worker, give it back: this one adopts it.
+            h.master.send(Kind.ADOPT, {**handoff.meta, "from_slot": 1, "from_pid": 9},
+                          handoff.raw, handoff.fds)
+            assert recv_exact(foreign, len(REPLY)) == REPLY  # the carried ping, answered
+            foreign.sendall(M_PING)
+            assert recv_exact(foreign, len(REPLY)) == REPLY
+            h.master.send(Kind.STOP)
+            for sock in (plain, keyed, foreign):  # closed at a frame boundary
+                assert sock.recv(1) == b""
+        final = h.last(Kind.STATS)
+        assert final.meta["requests"] == 4 and final.meta["handoffs_out"] == 1
+        assert final.meta["adopted"] == 1 and final.meta["clients"] == 0
+
+    assert h.run(scenario) == EXIT_OK
+    (dispatched,) = h.events("fd.dispatched")
+    assert dispatched["key"] == theirs and dispatched["from_slot"] == 1
+    assert h.events("worker.stopped")
+
+
+def test_a_failed_hand_off_send_pins_the_client_and_serves_it_in_place(harness):
+    h = harness()
+    h.link.heartbeat = 60.0  # no heartbeat meets the broken channel during the scenario
+    theirs = keys_owned_by(1, (0, 1), 1, seed=5)[0]
+
+    def scenario() -> None:
+        h.receive(Kind.HELLO)
+        h.receive(Kind.STATS)
+        # The master stops reading: every send of the worker's fails (EPIPE), while the
+        # worker still reads what the master sends it.
+        h.master_sock.shutdown(socket.SHUT_RD)
+        with h.connect() as client:
+            client.sendall(key_frame(theirs) + M_PING)
+            assert recv_exact(client, len(REPLY)) == REPLY  # served here after all
+            client.sendall(key_frame(theirs) + M_PING)  # pinned: no second try
+            assert recv_exact(client, len(REPLY)) == REPLY
+            h.master.send(Kind.STOP)
+            assert client.recv(1) == b""
+
+    assert h.run(scenario) == EXIT_OK
+    (failed,) = h.events("fd.handoff_failed")
+    assert failed["key"] == theirs and "Broken pipe" in failed["error"]
+    assert not h.events("fd.dispatched")
+
+
+def test_a_worker_that_loses_its_master_leaves(harness):
+    h = harness()
+
+    def scenario() -> None:
+        h.receive(Kind.HELLO)
+        with h.connect() as client:
+            client.sendall(M_PING)
+            assert recv_exact(client, len(REPLY)) == REPLY
+            h.master.close()  # the master is gone
+            assert client.recv(1) == b""  # the worker left, and its client with it
+
+    assert h.run(scenario) == EXIT_OK
+    assert h.events("worker.orphaned")[0]["reason"] == "channel closed"
