@@ -24,6 +24,12 @@ MAX_CONNECTIONS = 64  # control connections at once; more are told to retry
 REQUEST_TIMEOUT = 5.0  # seconds a started line may take to finish
 IDLE_TIMEOUT = 60.0  # seconds an idle connection is kept
 MAX_REPLY_BACKLOG = 1 << 20  # reply bytes a peer may leave unread before it is dropped
+MAX_CLOSING = 256  # peers lingering after their last reply; past it they are closed at once
+MIN_IDLE = 1.0  # seconds without a request before a peer may be evicted for a new one
+LINGER = 1.0  # seconds a peer turned away may take to read why, before it is closed
+ACCEPT_RETRY = 0.1  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
+LOG_EVERY = 10.0  # seconds between two log lines about accept pauses, at least
+MAX_DEPTH = 4  # nesting of a request's JSON: requests are flat objects
 UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 log = logmod.get_logger()
@@ -76,13 +82,52 @@ def open_socket(path: str, mode: int, group: str) -> socket.socket:
     except OSError as e:
         sock.close()
         raise ControlError(f"cannot create the control socket {path}: {e.strerror}") from None
-    sock.listen(64)
+    sock.listen(socket.SOMAXCONN)  # a burst of mpdctl calls queues instead of EAGAIN
     sock.setblocking(False)
     return sock
 
 
+def parse_request(line: bytes) -> dict[str, Any]:
+    """The request on one line, checked strictly; ValueError says what is wrong."""
+    if nesting(line) > MAX_DEPTH:
+        raise ValueError(f"invalid JSON: nested deeper than {MAX_DEPTH} levels")
+    try:
+        request = json.loads(line)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"invalid JSON: {e}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("command"), str):
+        raise ValueError('expected a JSON object with a "command" string')
+    version = request.get("version")
+    if type(version) is not int or version != VERSION:
+        raise ValueError(f'unsupported version {version!r}; expected "version": {VERSION} '
+                         "(an integer)")
+    return request
+
+
+def nesting(line: bytes) -> int:
+    """How deep brackets nest, outside strings: json.loads recurses once per level."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 class Peer:
-    __slots__ = ("sock", "uid", "pid", "inbuf", "outbuf", "since", "close_after")
+    __slots__ = ("sock", "uid", "pid", "inbuf", "outbuf", "since", "close_after", "closing")
 
     def __init__(self, sock: socket.socket, pid: int, uid: int):
         self.sock, self.pid, self.uid = sock, pid, uid
@@ -90,6 +135,7 @@ class Peer:
         self.outbuf = bytearray()
         self.since = time.monotonic()  # start of the current line, or of idleness
         self.close_after = False  # close once the reply is out
+        self.closing = 0.0  # lingering since its last reply went out: close by this time
 
 
 class ControlServer:
@@ -100,7 +146,11 @@ class ControlServer:
         self.selector = selector
         self.handle = handle  # request dict -> reply dict (the master's commands)
         self.allowed = allowed  # (uid, gid) -> may this peer steer mpd?
-        self.peers: dict[int, Peer] = {}
+        self.peers: dict[int, Peer] = {}  # served: at most MAX_CONNECTIONS
+        self.closing: dict[int, Peer] = {}  # answered for the last time, draining to EOF
+        self.accept_paused_until = 0.0  # out of fds: the socket is out of the selector
+        self.pauses = 0  # accept pauses since the last log line about them
+        self.pause_logged = 0.0
         self.inode = os.stat(path).st_ino  # ours to unlink at exit, and only ours
         selector.register(sock, selectors.EVENT_READ, self.on_accept)
 
@@ -114,7 +164,7 @@ class ControlServer:
                 return
             except OSError as e:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("control.accept_failed", error=e.strerror)
+                    self.pause_accepting(e)
                     return
                 continue
             conn.setblocking(False)
@@ -124,26 +174,72 @@ class ControlServer:
                 log.warning("control.denied", peer_uid=uid, peer_pid=pid)
                 self.reject(peer, f"permission denied: uid {uid} may not use {self.path}")
                 continue
-            if len(self.peers) >= MAX_CONNECTIONS:
+            if len(self.peers) >= MAX_CONNECTIONS and not self.evict_idle():
                 log.warning("control.busy", peer_uid=uid, connections=len(self.peers))
                 self.reject(peer, "too many control connections; retry")
                 continue
             self.peers[conn.fileno()] = peer
             self.selector.register(conn, selectors.EVENT_READ, self.reader(peer))
 
+    def pause_accepting(self, error: OSError) -> None:
+        """Out of fds (or memory): a listening socket stays readable, so leave the selector
+        for ACCEPT_RETRY instead of spinning; say so once in LOG_EVERY at most."""
+        self.selector.unregister(self.sock)
+        now = time.monotonic()
+        self.accept_paused_until = now + ACCEPT_RETRY
+        self.pauses += 1
+        if now - self.pause_logged >= LOG_EVERY:
+            log.warning("control.accept_failed", error=error.strerror, pauses=self.pauses,
+                        retry_in=ACCEPT_RETRY)
+            self.pause_logged, self.pauses = now, 0
+
+    def evict_idle(self) -> bool:
+        """Make room by closing the peer that has idled longest (nothing half-read, nothing
+        unsent, for MIN_IDLE at least: a peer accepted in this very burst has had no turn to
+        be read yet): idle connections must not lock mpdctl out. False when none is idle."""
+        now = time.monotonic()
+        idle = [p for p in self.peers.values()
+                if not p.inbuf and not p.outbuf and now - p.since >= MIN_IDLE]
+        if not idle:
+            return False
+        oldest = min(idle, key=lambda p: p.since)
+        log.info("control.evicted", peer_uid=oldest.uid, peer_pid=oldest.pid,
+                 idle_for=round(now - oldest.since, 3))
+        self.linger(oldest)  # not a plain close: a request it sent just now would reset it
+        return True
+
     def reject(self, peer: Peer, error: str) -> None:
-        """Best-effort error line, then close: never wait on a peer we turn away."""
-        with contextlib.suppress(OSError):
-            peer.sock.send(self.encode({"ok": False, "error": error}))
-        peer.sock.close()
+        """An error line, then close, without ever waiting on the peer we turn away."""
+        peer.outbuf += self.encode({"ok": False, "error": error})
+        if len(self.closing) >= MAX_CLOSING:  # too many to linger for: best effort
+            with contextlib.suppress(OSError):
+                peer.sock.send(peer.outbuf)
+            peer.sock.close()
+            return
+        self.selector.register(peer.sock, selectors.EVENT_READ, self.reader(peer))
+        self.linger(peer)
+
+    def linger(self, peer: Peer) -> None:
+        """The peer gets no more answers: once its last reply is out, half-close and read
+        to its EOF (bounded by LINGER) before closing. Closing with its request unread
+        would reset the connection, and the peer would lose the reply that says why."""
+        self.peers.pop(peer.sock.fileno(), None)
+        peer.close_after = True
+        peer.inbuf.clear()
+        self.closing[peer.sock.fileno()] = peer
+        self.flush(peer)
 
     def reader(self, peer: Peer) -> Callable[[int], None]:
         def on_event(events: int) -> None:
             if events & selectors.EVENT_WRITE:
                 self.flush(peer)
-            if events & selectors.EVENT_READ and peer.sock.fileno() in self.peers:
+            if events & selectors.EVENT_READ and self.known(peer):
                 self.on_readable(peer)
         return on_event
+
+    def known(self, peer: Peer) -> bool:
+        fd = peer.sock.fileno()
+        return self.peers.get(fd) is peer or self.closing.get(fd) is peer
 
     def on_readable(self, peer: Peer) -> None:
         try:
@@ -156,6 +252,8 @@ class ControlServer:
         if not data:
             self.drop(peer)
             return
+        if peer.close_after:
+            return  # lingering: what it still sends is read and thrown away
         if not peer.inbuf:
             peer.since = time.monotonic()
         peer.inbuf += data
@@ -175,14 +273,9 @@ class ControlServer:
 
     def answer(self, peer: Peer, line: bytes) -> dict[str, Any]:
         try:
-            request = json.loads(line)
+            request = parse_request(line)
         except ValueError as e:
-            return {"ok": False, "error": f"invalid JSON: {e}"}
-        if not isinstance(request, dict) or not isinstance(request.get("command"), str):
-            return {"ok": False, "error": 'expected a JSON object with a "command" string'}
-        if request.get("version", VERSION) != VERSION:
-            return {"ok": False, "error": f"unsupported version {request.get('version')!r}; "
-                    f"this mpd speaks version {VERSION}"}
+            return {"ok": False, "error": str(e)}
         log.info("control.command", command=request["command"], peer_uid=peer.uid,
                  peer_pid=peer.pid)
         try:
@@ -202,12 +295,11 @@ class ControlServer:
     def fail(self, peer: Peer, error: str) -> None:
         """Answer with an error and close: the rest of the stream cannot be trusted."""
         log.warning("control.bad_request", peer_uid=peer.uid, error=error)
-        peer.inbuf.clear()
-        peer.close_after = True
-        self.reply(peer, {"ok": False, "error": error})
+        peer.outbuf += self.encode({"ok": False, "error": error})
+        self.linger(peer)
 
     def flush(self, peer: Peer) -> None:
-        if peer.sock.fileno() not in self.peers:
+        if not self.known(peer):
             return
         try:
             sent = peer.sock.send(peer.outbuf) if peer.outbuf else 0
@@ -217,34 +309,55 @@ class ControlServer:
             self.drop(peer)
             return
         del peer.outbuf[:sent]
-        if not peer.outbuf and peer.close_after:
-            self.drop(peer)
-            return
         if len(peer.outbuf) > MAX_REPLY_BACKLOG:
             self.drop(peer)
             return
+        if not peer.outbuf and peer.close_after and not peer.closing:
+            peer.closing = time.monotonic() + LINGER
+            with contextlib.suppress(OSError):
+                peer.sock.shutdown(socket.SHUT_WR)
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.outbuf else 0)
         self.selector.modify(peer.sock, events, self.reader(peer))
 
     def drop(self, peer: Peer) -> None:
-        if self.peers.pop(peer.sock.fileno(), None) is not None:
-            self.selector.unregister(peer.sock)
+        fd = peer.sock.fileno()
+        if self.peers.get(fd) is peer:
+            del self.peers[fd]
+        elif self.closing.get(fd) is peer:
+            del self.closing[fd]
+        else:
+            return
+        self.selector.unregister(peer.sock)
         peer.sock.close()
 
+    def next_deadline(self) -> float | None:
+        """When expire() next has work that the clock alone brings (an accept pause ends)."""
+        return self.accept_paused_until or None
+
     def expire(self) -> None:
-        """Close peers whose line stalled past REQUEST_TIMEOUT or that idled too long."""
+        """Resume accepting after a pause; close peers whose line stalled past
+        REQUEST_TIMEOUT, that idled too long, or that lingered past LINGER."""
         now = time.monotonic()
+        if self.accept_paused_until and now >= self.accept_paused_until:
+            self.accept_paused_until = 0.0
+            self.selector.register(self.sock, selectors.EVENT_READ, self.on_accept)
         for peer in list(self.peers.values()):
-            if peer.inbuf and now - peer.since > REQUEST_TIMEOUT and not peer.close_after:
+            if peer.inbuf and now - peer.since > REQUEST_TIMEOUT:
                 self.fail(peer, f"request not finished within {REQUEST_TIMEOUT:g} s")
             elif not peer.inbuf and not peer.outbuf and now - peer.since > IDLE_TIMEOUT:
                 self.drop(peer)
+        for peer in list(self.closing.values()):
+            if peer.closing and now >= peer.closing:
+                self.drop(peer)
+            elif not peer.closing and now - peer.since > LINGER + REQUEST_TIMEOUT:
+                self.drop(peer)  # its last reply never left: it does not read
 
     def close(self, unlink: bool = True) -> None:
         """Close everything; the master also unlinks the path (a forked worker must not)."""
-        for peer in list(self.peers.values()):
+        for peer in [*self.peers.values(), *self.closing.values()]:
             peer.sock.close()
         self.peers.clear()
+        self.closing.clear()
         self.sock.close()
         if unlink:
             try:

@@ -66,10 +66,8 @@ class Client:
     def __init__(self, path: str, timeout: float):
         self.path = path
         self.deadline = time.monotonic() + timeout
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(max(0.1, timeout))
         try:
-            self.sock.connect(path)
+            self.sock = self.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
             raise CtlError(EXIT_NOT_RUNNING, f"mpd is not running (nothing answers on {path})")\
                 from None
@@ -79,6 +77,24 @@ class Client:
         except OSError as e:
             raise CtlError(EXIT_NOT_RUNNING, f"cannot connect to {path}: {e.strerror}") from None
         self.buf = b""
+
+    def connect(self, path: str) -> socket.socket:
+        """Connect, retrying while mpd's accept queue is full (EAGAIN), up to the deadline."""
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(max(0.1, self.deadline - time.monotonic()))
+            try:
+                sock.connect(path)
+                return sock
+            except BlockingIOError:
+                sock.close()
+                if time.monotonic() > self.deadline:
+                    raise CtlError(EXIT_TIMEOUT, f"mpd on {path} accepts no connection "
+                                   "(its queue stays full)") from None
+                time.sleep(0.01)  # a retry interval, bounded by the deadline
+            except BaseException:
+                sock.close()
+                raise
 
     def request(self, command: str, **fields: Any) -> dict[str, Any]:
         line = json.dumps({"version": 1, "command": command, **fields}) + "\n"

@@ -82,8 +82,11 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                        "peer_pid"),
     "control.bad_request": ("warning", "master", "an oversized or stalled control request; "
                             "closed: peer_uid, error"),
-    "control.busy": ("warning", "master", "too many control connections: peer_uid, "
-                     "connections"),
+    "control.evicted": ("info", "master", "the control table was full: the longest idle "
+                        "connection was closed to let a new one in: peer_uid, peer_pid, "
+                        "idle_for"),
+    "control.busy": ("warning", "master", "too many control connections, none of them idle: "
+                     "peer_uid, connections"),
     "control.accept_failed": ("warning", "master", "accept on the control socket failed: "
                               "error"),
     "control.error": ("error", "master", "a control command raised (a bug): command"),

@@ -109,7 +109,8 @@ class Master:
         now = time.monotonic()
         due = [now + 1.0, self.slots.next_respawn(), self.broker.next_deadline(now),
                self.stop_deadline, self.kill_deadline,
-               self.next_watchdog if self.notifier.watchdog_interval else None]
+               self.next_watchdog if self.notifier.watchdog_interval else None,
+               self.control.next_deadline() if self.control is not None else None]
         return max(0.0, min(d for d in due if d) - now)
 
     def tell_systemd(self) -> None:
