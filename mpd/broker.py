@@ -61,8 +61,10 @@ class Broker:
         `since`, else from now), then (or at once if the slot is backing off) take the next
         slot in the key's ranking. False: nobody can take it now."""
         key = meta["key"]
-        if key is None:  # a keyless client from a retiring worker: the least busy worker
-            target = min(self.slots.serving.values(), key=lambda w: w.clients, default=None)
+        if key is None:  # a keyless client from a retiring worker: its slot's new worker
+            # (an upgrade replaces the worker of a slot), else the least busy worker
+            target = self.slots.serving.get(meta.get("from_slot")) or min(
+                self.slots.serving.values(), key=lambda w: w.clients, default=None)
             if target is None or not self.send(target, Kind.ADOPT, meta, raw, [fd]):
                 return False
             # Count it now: the next STATS is up to a second away, and a burst would

@@ -48,7 +48,7 @@ log = get_logger()
 class Kind(enum.IntEnum):
     """Every channel message, defined once. Fields travel in the JSON meta."""
     # worker -> master
-    HELLO = 1      # slot, pid: the worker's loop is serving
+    HELLO = 1      # slot, pid, version: the worker's loop is serving
     STATS = 2      # counters; also the heartbeat, about once a second
     HANDOFF = 3    # key, sent_ns, owner, table + raw carried bytes + the client fd
     # master -> worker

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--daemon", action="store_true",
                    help="detach from the terminal and write a pidfile (daemon.pidfile); for "
                         "systems without systemd")
+    p.add_argument("--preflight", action="store_true",
+                   help="check that this mpd imports and that the config is valid, and print "
+                        "what it can take over from a running one (mpdctl upgrade runs it)")
+    p.add_argument("--upgrade-state", type=int, metavar="FD", help=argparse.SUPPRESS)
     p.add_argument("--version", action="version", version=f"mpd {__version__}")
     return p
 
@@ -52,6 +56,8 @@ def bind(config: configmod.Config) -> socket.socket:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.upgrade_state is not None:  # an upgrade's exec: this process is the master
+        return resume(args.upgrade_state)
     path = args.config if args.config is not None else default_config_path()
     logmod.configure()
     log = logmod.get_logger()
@@ -64,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"mpd: config {path or '(embedded defaults)'} is valid")
         return 0
+    if args.preflight:
+        return preflight()
     if args.print_config:
         sys.stdout.write(configmod.render(config))
         return 0
@@ -131,7 +139,43 @@ def serve(config: configmod.Config, detach: bool) -> int:
         return serve_single_process(config, listener)
     from mpd.master import Master
 
-    return Master(config, listener, control_sock).run()
+    master = Master(config, listener, control_sock)
+    master.pidfile = pidfile.path if pidfile is not None else None
+    return master.run()
+
+
+def preflight() -> int:
+    """`--preflight`: every module of this mpd imports (the config was checked already);
+    print what this code can take over, for the running master deciding on an upgrade."""
+    import importlib
+    import json
+    import pkgutil
+
+    import mpd
+    from mpd.upgrade import preflight_report
+
+    for module in pkgutil.walk_packages(mpd.__path__, "mpd."):
+        importlib.import_module(module.name)
+    print(json.dumps(preflight_report()))
+    return 0
+
+
+def resume(state_fd: int) -> int:
+    """After an upgrade's exec: take the old master's state and carry on as the master."""
+    from mpd import state as statemod
+    from mpd.daemonize import PidFile
+    from mpd.master import Master
+    from mpd.upgrade import read_state
+
+    state = read_state(state_fd)
+    config = statemod.config_of(state)
+    logmod.set_role("master")
+    logmod.configure_from(config)
+    listener, control = statemod.sockets_of(state)
+    code = Master(config, listener, control).run(adopt=state)
+    if state.get("pidfile"):  # --daemon's: the old image's context cannot remove it now
+        PidFile(state["pidfile"]).__exit__(None, None, None)
+    return code
 
 
 def listening_socket(config: configmod.Config) -> socket.socket:

@@ -33,6 +33,8 @@ class Daemon(Protocol):
 
     def stop(self, graceful: bool = True) -> str | None: ...
 
+    def upgrade(self) -> str | None: ...
+
 
 def error(message: str) -> Reply:
     return {"ok": False, "error": message}
@@ -52,7 +54,8 @@ def status(daemon: Daemon, _request: dict[str, Any]) -> Reply:
     workers = [{"slot": w["slot"], "pid": w["pid"], "state": w["state"],
                 **{k: w["stats"].get(k, 0) for k in STAT_FIELDS},
                 "max_clients": snapshot["master"]["max_clients"],
-                **{k: w[k] for k in ("restarts", "uptime", "heartbeat_age")}}
+                **{k: w[k] for k in ("restarts", "uptime", "heartbeat_age", "generation",
+                                     "version")}}
                for w in snapshot["workers"]]
     totals = {k: sum(w[k] for w in workers) for k in STAT_FIELDS}
     return {"ok": True, "master": snapshot["master"], "workers": workers, "totals": totals}
@@ -83,6 +86,13 @@ def stop(daemon: Daemon, request: dict[str, Any]) -> Reply:
     return done(daemon.stop(graceful=graceful), graceful=graceful)
 
 
+def upgrade(daemon: Daemon, _request: dict[str, Any]) -> Reply:
+    why_not = daemon.upgrade()
+    if why_not is not None:
+        return error(f"upgrade refused, nothing changed: {why_not}")
+    return {"ok": True, "generation": daemon.snapshot()["master"]["upgrade"]["generation"]}
+
+
 def ping(_daemon: Daemon, _request: dict[str, Any]) -> Reply:
     return {"ok": True, "pong": True, "pid": os.getpid(), "version": __version__}
 
@@ -110,7 +120,21 @@ def scale_argument(arg: str | None) -> dict[str, Any]:
     return {"delta": number} if arg[:1] in "+-" else {"workers": number}
 
 
-def scale_done(reply: Reply, status: Reply) -> bool:
+def upgrade_done(reply: Reply, status: Reply) -> bool | str:
+    """The new generation's master rolled every slot onto it, or says why it could not."""
+    upgrade = status["master"].get("upgrade", {})
+    if upgrade.get("generation") != reply["generation"]:
+        return False
+    if upgrade.get("state") == "failed":
+        return f"upgrade failed: {upgrade.get('error')}"
+    return upgrade.get("state") == "done"
+
+
+def show_upgrade(reply: Reply) -> str:
+    return f"mpd: upgraded, every worker runs generation {reply['generation']}"
+
+
+def scale_done(reply: Reply, status: Reply) -> bool | str:
     """Exactly the wanted number of workers serve, and the retired are gone."""
     wanted = reply["workers"]
     return status["master"]["ready"] == wanted and len(status["workers"]) == wanted
@@ -120,7 +144,7 @@ STATUS_COLUMNS = (("slot", "SLOT"), ("pid", "PID"), ("state", "STATE"),
                   ("clients", "CLIENTS"), ("max_clients", "MAX"), ("accepted", "ACCEPTED"),
                   ("requests", "REQUESTS"), ("handoffs_out", "HANDOFF"),
                   ("adopted", "ADOPTED"), ("refused", "REFUSED"), ("restarts", "RESTARTS"),
-                  ("uptime", "UPTIME"), ("heartbeat_age", "HEARTBEAT"))
+                  ("uptime", "UPTIME"), ("heartbeat_age", "HEARTBEAT"), ("generation", "GEN"))
 
 
 def show_status(reply: Reply) -> str:
@@ -151,7 +175,8 @@ class Command:
     summary: str
     argument: Callable[[str | None], dict[str, Any]] = no_argument  # mpdctl's arg -> fields
     show: Callable[[Reply], str] = lambda reply: "ok"  # what mpdctl prints of the reply
-    done: Callable[[Reply, Reply], bool] | None = None  # mpdctl waits for it on status
+    # mpdctl polls status until this says True (done) or a string (failed: why)
+    done: Callable[[Reply, Reply], bool | str] | None = None
 
 
 COMMANDS: dict[str, Command] = {
@@ -165,6 +190,9 @@ COMMANDS: dict[str, Command] = {
                       "workers"),
     "stop": Command(stop, "stop", "graceful stop (as SIGTERM); a second stop is immediate",
                     show=lambda r: "mpd: stopping"),
+    "upgrade": Command(upgrade, "upgrade", "run the mpd now installed, moving every client "
+                       "to new workers (as SIGUSR2); waits until done", done=upgrade_done,
+                       show=show_upgrade),
     "ping": Command(ping, "ping", "check that mpd answers",
                     show=lambda r: f"mpd {r['version']} (pid {r['pid']}) answers"),
 }
@@ -177,6 +205,7 @@ SIGNALS: dict[signal.Signals, dict[str, Any]] = {
     signal.SIGHUP: {"command": "reload"},
     signal.SIGTTIN: {"command": "scale", "delta": 1},
     signal.SIGTTOU: {"command": "scale", "delta": -1},
+    signal.SIGUSR2: {"command": "upgrade"},
 }
 
 

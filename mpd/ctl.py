@@ -78,6 +78,16 @@ class Client:
             raise CtlError(EXIT_NOT_RUNNING, f"cannot connect to {path}: {e.strerror}") from None
         self.buf = b""
 
+    def reconnect(self) -> None:
+        """A new connection, for example after an upgrade's exec closed the old one."""
+        self.sock.close()
+        self.buf = b""
+        try:
+            self.sock = self.connect(self.path)
+        except OSError as e:
+            raise CtlError(EXIT_NOT_RUNNING, f"cannot connect to {self.path}: {e.strerror}")\
+                from None
+
     def connect(self, path: str) -> socket.socket:
         """Connect, retrying while mpd's accept queue is full (EAGAIN), up to the deadline."""
         while True:
@@ -167,16 +177,28 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def wait_done(client: Client, command: Command, reply: dict[str, Any], timeout: float) -> None:
-    """Poll status until the command's effect is complete, or fail at the deadline."""
+    """Poll status until the command's effect is complete, or fail at the deadline. An
+    upgrade's exec closes every control connection: then connect again."""
     assert command.done is not None
+    name = command.usage.split()[0]
     while True:
-        status = client.request("status")
-        if command.done(reply, status):
+        try:
+            status = client.request("status")
+        except CtlError as e:
+            if e.code != EXIT_NOT_RUNNING or time.monotonic() > client.deadline:
+                raise
+            time.sleep(0.05)  # a retry interval while mpd re-executes, bounded
+            client.reconnect()
+            continue
+        result = command.done(reply, status)
+        if isinstance(result, str):
+            raise CtlError(EXIT_ERROR, result)
+        if result:
             return
         if time.monotonic() > client.deadline:
             m = status["master"]
-            raise CtlError(EXIT_TIMEOUT, f"{command.usage.split()[0]}: not done after "
-                           f"{timeout:g} s ({m['ready']} of {m['workers']} workers ready)")
+            raise CtlError(EXIT_TIMEOUT, f"{name}: not done after {timeout:g} s "
+                           f"({m['ready']} of {m['workers']} workers ready)")
         time.sleep(0.02)  # a poll interval against the daemon, bounded by the deadline
 
 

@@ -27,6 +27,18 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "mpd.bind_failed": ("error", "master", "cannot listen: error (exit 69)"),
     "mpd.signal_refused": ("warning", "master", "a signal's command could not be done (SIGTTIN "
                            "at max_workers, SIGTTOU at one worker): signal, command, error"),
+    "upgrade.started": ("info", "master", "mpdctl upgrade or SIGUSR2: the pre-flight check of "
+                        "the code on disk runs: generation, preflight_pid"),
+    "upgrade.exec": ("info", "master", "the check passed; the master executes the new code "
+                     "in place (same pid): generation, inherited (fds)"),
+    "upgrade.adopted": ("info", "master", "the new code runs as the master and took over the "
+                        "old one's workers: generation, version, from_version, workers, held"),
+    "upgrade.slot_replaced": ("info", "master", "a new-code worker took a slot and the old one "
+                              "drained into it and exited: worker_slot, old_pid, seconds"),
+    "upgrade.done": ("info", "master", "every slot runs the new generation: generation, slots, "
+                     "seconds"),
+    "upgrade.failed": ("error", "master", "the upgrade stopped; what runs keeps serving: "
+                       "generation, error"),
     "config.invalid": ("error", "master", "the config file is invalid at start: path, line, "
                        "key, error (exit 78)"),
     "config.reloaded": ("info", "master", "SIGHUP or mpdctl reload applied: path, workers"),

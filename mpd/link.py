@@ -12,11 +12,15 @@ import signal
 import socket
 from typing import Any, Protocol, Union
 
+from mpd import __version__
 from mpd import config as configmod
+from mpd import log as logmod
 from mpd.channel import Channel, ChannelClosed, Kind, Message
 from mpd.reloading import reload_config
 from mpd.signals import SignalQueue
 from mpd.systemd import Notifier
+
+log = logmod.get_logger()
 
 HEARTBEAT = 1.0  # seconds between STATS messages (the master's liveness check)
 FINAL_FLUSH = 1.0  # seconds a stopping worker may block to get its last STATS out
@@ -47,14 +51,14 @@ class MasterLink:
         # The master coordinates INT (Ctrl-C hits the whole process group), HUP, TTIN, TTOU.
         return SignalQueue({signal.SIGTERM: worker.stop, signal.SIGQUIT: worker.quit},
                            ignore=[signal.SIGINT, signal.SIGHUP, signal.SIGTTIN,
-                                   signal.SIGTTOU])
+                                   signal.SIGTTOU, signal.SIGUSR2])
 
     @property
     def wants_write(self) -> bool:
         return self.channel.wants_write
 
     def hello(self, slot: int | None) -> None:
-        self.channel.send(Kind.HELLO, {"slot": slot, "pid": os.getpid()})
+        self.channel.send(Kind.HELLO, {"slot": slot, "pid": os.getpid(), "version": __version__})
 
     def report(self, counters: dict[str, int]) -> None:
         """The heartbeat: counters to the master. Raises ChannelClosed."""
@@ -95,7 +99,14 @@ class StandaloneLink:
     def signals(self, worker: Worker) -> SignalQueue:
         return SignalQueue({signal.SIGTERM: worker.stop, signal.SIGINT: worker.stop,
                             signal.SIGQUIT: worker.quit,
-                            signal.SIGHUP: lambda: self.reload(worker)})
+                            signal.SIGHUP: lambda: self.reload(worker),
+                            signal.SIGUSR2: self.refuse_upgrade})
+
+    @staticmethod
+    def refuse_upgrade() -> None:
+        """SIGUSR2: an upgrade in place moves clients between workers; with none, it cannot."""
+        log.error("upgrade.failed", error="single-process mode (workers = 0) cannot upgrade "
+                  "in place: restart mpd to run the new code")
 
     def reload(self, worker: Worker) -> None:
         """SIGHUP: the same check as the master's reload; the worker takes what it can live."""

@@ -239,3 +239,7 @@ def get_logger() -> Any:
 def enabled(level: str) -> bool:
     """Whether `level` passes the current filter: guards debug logs on hot paths."""
     return LEVELS[level] >= _current["level"]
+
+
+def flush() -> None:
+    """Write out what is queued for the log (nothing is queued yet: writes block)."""

@@ -28,10 +28,10 @@ from mpd.signals import SignalQueue
 from mpd.slots import Slots, WorkerProc
 from mpd.spawn import fork_worker
 from mpd.systemd import Notifier
+from mpd.upgrade import Upgrades
 
 KILL_WAIT = 5.0  # seconds to reap SIGKILLed workers before exiting regardless
 SPAWN_BATCH = 8  # forks per loop turn (each costs a few ms of the master's time)
-STATUS_EVERY = 1.0  # seconds between systemd STATUS= updates, at most
 
 log = logmod.get_logger()
 
@@ -50,9 +50,10 @@ class Master:
         self.kill_deadline = 0.0
         self.started = time.monotonic()
         self.port: int = listener.getsockname()[1]
-        self.next_watchdog = 0.0
-        self.next_status = 0.0
         self.spawn_pending = False  # more slots to fill than one turn spawned
+        self.generation = 1  # one more with each upgrade in place (its workers' too)
+        self.pidfile: str | None = None  # --daemon's, removed by whoever exits last
+        self.upgrades = Upgrades(self)  # upgrade in place: its pre-flight, exec and roll
         self.on_message_kind: dict[Kind, Callable[[WorkerProc, Message], None]] = {
             Kind.HANDOFF: self.broker.dispatch, Kind.STATS: self.on_stats,
             Kind.HELLO: self.on_hello}
@@ -63,22 +64,24 @@ class Master:
 
     # --- the loop -------------------------------------------------------------------------
 
-    def run(self) -> int:
-        self.start()
+    def run(self, adopt: dict[str, Any] | None = None) -> int:
+        """Serve until stopped. `adopt`: an old master's state after an upgrade's exec."""
+        self.start(adopt)
         while self.state != "stopped":
             for key, events in self.selector.select(self.timeout()):
                 key.data(events)  # each fd was registered with its reaction
             self.murder_workers()
             self.manage_workers()
             self.broker.retry_held()
+            self.upgrades.tick(time.monotonic())
             if self.control is not None:
                 self.control.expire()
-            self.tell_systemd()
+            self.notifier.tick(self.status_line if self.state == "running" else None)
         self.close()
         log.info("mpd.stopped", uptime=round(time.monotonic() - self.started, 3))
         return 0
 
-    def start(self) -> None:
+    def start(self, adopt: dict[str, Any] | None = None) -> None:
         self.selector = selectors.DefaultSelector()
         self.signals = SignalQueue(self.signal_table())
         self.selector.register(self.signals, selectors.EVENT_READ, self.on_signals)
@@ -89,9 +92,12 @@ class Master:
                 self.control_sock, self.config.socket_path, self.selector,
                 functools.partial(commands.handle, self),
                 lambda uid, gid: commands.allowed(self.config, uid, gid))
-        log.info("mpd.started", version=__version__, config=self.config.path,
-                 listen=self.config.listen, port=self.port, workers=self.target,
-                 control=self.config.socket_path if self.control else None)
+        if adopt is not None:
+            self.upgrades.adopt(adopt)
+        else:
+            log.info("mpd.started", version=__version__, config=self.config.path,
+                     listen=self.config.listen, port=self.port, workers=self.target,
+                     control=self.config.socket_path if self.control else None)
         self.manage_workers()
 
     def close(self) -> None:
@@ -109,19 +115,10 @@ class Master:
         now = time.monotonic()
         due = [now + 1.0, self.slots.next_respawn(), self.broker.next_deadline(now),
                self.stop_deadline, self.kill_deadline,
-               self.next_watchdog if self.notifier.watchdog_interval else None,
-               self.control.next_deadline() if self.control is not None else None]
+               self.notifier.deadline(),
+               self.control.next_deadline() if self.control is not None else None,
+               self.upgrades.deadline()]
         return max(0.0, min(d for d in due if d) - now)
-
-    def tell_systemd(self) -> None:
-        """WATCHDOG=1 from the loop itself (a stuck loop stops it), STATUS= when it changes."""
-        now = time.monotonic()
-        if self.notifier.watchdog_interval and now >= self.next_watchdog:
-            self.next_watchdog = now + self.notifier.watchdog_interval
-            self.notifier.watchdog()
-        if now >= self.next_status and self.state == "running":
-            self.next_status = now + STATUS_EVERY
-            self.notifier.status(self.status_line())
 
     def status_line(self) -> str:
         return (f"{self.slots.ready_count()}/{self.target} workers ready, "
@@ -148,18 +145,27 @@ class Master:
 
     # --- workers ----------------------------------------------------------------------------
 
-    def spawn_worker(self, slot: int) -> None:
+    def spawn_worker(self, slot: int, serving: bool = True) -> WorkerProc | None:
+        """A new worker for `slot`: it takes the slot now, or (an upgrade's) once ready."""
         try:
             pid, channel = fork_worker(slot, self.config, self.listener, self.slots.table,
                                        self.forget_in_child)
         except OSError as e:  # out of processes, memory or fds: try again later
             log.error("worker.spawn_failed", worker_slot=slot, error=e.strerror)
-            self.schedule_respawn(slot, uptime=0.0)
-            return
-        worker = WorkerProc(slot=slot, pid=pid, channel=channel)
-        history = self.slots.add(worker)
-        self.selector.register(worker.channel, selectors.EVENT_READ, self.channel_reader(worker))
-        log.info("worker.spawned", worker_pid=pid, worker_slot=slot, restarts=history.restarts)
+            if serving:
+                self.schedule_respawn(slot, uptime=0.0)
+            return None
+        worker = WorkerProc(slot=slot, pid=pid, channel=channel, generation=self.generation)
+        history = self.slots.add(worker, serving)
+        self.watch(worker)
+        log.info("worker.spawned", worker_pid=pid, worker_slot=slot, restarts=history.restarts,
+                 generation=self.generation)
+        return worker
+
+    def watch(self, worker: WorkerProc) -> None:
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if worker.channel.wants_write
+                                         else 0)
+        self.selector.register(worker.channel, events, self.channel_reader(worker))
 
     def forget_in_child(self) -> None:
         """In a forked worker: close what is the master's."""
@@ -237,9 +243,11 @@ class Master:
         if self.config.autoscale:
             self.autoscale()
 
-    def on_hello(self, worker: WorkerProc, _message: Message) -> None:
+    def on_hello(self, worker: WorkerProc, message: Message) -> None:
+        worker.version = str(message.meta.get("version", ""))
         if worker.state == "starting":
             worker.state = "ready"
+        self.upgrades.on_ready(worker)
         log.info("worker.ready", worker_pid=worker.pid, worker_slot=worker.slot,
                  boot_ms=round((worker.last_seen - worker.started) * 1000, 1))
         if self.state == "starting" and self.slots.ready_count() >= self.target:
@@ -272,6 +280,8 @@ class Master:
             worker = self.slots.remove(pid)
             if worker is not None:
                 self.worker_exited(worker, status)
+            else:
+                self.upgrades.reaped(pid, status)
 
     def worker_exited(self, worker: WorkerProc, status: int) -> None:
         self.forget_channel(worker)
@@ -286,6 +296,8 @@ class Master:
         expected = worker.state == "stopping" or self.state == "stopping"
         log.log(20 if expected else 30, "worker.exited", worker_pid=worker.pid,
                 worker_slot=worker.slot, uptime=round(uptime, 3), **how)
+        if self.upgrades.on_exit(worker):
+            return  # a new-code worker that never got ready: its slot's old one serves on
         if not expected:
             self.schedule_respawn(worker.slot, uptime)
 
@@ -342,7 +354,8 @@ class Master:
         workers = [{
             "slot": w.slot, "pid": w.pid, "state": w.state, "stats": dict(w.stats),
             "restarts": self.slots.restarts(w.slot), "uptime": round(now - w.started, 3),
-            "heartbeat_age": round(now - w.last_seen, 3),
+            "heartbeat_age": round(now - w.last_seen, 3), "generation": w.generation,
+            "version": w.version,
         } for w in sorted(self.slots.workers.values(), key=lambda w: (w.slot, w.started))]
         return {"master": {
             "pid": os.getpid(), "version": __version__, "uptime": round(now - self.started, 3),
@@ -350,6 +363,7 @@ class Master:
             "state": self.state, "workers": self.target, "ready": self.slots.ready_count(),
             "held": len(self.broker.held), "autoscale": self.config.autoscale,
             "max_workers": self.config.max_workers, "max_clients": self.config.max_clients,
+            "generation": self.generation, "upgrade": dict(self.upgrades.status),
         }, "workers": workers}
 
     def scale(self, count: int) -> str | None:
@@ -381,12 +395,16 @@ class Master:
         finally:
             self.notifier.ready(self.status_line())
 
+    def upgrade(self) -> str | None:
+        return self.upgrades.start()
+
     def stop(self, graceful: bool = True) -> str | None:
         """Graceful: workers finish their clients; a second stop (or graceful=False) stops
         at once."""
         if not graceful or self.state == "stopping":
             self.halt("quit")
             return None
+        self.upgrades.cancel()
         log.info("mpd.stopping", workers=len(self.slots.workers),
                  graceful_timeout=self.config.graceful_timeout)
         self.notifier.stopping()
@@ -402,6 +420,7 @@ class Master:
         """Stop now: SIGKILL every worker, then exit once they are reaped (bounded)."""
         if self.kill_deadline:
             return
+        self.upgrades.cancel()
         log.warning("mpd.halting", reason=reason, workers=len(self.slots.workers))
         self.notifier.stopping()
         self.state = "stopping"

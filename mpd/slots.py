@@ -26,6 +26,8 @@ class WorkerProc:
     last_seen: float = field(default_factory=time.monotonic)
     state: str = "starting"  # starting -> ready -> stopping
     stats: dict[str, int] = field(default_factory=dict)
+    generation: int = 1  # the master's generation (upgrades) that started it
+    version: str = ""  # mpd's version in the worker, from its HELLO
 
     @property
     def clients(self) -> int:
@@ -53,9 +55,11 @@ class Slots:
     def target(self) -> int:
         return len(self.table)
 
-    def add(self, worker: WorkerProc) -> SlotHistory:
+    def add(self, worker: WorkerProc, serving: bool = True) -> SlotHistory:
+        """A new worker; it takes its slot now, or (an upgrade's) once it is ready."""
         self.workers[worker.pid] = worker
-        self.serving[worker.slot] = worker
+        if serving:
+            self.serving[worker.slot] = worker
         history = self.history.setdefault(worker.slot, SlotHistory())
         history.respawn_at = 0.0
         return history

@@ -9,8 +9,10 @@ import os
 import socket
 import struct
 import time
+from typing import Callable
 
 SD_LISTEN_FDS_START = 3
+STATUS_EVERY = 1.0  # seconds between STATUS= updates, at most
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 
@@ -29,6 +31,8 @@ class Notifier:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.watchdog_interval = self._watchdog_interval()
         self.last_status = ""
+        self.next_watchdog = 0.0
+        self.next_status = 0.0
 
     @staticmethod
     def _watchdog_interval() -> float:
@@ -66,6 +70,22 @@ class Notifier:
 
     def watchdog(self) -> None:
         self.notify("WATCHDOG=1")
+
+    def tick(self, status: Callable[[], str] | None) -> None:
+        """The loop's periodic duties: WATCHDOG=1 at its interval, from the loop itself (a
+        stuck loop stops it); STATUS= when it changed, at most every STATUS_EVERY seconds
+        (`status` None: nothing to tell yet)."""
+        now = time.monotonic()
+        if self.watchdog_interval and now >= self.next_watchdog:
+            self.next_watchdog = now + self.watchdog_interval
+            self.watchdog()
+        if status is not None and now >= self.next_status:
+            self.next_status = now + STATUS_EVERY
+            self.status(status())
+
+    def deadline(self) -> float | None:
+        """When tick() must run next for the watchdog."""
+        return self.next_watchdog if self.watchdog_interval else None
 
     def close(self) -> None:
         if self.sock is not None:

@@ -84,7 +84,7 @@ class Mpd:
     """A running mpd: its process, its log, its port."""
 
     def __init__(self, tmp: Path, settings: dict[str, dict[str, Any]],
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, cwd: Path = ROOT):
         self.tmp = tmp
         self.config_path = tmp / "mpd.toml"
         merged: dict[str, dict[str, Any]] = {"server": {"port": 0},
@@ -98,7 +98,7 @@ class Mpd:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mpd.cli", "--config", str(self.config_path)],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True)
+            cwd=cwd, env={**os.environ, **(env or {})}, start_new_session=True)
         self.pid = self.proc.pid
         self._offset = 0
         self._events: list[dict[str, Any]] = []
@@ -188,8 +188,8 @@ def mpd_factory(tmp_path: Path) -> Iterator[Callable[..., Mpd]]:
     started: list[Mpd] = []
 
     def start(settings: dict[str, dict[str, Any]] | None = None,
-              env: dict[str, str] | None = None) -> Mpd:
-        server = Mpd(tmp_path, settings or {}, env)
+              env: dict[str, str] | None = None, cwd: Path = ROOT) -> Mpd:
+        server = Mpd(tmp_path, settings or {}, env, cwd)
         started.append(server)
         return server
 

@@ -427,3 +427,38 @@ def test_daemon_mode_detaches_writes_a_pidfile_and_stops_by_it(tmp_path):
     finally:
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@needs_box
+def test_mpdctl_upgrade_under_systemd_keeps_the_unit_active(box, system_venv):
+    install(box, system_venv, BASE)
+    box.run("systemctl", "start", "mpd", check=True)
+    main_pid = prop(box, "MainPID")
+    before = {w["pid"] for w in mpdctl_status(box, system_venv)["workers"]}
+    # The new version, installed over the old one (inside the box only: its / is an overlay).
+    init = next(system_venv.glob("lib/python3*/site-packages/mpd/__init__.py"))
+    box.run("sed", "-i", 's/^__version__ = .*/__version__ = "99.1.0"/', str(init), check=True)
+    states: list[str] = []
+    watching = [True]
+
+    def watch() -> None:
+        while watching[0]:
+            states.append(prop(box, "ActiveState"))
+
+    import threading
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    result = box.run(f"{system_venv}/bin/mpdctl", "upgrade", timeout=90)
+    watching[0] = False
+    watcher.join(30)
+    assert result.returncode == 0, result.stderr + result.stdout
+    status = mpdctl_status(box, system_venv)
+    assert status["master"]["version"] == "99.1.0"
+    assert {w["version"] for w in status["workers"]} == {"99.1.0"}
+    assert not before & {w["pid"] for w in status["workers"]}
+    assert prop(box, "MainPID") == main_pid and prop(box, "NRestarts") == "0"
+    assert set(states) <= {"active", "reloading"} and prop(box, "ActiveState") == "active"
+    assert ping_inside(box, system_venv)
+    assert [e["event"] for e in box.events() if e["event"].startswith("upgrade.")][-1] \
+        == "upgrade.done"

@@ -1,0 +1,252 @@
+"""Upgrade in place: `mpdctl upgrade` (or SIGUSR2) runs the code now on disk in the same
+master process, and every live connection moves to a new-code worker. Each test runs mpd
+from its own copy of the package, the "installed" code that the test then changes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import (
+    M_PING,
+    REPLY,
+    ROOT,
+    Pingers,
+    pid_alive,
+    random_keys,
+    recv_exact,
+    wait_until,
+)
+
+from mpd import ctl
+
+
+@pytest.fixture
+def installed(tmp_path: Path) -> Path:
+    """A copy of the mpd package that mpd runs from, as pip would have installed it."""
+    home = tmp_path / "installed"
+    shutil.copytree(ROOT / "mpd", home / "mpd", ignore=shutil.ignore_patterns("__pycache__"))
+    return home
+
+
+def set_version(home: Path, version: str) -> None:
+    init = home / "mpd" / "__init__.py"
+    text = init.read_text()
+    start = text.index("__version__ = ")
+    end = text.index("\n", start)
+    init.write_text(text[:start] + f'__version__ = "{version}"' + text[end:])
+
+
+def mpdctl(server, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mpd.ctl", "--socket",
+                           str(server.tmp / "mpd.sock"), *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def status(server) -> dict:
+    result = mpdctl(server, "--json", "status")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+class Stream(threading.Thread):
+    """Connect, ping, close, over and over: counts what succeeded and what did not."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.port = port
+        self.halt = threading.Event()
+        self.done = 0
+        self.errors: list[Exception] = []
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=10) as sock:
+                    sock.sendall(M_PING)
+                    assert recv_exact(sock, len(REPLY)) == REPLY
+                self.done += 1
+            except Exception as e:  # noqa: BLE001 - the test reads them
+                self.errors.append(e)
+
+    def stop(self) -> list[Exception]:
+        self.halt.set()
+        self.join(15)
+        return self.errors
+
+
+def test_upgrade_under_load_moves_every_connection_to_new_code(mpd_factory, installed):
+    server = mpd_factory({"workers": {"workers": 4}}, cwd=installed)
+    before = status(server)
+    old_pids = {w["pid"] for w in before["workers"]}
+    pingers = Pingers(server.port, random_keys(200, seed=15))
+    stream = Stream(server.port)
+    stream.start()
+    pingers.wait_progress("200 clients pinging")
+    set_version(installed, "99.0.0")
+    result = mpdctl(server, "upgrade")
+    assert result.returncode == 0, result.stderr
+    assert "generation 2" in result.stdout
+    after = status(server)
+    assert after["master"]["pid"] == server.pid and after["master"]["version"] == "99.0.0"
+    assert after["master"]["generation"] == 2
+    assert {w["version"] for w in after["workers"]} == {"99.0.0"}
+    assert {w["generation"] for w in after["workers"]} == {2}
+    assert not old_pids & {w["pid"] for w in after["workers"]}
+    for pid in old_pids:  # every old worker is gone: what still serves is new code
+        wait_until(lambda p=pid: not pid_alive(p), what=f"old worker {pid} gone")
+    pingers.wait_progress("every connection served after the upgrade")
+    assert pingers.stop() == [None] * 200  # none reset, refused, lost or out of order
+    assert stream.stop() == [] and stream.done > 0
+    steps = [e["event"] for e in server.events() if e["event"].startswith("upgrade.")]
+    assert steps == ["upgrade.started", "upgrade.exec", "upgrade.adopted",
+                     *["upgrade.slot_replaced"] * 4, "upgrade.done"]
+    assert server.proc.poll() is None
+
+
+def test_sigusr2_upgrades_too(mpd_factory, installed):
+    server = mpd_factory({"workers": {"workers": 2}}, cwd=installed)
+    set_version(installed, "99.0.1")
+    server.signal(signal.SIGUSR2)
+    server.wait_event("upgrade.done", timeout=30)
+    assert {w["version"] for w in status(server)["workers"]} == {"99.0.1"}
+
+
+@pytest.mark.parametrize("breakage", ["import", "config"])
+def test_a_new_version_that_fails_its_preflight_changes_nothing(mpd_factory, installed,
+                                                                breakage):
+    server = mpd_factory({"workers": {"workers": 2}}, cwd=installed)
+    before = status(server)
+    pingers = Pingers(server.port, random_keys(20, seed=16))
+    set_version(installed, "99.0.2")
+    if breakage == "import":
+        (installed / "mpd" / "roll.py").write_text("def broken(:\n")
+        expected = "SyntaxError"
+    else:
+        server.config_path.write_text("[workers]\nworkers = 'many'\n")
+        expected = "workers.workers"
+    result = mpdctl(server, "upgrade")
+    assert result.returncode == ctl.EXIT_ERROR
+    assert "pre-flight" in result.stderr and expected in result.stderr, result.stderr
+    after = status(server)
+    assert after["master"]["version"] == before["master"]["version"]
+    assert after["workers"] == [{**w, "heartbeat_age": a["heartbeat_age"],
+                                 "uptime": a["uptime"], **{k: a[k] for k in STATS}}
+                                for w, a in zip(before["workers"], after["workers"])]
+    assert after["master"]["upgrade"]["state"] == "failed"
+    assert not server.events("upgrade.exec")
+    pingers.wait_progress("clients still served")
+    assert pingers.stop() == [None] * 20
+
+
+STATS = ("clients", "accepted", "requests", "handoffs_out", "adopted", "refused")
+
+
+def test_a_second_upgrade_while_one_runs_is_refused(mpd_factory, installed):
+    server = mpd_factory({"workers": {"workers": 1}}, cwd=installed)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(server.tmp / "mpd.sock"))
+        sock.sendall(b'{"version": 1, "command": "upgrade"}\n' * 2)  # read in one go
+        replies = b""
+        while replies.count(b"\n") < 2:
+            replies += sock.recv(65536)
+    first, second = (json.loads(line) for line in replies.splitlines())
+    assert first["ok"] and first["generation"] == 2
+    assert not second["ok"] and "already running" in second["error"]
+    server.wait_event("upgrade.done", timeout=30)
+
+
+def test_a_new_worker_that_cannot_start_stops_the_roll(mpd_factory, installed, tmp_path):
+    crash = tmp_path / "crash"
+    server = mpd_factory({"workers": {"workers": 2}}, cwd=installed,
+                         env={"MPD_TEST_CRASH_FILE": str(crash)})
+    old = {w["slot"]: w["pid"] for w in status(server)["workers"]}
+    pingers = Pingers(server.port, random_keys(20, seed=17))
+    set_version(installed, "99.0.3")
+    crash.touch()  # every worker that starts now exits at once (exit code 3)
+    result = mpdctl(server, "upgrade")
+    assert result.returncode == ctl.EXIT_ERROR
+    assert "slot 0 exited before it was ready" in result.stderr
+    now = status(server)
+    assert now["master"]["version"] == "99.0.3"  # the master runs the new code...
+    assert {w["slot"]: w["pid"] for w in now["workers"]} == old  # ...the old workers serve
+    assert {w["generation"] for w in now["workers"]} == {1}
+    pingers.wait_progress("clients still served")
+    crash.unlink()
+    retry = mpdctl(server, "upgrade")  # once the new workers can start, it completes
+    assert retry.returncode == 0, retry.stderr
+    assert {w["generation"] for w in status(server)["workers"]} == {3}
+    pingers.wait_progress("clients served by the new workers")
+    assert pingers.stop() == [None] * 20
+
+
+def test_single_process_mode_refuses_to_upgrade_in_place(mpd_factory, installed):
+    server = mpd_factory({"workers": {"workers": 0}}, cwd=installed)
+    server.signal(signal.SIGUSR2)
+    refused = server.wait_event("upgrade.failed")
+    assert "single-process mode" in refused["error"]
+    with server.connect() as sock:  # and it serves on
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+
+
+def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
+    """What crosses the exec, on real sockets: capture() in one master, a JSON round trip
+    (the memfd), restore() into another; every fd is the same open socket after."""
+    import selectors as selectors_mod
+
+    from mpd import config as configmod
+    from mpd import state as statemod
+    from mpd.broker import HeldClient
+    from mpd.channel import Channel
+    from mpd.control import ControlServer
+    from mpd.master import Master
+    from mpd.slots import WorkerProc
+
+    config = configmod.parse("[workers]\nworkers = 2\n", str(tmp_path / "mpd.toml"))
+    listener = socket.create_server(("127.0.0.1", 0))
+    control_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control_sock.bind(str(tmp_path / "mpd.sock"))
+    control_sock.listen()
+    old = Master(config, listener, control_sock)
+    selector = selectors_mod.DefaultSelector()
+    old.control = ControlServer(control_sock, str(tmp_path / "mpd.sock"), selector,
+                                lambda r: r, lambda u, g: True)
+    ours, theirs = Channel.pair()
+    worker = WorkerProc(slot=1, pid=4_000_001, channel=Channel(ours, "slot 1"), state="ready",
+                        stats={"clients": 3}, version="1.0")
+    old.slots.add(worker)
+    worker.channel.queue.append((b"queued", []))  # not yet sent when the exec comes
+    held_ours, held_theirs = socket.socketpair()
+    old.broker.held.append(HeldClient({"key": 7, "table": 2}, b"M\0", held_ours.detach()))
+    state, fds = statemod.capture(old)
+    state = json.loads(json.dumps(state))  # as the memfd carries it
+    assert set(fds) == {listener.fileno(), control_sock.fileno(), ours.fileno(),
+                        old.broker.held[0].fd}
+    new = Master(statemod.config_of(state), *statemod.sockets_of(state))
+    statemod.restore(new, state)
+    assert new.generation == 2 and new.started == old.started
+    adopted = new.slots.serving[1]
+    assert (adopted.pid, adopted.state, adopted.stats, adopted.version, adopted.generation) \
+        == (4_000_001, "ready", {"clients": 3}, "1.0", 1)
+    assert adopted.channel.flush()  # the queued message goes out on the same socket
+    assert theirs.recv(100) == b"queued"
+    (held,) = new.broker.held
+    assert held.meta == {"key": 7, "table": 2} and held.raw == b"M\0"
+    os.write(held.fd, b"x")  # the held client's fd is the same connection
+    assert held_theirs.recv(1) == b"x"
+    assert new.listener.getsockname() == listener.getsockname()
+    for sock in (theirs, held_theirs, new.listener):
+        sock.close()
+    os.close(held.fd)
+    adopted.channel.close()
+    selector.close()
