@@ -25,6 +25,7 @@ REQUEST_TIMEOUT = 5.0  # seconds a started line may take to finish
 IDLE_TIMEOUT = 60.0  # seconds an idle connection is kept
 MAX_REPLY_BACKLOG = 1 << 20  # reply bytes a peer may leave unread before it is dropped
 UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+QUIET_COMMANDS = frozenset(("status", "ping"))  # logged at debug: they change nothing
 
 log = logmod.get_logger()
 
@@ -183,8 +184,12 @@ class ControlServer:
         if request.get("version", VERSION) != VERSION:
             return {"ok": False, "error": f"unsupported version {request.get('version')!r}; "
                     f"this mpd speaks version {VERSION}"}
-        log.info("control.command", command=request["command"], peer_uid=peer.uid,
-                 peer_pid=peer.pid)
+        if request["command"] in QUIET_COMMANDS:  # polled by scripts and monitors
+            log.debug("control.command", command=request["command"], peer_uid=peer.uid,
+                      peer_pid=peer.pid)
+        else:
+            log.info("control.command", command=request["command"], peer_uid=peer.uid,
+                     peer_pid=peer.pid)
         try:
             return self.handle(request)
         except Exception as e:  # noqa: BLE001 - a bad request must never kill the master

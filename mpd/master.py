@@ -108,6 +108,7 @@ class Master:
                  control=self.config.socket_path if self.control else None)
         self.manage_workers()
         while self.state != "stopped":
+            logmod.watch(self.selector)  # LOG-HOOK: wait writable on a slow log sink
             for key, events in self.selector.select(self.timeout()):
                 key.data(events)
             self.murder_workers()
@@ -508,11 +509,11 @@ class Master:
     def apply_config(self) -> str | None:
         try:
             new = configmod.reload(self.config)
-        except configmod.ConfigError as e:
+            logmod.configure_from(new)  # LOG-HOOK: opens the new log first; ConfigError
+        except configmod.ConfigError as e:  # (LogSetupError) leaves the old one in use
             log.error("config.reload_failed", error=str(e))
             return str(e)
         self.config = new
-        logmod.configure_from(new)
         settings = {k: getattr(new, k) for k in LIVE_SETTINGS}
         for worker in self.workers.values():
             self.send(worker, Kind.CONFIG, settings)

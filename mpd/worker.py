@@ -25,6 +25,7 @@ RECV_SIZE = 32768
 ACCEPT_BATCH = 32  # accepts per wake-up, so a burst spreads over the workers
 HEARTBEAT = 1.0  # seconds between STATS messages (the master's liveness check)
 ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
+LOG_DRAIN = 0.5  # seconds an exiting worker may wait for its last log lines (LOG-HOOK)
 EXIT_OK, EXIT_BOOT_ERROR = 0, 3  # 3: failed before serving (the master backs off harder)
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
@@ -106,10 +107,12 @@ class Worker:
         conns = self.conns
         poll = self.epoll.poll
         monotonic = time.monotonic
+        log_fd = -1  # LOG-HOOK: the log sink's fd while lines wait for it, else -1
         while self.running:
             now = monotonic()
             if now >= self.next_timer:
                 self.on_timers(now)
+            log_fd = logmod.watch_epoll(self.epoll, log_fd)  # LOG-HOOK
             for fd, events in poll(self.next_timer - now if self.next_timer < INF else -1):
                 conn = conns.get(fd)
                 if conn is not None:
@@ -123,6 +126,8 @@ class Worker:
                     self.on_channel(events)
                 elif fd == sfd:
                     self.on_signals()
+                elif fd == log_fd:  # LOG-HOOK
+                    logmod.flush()
             if self.stopping and not conns:
                 self.running = False
         self.shutdown()
@@ -460,6 +465,7 @@ class Worker:
 
         try:
             new = configmod.reload(self.config)
+            logmod.configure_from(new)  # LOG-HOOK: a log file that cannot be opened: refused
         except configmod.ConfigError as e:
             log.error("config.reload_failed", error=str(e))
             return
@@ -509,6 +515,7 @@ class Worker:
             with contextlib.suppress(ChannelClosed, OSError):
                 self.channel.flush()
         log.info("worker.stopped", **self.stats)
+        logmod.drain(LOG_DRAIN)  # LOG-HOOK: its last lines, if the sink is slow; bounded
 
 
 def _peer(addr: Any) -> str:
