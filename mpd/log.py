@@ -17,6 +17,7 @@ import logging
 import os
 import selectors
 import time
+from select import EPOLLOUT
 from typing import Any, Callable
 
 import structlog
@@ -162,6 +163,8 @@ def install(setup: Setup) -> None:
         sink.limit = setup.buffer
     for sink in old:
         if sink not in setup.writer.sinks and sink not in _shared.values():
+            if sink.fileno() == _watched.fd:
+                _watched.forget()  # before its fd number can be reused
             sink.flush()
             _drops.add(sink.discard())
             sink.close()
@@ -290,10 +293,8 @@ def _sinks() -> list[logsink.Sink]:
 
 def backlog_fd() -> int | None:
     """The fd to wait writable on while log lines are queued; None when nothing is."""
-    for sink in _live:
-        if sink.queue:
-            return sink.fileno()
-    return None
+    fd = _backlog()
+    return None if fd < 0 else fd
 
 
 def flush() -> None:
@@ -323,41 +324,61 @@ def _report_drops() -> None:
         log.warning("log.dropped", dropped=count, total=_drops.total)
 
 
-_watched: dict[str, Any] = {"selector": None, "fd": None}
+class _Watch:
+    """The one fd a loop watches for the log: which loop (a selector or an epoll object)
+    and which fd, so that a sink closed on reload is unregistered before its fd number
+    can be reused."""
+
+    __slots__ = ("poller", "fd")
+
+    def __init__(self) -> None:
+        self.poller: Any = None
+        self.fd = -1
+
+    def forget(self) -> None:
+        if self.fd >= 0 and self.poller is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.poller.unregister(self.fd)
+        self.poller, self.fd = None, -1
+
+
+_watched = _Watch()
+
+
+def _backlog() -> int:
+    for sink in _live:
+        if sink.queue:
+            return sink.fileno()
+    return -1
 
 
 def watch(selector: selectors.BaseSelector) -> None:
     """For a selectors loop (the master), once per turn: keep the backlog fd registered
     for EVENT_WRITE exactly while lines are queued; the event's data is flush()."""
-    fd = backlog_fd()
-    if fd == _watched["fd"] and selector is _watched["selector"]:
+    fd = _backlog()
+    if fd == _watched.fd and selector is _watched.poller:
         return
-    if _watched["fd"] is not None and _watched["selector"] is selector:
-        with contextlib.suppress(KeyError, ValueError, OSError):
-            selector.unregister(_watched["fd"])
-    if fd is not None:
+    _watched.forget()
+    if fd >= 0:
         selector.register(fd, selectors.EVENT_WRITE, lambda _events: flush())
-    _watched.update(selector=selector, fd=fd)
+        _watched.poller, _watched.fd = selector, fd
 
 
-def watch_epoll(epoll: Any, registered: int) -> int:
-    """For an epoll loop (the worker), once per turn: `registered` is what the last call
-    returned (-1 at first); returns the fd now registered for EPOLLOUT, or -1. The loop
-    calls flush() when that fd is reported."""
+def watch_epoll(epoll: Any) -> int:
+    """For an epoll loop (the worker), once per turn: keep the backlog fd registered for
+    EPOLLOUT exactly while lines are queued; returns it (-1: none). The loop calls
+    flush() when that fd is reported."""
     fd = -1
     for sink in _live:
         if sink.queue:
             fd = sink.fileno()
             break
-    if fd == registered:
-        return fd
-    if registered >= 0:
-        with contextlib.suppress(OSError):
-            epoll.unregister(registered)
+    if fd == _watched.fd and (fd < 0 or epoll is _watched.poller):
+        return fd  # the usual turn: nothing queued, nothing registered
+    _watched.forget()
     if fd >= 0:
-        import select
-
-        epoll.register(fd, select.EPOLLOUT)
+        epoll.register(fd, EPOLLOUT)
+        _watched.poller, _watched.fd = epoll, fd
     return fd
 
 
@@ -367,7 +388,7 @@ def _after_fork_in_child() -> None:
     for sink in _live:
         sink.discard()
     _drops.total = _drops.unreported = 0
-    _watched.update(selector=None, fd=None)
+    _watched.poller, _watched.fd = None, -1  # the parent's loop, closed in the child
     _facade.limits.clear()
     _identity["pid"] = os.getpid()
     jsonline.set_identity(_identity)

@@ -112,7 +112,7 @@ class Worker:
             now = monotonic()
             if now >= self.next_timer:
                 self.on_timers(now)
-            log_fd = logmod.watch_epoll(self.epoll, log_fd)  # LOG-HOOK
+            log_fd = logmod.watch_epoll(self.epoll)  # LOG-HOOK
             for fd, events in poll(self.next_timer - now if self.next_timer < INF else -1):
                 conn = conns.get(fd)
                 if conn is not None:

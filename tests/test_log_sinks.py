@@ -387,3 +387,75 @@ def read_all_blocking_until_eof(fd: int) -> bytes:
     while chunk := os.read(fd, 1 << 16):
         out += chunk
     return out
+
+
+# --- the loops' side --------------------------------------------------------------------------
+
+def fifo_log(tmp_path: Path) -> tuple[Path, int]:
+    """A FIFO as the log file, with a reader that does not read yet."""
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    return fifo, os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+
+
+def test_a_selector_loop_waits_on_the_backlog_and_flushes_it(tmp_path: Path) -> None:
+    import selectors
+
+    fifo, reader = fifo_log(tmp_path)
+    selector = selectors.DefaultSelector()
+    log = logmod.get_logger()
+    try:
+        logmod.configure("info", "json", "file", str(fifo))
+        logmod.watch(selector)
+        assert selector.get_map() == {}  # nothing queued: nothing to wait for
+        with must_not_block():
+            for i in range(2000):
+                log.info("test.line", n=i)
+        logmod.watch(selector)
+        assert [k.fd for k in selector.get_map().values()] == [logmod.backlog_fd()]
+        received = b""
+        with must_not_block():
+            while logmod.backlog_fd() is not None:  # the loop: wait, then the callback
+                received += read_all(reader)
+                for key, events in selector.select(1.0):
+                    key.data(events)
+                logmod.watch(selector)
+        assert selector.get_map() == {}
+        lines = [e["n"] for e in json_lines(received + read_all(reader))]
+        assert lines == list(range(2000))
+    finally:
+        logmod.configure("info")
+        logmod.watch(selector)
+        selector.close()
+        os.close(reader)
+
+
+def test_a_reload_unregisters_the_watched_sink_before_closing_it(tmp_path: Path) -> None:
+    import select
+
+    fifo, reader = fifo_log(tmp_path)
+    epoll = select.epoll()
+    try:
+        logmod.configure("info", "json", "file", str(fifo))
+        with must_not_block():
+            for i in range(2000):
+                logmod.get_logger().info("test.line", n=i)
+        watched = logmod.watch_epoll(epoll)
+        assert watched >= 0 and watched == logmod.backlog_fd()
+        logmod.configure("info", "json", "file", str(tmp_path / "new.log"))
+        # The FIFO's sink is closed; a new fd takes its number (a client, in a worker) and
+        # the loop registers it. The loop's next turn must leave that one alone.
+        reuse, other = os.pipe()
+        try:
+            assert reuse == watched  # the lowest free number: the closed sink's
+            epoll.register(reuse, select.EPOLLIN)
+            assert logmod.watch_epoll(epoll) == -1
+            epoll.modify(reuse, select.EPOLLIN)  # ENOENT if the log had unregistered it
+        finally:
+            os.close(reuse)
+            os.close(other)
+        assert logmod.dropped_total() > 0  # what the FIFO had queued was dropped, counted
+    finally:
+        logmod.configure("info")
+        epoll.close()
+        os.close(reader)
