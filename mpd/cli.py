@@ -14,6 +14,7 @@ from mpd import config as configmod
 from mpd import log as logmod
 
 EX_UNAVAILABLE = 69  # sysexits.h: the address cannot be bound
+LOG_DRAIN = 1.0  # seconds the master may wait at exit for its last log lines to go out
 
 
 def default_config_path() -> str | None:
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validate the config and exit: 0 valid, 78 invalid")
     p.add_argument("--print-config", action="store_true",
                    help="print the effective config as documented TOML and exit")
+    p.add_argument("--log-format", choices=("auto", "console", "json"),
+                   help="log as JSON lines or as console lines for people (overrides "
+                        "log.format; auto = console on a terminal)")
     p.add_argument("--daemon", action="store_true",
                    help="detach from the terminal and write a pidfile (daemon.pidfile); for "
                         "systems without systemd")
@@ -59,28 +63,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.upgrade_state is not None:  # an upgrade's exec: this process is the master
         return resume(args.upgrade_state)
     path = args.config if args.config is not None else default_config_path()
-    logmod.configure()
+    logmod.configure(fmt=args.log_format or "auto")
     log = logmod.get_logger()
     try:
-        config = configmod.load(path)
+        config = load_config(path, args)
+        if args.check_config or args.preflight:
+            logmod.check_from(config)
+        if args.check_config:
+            print(f"mpd: config {path or '(embedded defaults)'} is valid")
+            return 0
+        if args.preflight:
+            return preflight()
+        if args.print_config:
+            sys.stdout.write(configmod.render(config))
+            return 0
+        logmod.configure_from(config)  # a log file that cannot be opened: exit 78 here
     except configmod.ConfigError as e:
         log.error("config.invalid", path=e.path, line=e.line, key=e.key, error=e.detail)
         print(f"mpd: invalid config: {e}", file=sys.stderr)
         return configmod.EX_CONFIG
-    if args.check_config:
-        print(f"mpd: config {path or '(embedded defaults)'} is valid")
-        return 0
-    if args.preflight:
-        return preflight()
-    if args.print_config:
-        sys.stdout.write(configmod.render(config))
-        return 0
-    if args.daemon and config.log_target == "stdout":
-        # A detached process has no stdout worth writing to.
-        print("mpd: --daemon with log.target = \"stdout\": logging to syslog instead",
-              file=sys.stderr)
-        config = config.replace(log_target="syslog")
-    logmod.configure_from(config)
     raise_fd_limit()
     try:
         return serve(config, args.daemon)
@@ -91,6 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a detached daemon has only its log to tell
         log.exception("mpd.crashed", error=repr(e))
         raise
+    finally:
+        logmod.drain(LOG_DRAIN)  # the last lines, if the sink is slow; bounded
+
+
+def load_config(path: str | None, args: argparse.Namespace) -> configmod.Config:
+    """The config file with the command line's log settings over it (kept on reload)."""
+    config = configmod.load(path)
+    if args.log_format:
+        config = config.override(log_format=args.log_format)
+    if args.daemon and config.log_target == "stdout":
+        # A detached process has no stdout worth writing to.
+        print("mpd: --daemon with log.target = \"stdout\": logging to syslog instead",
+              file=sys.stderr)
+        config = config.override(log_target="syslog")
+    return config
 
 
 class StartError(Exception):

@@ -46,7 +46,8 @@ def done(why_not: str | None, **fields: Any) -> Reply:
 
 # --- what each command does in the daemon -------------------------------------------------
 
-STAT_FIELDS = ("clients", "accepted", "requests", "handoffs_out", "adopted", "refused")
+STAT_FIELDS = ("clients", "accepted", "requests", "handoffs_out", "adopted", "refused",
+               "log_dropped")
 
 
 def status(daemon: Daemon, _request: dict[str, Any]) -> Reply:
@@ -154,6 +155,9 @@ def show_status(reply: Reply) -> str:
              f"config {m['config'] or '(defaults)'}",
              f"workers {m['ready']}/{m['workers']} ready (max {m['max_workers']}, autoscale "
              f"{'on' if m['autoscale'] else 'off'})"]
+    dropped = m.get("log_dropped", 0) + reply["totals"].get("log_dropped", 0)
+    if dropped:
+        lines.append(f"log lines dropped (the log sink fell behind): {dropped}")
     rows = [[cell(w, name) for name, _ in STATUS_COLUMNS] for w in reply["workers"]]
     totals = reply["totals"]
     rows.append(["total"] + [str(totals[name]) if name in totals else ""

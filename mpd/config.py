@@ -141,7 +141,7 @@ def _protocol(v: Any) -> str:
 
 # Settings a reload may change in running workers (the master sends them in CONFIG).
 LIVE_SETTINGS = ("max_clients", "max_output_buffer", "graceful_timeout", "log_level",
-                 "log_format", "log_target", "log_file")
+                 "log_format", "log_target", "log_file", "log_buffer")
 # Settings bound to the listening socket or the control socket: changing them needs a restart.
 RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "socket", "mode", "allow_group",
                     "pidfile")
@@ -207,14 +207,22 @@ SCHEMA: tuple[Key, ...] = (
         "group-owned by it. \"\" = none."),
     Key("log", "level", "info", _choice("debug", "info", "warning", "error"),
         "Least severe level written: debug also logs every client connect and close."),
-    Key("log", "format", "json", _choice("json", "console"),
-        "json = one JSON object per line on stdout (for journald); console = for humans."),
+    Key("log", "format", "auto", _choice("auto", "json", "console"),
+        "json = one JSON object per line; console = a line for people (the time first);\n"
+        "auto = console when stdout is a terminal, else json. Under journald the fields go\n"
+        "to the journal either way; MESSAGE is then the JSON line only with \"json\".\n"
+        "`mpd --log-format` overrides it."),
     Key("log", "target", "stdout", _choice("stdout", "file", "syslog"),
-        "Where logs go. stdout: under systemd, each event also goes to journald with its\n"
-        "fields (MPD_EVENT, MPD_SLOT, ...); file: append to log.file (reopened on reload);\n"
-        "syslog: the local syslog, facility daemon."),
+        "Where logs go. stdout: under systemd, each event goes to journald with its fields\n"
+        "(MPD_EVENT, MPD_SLOT, ...); file: append to log.file (reopened on reload; a file\n"
+        "that cannot be opened is a config error); syslog: /dev/log, facility daemon.\n"
+        "Writes never block: a sink that falls behind gets a bounded queue, then drops."),
     Key("log", "file", "", _path_or_empty,
         "The log file for target = \"file\"."),
+    Key("log", "buffer", 1048576, _int_range(4096, 1 << 30),
+        "Bytes of log lines each process holds for a sink that does not keep up (a full\n"
+        "pipe, a busy journald); past it lines are dropped, counted and reported\n"
+        "(log.dropped) once the sink drains."),
     Key("daemon", "pidfile", "auto", _socket_path,
         "Pidfile written by `mpd --daemon`. \"auto\" = /run/mpd/mpd.pid for root, else\n"
         "next to the control socket."),
@@ -240,11 +248,15 @@ class Config:
     allow_uids: tuple[int, ...] = ()
     allow_group: str = ""
     log_level: str = "info"
-    log_format: str = "json"
+    log_format: str = "auto"
     log_target: str = "stdout"
     log_file: str = ""
+    log_buffer: int = 1048576
     pidfile: str = "auto"
     path: str | None = None  # the file it came from; None = embedded defaults
+    # Settings from the command line (mpd --log-format, --daemon): they win over the
+    # file, on every reload too. ((attribute, value), ...)
+    overrides: tuple[tuple[str, Any], ...] = ()
 
     @property
     def worker_count(self) -> int:
@@ -265,6 +277,12 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
+
+    def override(self, **changes: Any) -> Config:
+        """Settings from the command line, kept over reloads (see reload())."""
+        kept = dict(self.overrides)
+        kept.update(changes)
+        return dataclasses.replace(self, overrides=tuple(kept.items()), **kept)
 
 
 def _dotted(path: str) -> str:
@@ -292,6 +310,17 @@ def _key_line(text: str, section: str, name: str | None) -> int | None:
         if full == target or full.startswith(target + "."):
             return number
     return None
+
+
+def line_of(path: str | None, section: str, name: str) -> int | None:
+    """The line of `path` that sets section.name, for an error found after parsing."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _key_line(f.read(), section, name)
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def parse(text: str, path: str) -> Config:
@@ -357,6 +386,8 @@ def reload(current: Config) -> Config:
     """Re-read current.path for a reload; raise ConfigError if the file is invalid or
     changes a setting that only a restart can apply."""
     new = load(current.path)
+    if current.overrides:
+        new = new.override(**dict(current.overrides))
     fixed = [k for k in RESTART_SETTINGS if getattr(new, k) != getattr(current, k)]
     if (new.worker_count == 0) != (current.worker_count == 0):
         fixed.append("workers (single-process mode)")

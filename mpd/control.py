@@ -31,6 +31,7 @@ ACCEPT_RETRY = 0.1  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOM
 LOG_EVERY = 10.0  # seconds between two log lines about accept pauses, at least
 MAX_DEPTH = 4  # nesting of a request's JSON: requests are flat objects
 UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+QUIET_COMMANDS = frozenset(("status", "ping"))  # logged at debug: they change nothing
 
 log = logmod.get_logger()
 
@@ -276,8 +277,12 @@ class ControlServer:
             request = parse_request(line)
         except ValueError as e:
             return {"ok": False, "error": str(e)}
-        log.info("control.command", command=request["command"], peer_uid=peer.uid,
-                 peer_pid=peer.pid)
+        if request["command"] in QUIET_COMMANDS:  # polled by scripts and monitors
+            log.debug("control.command", command=request["command"], peer_uid=peer.uid,
+                      peer_pid=peer.pid)
+        else:
+            log.info("control.command", command=request["command"], peer_uid=peer.uid,
+                     peer_pid=peer.pid)
         try:
             return self.handle(request)
         except Exception as e:  # noqa: BLE001 - a bad request must never kill the master

@@ -89,7 +89,8 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "channel.message": ("debug", "worker", "a channel message arrived: kind, size"),
     "channel.error": ("error/warning", "both", "a malformed, unexpected or failed channel "
                       "message (its fds are closed): error, peer"),
-    "control.command": ("info", "master", "a control request: command, peer_uid, peer_pid"),
+    "control.command": ("info/debug", "master", "a control request (debug for status and "
+                        "ping, which change nothing): command, peer_uid, peer_pid"),
     "control.denied": ("warning", "master", "a control peer not on the allow-list: peer_uid, "
                        "peer_pid"),
     "control.bad_request": ("warning", "master", "an oversized or stalled control request; "
@@ -103,6 +104,10 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                               "error"),
     "control.error": ("error", "master", "a control command raised (a bug): command"),
     "control.failed": ("error", "master", "cannot create the control socket (exit 69): error"),
+    "log.dropped": ("warning", "both", "the log sink (stdout, journald, syslog, file) did not "
+                    "keep up and this process's queue was full: dropped (lines lost since the "
+                    "last report), total (since the process started); logged once the queue "
+                    "drains"),
 }
 
 

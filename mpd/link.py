@@ -62,7 +62,7 @@ class MasterLink:
 
     def report(self, counters: dict[str, int]) -> None:
         """The heartbeat: counters to the master. Raises ChannelClosed."""
-        self.channel.send(Kind.STATS, counters)
+        self.channel.send(Kind.STATS, {**counters, "log_dropped": logmod.dropped_total()})
 
     def hand_off(self, meta: dict[str, Any], raw: bytes, fd: int) -> None:
         """HANDOFF the client's fd; the channel owns it from here. Raises ValueError or

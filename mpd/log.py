@@ -1,232 +1,273 @@
-"""Structured logs: structlog, one JSON object per line on stdout (journald stores each
-line as MESSAGE). Every event carries ts, level, event, pid, role and slot.
+"""Structured logs. Every event carries ts, level, event, pid, role and slot, then its own
+fields; it goes out as one JSON line (mpd.jsonline), a console line for people, or a
+journald entry with every field as MPD_* (mpd.logtext has the human forms).
 
-JSON lines to an fd (stdout or a file) are rendered by mpd.jsonline and written by the
-facade's direct methods, without structlog's processor chain: the hand-off path logs a
-line per client. Everything else goes through structlog: exceptions, the console format,
-and the journald and syslog writers, which take the fields beside the line."""
+Nothing here blocks: each writer puts its bytes into a non-blocking sink with a bounded
+queue (mpd.logsink). The event loops wait on backlog_fd() and call flush(); lines are
+dropped only when a queue is full, counted (dropped_total()) and reported in a
+`log.dropped` line once the sink drains.
+
+The plain calls (no exception, no %-arguments) go straight to the writer: the hand-off
+path logs a line per client. structlog does the rest: exceptions, %-arguments, log(n)."""
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import logging
 import os
-import syslog
-from typing import Any
+import selectors
+import time
+from select import EPOLLOUT
+from typing import Any, Callable
 
 import structlog
 
-from mpd import jsonline, systemd
+from mpd import jsonline, logsink, logtext, systemd
+from mpd.config import ConfigError, line_of
+from mpd.logwriters import (  # noqa: F401 - json_line and PRIORITIES: mpd.log's API too
+    IDENTITY,
+    PRIORITIES,
+    STANDARD,
+    JournalWriter,
+    StreamWriter,
+    SyslogWriter,
+    Writer,
+    json_line,
+)
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
+SYSLOG_SOCKET = "/dev/log"
 
-# Who is logging; set once per process (after fork) by set_role().
-_identity: dict[str, Any] = {"pid": os.getpid(), "role": "master", "slot": None}
+_identity = IDENTITY  # who is logging; set once per process (after fork) by set_role()
 _current = {"level": logging.INFO}
-STANDARD = frozenset(("ts", "level", "event", "pid", "role", "slot"))  # first in every line
+_drops = logsink.Drops()  # this process's undelivered lines
+
+
+class LogSetupError(ConfigError):
+    """The log settings cannot be put in place (a log file that cannot be opened)."""
 
 
 def set_role(role: str, slot: int | None = None) -> None:
     _identity.update(pid=os.getpid(), role=role, slot=slot)
     jsonline.set_identity(_identity)
-
-
-def _order_fields(_logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
-    """Stamp the time and put the fields every event has first, in a fixed order, then
-    the event's own."""
-    head = {"ts": jsonline.timestamp(), "level": method if method != "warn" else "warning",
-            "event": event.pop("event"), **_identity}
-    head.update(event)
-    return head
-
-
-def json_line(level: str, event: str, fields: dict[str, Any]) -> str:
-    """The line for one event: the standard fields, then the event's own in their order."""
-    if not STANDARD.isdisjoint(fields):  # a field overrides a standard one: the general
-        fields["event"] = event           # way keeps one key of each name
-        return jsonline.render(_order_fields(None, level, fields))
-    return jsonline.line(level, event, fields)
-
-
-def _render_json(_logger: Any, method: str, event: dict[str, Any]) -> str:
-    """structlog's last processor for JSON lines to an fd (exceptions take this way)."""
-    event = structlog.processors.format_exc_info(_logger, method, event)
-    name = event.pop("event")
-    return json_line(method if method != "warn" else "warning", name, event)
-
-
-def _render_with_fields(_logger: Any, _method: str, event: dict[str, Any]) -> Any:
-    """After _order_fields: the line, and the fields for writers that store them apart."""
-    return (jsonline.render(event),), {"fields": event}
+    logtext.forget_templates()
 
 
 set_role("master")
 
 
-PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2,
-              "exception": 3}
+# --- setting up: prepare (open, may fail) then install (swap in, cannot fail) ------------
+
+_shared: dict[str, logsink.Sink] = {}  # stdout, journal, syslog: kept across reloads
+_writer: list[Writer] = []  # the writer in use
+_live: list[logsink.Sink] = []  # the shared sinks and the writer's: those that may queue
 
 
-class FdWriter:
-    """A structlog logger that writes each line with one os.write(2) call: no user-space
-    buffer to duplicate across fork, and lines of concurrent processes never interleave."""
+class Setup:
+    """Log settings opened and ready, not yet in use (see prepare())."""
 
-    wants_fields = False
+    def __init__(self, level: str, writer: Writer, buffer: int):
+        self.level = level
+        self.writer = writer
+        self.buffer = buffer  # bytes each sink may queue
 
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def msg(self, line: str, fields: dict[str, Any] | None = None) -> None:
-        data = (line + "\n").encode("utf-8", "replace")
-        while data:
-            try:
-                written = os.write(self.fd, data)
-            except InterruptedError:
-                continue
-            except OSError as e:
-                # A gone or full log sink must never take the daemon down.
-                if e.errno in (errno.EPIPE, errno.EAGAIN, errno.EBADF, errno.ENOSPC, errno.EIO):
-                    return
-                raise
-            data = data[written:]
-
-    debug = info = warning = warn = error = critical = exception = log = msg
-
-    def close(self) -> None:
-        if self.fd > 2:
-            os.close(self.fd)
+    def discard(self) -> None:
+        """Close what prepare() opened for this setup alone (a refused reload)."""
+        for sink in self.writer.sinks:
+            if sink not in _shared.values():
+                sink.close()
 
 
-class JournalWriter(FdWriter):
-    """journald's native protocol: the JSON line as MESSAGE plus every field as its own
-    journal field (MPD_EVENT=worker.exited, MPD_SLOT=3, ...), so journalctl can match on
-    them. Falls back to the stdout stream if journald does not take the datagram."""
-
-    wants_fields = True
-
-    def __init__(self) -> None:
-        super().__init__(1)
-        self.sender = systemd.JournalSender()
-
-    def msg(self, line: str, fields: dict[str, Any] | None = None) -> None:
-        entry = [("MESSAGE", line), ("SYSLOG_IDENTIFIER", "mpd")]
-        for key, value in (fields or {}).items():
-            if key == "level":
-                entry.append(("PRIORITY", str(PRIORITIES.get(value, 6))))
-            elif key != "ts" and value is not None:
-                entry.append((systemd.journal_field_name("MPD_" + key),
-                              value if type(value) is str else jsonline.value(value)))
-        if not self.sender.send(entry):
-            super().msg(line)
-
-    debug = info = warning = warn = error = critical = exception = log = msg
-
-    def close(self) -> None:
-        self.sender.sock.close()
+def resolve_format(fmt: str, target: str) -> str:
+    """"auto": console when stdout is a terminal (and the target), JSON otherwise."""
+    if fmt != "auto":
+        return fmt
+    return "console" if target == "stdout" and os.isatty(1) else "json"
 
 
-class SyslogWriter:
-    """The local syslog daemon (for `--daemon` without systemd)."""
-
-    wants_fields = True
-
-    def __init__(self) -> None:
-        syslog.openlog("mpd", syslog.LOG_PID, syslog.LOG_DAEMON)
-
-    def msg(self, line: str, fields: dict[str, Any] | None = None) -> None:
-        level = (fields or {}).get("level", "info")
-        syslog.syslog(PRIORITIES.get(level, 6), line)
-
-    debug = info = warning = warn = error = critical = exception = log = msg
-
-    def close(self) -> None:
-        syslog.closelog()
+def _shared_sink(name: str, opener: Callable[[], logsink.Sink]) -> logsink.Sink:
+    sink = _shared.get(name)
+    if sink is None:
+        sink = _shared[name] = opener()
+        sink.on_drained = _report_drops
+    return sink
 
 
-_writer: list[Any] = []  # the current writer, closed when replaced
-
-
-def make_writer(target: str, path: str) -> Any:
-    if target == "syslog":
-        return SyslogWriter()
+def prepare(level: str = "info", fmt: str = "auto", target: str = "stdout", path: str = "",
+            config_path: str | None = None, buffer: int = logsink.QUEUE_BYTES) -> Setup:
+    """Open what these settings need, without changing the logging in use. Raises
+    LogSetupError (a ConfigError) when the log file cannot be opened."""
+    console = resolve_format(fmt, target) == "console"
+    writer: Writer
     if target == "file":
-        return FdWriter(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                                0o640))
-    if systemd.journal_stream_connected(1):
-        return JournalWriter()
-    return FdWriter(1)
-
-
-def configure(level: str = "info", fmt: str = "json", target: str = "stdout",
-              path: str = "") -> None:
-    """(Re)configure logging; called again on reload (a log file is then reopened)."""
-    _current["level"] = LEVELS[level]
-    writer = make_writer(target, path)
-    processors: list[Any]
-    if fmt == "console":
-        console = structlog.dev.ConsoleRenderer(colors=False)
-
-        def render_console(logger: Any, method: str, event: dict[str, Any]) -> Any:
-            return (console(logger, method, event),), {"fields": event}
-        processors = [structlog.processors.format_exc_info, _order_fields, render_console]
-    elif writer.wants_fields:  # journald and syslog take the fields beside the line
-        processors = [structlog.processors.format_exc_info, _order_fields, _render_with_fields]
+        try:
+            sink = logsink.open_file(path, _drops)
+        except OSError as e:
+            raise _cannot_open(config_path, path, e) from None
+        sink.on_drained = _report_drops
+        writer = StreamWriter(sink, console)
+    elif target == "syslog":
+        writer = SyslogWriter(_shared_sink("syslog", lambda: logsink.DatagramSink(
+            SYSLOG_SOCKET, _drops, connect_now=False)), console)
+    elif systemd.journal_stream_connected(1):
+        stream = _shared_sink("stdout", lambda: logsink.open_fd(1, _drops))
+        try:
+            datagrams: logsink.Sink | None = _shared_sink("journal", lambda: logsink.DatagramSink(
+                systemd.JOURNAL_SOCKET, _drops))
+        except OSError:
+            datagrams = None
+        if datagrams is not None:
+            datagrams.count_refused = False  # the writer sends a refused entry to stdout
+        writer = JournalWriter(datagrams, stream, json_message=fmt == "json")
     else:
-        processors = [_render_json]  # a str: the writer is called with the line alone
-    for old in _writer:
-        old.close()
-    _writer[:] = [writer]
-    structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=lambda *_: writer,
-    )
-    # Point the shared facade at a concrete bound logger for this configuration: no lazy
-    # proxy to rebuild on every call, and a reload takes effect everywhere at once.
-    bound = structlog.get_config()["wrapper_class"](
-        writer, processors=structlog.get_config()["processors"], context={})
+        writer = StreamWriter(_shared_sink("stdout", lambda: logsink.open_fd(1, _drops)), console)
+    return Setup(level, writer, buffer)
+
+
+def prepare_from(config: Any) -> Setup:
+    """prepare() with a Config's log settings."""
+    return prepare(config.log_level, config.log_format, config.log_target, config.log_file,
+                   config.path, config.log_buffer)
+
+
+def check_from(config: Any) -> None:
+    """What prepare_from() would find wrong, without creating the log file (for mpd
+    --check-config): LogSetupError when it could not be opened for appending."""
+    if config.log_target != "file":
+        return
+    path = config.log_file
+    try:
+        if os.path.lexists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_NOCTTY
+                             | os.O_CLOEXEC))
+        elif not os.path.isdir(os.path.dirname(path) or "/"):
+            raise FileNotFoundError(2, "No such file or directory")
+        elif not os.access(os.path.dirname(path) or "/", os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise _cannot_open(config.path, path, e) from None
+
+
+def _cannot_open(config_path: str | None, path: str, error: OSError) -> LogSetupError:
+    return LogSetupError(config_path or "(log settings)", f"cannot open the log file {path}: "
+                         f"{error.strerror}", line=line_of(config_path, "log", "file"),
+                         key="log.file")
+
+
+def install(setup: Setup) -> None:
+    """Put a prepared setup in use; the sinks the old writer alone used are closed."""
+    old = _writer[0].sinks if _writer else ()
+    _writer[:] = [setup.writer]
+    for sink in setup.writer.sinks:
+        sink.limit = setup.buffer
+    for sink in old:
+        if sink not in setup.writer.sinks and sink not in _shared.values():
+            if sink.fileno() == _watched.fd:
+                _watched.forget()  # before its fd number can be reused
+            sink.flush()
+            _drops.add(sink.discard())
+            sink.close()
+    _live[:] = _sinks()
+    _bind(setup.level, setup.writer)
+
+
+def configure(level: str = "info", fmt: str = "auto", target: str = "stdout",
+              path: str = "") -> None:
+    """(Re)configure logging. Raises LogSetupError, with the old logging still in place,
+    when the log file cannot be opened."""
+    install(prepare(level, fmt, target, path))
+
+
+def configure_from(config: Any) -> None:
+    """configure() with a Config's log settings (on reload: the log file is reopened)."""
+    install(prepare_from(config))
+
+
+def forget_writer() -> None:
+    """After python-daemon closed every fd: drop the sinks without closing their fd
+    numbers, which may already belong to something else."""
+    for sink in [*_shared.values(), *(_writer[0].sinks if _writer else ())]:
+        sink.forget()
+    _shared.clear()
+    _writer.clear()
+    _live.clear()
+
+
+def _to_writer(_logger: Any, method: str, event: dict[str, Any]) -> Any:
+    """structlog's last processor: the writer is called as writer.<level>(level, name,
+    fields), after format_exc_info turned exc_info into an `exception` field."""
+    level = "warning" if method == "warn" else "error" if method == "exception" else method
+    name = event.pop("event")
+    return (level, name, event), {}
+
+
+def _bind(level: str, writer: Writer) -> None:
+    """Point the shared facade at a logger for this configuration: no lazy proxy to
+    rebuild on every call, and a reload takes effect everywhere at once."""
+    _current["level"] = LEVELS[level]
+    processors = [structlog.processors.format_exc_info, _to_writer]
+    structlog.configure(processors=processors, logger_factory=lambda *_: writer,
+                        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]))
+    bound = structlog.get_config()["wrapper_class"](writer, processors=processors, context={})
     for name in ("debug", "info", "warning", "error", "exception", "log"):
         method = getattr(bound, name)
-        if processors[0] is _render_json and name in LEVELS and LEVELS[name] >= LEVELS[level]:
+        if name in LEVELS and LEVELS[name] >= LEVELS[level]:
             method = _direct(name, writer, method)
         setattr(_facade, name, method)
 
 
-def _direct(level: str, writer: FdWriter, through_structlog: Any) -> Any:
-    """A JSON line straight to the writer: what structlog's chain would produce, without
-    its layers of calls (1.3 us of a line's 4.9 in timeit). Exceptions and %-style
-    arguments still take structlog's way."""
+def _direct(level: str, writer: Writer, through_structlog: Any) -> Any:
+    """One event straight to the writer, without structlog's layers of calls (1.3 us of
+    a JSON line's 4.9 in timeit). Exceptions and %-style arguments take structlog's way."""
+    if isinstance(writer, StreamWriter) and not writer.console:
+        write, line, standard = writer.sink.write, jsonline.line, STANDARD
+
+        def log_json(event: str, *args: Any, **fields: Any) -> None:
+            if args or "exc_info" in fields:
+                through_structlog(event, *args, **fields)
+            elif standard.isdisjoint(fields):  # JSON lines to stdout or a file: the hot path
+                write((line(level, event, fields) + "\n").encode("utf-8", "replace"))
+            else:
+                write((json_line(level, event, fields) + "\n").encode("utf-8", "replace"))
+        return log_json
+    emit = writer.emit
+
     def log(event: str, *args: Any, **fields: Any) -> None:
         if args or "exc_info" in fields:
             through_structlog(event, *args, **fields)
         else:
-            writer.msg(json_line(level, event, fields))
+            emit(level, event, fields)
     return log
 
 
-def forget_writer() -> None:
-    """After python-daemon closed every fd: drop the writer without closing its fd number,
-    which may already belong to something else."""
-    _writer.clear()
-
-
-def configure_from(config: Any) -> None:
-    """configure() with a Config's log settings."""
-    configure(config.log_level, config.log_format, config.log_target, config.log_file)
-
+# --- what every module logs through -------------------------------------------------------
 
 class _Facade:
-    """What every module logs through (`log = get_logger()` at import time). configure()
-    rebinds its methods to the current logger's."""
+    """`log = get_logger()` at import time; configure() rebinds its methods."""
 
     def __init__(self) -> None:
         self.debug = self.info = self.warning = self.error = self.exception = self._unset
         self.log = self._unset
+        self.limits: dict[str, list[float]] = {}  # event -> [next allowed, suppressed]
 
     @staticmethod
     def _unset(*_args: Any, **_kwargs: Any) -> None:
         raise RuntimeError("mpd.log.configure() was not called")
+
+    def every(self, seconds: float, event: str, **fields: Any) -> None:
+        """A warning that may repeat fast (a paused accept, a failing accept, a broken
+        channel): logged at most once per `seconds` per event name; the next line after
+        a quiet spell says how many were left out (`suppressed`)."""
+        now = time.monotonic()
+        state = self.limits.get(event)
+        if state is not None and now < state[0]:
+            state[1] += 1
+            return
+        if state is not None and state[1]:
+            fields["suppressed"] = int(state[1])
+        self.limits[event] = [now + seconds, 0]
+        self.warning(event, **fields)
 
 
 _facade = _Facade()
@@ -241,5 +282,117 @@ def enabled(level: str) -> bool:
     return LEVELS[level] >= _current["level"]
 
 
+# --- the event loops' side: wait for a slow sink, never block -----------------------------
+
+def _sinks() -> list[logsink.Sink]:
+    sinks = list(_shared.values())
+    if _writer:
+        sinks += [s for s in _writer[0].sinks if s not in sinks]
+    return sinks
+
+
+def backlog_fd() -> int | None:
+    """The fd to wait writable on while log lines are queued; None when nothing is."""
+    fd = _backlog()
+    return None if fd < 0 else fd
+
+
 def flush() -> None:
-    """Write out what is queued for the log (nothing is queued yet: writes block)."""
+    """Write what the sinks take now; never blocks."""
+    for sink in _live:
+        if sink.queue:
+            sink.flush()
+
+
+def drain(timeout: float) -> bool:
+    """At exit: wait up to `timeout` seconds in all for queued lines to go out."""
+    deadline = time.monotonic() + timeout
+    return all([sink.drain(deadline - time.monotonic()) for sink in _live if sink.queue])
+
+
+def dropped_total() -> int:
+    """Log lines this process could not deliver since it started (or forked)."""
+    return _drops.total
+
+
+def _report_drops() -> None:
+    """A sink drained after lines were dropped: say how many (once per drain)."""
+    count = _drops.unreported
+    if count:
+        _drops.unreported = 0
+        log = _facade
+        log.warning("log.dropped", dropped=count, total=_drops.total)
+
+
+class _Watch:
+    """The one fd a loop watches for the log: which loop (a selector or an epoll object)
+    and which fd, so that a sink closed on reload is unregistered before its fd number
+    can be reused."""
+
+    __slots__ = ("poller", "fd")
+
+    def __init__(self) -> None:
+        self.poller: Any = None
+        self.fd = -1
+
+    def forget(self) -> None:
+        if self.fd >= 0 and self.poller is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.poller.unregister(self.fd)
+        self.poller, self.fd = None, -1
+
+
+_watched = _Watch()
+
+
+def _backlog() -> int:
+    for sink in _live:
+        if sink.queue:
+            return sink.fileno()
+    return -1
+
+
+def watch(selector: selectors.BaseSelector) -> None:
+    """For a selectors loop (the master), once per turn: keep the backlog fd registered
+    for EVENT_WRITE exactly while lines are queued; the event's data is flush()."""
+    fd = _backlog()
+    if fd == _watched.fd and selector is _watched.poller:
+        return
+    _watched.forget()
+    if fd >= 0:
+        selector.register(fd, selectors.EVENT_WRITE, lambda _events: flush())
+        _watched.poller, _watched.fd = selector, fd
+
+
+def watch_epoll(epoll: Any) -> int:
+    """For an epoll loop (the worker), once per turn: keep the backlog fd registered for
+    EPOLLOUT exactly while lines are queued; returns it (-1: none). The loop calls
+    flush() when that fd is reported."""
+    fd = -1
+    for sink in _live:
+        if sink.queue:
+            fd = sink.fileno()
+            break
+    if fd == _watched.fd and (fd < 0 or epoll is _watched.poller):
+        return fd  # the usual turn: nothing queued, nothing registered
+    _watched.forget()
+    if fd >= 0:
+        epoll.register(fd, EPOLLOUT)
+        _watched.poller, _watched.fd = epoll, fd
+    return fd
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with no queued lines (they are the parent's to write), no
+    drop counts, no rate limits, and its own pid in its lines."""
+    for sink in _live:
+        sink.discard()
+    _drops.total = _drops.unreported = 0
+    _watched.poller, _watched.fd = None, -1  # the parent's loop, closed in the child
+    _facade.limits.clear()
+    _identity["pid"] = os.getpid()
+    jsonline.set_identity(_identity)
+    logtext.forget_templates()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -68,6 +68,7 @@ class Master:
         """Serve until stopped. `adopt`: an old master's state after an upgrade's exec."""
         self.start(adopt)
         while self.state != "stopped":
+            logmod.watch(self.selector)  # wait writable on a log sink that fell behind
             for key, events in self.selector.select(self.timeout()):
                 key.data(events)  # each fd was registered with its reaction
             self.murder_workers()
@@ -364,6 +365,7 @@ class Master:
             "held": len(self.broker.held), "autoscale": self.config.autoscale,
             "max_workers": self.config.max_workers, "max_clients": self.config.max_clients,
             "generation": self.generation, "upgrade": dict(self.upgrades.status),
+            "log_dropped": logmod.dropped_total(),
         }, "workers": workers}
 
     def scale(self, count: int) -> str | None:
@@ -389,7 +391,6 @@ class Master:
             if isinstance(new, str):
                 return new
             self.config = new
-            logmod.configure_from(new)
             self.broadcast(Kind.CONFIG, {k: getattr(new, k) for k in LIVE_SETTINGS})
             return self.scale(new.worker_count)
         finally:

@@ -1,7 +1,7 @@
 """The one reload path of the master and of single-process mode: re-read the config,
-refuse it as a whole when it is invalid or needs a restart, and log which it was.
-Applying the new settings is the caller's part (the master tells its workers; a single
-process applies them to itself)."""
+refuse it as a whole when it is invalid, needs a restart or names a log it cannot open,
+and log which it was. The process's own logging is switched here; applying the rest is
+the caller's part (the master tells its workers; a single process applies it itself)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ def reload_config(current: configmod.Config) -> configmod.Config | str:
     """The new config, or why not (logged as config.reload_failed; nothing changed)."""
     try:
         new = configmod.reload(current)
+        # Logging first: a log file that cannot be opened refuses the whole reload
+        # (LogSetupError is a ConfigError), and the old logging stays in place.
+        logmod.configure_from(new)
     except configmod.ConfigError as e:
         log.error("config.reload_failed", error=str(e))
         return str(e)

@@ -69,9 +69,13 @@ def config_of(state: dict[str, Any]) -> Config:
     a reload reads the file). Fields this code does not know are left out; new ones take
     their defaults."""
     known = {f.name: f for f in dataclasses.fields(Config)}
-    values = {k: tuple(v) if isinstance(v, list) else v
-              for k, v in state["config"].items() if k in known}
+    values = {k: _tuples(v) for k, v in state["config"].items() if k in known}
     return Config(**values)
+
+
+def _tuples(value: Any) -> Any:
+    """JSON's lists back to the tuples a Config holds (allow_uids, overrides)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def sockets_of(state: dict[str, Any]) -> tuple[socket.socket, socket.socket]:

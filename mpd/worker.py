@@ -15,7 +15,7 @@ from typing import Any, Callable
 from mpd import log as logmod
 from mpd import testhooks as hooks
 from mpd.channel import ChannelClosed, Kind, Message, close_fds
-from mpd.config import Config
+from mpd.config import Config, ConfigError
 from mpd.connection import WAITING, Connection
 from mpd.handoff import Handover
 from mpd.link import Link, MasterLink, StandaloneLink
@@ -24,6 +24,7 @@ from mpd.protocols import PROTOCOLS, ProtocolError
 RECV_SIZE = 32768
 ACCEPT_BATCH = 32  # accepts per wake-up, so a burst spreads over the workers
 ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
+LOG_DRAIN = 0.5  # seconds an exiting worker may wait for its last log lines (LOG-HOOK)
 EXIT_OK, EXIT_BOOT_ERROR = 0, 3  # 3: failed before serving (the master backs off harder)
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
@@ -91,10 +92,12 @@ class Worker(Handover):
         conns = self.conns
         poll = self.epoll.poll
         monotonic = time.monotonic
+        log_fd = -1  # LOG-HOOK: the log sink's fd while lines wait for it, else -1
         while self.running:
             now = monotonic()
             if now >= self.next_timer:
                 self.on_timers(now)
+            log_fd = logmod.watch_epoll(self.epoll)  # LOG-HOOK
             for fd, events in poll(self.next_timer - now if self.next_timer < INF else -1):
                 conn = conns.get(fd)
                 if conn is not None:
@@ -108,6 +111,8 @@ class Worker(Handover):
                     self.on_link(events)
                 elif fd == sfd:
                     self.signals.dispatch()
+                elif fd == log_fd:  # the log sink can take queued lines again
+                    logmod.flush()
             if self.stopping and not conns:
                 self.running = False
         self.shutdown()
@@ -151,8 +156,8 @@ class Worker(Handover):
         if retry:
             self.accept_retry_at = time.monotonic() + ACCEPT_RETRY
             self.rearm()
-        log.warning("worker.accept_paused", reason=reason, clients=len(self.conns),
-                    max_clients=self.config.max_clients)
+        log.every(10.0, "worker.accept_paused", reason=reason, clients=len(self.conns),
+                  max_clients=self.config.max_clients)
 
     def accept(self) -> None:
         conns, register = self.conns, self.epoll.register
@@ -343,7 +348,10 @@ class Worker(Handover):
     def apply(self, settings: dict[str, Any]) -> None:
         """Take changed limits and log level from a reload."""
         self.config = self.config.replace(**settings)
-        logmod.configure_from(self.config)
+        try:
+            logmod.configure_from(self.config)
+        except ConfigError as e:  # the master could open the log and we cannot: keep ours
+            log.error("config.reload_failed", error=str(e))
         self.debug = logmod.enabled("debug")
         if len(self.conns) < self.config.max_clients:
             self.resume_accepting()
@@ -396,6 +404,7 @@ class Worker(Handover):
         self.signals.close()
         self.epoll.close()
         log.info("worker.stopped", **self.stats)
+        logmod.drain(LOG_DRAIN)  # LOG-HOOK: its last lines, if the sink is slow; bounded
 
 
 def _peer(addr: Any) -> str:

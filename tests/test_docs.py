@@ -21,7 +21,7 @@ def test_readme_event_catalogue_matches_events_py():
 
 
 def test_every_logged_event_is_in_the_catalogue():
-    pattern = re.compile(r'(?:log\.(?:debug|info|warning|error|exception|log)|StartError)\('
+    pattern = re.compile(r'(?:log\.(?:debug|info|warning|error|exception|log|every)|StartError)\('
                          r'(?:[^"()]*?, )?"([a-z_]+\.[a-z_]+)"')
     logged = set()
     for path in (ROOT / "mpd").rglob("*.py"):

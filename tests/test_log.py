@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import socket
+import struct
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mpd import jsonline
+from mpd import jsonline, logsink, logtext
 from mpd import log as logmod
 
 ODD_FIELDS: list[dict[str, Any]] = [
@@ -124,3 +127,152 @@ def test_console_format_still_renders(tmp_path: Path) -> None:
     finally:
         logmod.configure("info")
     assert "console.event" in text and "answer=42" in text
+
+
+# --- for people, journald and syslog ---------------------------------------------------------
+
+def test_console_line_puts_the_time_first_and_leaves_out_none() -> None:
+    identity = {"pid": 7, "role": "master", "slot": None}
+    line = logtext.console_line("warning", "worker.exited", identity,
+                                {"worker_slot": 1, "worker_pid": 123, "exit_code": None,
+                                 "signal": "SIGKILL", "error": "two words", "ratio": 0.5})
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z warning master\[7\] "
+                        r'worker.exited worker_slot=1 worker_pid=123 signal=SIGKILL '
+                        r'error="two words" ratio=0.5', line), line
+    worker = logtext.console_line("info", "x.y", {"pid": 8, "role": "worker", "slot": 3},
+                                  {"exception": "Traceback...\nValueError: boom\n"})
+    first, *rest = worker.split("\n")
+    assert first.endswith(" info    worker/3[8] x.y") and rest == ["Traceback...",
+                                                                 "ValueError: boom"]
+
+
+def parse_journal_entry(data: bytes) -> dict[str, str]:
+    """journald's native format: NAME=value lines, or NAME, a 64-bit length, the bytes."""
+    fields, at = {}, 0
+    while at < len(data):
+        end = data.index(b"\n", at)
+        line = data[at:end]
+        if b"=" in line:
+            name, value = line.split(b"=", 1)
+            at = end + 1
+        else:
+            name = line
+            size = struct.unpack("<Q", data[end + 1:end + 9])[0]
+            value = data[end + 9:end + 9 + size]
+            assert data[end + 9 + size:end + 10 + size] == b"\n"
+            at = end + 10 + size
+        fields[name.decode()] = value.decode()
+    return fields
+
+
+@pytest.mark.parametrize("fmt", ["auto", "json"])
+def test_journald_gets_a_sentence_as_message_and_every_field(tmp_path: Path, fmt: str) -> None:
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(tmp_path / "journal"))
+    drops = logsink.Drops()
+    stream = logsink.open_file(str(tmp_path / "stdout"), drops)
+    writer = logmod.JournalWriter(logsink.DatagramSink(str(tmp_path / "journal"), drops),
+                                  stream, json_message=fmt == "json")
+    before = dict(logmod._identity)
+    try:
+        logmod.set_role("worker", 2)
+        writer.emit("warning", "fd.refused", {"key": -5, "reason": "max_clients",
+                                              "from_slot": None, "slots": [0, 1],
+                                              "exception": "Traceback\nBoom"})
+        entry = parse_journal_entry(journal.recv(65536))
+    finally:
+        logmod.set_role(before["role"], before["slot"])
+        writer.datagrams.close()
+        stream.close()
+        journal.close()
+    if fmt == "json":
+        assert json.loads(entry["MESSAGE"])["event"] == "fd.refused"
+    else:
+        assert entry["MESSAGE"] == ("worker/2: fd.refused key=-5 reason=max_clients "
+                                    "slots=[0, 1]\nTraceback\nBoom")
+    assert entry["PRIORITY"] == "4" and entry["SYSLOG_IDENTIFIER"] == "mpd"
+    assert entry["MPD_EVENT"] == "fd.refused" and entry["MPD_ROLE"] == "worker"
+    assert entry["MPD_SLOT"] == "2" and entry["MPD_PID"] == str(os.getpid())
+    assert entry["MPD_KEY"] == "-5" and entry["MPD_SLOTS"] == "[0, 1]"
+    assert entry["MPD_EXCEPTION"] == "Traceback\nBoom" and "MPD_FROM_SLOT" not in entry
+    assert (tmp_path / "stdout").read_bytes() == b""  # journald took it: nothing on stdout
+
+
+def test_an_entry_journald_refuses_goes_to_stdout_as_json(tmp_path: Path) -> None:
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(str(tmp_path / "journal"))
+    drops = logsink.Drops()
+    datagrams = logsink.DatagramSink(str(tmp_path / "journal"), drops)
+    datagrams.count_refused = False
+    stream = logsink.open_file(str(tmp_path / "stdout"), drops)
+    writer = logmod.JournalWriter(datagrams, stream, json_message=False)
+    try:
+        writer.emit("info", "big.one", {"blob": "x" * (1 << 22)})  # EMSGSIZE
+    finally:
+        datagrams.close()
+        stream.close()
+        journal.close()
+    line = json.loads((tmp_path / "stdout").read_text())
+    assert line["event"] == "big.one" and len(line["blob"]) == 1 << 22
+    assert drops.total == 0
+
+
+def test_syslog_gets_rfc3164_datagrams(tmp_path: Path) -> None:
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(tmp_path / "log"))
+    sink = logsink.DatagramSink(str(tmp_path / "log"), logsink.Drops())
+    try:
+        logmod.SyslogWriter(sink, console=False).emit("warning", "a.b", {"n": 1})
+        logmod.SyslogWriter(sink, console=True).emit("error", "c.d", {"n": 2})
+        first, second = server.recv(65536).decode(), server.recv(65536).decode()
+    finally:
+        sink.close()
+        server.close()
+    pid = os.getpid()
+    head = r"<(\d+)>[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d mpd\[(\d+)\]: (.*)"
+    match = re.fullmatch(head, first)
+    assert match and match[1] == "28" and match[2] == str(pid)  # daemon.warning
+    assert json.loads(match[3])["event"] == "a.b"
+    match = re.fullmatch(head, second)
+    assert match and match[1] == "27" and match[3] == "c.d n=2"  # daemon.err
+
+
+def test_a_repeating_warning_is_logged_once_per_interval_with_a_count(tmp_path: Path) -> None:
+    path = tmp_path / "mpd.log"
+    log = logmod.get_logger()
+    try:
+        logmod.configure("info", "json", "file", str(path))
+        for i in range(5):
+            log.every(60.0, "test.repeats", n=i)
+        log.every(60.0, "test.other", n=0)  # its own interval
+        log.limits["test.repeats"][0] = 0.0  # the interval is over
+        log.every(60.0, "test.repeats", n=5)
+        log.every(60.0, "test.repeats", n=6)
+        lines = read_lines(path)
+    finally:
+        logmod.configure("info")
+    assert [(e["event"], e["n"], e.get("suppressed")) for e in lines] == [
+        ("test.repeats", 0, None), ("test.other", 0, None), ("test.repeats", 5, 4)]
+    assert all(e["level"] == "warning" for e in lines)
+
+
+@pytest.mark.parametrize("role, slot", [("master", None), ("worker", 3)])
+@pytest.mark.parametrize("fields", [
+    {"key": 5, "from_slot": 0, "to_pid": 77},
+    {"reason": "max_clients", "n": -1},
+    {"c": "100%s", "d%": 1, "w": "plain"},
+    {"a": "two words", "b": 5},  # quoted in MESSAGE: the general way
+    {"nothing": None, "k": 1},
+    {"pid": 9, "k": 1},  # a field named like the identity
+    {},
+])
+def test_journal_entry_from_a_template_is_the_general_one(role: str, slot: Any,
+                                                           fields: dict[str, Any]) -> None:
+    identity = {"pid": 1234, "role": role, "slot": slot}
+    logtext.forget_templates()
+    for _ in range(2):  # the first call builds the template, the second uses it
+        fast = logtext.journal_entry("6", "x%.event", identity, dict(fields))
+        assert fast == logtext._journal_entry("6", "x%.event", identity, dict(fields), None)
+    entry = parse_journal_entry(fast)
+    assert entry["MPD_EVENT"] == "x%.event" and entry["MESSAGE"].startswith(
+        "x%.event" if slot is None else "worker/3: x%.event")

@@ -110,12 +110,20 @@ class Box:
         return entries
 
     def events(self, name: str | None = None) -> list[dict]:
+        """mpd's events, rebuilt from their MPD_* journal fields (MESSAGE is a sentence);
+        values that read as JSON (numbers, lists) are decoded."""
         found = []
         for entry in self.journal():
-            try:
-                event = json.loads(entry.get("MESSAGE", ""))
-            except (ValueError, TypeError):
+            if "MPD_EVENT" not in entry:
                 continue
+            event = {}
+            for key, value in entry.items():
+                if key.startswith("MPD_"):
+                    try:
+                        event[key[4:].lower()] = json.loads(value)
+                    except (ValueError, TypeError):
+                        event[key[4:].lower()] = value
+            event["event"] = entry["MPD_EVENT"]
             if name is None or event.get("event") == name:
                 found.append(event)
         return found
@@ -174,13 +182,19 @@ def test_systemctl_start_serve_status_journal_reload_respawn_stop(box, system_ve
     status = mpdctl_status(box, system_venv)  # through /run/mpd/mpd.sock, as root
     assert status["master"]["ready"] == 2
     assert status["master"]["pid"] == int(prop(box, "MainPID"))
-    # The JSON lines are MESSAGE, and each field is a journal field of its own.
+    # Each field is a journal field of its own; MESSAGE is a short sentence for people.
     spawned = box.events("worker.spawned")
     assert len(spawned) == 2 and {e["worker_slot"] for e in spawned} == {0, 1}
     matched = box.journal("MPD_EVENT=worker.spawned")
     assert len(matched) == 2
     assert {m["MPD_WORKER_SLOT"] for m in matched} == {"0", "1"}
     assert all(m["MPD_ROLE"] == "master" and m["PRIORITY"] == "6" for m in matched)
+    assert {m["MESSAGE"] for m in matched} == {
+        f"worker.spawned worker_pid={m['MPD_WORKER_PID']} worker_slot={m['MPD_WORKER_SLOT']} "
+        "restarts=0 generation=1" for m in matched}
+    serving = box.journal("MPD_EVENT=worker.serving")
+    assert {m["MESSAGE"] for m in serving} == {"worker/0: worker.serving max_clients=1000",
+                                               "worker/1: worker.serving max_clients=1000"}
     # systemctl reload applies a changed worker count.
     box.copy(toml_config({**BASE, "workers": {"workers": 3, "graceful_timeout": 2}}),
              "/etc/mpd.toml")
