@@ -77,6 +77,47 @@ def _address(v: Any) -> str:
     return v
 
 
+def host_port(value: str) -> tuple[str, int]:
+    """"127.0.0.1:1991" or "[::1]:1991" -> ("127.0.0.1", 1991); raises ValueError."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(value)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise ValueError(value)
+    elif ":" in host:
+        raise ValueError(value)  # an IPv6 address goes in brackets
+    ipaddress.ip_address(host)
+    return host, int(port)
+
+
+def _listen_or_empty(v: Any) -> str:
+    try:
+        if not isinstance(v, str):
+            raise ValueError
+        if v:
+            host_port(v)
+    except ValueError:
+        raise ValueError('"address:port" such as "127.0.0.1:1991" or "[::1]:1991", or "" '
+                         'for off') from None
+    return v
+
+
+def _networks(v: Any) -> tuple[str, ...]:
+    from mpd.proxygate import network
+
+    expected = 'a list of IP addresses or networks such as ["127.0.0.0/8", "::1"]'
+    if not isinstance(v, list) or not all(isinstance(e, str) for e in v):
+        raise ValueError(expected)
+    for entry in v:
+        try:
+            network(entry)
+        except ValueError as e:
+            raise ValueError(f"{expected} ({e})") from None
+    return tuple(v)
+
+
 def _workers(v: Any) -> int | str:
     if v == "auto":
         return v
@@ -141,10 +182,11 @@ def _protocol(v: Any) -> str:
 
 # Settings a reload may change in running workers (the master sends them in CONFIG).
 LIVE_SETTINGS = ("max_clients", "max_output_buffer", "graceful_timeout", "log_level",
-                 "log_format", "log_target", "log_file")
+                 "log_format", "log_target", "log_file", "proxy_from", "proxy_timeout")
 # Settings bound to the listening socket or the control socket: changing them needs a restart.
 RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "socket", "mode", "allow_group",
-                    "pidfile")
+                    "pidfile", "proxy_protocol", "agent_listen")
+PREFIXED_SECTIONS = ("log", "agent")  # their keys are Config fields named section_key
 
 
 @dataclass(frozen=True)
@@ -162,7 +204,9 @@ class Key:
 
     @property
     def attr(self) -> str:
-        return self.name if self.section != "log" else f"log_{self.name}"
+        if self.section in PREFIXED_SECTIONS:
+            return f"{self.section}_{self.name}"
+        return self.name
 
 
 # The one place that defines every config key, its default, its check and its documentation.
@@ -175,6 +219,16 @@ SCHEMA: tuple[Key, ...] = (
         "listen(2) backlog: connections the kernel queues before a worker accepts them."),
     Key("server", "protocol", "ping", _protocol,
         "Client protocol module spoken by the workers (see mpd/protocols)."),
+    Key("server", "proxy_protocol", False, _bool,
+        "Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy-v2 writes it)\n"
+        "before each client's bytes, and log the real client it names. Clients from\n"
+        "elsewhere, or with a malformed or late header, are closed (client.proxy_rejected)."),
+    Key("server", "proxy_from", ("127.0.0.0/8", "::1"), _networks,
+        "Addresses or networks that may send a PROXY header (the proxies), e.g.\n"
+        "[\"10.0.0.5\", \"192.168.1.0/24\"]. Used when proxy_protocol = true.",
+        toml_default='["127.0.0.0/8", "::1"]'),
+    Key("server", "proxy_timeout", 3.0, _float_range(0.1, 60),
+        "Seconds a client may take to send its whole PROXY header before it is closed."),
     Key("workers", "workers", "auto", _workers,
         "Number of worker processes. \"auto\" = one per CPU this process may run on;\n"
         "0 = single-process mode: the master serves clients itself."),
@@ -215,6 +269,10 @@ SCHEMA: tuple[Key, ...] = (
         "syslog: the local syslog, facility daemon."),
     Key("log", "file", "", _path_or_empty,
         "The log file for target = \"file\"."),
+    Key("agent", "listen", "", _listen_or_empty,
+        "HAProxy agent-check port, as \"address:port\" (\"[::1]:1991\" for IPv6); \"\" = off.\n"
+        "Each connection gets one line: \"up ready N%\" (N = free share of capacity),\n"
+        "\"drain\" while stopping, upgrading or with no ready worker, \"down\" when halting."),
     Key("daemon", "pidfile", "auto", _socket_path,
         "Pidfile written by `mpd --daemon`. \"auto\" = /run/mpd/mpd.pid for root, else\n"
         "next to the control socket."),
@@ -227,6 +285,9 @@ class Config:
     port: int = 1990
     backlog: int = 1024
     protocol: str = "ping"
+    proxy_protocol: bool = False
+    proxy_from: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    proxy_timeout: float = 3.0
     workers: int | str = "auto"
     max_workers: int = 64
     max_clients: int = 1000
@@ -244,6 +305,7 @@ class Config:
     log_target: str = "stdout"
     log_file: str = ""
     pidfile: str = "auto"
+    agent_listen: str = ""
     path: str | None = None  # the file it came from; None = embedded defaults
 
     @property
@@ -334,7 +396,24 @@ def parse(text: str, path: str) -> Config:
         raise ConfigError(path, f"expected at most workers.max_workers ({config.max_workers}), "
                           f"got {config.workers}", line=_key_line(text, "workers", "workers"),
                           key="workers.workers")
+    _check_proxy_and_agent(config, text, path)
     return config
+
+
+def _check_proxy_and_agent(config: Config, text: str, path: str) -> None:
+    """Settings that are valid alone but not together."""
+    if config.proxy_protocol and not config.proxy_from:
+        raise ConfigError(path, "expected at least one address when server.proxy_protocol = "
+                          "true (else no client could connect)",
+                          line=_key_line(text, "server", "proxy_from"), key="server.proxy_from")
+    if config.agent_listen:
+        host, port = host_port(config.agent_listen)
+        anywhere = ("0.0.0.0", "::")
+        if port == config.port and (host == config.listen or host in anywhere
+                                    or config.listen in anywhere):
+            raise ConfigError(path, f"expected a port other than server.port ({config.port}); "
+                              "the agent check needs its own",
+                              line=_key_line(text, "agent", "listen"), key="agent.listen")
 
 
 def load(path: str | None) -> Config:
@@ -369,6 +448,8 @@ def reload(current: Config) -> Config:
 def _toml_value(key: Key, value: Any) -> str:
     if key.toml_default and value == key.default:
         return key.toml_default
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(key, v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
