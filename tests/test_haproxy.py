@@ -5,8 +5,10 @@ pieces exist, the wiring comes later), so the clusters here run with both turned
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import signal
 import socket
 import struct
 import tempfile
@@ -233,3 +235,45 @@ def test_the_seeds_mpclient2_is_hashed_by_its_key_through_haproxy(cluster: Clust
             assert recv_exact(client, len(REPLY)) == REPLY
     for key, places in bound_where(cluster).items():
         assert len({host for host, _slot in places}) == 1, (key, places)
+
+
+def test_a_host_that_dies_costs_its_keyed_clients_no_error(cluster: Cluster):
+    """Before HAProxy's checks notice a dead host, a connection to it is refused; `retries`
+    and `option redispatch` send it to another host, so the client sees no error. Its key
+    moves (what is not guaranteed), the other keys stay."""
+    cluster.up(3, *PLAIN, "--workers", "1", "--log-level", "debug")
+    keys = random.Random(3).sample(range(-2**31, 2**31), 90)
+
+    def ping_all() -> None:
+        for key in keys:
+            with connect(cluster.port) as client:
+                client.sendall(key_frame(key) + b"Mping\0")
+                assert recv_exact(client, len(REPLY)) == REPLY
+
+    ping_all()
+    before = {key: next(iter(places))[0] for key, places in bound_where(cluster).items()}
+    # HAProxy notices a dead host within two checks; stop host 1's checks so that the
+    # window in which it has not noticed yet lasts the whole test.
+    api = cluster_module().runtime_api
+    assert api(cluster.state, "disable health mpd_any/mpd1").strip() == ""
+    victim = cluster.pids()[1]  # host 1's master; its workers follow it (PDEATHSIG)
+    workers = [int(p) for p in Path(f"/proc/{victim}/task/{victim}/children").read_text()
+               .split()]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: not any(pid_alive(p) for p in [victim, *workers]), what="host 1 gone")
+    ping_all()  # every client answered, by a host that is alive
+    view = {(s["backend"], s["server"]): s for s in cluster.status()["haproxy"]}
+    assert view[("mpd_keyed", "mpd1")]["state"] == "up"  # still, for HAProxy
+    stat = api(cluster.state, "show stat").splitlines()
+    columns = stat[0].lstrip("# ").split(",")
+    rows = [dict(zip(columns, row.split(","))) for row in stat[1:] if row]
+    redispatched = next(int(r["wredis"]) for r in rows
+                        if (r["pxname"], r["svname"]) == ("mpd_keyed", "mpd1"))
+    assert redispatched == sum(1 for key in keys if before[key] == 1)
+    after: dict[int, int] = {}
+    for key, places in bound_where(cluster).items():
+        hosts = {host for host, _slot in places}
+        after[key] = max(hosts - {before[key]}) if len(hosts) > 1 else before[key]
+    moved = [key for key in keys if after[key] != before[key]]
+    assert sorted(moved) == sorted(key for key in keys if before[key] == 1)
+    assert all(after[key] != 1 for key in moved)
