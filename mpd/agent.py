@@ -85,7 +85,6 @@ class AgentServer:
         selector.register(sock, selectors.EVENT_READ, self.on_accept)
 
     def on_accept(self, _events: int) -> None:
-        answer = None  # computed once per wake-up, only if someone connected
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _addr = self.sock.accept()
@@ -96,9 +95,7 @@ class AgentServer:
                     self.pause(e)
                     return
                 continue  # ECONNABORTED and kin: that client gave up
-            if answer is None:
-                answer = (self.line() + "\n").encode("ascii")
-            self.answer(conn, answer)
+            self.answer(conn, (self.line() + "\n").encode("ascii"))
 
     def answer(self, conn: socket.socket, data: bytes) -> None:
         """One non-blocking send (a line fits any socket buffer), then close. Whatever the

@@ -97,7 +97,8 @@ def ask(address: tuple[str, int], send: bytes = b"") -> bytes:
 def test_each_connection_gets_one_line_then_eof(agent: AgentLoop):
     assert ask(agent.address) == b"up ready 60%\n"
     assert ask(agent.address) == b"up ready 60%\n"
-    assert agent.server.served == 2
+    # The count moves just after the close the client saw: wait for it, in this thread.
+    wait_until(lambda: agent.server.served == 2, what="two clients served")
 
 
 def test_the_line_is_computed_when_a_client_connects(agent: AgentLoop):
@@ -129,7 +130,8 @@ def test_silent_and_hostile_clients_never_hold_the_loop(agent: AgentLoop):
         s.close()
         resetters.append(s)
     assert ask(agent.address) == b"up ready 60%\n"
-    wait_until(lambda: agent.server.served >= 31, what="every client answered")
+    # All but the resetters for sure (the kernel may drop those before accept() sees them)
+    wait_until(lambda: agent.server.served >= 26, what="every client answered")
     turns = agent.turns
     wait_until(lambda: agent.turns > turns + 5, what="the loop to keep turning")
     for s in silent + flooders:
