@@ -277,3 +277,27 @@ def test_a_host_that_dies_costs_its_keyed_clients_no_error(cluster: Cluster):
     moved = [key for key in keys if after[key] != before[key]]
     assert sorted(moved) == sorted(key for key in keys if before[key] == 1)
     assert all(after[key] != 1 for key in moved)
+
+
+def test_a_cluster_that_cannot_start_says_why_and_leaves_nothing_running(cluster: Cluster):
+    with socket.socket() as taken:  # host 2's address and port, taken
+        taken.bind(("127.0.0.3", cluster.port))
+        taken.listen()
+        failed = cluster.run("up", "3", *PLAIN, "--workers", "1")
+    assert failed.returncode == 1
+    assert "cluster: host 2 (127.0.0.3) did not start (exit 69)" in failed.stderr
+    assert "Address already in use" in failed.stderr
+    host1 = cluster.events(1, "mpd.stopped")  # started, then stopped by the clean-up
+    assert len(host1) == 1
+    assert not (cluster.state / "cluster.json").exists()
+
+
+def test_haproxy_that_cannot_start_says_why_and_leaves_nothing_running(cluster: Cluster):
+    with socket.socket() as taken:  # HAProxy's own address and port, taken
+        taken.bind(("127.0.0.1", cluster.port))
+        taken.listen()
+        failed = cluster.run("up", "1", *PLAIN, "--workers", "1")
+    assert failed.returncode == 1
+    assert "cluster: HAProxy exited at start" in failed.stderr
+    assert "cannot bind socket" in failed.stderr
+    assert len(cluster.events(1, "mpd.stopped")) == 1
