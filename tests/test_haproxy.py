@@ -183,7 +183,7 @@ def bound_where(cluster: Cluster) -> dict[int, Counter]:
 
 def test_keyed_clients_land_on_the_same_host_and_slot_on_every_reconnect(cluster: Cluster):
     cluster.up(3, *PLAIN, "--workers", "2", "--log-level", "debug")
-    keys = random.Random(16).sample(range(-2**31, 2**31), 300)
+    keys = random.Random(16).sample(range(-2**31, 2**31), 1000)
     rounds = 3
     for _ in range(rounds):
         for key in keys:
