@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -33,8 +34,8 @@ PLAIN = ("--no-proxy-protocol", "--no-agent")  # until the worker and master are
 
 # --- the shipped config --------------------------------------------------------------------
 
-def test_the_shipped_config_is_valid_haproxy():
-    check = check_config(SHIPPED.read_text(), Path(tempfile.mkdtemp(prefix="mpd-ha-")))
+def test_the_shipped_config_is_valid_haproxy(tmp_path: Path):
+    check = check_config(SHIPPED.read_text(), tmp_path)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "Configuration file is valid" in check.stdout
 
@@ -132,6 +133,7 @@ def cluster() -> Iterator[Cluster]:
     running = Cluster(state, free_port())
     yield running
     running.down()
+    shutil.rmtree(state, ignore_errors=True)
 
 
 def connect(port: int) -> socket.socket:
