@@ -4,12 +4,13 @@ and the renderer that writes the documented example config from the same table."
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from mpd import checks
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -18,6 +19,9 @@ else:  # pragma: no cover - exercised on 3.9/3.10 in CI
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus uses it
 DEFAULT_PATH = "/etc/mpd.toml"
+
+
+host_port = checks.host_port  # "address:port" -> (address, port), for the agent's socket
 
 
 class ConfigError(Exception):
@@ -41,110 +45,14 @@ def default_socket_path() -> str:
     return os.path.join(runtime, "mpd", "mpd.sock")
 
 
-# --- validators: each returns the (possibly normalised) value or raises ValueError(expected) ---
-
-def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
-    def check(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise ValueError(f"an integer from {lo} to {hi}")
-        return v
-    return check
-
-
-def _float_range(lo: float, hi: float) -> Callable[[Any], float]:
-    def check(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-            raise ValueError(f"a number of seconds from {lo:g} to {hi:g}")
-        return float(v)
-    return check
-
-
-def _choice(*options: str) -> Callable[[Any], str]:
-    def check(v: Any) -> str:
-        if v not in options:
-            raise ValueError("one of " + ", ".join(f'"{o}"' for o in options))
-        return v
-    return check
-
-
-def _address(v: Any) -> str:
-    try:
-        if not isinstance(v, str):
-            raise ValueError
-        ipaddress.ip_address(v)
-    except ValueError:
-        raise ValueError('an IPv4 or IPv6 address such as "127.0.0.1", "0.0.0.0" or "::"') from None
-    return v
-
-
-def _workers(v: Any) -> int | str:
-    if v == "auto":
-        return v
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 1024:
-        raise ValueError('"auto" or an integer from 0 (single-process mode) to 1024')
-    return v
-
-
-def _socket_path(v: Any) -> str:
-    if v == "auto":
-        return v
-    if not isinstance(v, str) or not v.startswith("/") or len(v.encode()) > 107:
-        raise ValueError('"auto" or an absolute path of at most 107 bytes')
-    return v
-
-
-def _path_or_empty(v: Any) -> str:
-    if not isinstance(v, str) or (v and not v.startswith("/")):
-        raise ValueError('an absolute path, or "" for none')
-    return v
-
-
-def _mode(v: Any) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o777:
-        raise ValueError("a file mode from 0o000 to 0o777, written as an octal integer like 0o660")
-    return v
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError("true or false")
-    return v
-
-
-def _uids(v: Any) -> tuple[int, ...]:
-    if not isinstance(v, list) or not all(
-            isinstance(u, int) and not isinstance(u, bool) and 0 <= u < 2**32 - 1 for u in v):
-        raise ValueError("a list of numeric user ids, like [1000, 1001]")
-    return tuple(v)
-
-
-def _group(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError('a group name, or "" for none')
-    if v:
-        import grp
-
-        try:
-            grp.getgrnam(v)
-        except KeyError:
-            raise ValueError(f'an existing group name (no group "{v}" on this system)') from None
-    return v
-
-
-def _protocol(v: Any) -> str:
-    from mpd.protocols import PROTOCOLS
-
-    if v not in PROTOCOLS:
-        raise ValueError("one of " + ", ".join(f'"{p}"' for p in sorted(PROTOCOLS)))
-    return v
-
-
 # Settings a reload may change in running workers (the master sends them in CONFIG).
 LIVE_SETTINGS = ("max_clients", "max_output_buffer", "graceful_timeout", "log_level",
-                 "log_format", "log_target", "log_file", "log_buffer")
+                 "log_format", "log_target", "log_file", "log_buffer", "proxy_from",
+                 "proxy_timeout")
 # Settings bound to the listening socket or the control socket: changing them needs a restart.
 RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "socket", "mode", "allow_group",
-                    "pidfile")
+                    "pidfile", "proxy_protocol", "agent_listen")
+PREFIXED_SECTIONS = ("log", "agent")  # their keys are Config fields named section_key
 
 
 @dataclass(frozen=True)
@@ -162,68 +70,84 @@ class Key:
 
     @property
     def attr(self) -> str:
-        return self.name if self.section != "log" else f"log_{self.name}"
+        if self.section in PREFIXED_SECTIONS:
+            return f"{self.section}_{self.name}"
+        return self.name
 
 
 # The one place that defines every config key, its default, its check and its documentation.
 SCHEMA: tuple[Key, ...] = (
-    Key("server", "listen", "127.0.0.1", _address,
+    Key("server", "listen", "127.0.0.1", checks.address,
         "Address to listen on: IPv4 or IPv6 (\"0.0.0.0\" or \"::\" for every interface)."),
-    Key("server", "port", 1990, _int_range(0, 65535),
+    Key("server", "port", 1990, checks.int_range(0, 65535),
         "TCP port. 0 lets the kernel pick a free one; the chosen port is logged in mpd.started."),
-    Key("server", "backlog", 1024, _int_range(1, 65535),
+    Key("server", "backlog", 1024, checks.int_range(1, 65535),
         "listen(2) backlog: connections the kernel queues before a worker accepts them."),
-    Key("server", "protocol", "ping", _protocol,
+    Key("server", "protocol", "ping", checks.protocol,
         "Client protocol module spoken by the workers (see mpd/protocols)."),
-    Key("workers", "workers", "auto", _workers,
+    Key("server", "proxy_protocol", False, checks.boolean,
+        "Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy-v2 writes it)\n"
+        "before each client's bytes, and log the real client it names. Clients from\n"
+        "elsewhere, or with a malformed or late header, are closed (client.proxy_rejected)."),
+    Key("server", "proxy_from", ("127.0.0.0/8", "::1"), checks.networks,
+        "Addresses or networks that may send a PROXY header (the proxies), e.g.\n"
+        "[\"10.0.0.5\", \"192.168.1.0/24\"]. Used when proxy_protocol = true.",
+        toml_default='["127.0.0.0/8", "::1"]'),
+    Key("server", "proxy_timeout", 3.0, checks.float_range(0.1, 60),
+        "Seconds a client may take to send its whole PROXY header before it is closed."),
+    Key("workers", "workers", "auto", checks.workers,
         "Number of worker processes. \"auto\" = one per CPU this process may run on;\n"
         "0 = single-process mode: the master serves clients itself."),
-    Key("workers", "max_workers", 64, _int_range(1, 1024),
+    Key("workers", "max_workers", 64, checks.int_range(1, 1024),
         "Upper bound for the worker count (auto-scale, SIGTTIN and mpdctl scale stop here)."),
-    Key("workers", "max_clients", 1000, _int_range(1, 1_000_000),
+    Key("workers", "max_clients", 1000, checks.int_range(1, 1_000_000),
         "Connections one worker serves at once; at the limit it stops accepting until one leaves."),
-    Key("workers", "max_output_buffer", 262144, _int_range(1024, 1 << 30),
+    Key("workers", "max_output_buffer", 262144, checks.int_range(1024, 1 << 30),
         "Bytes of replies a worker holds for a client that does not read; past it the client\n"
         "is closed (client.overflow), so a stuck client never blocks the others."),
-    Key("workers", "autoscale", False, _bool,
+    Key("workers", "autoscale", False, checks.boolean,
         "Add a worker (up to max_workers) whenever every worker is at max_clients."),
-    Key("workers", "graceful_timeout", 10.0, _float_range(0, 3600),
+    Key("workers", "graceful_timeout", 10.0, checks.float_range(0, 3600),
         "Seconds that workers get to finish their clients on SIGTERM before SIGKILL."),
-    Key("workers", "worker_timeout", 30.0, _float_range(1, 3600),
+    Key("workers", "worker_timeout", 30.0, checks.float_range(1, 3600),
         "Seconds without a heartbeat after which a worker counts as hung and is replaced."),
-    Key("workers", "backoff_max", 30.0, _float_range(0.1, 3600),
+    Key("workers", "backoff_max", 30.0, checks.float_range(0.1, 3600),
         "Longest wait, in seconds, before respawning a slot that keeps crashing soon after\n"
         "start (the wait doubles from 0.1 s with each quick crash)."),
-    Key("control", "socket", "auto", _socket_path,
+    Key("control", "socket", "auto", checks.socket_path,
         "Control socket for mpdctl. \"auto\" = mpd.sock in systemd's RuntimeDirectory\n"
         "(/run/mpd), else /run/mpd/mpd.sock for root, else $XDG_RUNTIME_DIR/mpd/mpd.sock."),
-    Key("control", "mode", 0o660, _mode,
+    Key("control", "mode", 0o660, checks.mode,
         "File mode of the control socket.", toml_default="0o660"),
-    Key("control", "allow_uids", (), _uids,
+    Key("control", "allow_uids", (), checks.uids,
         "User ids allowed to use the control socket besides root and mpd's own user\n"
         "(checked with SO_PEERCRED on every connection).", toml_default="[]"),
-    Key("control", "allow_group", "", _group,
+    Key("control", "allow_group", "", checks.group,
         "A group whose members may use the control socket; the socket is made\n"
         "group-owned by it. \"\" = none."),
-    Key("log", "level", "info", _choice("debug", "info", "warning", "error"),
+    Key("log", "level", "info", checks.choice("debug", "info", "warning", "error"),
         "Least severe level written: debug also logs every client connect and close."),
-    Key("log", "format", "auto", _choice("auto", "json", "console"),
+    Key("log", "format", "auto", checks.choice("auto", "json", "console"),
         "json = one JSON object per line; console = a line for people (the time first);\n"
         "auto = console when stdout is a terminal, else json. Under journald the fields go\n"
         "to the journal either way; MESSAGE is then the JSON line only with \"json\".\n"
         "`mpd --log-format` overrides it."),
-    Key("log", "target", "stdout", _choice("stdout", "file", "syslog"),
+    Key("log", "target", "stdout", checks.choice("stdout", "file", "syslog"),
         "Where logs go. stdout: under systemd, each event goes to journald with its fields\n"
         "(MPD_EVENT, MPD_SLOT, ...); file: append to log.file (reopened on reload; a file\n"
         "that cannot be opened is a config error); syslog: /dev/log, facility daemon.\n"
         "Writes never block: a sink that falls behind gets a bounded queue, then drops."),
-    Key("log", "file", "", _path_or_empty,
+    Key("log", "file", "", checks.path_or_empty,
         "The log file for target = \"file\"."),
-    Key("log", "buffer", 1048576, _int_range(4096, 1 << 30),
+    Key("log", "buffer", 1048576, checks.int_range(4096, 1 << 30),
         "Bytes of log lines each process holds for a sink that does not keep up (a full\n"
         "pipe, a busy journald); past it lines are dropped, counted and reported\n"
         "(log.dropped) once the sink drains."),
-    Key("daemon", "pidfile", "auto", _socket_path,
+    Key("agent", "listen", "", checks.listen_or_empty,
+        "HAProxy agent-check port, as \"address:port\" (\"[::1]:1991\" for IPv6); \"\" = off.\n"
+        "Each connection gets one line: \"up ready N%\" (N = free share of capacity),\n"
+        "\"drain\" while stopping, upgrading or with no ready worker, \"down\" when halting."),
+    Key("daemon", "pidfile", "auto", checks.socket_path,
         "Pidfile written by `mpd --daemon`. \"auto\" = /run/mpd/mpd.pid for root, else\n"
         "next to the control socket."),
 )
@@ -235,6 +159,9 @@ class Config:
     port: int = 1990
     backlog: int = 1024
     protocol: str = "ping"
+    proxy_protocol: bool = False
+    proxy_from: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    proxy_timeout: float = 3.0
     workers: int | str = "auto"
     max_workers: int = 64
     max_clients: int = 1000
@@ -253,6 +180,7 @@ class Config:
     log_file: str = ""
     log_buffer: int = 1048576
     pidfile: str = "auto"
+    agent_listen: str = ""
     path: str | None = None  # the file it came from; None = embedded defaults
     # Settings from the command line (mpd --log-format, --daemon): they win over the
     # file, on every reload too. ((attribute, value), ...)
@@ -363,7 +291,24 @@ def parse(text: str, path: str) -> Config:
         raise ConfigError(path, f"expected at most workers.max_workers ({config.max_workers}), "
                           f"got {config.workers}", line=_key_line(text, "workers", "workers"),
                           key="workers.workers")
+    _check_proxy_and_agent(config, text, path)
     return config
+
+
+def _check_proxy_and_agent(config: Config, text: str, path: str) -> None:
+    """Settings that are valid alone but not together."""
+    if config.proxy_protocol and not config.proxy_from:
+        raise ConfigError(path, "expected at least one address when server.proxy_protocol = "
+                          "true (else no client could connect)",
+                          line=_key_line(text, "server", "proxy_from"), key="server.proxy_from")
+    if config.agent_listen:
+        host, port = host_port(config.agent_listen)
+        anywhere = ("0.0.0.0", "::")
+        if port == config.port and (host == config.listen or host in anywhere
+                                    or config.listen in anywhere):
+            raise ConfigError(path, f"expected a port other than server.port ({config.port}); "
+                              "the agent check needs its own",
+                              line=_key_line(text, "agent", "listen"), key="agent.listen")
 
 
 def load(path: str | None) -> Config:
@@ -400,6 +345,8 @@ def reload(current: Config) -> Config:
 def _toml_value(key: Key, value: Any) -> str:
     if key.toml_default and value == key.default:
         return key.toml_default
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(key, v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

@@ -77,6 +77,12 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                               "closed: fd, error"),
     "client.overflow": ("warning", "worker", "a client left too many replies unread and was "
                         "closed: fd, buffered, max_output_buffer"),
+    "client.proxied": ("debug", "worker", "a client's PROXY header is complete: fd, client (the "
+                       "real one it names; null for the proxy's own LOCAL check), proxy, "
+                       "command (PROXY, LOCAL, UNKNOWN), version"),
+    "client.proxy_rejected": ("warning", "worker", "server.proxy_protocol: a client was closed "
+                              "before its first byte was served: fd, peer, reason (untrusted: "
+                              "not in server.proxy_from; malformed; timeout), error"),
     "fd.dispatched": ("info", "worker", "a handed-off client was adopted by its key's owner: "
                       "key, from_slot, from_pid, to_slot, to_pid, carried (bytes), latency_us "
                       "(HANDOFF sent to ADOPT taken)"),
@@ -103,6 +109,8 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "control.accept_failed": ("warning", "master", "accept on the control socket failed: "
                               "error"),
     "control.error": ("error", "master", "a control command raised (a bug): command"),
+    "agent.accept_failed": ("warning", "master", "accept on the agent-check port failed "
+                            "(out of fds or memory); it pauses: error, retry_in"),
     "control.failed": ("error", "master", "cannot create the control socket (exit 69): error"),
     "log.dropped": ("warning", "both", "the log sink (stdout, journald, syslog, file) did not "
                     "keep up and this process's queue was full: dropped (lines lost since the "

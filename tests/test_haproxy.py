@@ -1,0 +1,305 @@
+"""Several hosts behind a real HAProxy (Debian's 2.6): the shipped config, the local
+cluster that scripts/cluster builds from it, and key affinity across hosts as mpd's own
+logs tell it. mpd does not speak the PROXY protocol or serve the agent port yet (their
+pieces exist, the wiring comes later), so the clusters here run with both turned off."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import struct
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import (
+    REPLY,
+    build_seed_client,
+    count_replies,
+    pid_alive,
+    recv_exact,
+    run_seed_client,
+    wait_until,
+)
+from haproxy_support import SHIPPED, Cluster, check_config, cluster_module, free_port
+
+PLAIN = ("--no-proxy-protocol", "--no-agent")  # until the worker and master are wired
+
+
+# --- the shipped config --------------------------------------------------------------------
+
+def test_the_shipped_config_is_valid_haproxy(tmp_path: Path):
+    check = check_config(SHIPPED.read_text(), tmp_path)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "Configuration file is valid" in check.stdout
+
+
+def directives(section: str) -> list[str]:
+    """The directive lines of one section of the shipped config, comments stripped."""
+    out, inside = [], False
+    for line in SHIPPED.read_text().splitlines():
+        if line and not line[0].isspace():
+            inside = line.split("#")[0].strip() == section
+            continue
+        code = line.split("#", 1)[0].strip()
+        if inside and code:
+            out.append(code)
+    return out
+
+
+def test_the_shipped_config_keeps_the_measured_recipe():
+    """DESIGN.md, "Several hosts": on 2.6 the key must be captured in a variable before
+    the accept rules, and the backend balanced on that variable with a consistent hash."""
+    front = directives("frontend mpd")
+    assert "tcp-request inspect-delay 5s" in front
+    set_key = next(i for i, d in enumerate(front)
+                   if "set-var(txn.key) req.payload(1,4),hex" in d)
+    first_accept = next(i for i, d in enumerate(front)
+                        if d.startswith("tcp-request content accept"))
+    assert set_key < first_accept
+    assert "use_backend mpd_keyed if { var(txn.key) -m found }" in front
+    keyed, any_ = directives("backend mpd_keyed"), directives("backend mpd_any")
+    assert "balance hash var(txn.key)" in keyed and "hash-type consistent" in keyed
+    assert "balance leastconn" in any_
+    servers = [d for d in keyed if d.startswith("server ")]
+    assert servers and all(re.search(r"\bid \d+ track mpd_any/", s) for s in servers)
+    assert all("send-proxy-v2" in d for d in (keyed + any_) if d.startswith("default-server"))
+    assert any("agent-check agent-port 1991" in d for d in any_)
+    assert not any("agent" in d for d in keyed)  # its weights would move keys on the ring
+    assert "tcp-check connect default" in any_  # so the check sends its PROXY header too
+
+
+def test_the_shipped_health_check_speaks_the_ping_protocol():
+    any_ = directives("backend mpd_any")
+    sent = next(d for d in any_ if d.startswith("tcp-check send-binary")).split()[-1]
+    expected = next(d for d in any_ if d.startswith("tcp-check expect binary")).split()[-1]
+    assert bytes.fromhex(sent).startswith(b"M") and bytes.fromhex(sent).endswith(b"\0")
+    assert bytes.fromhex(expected) == REPLY
+
+
+# --- the cluster's config, generated from it --------------------------------------------------
+
+@pytest.mark.parametrize("hosts", [1, 2, 4])
+@pytest.mark.parametrize("proxy_protocol, agent", [(True, True), (False, False), (True, False)])
+def test_every_cluster_layout_is_valid_haproxy(hosts, proxy_protocol, agent, tmp_path):
+    cluster = cluster_module()
+    layout = cluster.Layout(hosts, 2990, 2991, tmp_path, proxy_protocol, agent)
+    text = cluster.haproxy_config(SHIPPED.read_text(), layout)
+    check = check_config(text, tmp_path)
+    assert check.returncode == 0, check.stdout + check.stderr + text
+    code = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+    servers = [c for c in code if c.startswith("server ")]
+    assert servers == [f"server mpd{k} 127.0.0.{k + 1}:2990 id {k}" for k in range(1, hosts + 1)] \
+        + [f"server mpd{k} 127.0.0.{k + 1}:2990 id {k} track mpd_any/mpd{k}"
+           for k in range(1, hosts + 1)]
+    assert "bind 127.0.0.1:2990" in code
+    assert f"stats socket {tmp_path / 'haproxy.sock'} mode 600 level admin" in code
+    assert any("send-proxy-v2" in c for c in code) == proxy_protocol
+    assert any("agent-check agent-port 2991 agent-inter 2s" in c for c in code) == agent
+    assert not any(c.split()[:1] in (["chroot"], ["user"], ["group"], ["daemon"]) for c in code)
+
+
+def test_the_cluster_keeps_the_shipped_front_end_rules(tmp_path):
+    """One source of truth: the frontend of the generated config is the shipped one,
+    but for its bind address."""
+    cluster = cluster_module()
+    text = cluster.haproxy_config(SHIPPED.read_text(),
+                                  cluster.Layout(3, 2990, 2991, tmp_path))
+    shipped = SHIPPED.read_text()
+    front = shipped[shipped.index("frontend mpd"):shipped.index("# Keyless clients")]
+    assert front.replace("bind :1990", "bind 127.0.0.1:2990") in text
+
+
+def test_a_shipped_config_that_drifted_is_refused(tmp_path):
+    cluster = cluster_module()
+    template = SHIPPED.read_text().replace("    bind :1990\n", "")
+    with pytest.raises(cluster.ClusterError) as error:
+        cluster.haproxy_config(template, cluster.Layout(2, 2990, 2991, tmp_path))
+    assert "has no line for: bind" in str(error.value)
+
+
+# --- a real cluster -------------------------------------------------------------------------------
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    # A short path: the control sockets inside must stay under 108 bytes.
+    state = Path(tempfile.mkdtemp(prefix="mpdc-"))
+    running = Cluster(state, free_port())
+    yield running
+    running.down()
+    shutil.rmtree(state, ignore_errors=True)
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def test_cluster_up_status_down(cluster: Cluster):
+    cluster.up(2, *PLAIN, "--workers", "1")
+    status = cluster.status()
+    assert [s["state"] for s in status["haproxy"]] == ["up"] * 4
+    assert [(s["backend"], s["server"], s["address"]) for s in status["haproxy"]] == [
+        ("mpd_any", "mpd1", f"127.0.0.2:{cluster.port}"),
+        ("mpd_any", "mpd2", f"127.0.0.3:{cluster.port}"),
+        ("mpd_keyed", "mpd1", f"127.0.0.2:{cluster.port}"),
+        ("mpd_keyed", "mpd2", f"127.0.0.3:{cluster.port}")]
+    assert [(h["address"], h["master"]["state"], h["master"]["ready"]) for h in status["hosts"]] \
+        == [("127.0.0.2", "running", 1), ("127.0.0.3", "running", 1)]
+    with connect(cluster.port) as client:  # a plain ping through HAProxy
+        client.sendall(b"hello, client ping!\0")
+        assert recv_exact(client, len(REPLY)) == REPLY
+    shown = cluster.run("status")
+    assert shown.returncode == 0, shown.stderr
+    assert f"host 2: 127.0.0.3:{cluster.port}" in shown.stdout
+    assert re.search(rf"mpd_keyed\s+mpd2\s+127\.0\.0\.3:{cluster.port}\s+up\s+ready", shown.stdout)
+    assert "workers 1/1 ready" in shown.stdout  # mpdctl status of each host
+    again = cluster.run("up", "2", *PLAIN)
+    assert again.returncode == 1 and "already up" in again.stderr
+    pids = cluster.pids()
+    assert len(pids) == 3
+    cluster.down()
+    assert not any(pid_alive(pid) for pid in pids)
+    gone = cluster.run("status")
+    assert gone.returncode == 1 and "no cluster is up" in gone.stderr
+
+
+def key_frame(key: int) -> bytes:
+    return b"C" + struct.pack("<i", key)
+
+
+def bound_where(cluster: Cluster) -> dict[int, Counter]:
+    """key -> Counter of (host, slot) over every client.bound the hosts logged: each
+    connection of a keyed client is bound once, by the worker that serves it."""
+    where: dict[int, Counter] = defaultdict(Counter)
+    for k in range(1, cluster.hosts + 1):
+        for event in cluster.events(k, "client.bound"):
+            where[event["key"]][(k, event["slot"])] += 1
+    return where
+
+
+def test_keyed_clients_land_on_the_same_host_and_slot_on_every_reconnect(cluster: Cluster):
+    cluster.up(3, *PLAIN, "--workers", "2", "--log-level", "debug")
+    keys = random.Random(16).sample(range(-2**31, 2**31), 1000)
+    rounds = 3
+    for _ in range(rounds):
+        for key in keys:
+            with connect(cluster.port) as client:
+                client.sendall(key_frame(key) + b"Mping\0")
+                assert recv_exact(client, len(REPLY)) == REPLY
+    where = bound_where(cluster)
+    assert sorted(where) == sorted(keys)
+    moved = {key: places for key, places in where.items() if len(places) != 1}
+    assert moved == {}, (f"{len(moved)} of {len(keys)} keys served in more than one "
+                         f"place, e.g. {list(moved.items())[:3]}")
+    assert all(sum(places.values()) == rounds for places in where.values())
+    hosts = Counter(host for places in where.values() for host, _slot in places)
+    assert set(hosts) == {1, 2, 3}
+    assert min(hosts.values()) >= 0.15 * len(keys), hosts  # the hash spreads the keys
+    slots = {place for places in where.values() for place in places}
+    assert len(slots) == 6  # and mpd spreads each host's keys over its two slots
+
+
+def test_keyless_clients_are_spread_by_least_connections(cluster: Cluster):
+    cluster.up(3, *PLAIN, "--workers", "1")
+    clients = [connect(cluster.port) for _ in range(30)]
+    for client in clients:
+        client.sendall(b"hello, client ping!\0")
+        assert recv_exact(client, len(REPLY)) == REPLY
+    sessions = {s["server"]: s["sessions"] for s in cluster.status()["haproxy"]
+                if s["backend"] == "mpd_any"}
+    assert sessions == {"mpd1": 10, "mpd2": 10, "mpd3": 10}
+    for client in clients:
+        client.close()
+
+
+def test_the_seeds_mpclient2_is_hashed_by_its_key_through_haproxy(cluster: Cluster, tmp_path):
+    """mpclient2 connects, then sends `C` and its key in two writes a second later: the
+    inspect delay lets HAProxy wait for them. A client of ours with the same key must land
+    on the same host: HAProxy hashed mpclient2's key rather than balancing by load."""
+    mpclient2 = build_seed_client("mpclient2", tmp_path)
+    cluster.up(3, *PLAIN, "--workers", "1", "--log-level", "debug")
+    output = run_seed_client([str(mpclient2), "127.0.0.1", str(cluster.port), "20", "1"],
+                             lambda out: count_replies(out) >= 40, timeout=60)
+    assert set(line for line in output if line.startswith("recv from")) == {
+        "recv from server: hello, server ping!"}
+    seed_keys = wait_until(lambda: len(bound_where(cluster)) >= 20 and bound_where(cluster),
+                           what="mpclient2's 20 keys bound")
+    assert len(seed_keys) == 20
+    for key in seed_keys:
+        with connect(cluster.port) as client:
+            client.sendall(key_frame(key) + b"Mping\0")
+            assert recv_exact(client, len(REPLY)) == REPLY
+    for key, places in bound_where(cluster).items():
+        assert len({host for host, _slot in places}) == 1, (key, places)
+
+
+def test_a_host_that_dies_costs_its_keyed_clients_no_error(cluster: Cluster):
+    """Before HAProxy's checks notice a dead host, a connection to it is refused; `retries`
+    and `option redispatch` send it to another host, so the client sees no error. Its key
+    moves (what is not guaranteed), the other keys stay."""
+    cluster.up(3, *PLAIN, "--workers", "1", "--log-level", "debug")
+    keys = random.Random(3).sample(range(-2**31, 2**31), 90)
+
+    def ping_all() -> None:
+        for key in keys:
+            with connect(cluster.port) as client:
+                client.sendall(key_frame(key) + b"Mping\0")
+                assert recv_exact(client, len(REPLY)) == REPLY
+
+    ping_all()
+    before = {key: next(iter(places))[0] for key, places in bound_where(cluster).items()}
+    # HAProxy notices a dead host within two checks; stop host 1's checks so that the
+    # window in which it has not noticed yet lasts the whole test.
+    api = cluster_module().runtime_api
+    assert api(cluster.state, "disable health mpd_any/mpd1").strip() == ""
+    victim = cluster.pids()[1]  # host 1's master; its workers follow it (PDEATHSIG)
+    workers = [int(p) for p in Path(f"/proc/{victim}/task/{victim}/children").read_text()
+               .split()]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: not any(pid_alive(p) for p in [victim, *workers]), what="host 1 gone")
+    ping_all()  # every client answered, by a host that is alive
+    view = {(s["backend"], s["server"]): s for s in cluster.status()["haproxy"]}
+    assert view[("mpd_keyed", "mpd1")]["state"] == "up"  # still, for HAProxy
+    stat = api(cluster.state, "show stat").splitlines()
+    columns = stat[0].lstrip("# ").split(",")
+    rows = [dict(zip(columns, row.split(","))) for row in stat[1:] if row]
+    redispatched = next(int(r["wredis"]) for r in rows
+                        if (r["pxname"], r["svname"]) == ("mpd_keyed", "mpd1"))
+    assert redispatched == sum(1 for key in keys if before[key] == 1)
+    after: dict[int, int] = {}
+    for key, places in bound_where(cluster).items():
+        hosts = {host for host, _slot in places}
+        after[key] = max(hosts - {before[key]}) if len(hosts) > 1 else before[key]
+    moved = [key for key in keys if after[key] != before[key]]
+    assert sorted(moved) == sorted(key for key in keys if before[key] == 1)
+    assert all(after[key] != 1 for key in moved)
+
+
+def test_a_cluster_that_cannot_start_says_why_and_leaves_nothing_running(cluster: Cluster):
+    with socket.socket() as taken:  # host 2's address and port, taken
+        taken.bind(("127.0.0.3", cluster.port))
+        taken.listen()
+        failed = cluster.run("up", "3", *PLAIN, "--workers", "1")
+    assert failed.returncode == 1
+    assert "cluster: host 2 (127.0.0.3) did not start (exit 69)" in failed.stderr
+    assert "Address already in use" in failed.stderr
+    host1 = cluster.events(1, "mpd.stopped")  # started, then stopped by the clean-up
+    assert len(host1) == 1
+    assert not (cluster.state / "cluster.json").exists()
+
+
+def test_haproxy_that_cannot_start_says_why_and_leaves_nothing_running(cluster: Cluster):
+    with socket.socket() as taken:  # HAProxy's own address and port, taken
+        taken.bind(("127.0.0.1", cluster.port))
+        taken.listen()
+        failed = cluster.run("up", "1", *PLAIN, "--workers", "1")
+    assert failed.returncode == 1
+    assert "cluster: HAProxy exited at start" in failed.stderr
+    assert "cannot bind socket" in failed.stderr
+    assert len(cluster.events(1, "mpd.stopped")) == 1
