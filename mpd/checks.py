@@ -137,6 +137,19 @@ def group(v: Any) -> str:
     return v
 
 
+def user(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError('a user name, or "" for none')
+    if v:
+        import pwd
+
+        try:
+            pwd.getpwnam(v)
+        except KeyError:
+            raise ValueError(f'an existing user name (no user "{v}" on this system)') from None
+    return v
+
+
 def protocol(v: Any) -> str:
     from mpd.protocols import PROTOCOLS
 

@@ -9,7 +9,7 @@ import resource
 import socket
 import sys
 
-from mpd import __version__
+from mpd import __version__, access, manual, privileges, proctitle
 from mpd import config as configmod
 from mpd import log as logmod
 
@@ -25,13 +25,13 @@ def default_config_path() -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mpd", description="mpd: a multi-process TCP server daemon (master + epoll workers).",
-        epilog="Exit codes: 0 stopped cleanly, 1 internal error, 69 cannot listen (address in "
-               "use, or another mpd owns the control socket), 78 invalid configuration.")
+        epilog=manual.mpd_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="PATH",
                    help=f"config file (default: {configmod.DEFAULT_PATH} if it exists, "
                         "else the embedded defaults)")
     p.add_argument("--check-config", action="store_true",
-                   help="validate the config and exit: 0 valid, 78 invalid")
+                   help="validate the config and exit: 0 valid, 78 invalid; notes on what "
+                        "would keep this mpd from starting (as root, under the shipped unit)")
     p.add_argument("--print-config", action="store_true",
                    help="print the effective config as documented TOML and exit")
     p.add_argument("--log-format", choices=("auto", "console", "json"),
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check that this mpd imports and that the config is valid, and print "
                         "what it can take over from a running one (mpdctl upgrade runs it)")
     p.add_argument("--upgrade-state", type=int, metavar="FD", help=argparse.SUPPRESS)
-    p.add_argument("--version", action="version", version=f"mpd {__version__}")
+    p.add_argument("--version", action="version",
+                   version=f"mpd {__version__} (multi-process TCP server daemon)")
     return p
 
 
@@ -71,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             logmod.check_from(config)
         if args.check_config:
             print(f"mpd: config {path or '(embedded defaults)'} is valid")
+            for note in notes(config):
+                print(f"mpd: note: {note}")
             return 0
         if args.preflight:
             return preflight()
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartError as e:
         log.error(e.event, error=str(e))
         print(f"mpd: {e}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        return e.code
     except Exception as e:  # noqa: BLE001 - a detached daemon has only its log to tell
         log.exception("mpd.crashed", error=repr(e))
         raise
@@ -110,15 +113,42 @@ def load_config(path: str | None, args: argparse.Namespace) -> configmod.Config:
 
 
 class StartError(Exception):
-    """mpd cannot start (address in use, another mpd running); exit 69."""
+    """mpd cannot start: exit 69 (address in use, another mpd running) or 78 (the config
+    cannot work here: root without server.user, ids PrivateUsers= hides)."""
 
-    def __init__(self, event: str, message: str):
+    def __init__(self, event: str, message: str, code: int = EX_UNAVAILABLE):
         super().__init__(message)
         self.event = event
+        self.code = code
+
+
+UNIT_HIDES = ("/root/", "/home/", "/run/user/", "/tmp/", "/var/tmp/")
+
+
+def notes(config: configmod.Config) -> list[str]:
+    """What would keep this mpd from starting, beyond the config file itself."""
+    found = []
+    try:
+        privileges.target(config)
+    except privileges.PrivilegeError as e:
+        found.append(f"run as uid {os.geteuid()}, mpd would refuse to start: {e}")
+    for where in (sys.prefix, os.path.realpath(sys.executable)):
+        if where.startswith(UNIT_HIDES):
+            found.append(f"this mpd runs from {where}, which the shipped unit cannot reach "
+                         "(ProtectHome=yes hides /root and /home, PrivateTmp=yes /tmp; "
+                         "systemd says status=203/EXEC): install mpd into a venv under "
+                         "/opt (README \"Under systemd\")")
+            break
+    return found
 
 
 def serve(config: configmod.Config, detach: bool) -> int:
-    """Open the sockets (errors still reach the terminal), detach if asked, then run."""
+    """Open the sockets (errors still reach the terminal), detach if asked, become
+    server.user, then run."""
+    try:
+        who = privileges.target(config)
+    except privileges.PrivilegeError as e:
+        raise StartError("mpd.privileges_failed", str(e), configmod.EX_CONFIG) from None
     pidfile = None
     if detach:
         from mpd.daemonize import PidFile, PidFileError
@@ -128,10 +158,38 @@ def serve(config: configmod.Config, detach: bool) -> int:
             pidfile.check()
         except PidFileError as e:
             raise StartError("mpd.already_running", str(e)) from None
+    control_sock, listener = open_sockets(config)
+    if pidfile is not None:
+        from mpd.daemonize import detach as enter_daemon
+
+        enter_daemon(pidfile, [s for s in (listener, control_sock) if s is not None])
+        logmod.set_role("master" if control_sock is not None else "single")
+        logmod.forget_writer()  # python-daemon closed the old log fds
+        logmod.configure_from(config)
+    if who is not None:
+        privileges.drop(who, [(config.socket_path if control_sock else "",
+                               bool(config.allow_group)),
+                              (pidfile.path if pidfile else "", False),
+                              (config.log_file if config.log_target == "file" else "", False)])
+    if control_sock is None:
+        return serve_single_process(config, listener)
+    from mpd.master import Master
+
+    proctitle.master(config)
+    master = Master(config, listener, control_sock)
+    master.pidfile = pidfile.path if pidfile is not None else None
+    return master.run()
+
+
+def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket.socket]:
+    """The control socket (none in single-process mode), then the listening socket."""
     control_sock = None
     if config.worker_count > 0:  # single-process mode has no master, so no control socket
         from mpd.control import ControlError, open_socket
 
+        unseen = access.unseen(config)
+        if unseen is not None:
+            raise StartError("control.access_unmapped", unseen, configmod.EX_CONFIG)
         try:
             control_sock = open_socket(config.socket_path, config.mode, config.allow_group)
         except ControlError as e:
@@ -144,20 +202,7 @@ def serve(config: configmod.Config, detach: bool) -> int:
             os.unlink(config.socket_path)
         raise StartError("mpd.bind_failed", f"cannot listen on {config.listen} port "
                          f"{config.port}: {e.strerror}") from None
-    if pidfile is not None:
-        from mpd.daemonize import detach as enter_daemon
-
-        enter_daemon(pidfile, [s for s in (listener, control_sock) if s is not None])
-        logmod.set_role("master" if control_sock is not None else "single")
-        logmod.forget_writer()  # python-daemon closed the old log fds
-        logmod.configure_from(config)
-    if control_sock is None:
-        return serve_single_process(config, listener)
-    from mpd.master import Master
-
-    master = Master(config, listener, control_sock)
-    master.pidfile = pidfile.path if pidfile is not None else None
-    return master.run()
+    return control_sock, listener
 
 
 def preflight() -> int:
@@ -170,6 +215,7 @@ def preflight() -> int:
     import mpd
     from mpd.upgrade import preflight_report
 
+    proctitle.preflight()
     for module in pkgutil.walk_packages(mpd.__path__, "mpd."):
         importlib.import_module(module.name)
     print(json.dumps(preflight_report()))
@@ -188,6 +234,7 @@ def resume(state_fd: int) -> int:
     logmod.set_role("master")
     logmod.configure_from(config)
     listener, control = statemod.sockets_of(state)
+    proctitle.master(config)
     code = Master(config, listener, control).run(adopt=state)
     if state.get("pidfile"):  # --daemon's: the old image's context cannot remove it now
         PidFile(state["pidfile"]).__exit__(None, None, None)
@@ -225,6 +272,7 @@ def serve_single_process(config: configmod.Config, listener: socket.socket) -> i
 
     log = logmod.get_logger()
     logmod.set_role("single")
+    proctitle.single(config)
     log.info("mpd.started", version=__version__, config=config.path, listen=config.listen,
              port=listener.getsockname()[1], workers=0)
     log.info("mpd.ready", workers=0)

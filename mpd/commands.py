@@ -6,15 +6,12 @@ Commands see the daemon only through the narrow Daemon interface below."""
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from mpd import __version__, humane
-from mpd.config import Config
 
 Reply = dict[str, Any]
 
@@ -56,7 +53,7 @@ def status(daemon: Daemon, _request: dict[str, Any]) -> Reply:
                 **{k: w["stats"].get(k, 0) for k in STAT_FIELDS},
                 "max_clients": snapshot["master"]["max_clients"],
                 **{k: w[k] for k in ("restarts", "uptime", "heartbeat_age", "generation",
-                                     "version")}}
+                                     "version", "config_generation")}}
                for w in snapshot["workers"]]
     totals = {k: sum(w[k] for w in workers) for k in STAT_FIELDS}
     return {"ok": True, "master": snapshot["master"], "workers": workers, "totals": totals}
@@ -79,7 +76,9 @@ def reload(daemon: Daemon, _request: dict[str, Any]) -> Reply:
     why_not = daemon.reload()
     if why_not is not None:
         return error(f"reload failed, nothing changed: {why_not}")
-    return {"ok": True, "workers": daemon.target}
+    master = daemon.snapshot()["master"]
+    return {"ok": True, "workers": daemon.target, "config_generation":
+            master["config_generation"]}
 
 
 def stop(daemon: Daemon, request: dict[str, Any]) -> Reply:
@@ -141,18 +140,27 @@ def scale_done(reply: Reply, status: Reply) -> bool | str:
     return status["master"]["ready"] == wanted and len(status["workers"]) == wanted
 
 
+def reload_done(reply: Reply, status: Reply) -> bool:
+    """Every worker runs the reloaded config (its number or a later one's), and exactly
+    the configured count of them is ready: a reload that scales waits as scale does."""
+    m, workers = status["master"], status["workers"]
+    return (m["ready"] == m["workers"] == len(workers)
+            and all(w["config_generation"] >= reply["config_generation"] for w in workers))
+
+
 STATUS_COLUMNS = (("slot", "SLOT"), ("pid", "PID"), ("state", "STATE"),
                   ("clients", "CLIENTS"), ("max_clients", "MAX"), ("accepted", "ACCEPTED"),
                   ("requests", "REQUESTS"), ("handoffs_out", "HANDOFF"),
                   ("adopted", "ADOPTED"), ("refused", "REFUSED"), ("restarts", "RESTARTS"),
-                  ("uptime", "UPTIME"), ("heartbeat_age", "HEARTBEAT"), ("generation", "GEN"))
+                  ("uptime", "UPTIME"), ("heartbeat_age", "HEARTBEAT"), ("generation", "GEN"),
+                  ("config_generation", "CONFIG"))
 
 
 def show_status(reply: Reply) -> str:
     m = reply["master"]
     lines = [f"mpd {m['version']}  pid {m['pid']}  {m['state']}  up "
              f"{humane.duration(m['uptime'])}  listening on {m['listen']}:{m['port']}  "
-             f"config {m['config'] or '(defaults)'}",
+             f"config {m['config'] or '(defaults)'} #{m['config_generation']}",
              f"workers {m['ready']}/{m['workers']} ready (max {m['max_workers']}, autoscale "
              f"{'on' if m['autoscale'] else 'off'})"]
     dropped = m.get("log_dropped", 0) + reply["totals"].get("log_dropped", 0)
@@ -189,9 +197,11 @@ COMMANDS: dict[str, Command] = {
     "scale": Command(scale, "scale N|+N|-N", "set or change the worker count; waits until "
                      "that many are ready", argument=scale_argument, done=scale_done,
                      show=lambda r: f"mpd: {r['workers']} workers ready (was {r['previous']})"),
-    "reload": Command(reload, "reload", "re-read the config (as SIGHUP); an invalid file "
-                      "changes nothing", show=lambda r: f"mpd: config reloaded, {r['workers']} "
-                      "workers"),
+    "reload": Command(reload, "reload", "re-read the config (as SIGHUP); an invalid file, or "
+                      "a change that needs a restart, changes nothing and fails; waits until "
+                      "every worker runs the new config", done=reload_done,
+                      show=lambda r: f"mpd: config #{r['config_generation']} reloaded, "
+                      f"{r['workers']} workers run it"),
     "stop": Command(stop, "stop", "graceful stop (as SIGTERM); a second stop is immediate",
                     show=lambda r: "mpd: stopping"),
     "upgrade": Command(upgrade, "upgrade", "run the mpd now installed, moving every client "
@@ -219,21 +229,3 @@ def handle(daemon: Daemon, request: dict[str, Any]) -> Reply:
         return error(f"unknown command {request['command']!r}; expected one of "
                      + ", ".join(COMMANDS))
     return command.run(daemon, request)
-
-
-def allowed(config: Config, uid: int, gid: int) -> bool:
-    """Root, mpd's own user, control.allow_uids, and members of control.allow_group."""
-    if uid in (0, os.geteuid()) or uid in config.allow_uids:
-        return True
-    if not config.allow_group:
-        return False
-    try:
-        group = grp.getgrnam(config.allow_group)
-    except KeyError:
-        return False
-    if gid == group.gr_gid:
-        return True
-    try:
-        return pwd.getpwuid(uid).pw_name in group.gr_mem
-    except KeyError:
-        return False

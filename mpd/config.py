@@ -19,6 +19,7 @@ else:  # pragma: no cover - exercised on 3.9/3.10 in CI
 
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus uses it
 DEFAULT_PATH = "/etc/mpd.toml"
+SYSTEM_SOCKET = "/run/mpd/mpd.sock"  # the system daemon's control socket (root, systemd)
 
 
 host_port = checks.host_port  # "address:port" -> (address, port), for the agent's socket
@@ -40,7 +41,7 @@ def default_socket_path() -> str:
     if runtime_dirs:
         return os.path.join(runtime_dirs.split(":")[0], "mpd.sock")
     if os.geteuid() == 0:
-        return "/run/mpd/mpd.sock"
+        return SYSTEM_SOCKET
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/mpd-{os.geteuid()}"
     return os.path.join(runtime, "mpd", "mpd.sock")
 
@@ -50,9 +51,15 @@ LIVE_SETTINGS = ("max_clients", "max_output_buffer", "graceful_timeout", "log_le
                  "log_format", "log_target", "log_file", "log_buffer", "proxy_from",
                  "proxy_timeout")
 # Settings bound to the listening socket or the control socket: changing them needs a restart.
-RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "socket", "mode", "allow_group",
-                    "pidfile", "proxy_protocol", "agent_listen")
+RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "user", "group", "socket", "mode",
+                    "allow_group", "pidfile", "proxy_protocol", "agent_listen")
 PREFIXED_SECTIONS = ("log", "agent")  # their keys are Config fields named section_key
+
+
+def live_settings(config: Config) -> dict[str, Any]:
+    """What a reload sends to running workers: the live settings and the config's number
+    (each worker reports the number it runs, so `mpdctl reload` knows when all do)."""
+    return {**{k: getattr(config, k) for k in LIVE_SETTINGS}, "generation": config.generation}
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,13 @@ SCHEMA: tuple[Key, ...] = (
         "listen(2) backlog: connections the kernel queues before a worker accepts them."),
     Key("server", "protocol", "ping", checks.protocol,
         "Client protocol module spoken by the workers (see mpd/protocols)."),
+    Key("server", "user", "", checks.user,
+        "The user mpd runs as once its sockets and files are open, when started as root\n"
+        "(master and workers alike). \"\" = stay as started, but a start as root is then\n"
+        "refused: say \"root\" to serve as root knowingly. Under systemd leave it \"\":\n"
+        "the unit's DynamicUser= or User= decides. `mpd --user` overrides it."),
+    Key("server", "group", "", checks.group,
+        "The group for server.user. \"\" = that user's primary group."),
     Key("server", "proxy_protocol", False, checks.boolean,
         "Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy-v2 writes it)\n"
         "before each client's bytes, and log the real client it names. Clients from\n"
@@ -116,7 +130,8 @@ SCHEMA: tuple[Key, ...] = (
         "start (the wait doubles from 0.1 s with each quick crash)."),
     Key("control", "socket", "auto", checks.socket_path,
         "Control socket for mpdctl. \"auto\" = mpd.sock in systemd's RuntimeDirectory\n"
-        "(/run/mpd), else /run/mpd/mpd.sock for root, else $XDG_RUNTIME_DIR/mpd/mpd.sock."),
+        "(/run/mpd), else /run/mpd/mpd.sock for root, else $XDG_RUNTIME_DIR/mpd/mpd.sock.\n"
+        "With \"auto\", mpdctl tries /run/mpd/mpd.sock first, whoever runs it."),
     Key("control", "mode", 0o660, checks.mode,
         "File mode of the control socket.", toml_default="0o660"),
     Key("control", "allow_uids", (), checks.uids,
@@ -159,6 +174,8 @@ class Config:
     port: int = 1990
     backlog: int = 1024
     protocol: str = "ping"
+    user: str = ""
+    group: str = ""
     proxy_protocol: bool = False
     proxy_from: tuple[str, ...] = ("127.0.0.0/8", "::1")
     proxy_timeout: float = 3.0
@@ -182,6 +199,7 @@ class Config:
     pidfile: str = "auto"
     agent_listen: str = ""
     path: str | None = None  # the file it came from; None = embedded defaults
+    generation: int = 1  # the config's number: one more with each reload the master applies
     # Settings from the command line (mpd --log-format, --daemon): they win over the
     # file, on every reload too. ((attribute, value), ...)
     overrides: tuple[tuple[str, Any], ...] = ()
@@ -287,6 +305,9 @@ def parse(text: str, path: str) -> Config:
     if config.log_target == "file" and not config.log_file:
         raise ConfigError(path, 'expected log.file to be set when log.target = "file"',
                           line=_key_line(text, "log", "target"), key="log.file")
+    if config.group and not config.user:
+        raise ConfigError(path, "expected server.user to be set when server.group is",
+                          line=_key_line(text, "server", "group"), key="server.group")
     if isinstance(config.workers, int) and config.workers > config.max_workers:
         raise ConfigError(path, f"expected at most workers.max_workers ({config.max_workers}), "
                           f"got {config.workers}", line=_key_line(text, "workers", "workers"),
@@ -330,7 +351,7 @@ def load(path: str | None) -> Config:
 def reload(current: Config) -> Config:
     """Re-read current.path for a reload; raise ConfigError if the file is invalid or
     changes a setting that only a restart can apply."""
-    new = load(current.path)
+    new = load(current.path).replace(generation=current.generation + 1)
     if current.overrides:
         new = new.override(**dict(current.overrides))
     fixed = [k for k in RESTART_SETTINGS if getattr(new, k) != getattr(current, k)]

@@ -54,38 +54,59 @@ def open_socket(path: str, mode: int, group: str) -> socket.socket:
         os.makedirs(directory, mode=0o755, exist_ok=True)
     except OSError as e:
         raise ControlError(f"cannot create {directory}: {e.strerror}") from None
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ControlError(f"{path} exists and is not a socket; remove it or set "
-                               "control.socket to another path")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale: its mpd is gone
-        except OSError as e:
-            raise ControlError(f"cannot check {path}: {e.strerror}") from None
-        else:
-            raise ControlError(f"another mpd is running: it answers on {path}")
-        finally:
-            probe.close()
+    remove_stale(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
         os.chmod(path, mode)
-        if group:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
     except OSError as e:
         sock.close()
         raise ControlError(f"cannot create the control socket {path}: {e.strerror}") from None
+    if group:
+        try:
+            give_to_group(path, group)
+        except OSError as e:
+            sock.close()
+            os.unlink(path)
+            raise ControlError(f"cannot make the control socket {path} group-owned by {group} "
+                               f"(control.allow_group): {e.strerror}; mpd must run as root or "
+                               f"as a member of {group} (under systemd: Group={group}, see "
+                               "README \"Access control under systemd\")") from None
     sock.listen(socket.SOMAXCONN)  # a burst of mpdctl calls queues instead of EAGAIN
     sock.setblocking(False)
     return sock
+
+
+def remove_stale(path: str) -> None:
+    """Unlink a socket nothing answers on (a crashed run's); refuse a live one."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlError(f"{path} exists and is not a socket; remove it or set "
+                           "control.socket to another path")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)  # stale: its mpd is gone
+    except OSError as e:
+        raise ControlError(f"cannot check {path}: {e.strerror}") from None
+    else:
+        raise ControlError(f"another mpd is running: it answers on {path}")
+    finally:
+        probe.close()
+
+
+def give_to_group(path: str, group: str) -> None:
+    """chown the socket to `group`, unless it has that group already: the socket of a
+    process whose group it is (systemd's Group=) needs no chown, which the unit's system
+    call filter forbids."""
+    gid = grp.getgrnam(group).gr_gid
+    if os.stat(path).st_gid != gid:
+        os.chown(path, -1, gid)
 
 
 def parse_request(line: bytes) -> dict[str, Any]:
@@ -141,12 +162,12 @@ class Peer:
 
 class ControlServer:
     def __init__(self, sock: socket.socket, path: str, selector: selectors.BaseSelector,
-                 handle: Handler, allowed: Callable[[int, int], bool]):
+                 handle: Handler, why_denied: Callable[[int, int], str | None]):
         self.sock = sock
         self.path = path
         self.selector = selector
         self.handle = handle  # request dict -> reply dict (the master's commands)
-        self.allowed = allowed  # (uid, gid) -> may this peer steer mpd?
+        self.why_denied = why_denied  # (uid, gid) -> None if this peer may steer mpd
         self.peers: dict[int, Peer] = {}  # served: at most MAX_CONNECTIONS
         self.closing: dict[int, Peer] = {}  # answered for the last time, draining to EOF
         self.accept_paused_until = 0.0  # out of fds: the socket is out of the selector
@@ -171,9 +192,10 @@ class ControlServer:
             conn.setblocking(False)
             pid, uid, gid = peer_credentials(conn)
             peer = Peer(conn, pid, uid)
-            if not self.allowed(uid, gid):
+            why = self.why_denied(uid, gid)
+            if why is not None:
                 log.warning("control.denied", peer_uid=uid, peer_pid=pid)
-                self.reject(peer, f"permission denied: uid {uid} may not use {self.path}")
+                self.reject(peer, f"permission denied on {self.path}: {why}")
                 continue
             if len(self.peers) >= MAX_CONNECTIONS and not self.evict_idle():
                 log.warning("control.busy", peer_uid=uid, connections=len(self.peers))
@@ -368,5 +390,5 @@ class ControlServer:
             try:
                 if os.stat(self.path).st_ino == self.inode:
                     os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            except (FileNotFoundError, PermissionError):
+                pass  # gone, or in a directory that the user mpd dropped to cannot write

@@ -13,7 +13,10 @@ import sys
 import time
 from typing import Any
 
+import shtab
+
 from mpd import config as configmod
+from mpd import locate, manual
 from mpd.commands import COMMANDS, Command
 
 EXIT_OK = 0
@@ -24,20 +27,13 @@ EXIT_DENIED = 4  # the socket or the daemon refused us
 EXIT_TIMEOUT = 5  # no answer, or scale not done, within --timeout
 EXIT_CONFIG = configmod.EX_CONFIG  # the config that names the socket is invalid
 
-EXIT_CODES = ((EXIT_OK, "done"), (EXIT_ERROR, "mpd answered with an error"),
+EXIT_CODES = ((EXIT_OK, "done"), (EXIT_ERROR, "mpd answered with an error (a refused reload "
+                                             "or scale, a failed upgrade)"),
               (EXIT_USAGE, "bad arguments"),
               (EXIT_NOT_RUNNING, "mpd is not running (no socket, or nothing answers on it)"),
               (EXIT_DENIED, "permission denied (socket file mode/owner, or mpd's allow-list)"),
-              (EXIT_TIMEOUT, "timed out"), (EXIT_CONFIG, "the config file is invalid"))
-
-
-def epilog() -> str:
-    """The commands and exit codes, from the daemon's own table."""
-    lines = ["commands:"]
-    lines += [f"  {c.usage:<18} {c.summary}" for c in COMMANDS.values()]
-    lines += ["", "exit codes:"]
-    lines += [f"  {code:<2} {meaning}" for code, meaning in EXIT_CODES]
-    return "\n".join(lines)
+              (EXIT_TIMEOUT, "timed out (the command's wait, or no answer)"),
+              (EXIT_CONFIG, "the config file is invalid, and no mpd socket was found"))
 
 
 class CtlError(Exception):
@@ -47,18 +43,22 @@ class CtlError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mpdctl", description="Steer a running mpd.",
-                                epilog=epilog(), formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(prog="mpdctl", description="Steer a running mpd over its "
+                                "control socket.", epilog=manual.mpdctl_epilog(EXIT_CODES),
+                                formatter_class=argparse.RawTextHelpFormatter)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--config", metavar="PATH",
                        help=f"mpd's config, to find its socket (default: {configmod.DEFAULT_PATH}"
-                            " if it exists, else the embedded defaults)")
-    where.add_argument("--socket", metavar="PATH", help="the control socket itself")
+                            " if it exists)").complete = shtab.FILE
+    where.add_argument("--socket", metavar="PATH", help="the control socket itself (default: "
+                       f"${locate.ENV}, else see below)").complete = shtab.FILE
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="how long to wait for an answer, or for scale to finish (default 10)")
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
     p.add_argument("command", choices=list(COMMANDS))  # the daemon's own table
     p.add_argument("argument", nargs="?", help="for scale: N, +N or -N")
+    shtab.add_argument_to(p, ["--print-completion"], help="print a completion script for "
+                          "that shell, and exit")
     return p
 
 
@@ -151,15 +151,17 @@ def describe(path: str) -> str:
 
 
 def socket_path(args: argparse.Namespace) -> str:
-    if args.socket:
-        return args.socket
-    path = args.config
-    if path is None and os.path.exists(configmod.DEFAULT_PATH):
-        path = configmod.DEFAULT_PATH
+    """The daemon's socket (locate.py says where mpdctl looks, and why there)."""
     try:
-        return configmod.load(path).socket_path
+        path, warning = locate.control_socket(args.socket, args.config)
+    except locate.NotFound as e:
+        raise CtlError(EXIT_NOT_RUNNING, str(e)) from None
     except configmod.ConfigError as e:
-        raise CtlError(EXIT_CONFIG, f"invalid config: {e}") from None
+        raise CtlError(EXIT_CONFIG, f"invalid config: {e}; and no mpd socket at "
+                       + " or ".join(locate.auto_candidates())) from None
+    if warning is not None:
+        print(f"mpdctl: warning: {warning}", file=sys.stderr)
+    return path
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

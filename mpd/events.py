@@ -25,6 +25,11 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "mpd.already_running": ("error", "master", "--daemon: a live mpd holds the pidfile (exit "
                             "69): error"),
     "mpd.bind_failed": ("error", "master", "cannot listen: error (exit 69)"),
+    "mpd.privileges_dropped": ("info", "master", "started as root, mpd opened its sockets and "
+                               "files and became server.user: user, uid, group, gid"),
+    "mpd.privileges_failed": ("error", "master", "started as root without server.user, or "
+                              "server.user names another user and mpd is not root (exit "
+                              "78): error"),
     "mpd.signal_refused": ("warning", "master", "a signal's command could not be done (SIGTTIN "
                            "at max_workers, SIGTTOU at one worker): signal, command, error"),
     "upgrade.started": ("info", "master", "mpdctl upgrade or SIGUSR2: the pre-flight check of "
@@ -111,6 +116,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "control.error": ("error", "master", "a control command raised (a bug): command"),
     "agent.accept_failed": ("warning", "master", "accept on the agent-check port failed "
                             "(out of fds or memory); it pauses: error, retry_in"),
+    "control.access_unmapped": ("error", "master", "control.allow_uids or allow_group name "
+                                "ids that mpd's user namespace does not map (systemd's "
+                                "PrivateUsers=yes) (exit 78): error"),
     "control.failed": ("error", "master", "cannot create the control socket (exit 69): error"),
     "log.dropped": ("warning", "both", "the log sink (stdout, journald, syslog, file) did not "
                     "keep up and this process's queue was full: dropped (lines lost since the "

@@ -113,7 +113,7 @@ class StandaloneLink:
         self.notifier.reloading()
         new = reload_config(worker.config)
         if not isinstance(new, str):
-            worker.apply({k: getattr(new, k) for k in configmod.LIVE_SETTINGS})
+            worker.apply(configmod.live_settings(new))
         self.notifier.ready("serving")
 
     def hello(self, _slot: int | None) -> None:

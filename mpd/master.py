@@ -17,11 +17,11 @@ import socket
 import time
 from typing import Any, Callable
 
-from mpd import __version__, commands
+from mpd import __version__, access, commands
 from mpd import log as logmod
 from mpd.broker import Broker
 from mpd.channel import ChannelClosed, Kind, Message, close_fds
-from mpd.config import LIVE_SETTINGS, Config
+from mpd.config import Config, live_settings
 from mpd.control import ControlServer
 from mpd.reloading import reload_config
 from mpd.signals import SignalQueue
@@ -92,7 +92,7 @@ class Master:
             self.control = ControlServer(
                 self.control_sock, self.config.socket_path, self.selector,
                 functools.partial(commands.handle, self),
-                lambda uid, gid: commands.allowed(self.config, uid, gid))
+                lambda uid, gid: access.why_denied(self.config, uid, gid))
         if adopt is not None:
             self.upgrades.adopt(adopt)
         else:
@@ -156,7 +156,8 @@ class Master:
             if serving:
                 self.schedule_respawn(slot, uptime=0.0)
             return None
-        worker = WorkerProc(slot=slot, pid=pid, channel=channel, generation=self.generation)
+        worker = WorkerProc(slot=slot, pid=pid, channel=channel, generation=self.generation,
+                            config_generation=self.config.generation)
         history = self.slots.add(worker, serving)
         self.watch(worker)
         log.info("worker.spawned", worker_pid=pid, worker_slot=slot, restarts=history.restarts,
@@ -240,6 +241,9 @@ class Master:
         react(worker, message)
 
     def on_stats(self, worker: WorkerProc, message: Message) -> None:
+        """The heartbeat: counters, and the number of the config the worker runs."""
+        worker.config_generation = message.meta.pop("config_generation",
+                                                    worker.config_generation)
         worker.stats = {k: v for k, v in message.meta.items() if isinstance(v, int)}
         if self.config.autoscale:
             self.autoscale()
@@ -356,7 +360,7 @@ class Master:
             "slot": w.slot, "pid": w.pid, "state": w.state, "stats": dict(w.stats),
             "restarts": self.slots.restarts(w.slot), "uptime": round(now - w.started, 3),
             "heartbeat_age": round(now - w.last_seen, 3), "generation": w.generation,
-            "version": w.version,
+            "version": w.version, "config_generation": w.config_generation,
         } for w in sorted(self.slots.workers.values(), key=lambda w: (w.slot, w.started))]
         return {"master": {
             "pid": os.getpid(), "version": __version__, "uptime": round(now - self.started, 3),
@@ -366,6 +370,7 @@ class Master:
             "max_workers": self.config.max_workers, "max_clients": self.config.max_clients,
             "generation": self.generation, "upgrade": dict(self.upgrades.status),
             "log_dropped": logmod.dropped_total(),
+            "config_generation": self.config.generation,
         }, "workers": workers}
 
     def scale(self, count: int) -> str | None:
@@ -391,7 +396,7 @@ class Master:
             if isinstance(new, str):
                 return new
             self.config = new
-            self.broadcast(Kind.CONFIG, {k: getattr(new, k) for k in LIVE_SETTINGS})
+            self.broadcast(Kind.CONFIG, live_settings(new))
             return self.scale(new.worker_count)
         finally:
             self.notifier.ready(self.status_line())

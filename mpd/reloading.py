@@ -5,6 +5,7 @@ the caller's part (the master tells its workers; a single process applies it its
 
 from __future__ import annotations
 
+from mpd import access
 from mpd import config as configmod
 from mpd import log as logmod
 
@@ -21,5 +22,9 @@ def reload_config(current: configmod.Config) -> configmod.Config | str:
     except configmod.ConfigError as e:
         log.error("config.reload_failed", error=str(e))
         return str(e)
+    unseen = access.unseen(new)
+    if unseen is not None:
+        log.error("config.reload_failed", error=unseen)
+        return unseen
     log.info("config.reloaded", path=new.path, workers=new.worker_count)
     return new

@@ -28,6 +28,7 @@ class WorkerProc:
     stats: dict[str, int] = field(default_factory=dict)
     generation: int = 1  # the master's generation (upgrades) that started it
     version: str = ""  # mpd's version in the worker, from its HELLO
+    config_generation: int = 1  # the number of the config it runs, from its STATS
 
     @property
     def clients(self) -> int:

@@ -10,6 +10,7 @@ import socket
 from typing import Callable
 
 from mpd import log as logmod
+from mpd import proctitle
 from mpd.channel import Channel
 from mpd.config import Config
 from mpd.worker import EXIT_BOOT_ERROR, run_worker
@@ -54,5 +55,6 @@ def become_worker(slot: int, config: Config, listener: socket.socket, channel: s
     if os.getppid() != parent:  # the master died between fork and prctl
         return EXIT_BOOT_ERROR
     logmod.set_role("worker", slot)
+    proctitle.worker(slot)
     forget_master()
     return run_worker(config, listener, channel, slot, table)

@@ -48,6 +48,7 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
         workers.append({"pid": w.pid, "slot": w.slot, "channel_fd": w.channel.fileno(),
                         "state": w.state, "started": w.started, "stats": w.stats,
                         "generation": w.generation, "version": w.version,
+                        "config_generation": w.config_generation,
                         "serving": master.slots.serving.get(w.slot) is w, "queued": queued})
     held = [{"fd": h.fd, "meta": h.meta, "raw": _b64(h.raw), "since": h.since}
             for h in master.broker.held]
@@ -105,7 +106,8 @@ def restore(master: Master, state: dict[str, Any]) -> None:
             channel.queue.append((base64.b64decode(item["data"]), item["fds"]))
         worker = WorkerProc(slot=w["slot"], pid=w["pid"], channel=channel,
                             started=w["started"], last_seen=now, state=w["state"],
-                            stats=w["stats"], generation=w["generation"], version=w["version"])
+                            stats=w["stats"], generation=w["generation"], version=w["version"],
+                            config_generation=w.get("config_generation", 1))
         master.slots.add(worker, serving=w["serving"])
     for h in state["held"]:
         master.broker.held.append(HeldClient(h["meta"], base64.b64decode(h["raw"]), h["fd"],

@@ -330,7 +330,8 @@ class Worker(Handover):
 
     def report(self) -> None:
         try:
-            self.link.report({"clients": len(self.conns), **self.stats})
+            self.link.report({"clients": len(self.conns), **self.stats,
+                              "config_generation": self.config.generation})
         except ChannelClosed:
             self.orphaned()
             return
@@ -341,6 +342,7 @@ class Worker(Handover):
 
     def on_config(self, message: Message) -> None:
         self.apply(message.meta)
+        self.report()  # at once: the master counts who runs the new config
 
     def on_drain(self, message: Message) -> None:
         self.drain(tuple(message.meta.get("slots", ())))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import random
 import selectors
 import shutil
@@ -27,6 +28,9 @@ from mpd import routing
 REPLY = b"hello, server ping!\0"
 PING = b"hello, client ping!\0"  # what the seed's mpclient sends
 ROOT = Path(__file__).resolve().parent.parent
+# The suite runs mpd as whoever runs the tests (root in CI): said explicitly, as a root
+# start without server.user is refused.
+ME = pwd.getpwuid(os.geteuid()).pw_name
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01,
@@ -87,7 +91,7 @@ class Mpd:
                  env: dict[str, str] | None = None, cwd: Path = ROOT):
         self.tmp = tmp
         self.config_path = tmp / "mpd.toml"
-        merged: dict[str, dict[str, Any]] = {"server": {"port": 0},
+        merged: dict[str, dict[str, Any]] = {"server": {"port": 0, "user": ME},
                                              "control": {"socket": str(tmp / "mpd.sock")}}
         for section, values in settings.items():
             merged.setdefault(section, {}).update(values)
@@ -196,6 +200,31 @@ def mpd_factory(tmp_path: Path) -> Iterator[Callable[..., Mpd]]:
     yield start
     for server in started:
         server.stop()
+
+
+# --- a real systemd (tests/sdbox.py) and mpd installed for it -------------------------
+
+@pytest.fixture(scope="session")
+def system_venv() -> Path:
+    """mpd installed (not editable) into a venv of Debian's Python under /opt, as the
+    README says; reused while the source is unchanged."""
+    import sdbox
+
+    if not os.path.exists(sdbox.SYSTEM_PYTHON):
+        pytest.skip(f"{sdbox.SYSTEM_PYTHON} is missing")
+    return sdbox.build_system_venv()
+
+
+@pytest.fixture
+def box(system_venv: Path) -> Iterator[Any]:
+    """A booted sdbox, always torn down."""
+    import sdbox
+
+    b = sdbox.Box()
+    try:
+        yield b
+    finally:
+        b.down()
 
 
 # --- the seed's C++ clients -----------------------------------------------------------------

@@ -200,7 +200,7 @@ def test_permission_denied_as_another_user(mpd_factory):
     os.chmod(path, 0o666)
     code, err = run_as(NOBODY, ["--socket", path, "status"])
     assert code == ctl.EXIT_DENIED, err
-    assert f"uid {NOBODY} may not" in err
+    assert f"uid {NOBODY} is not allowed" in err
     assert server.wait_event("control.denied")["peer_uid"] == NOBODY
     server.stop()
     shutil.rmtree(shared, ignore_errors=True)

@@ -397,16 +397,16 @@ class Bench:
             max_clients: int = 20000, tree: Path = ROOT) -> Server:
         name = self._name(name)
         config = self.workdir / f"{name}.toml"
-        self.write_mpd_config(config, workers, log_level, max_clients)
+        self.write_mpd_config(config, workers, log_level, max_clients, tree)
         server = Server(name, "mpd", [self.tools.mpd_python, "-m", "mpd.cli", "--config",
                                       str(config)], cpus, self.workdir,
                         lambda e: e.get("event") in ("mpd.ready",), config, workers, tree)
         return self.track(server)
 
     def write_mpd_config(self, path: Path, workers: int, log_level: str = "info",
-                         max_clients: int = 20000) -> None:
+                         max_clients: int = 20000, tree: Path = ROOT) -> None:
         path.write_text(
-            "[server]\nlisten = \"127.0.0.1\"\nport = 0\nbacklog = 4096\n"
+            "[server]\nlisten = \"127.0.0.1\"\nport = 0\nbacklog = 4096\n" + run_as(tree) +
             f"[workers]\nworkers = {workers}\nmax_clients = {max_clients}\n"
             "graceful_timeout = 2.0\n"
             f"[control]\nsocket = \"{self.control_socket(path)}\"\n"
@@ -852,6 +852,15 @@ def scenario_memory(b: Bench) -> dict[str, Any]:
                   "buffers are not in any of these; the C baseline keeps no per-connection "
                   "state in user space, so its bytes/conn is 0 and that ratio is undefined.")
     return out
+
+
+def run_as(tree: Path) -> str:
+    """`user = "root"` when run as root and the tree knows server.user: mpd refuses a root
+    start without it, and older trees (ab.py) would refuse the unknown key."""
+    if os.geteuid() != 0 or "Key(\"server\", \"user\"" not in (
+            tree / "mpd" / "config.py").read_text():
+        return ""
+    return "user = \"root\"\n"
 
 
 def control_request(path: str, request: dict[str, Any]) -> dict[str, Any]:

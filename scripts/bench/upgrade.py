@@ -137,7 +137,8 @@ def one_round(args: argparse.Namespace, workdir: Path, python: str, n: int) -> d
     shutil.copytree(run.ROOT / "mpd", home / "mpd", ignore=shutil.ignore_patterns("__pycache__"))
     sock_path = workdir / f"mpd-{n}.sock"
     config = workdir / f"mpd-{n}.toml"
-    config.write_text(f"[server]\nport = 0\n[workers]\nworkers = {args.workers}\n"
+    config.write_text(f"[server]\nport = 0\n{run.run_as(run.ROOT)}"
+                      f"[workers]\nworkers = {args.workers}\n"
                       f"[control]\nsocket = \"{sock_path}\"\n")
     server = run.Server(f"mpd-upgrade-{n}", "mpd", [python, "-m", "mpd.cli", "--config",
                                                      str(config)],
