@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=("auto", "console", "json"),
                    help="log as JSON lines or as console lines for people (overrides "
                         "log.format; auto = console on a terminal)")
+    p.add_argument("--user", metavar="NAME",
+                   help="started as root, serve as this user once the sockets are open "
+                        "(overrides server.user; \"root\" to stay root)")
     p.add_argument("--daemon", action="store_true",
                    help="detach from the terminal and write a pidfile (daemon.pidfile); for "
                         "systems without systemd")
@@ -100,10 +103,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def load_config(path: str | None, args: argparse.Namespace) -> configmod.Config:
-    """The config file with the command line's log settings over it (kept on reload)."""
+    """The config file with the command line's settings over it (kept on reload)."""
     config = configmod.load(path)
     if args.log_format:
         config = config.override(log_format=args.log_format)
+    if args.user is not None:
+        config = config.override(user=args.user)
     if args.daemon and config.log_target == "stdout":
         # A detached process has no stdout worth writing to.
         print("mpd: --daemon with log.target = \"stdout\": logging to syslog instead",

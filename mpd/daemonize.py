@@ -57,7 +57,9 @@ class PidFile:
             try:
                 os.unlink(self.path)
             except OSError as e:
-                if e.errno != errno.ENOENT:
+                # EACCES: mpd became server.user, and the directory is root's; the next
+                # start replaces the stale file.
+                if e.errno not in (errno.ENOENT, errno.EACCES, errno.EPERM):
                     raise
 
 

@@ -363,7 +363,8 @@ class Master:
             "version": w.version, "config_generation": w.config_generation,
         } for w in sorted(self.slots.workers.values(), key=lambda w: (w.slot, w.started))]
         return {"master": {
-            "pid": os.getpid(), "version": __version__, "uptime": round(now - self.started, 3),
+            "pid": os.getpid(), "uid": os.geteuid(), "version": __version__,
+            "uptime": round(now - self.started, 3),
             "config": self.config.path, "listen": self.config.listen, "port": self.port,
             "state": self.state, "workers": self.target, "ready": self.slots.ready_count(),
             "held": len(self.broker.held), "autoscale": self.config.autoscale,

@@ -88,7 +88,8 @@ class Mpd:
     """A running mpd: its process, its log, its port."""
 
     def __init__(self, tmp: Path, settings: dict[str, dict[str, Any]],
-                 env: dict[str, str] | None = None, cwd: Path = ROOT):
+                 env: dict[str, str] | None = None, cwd: Path = ROOT,
+                 python: str = sys.executable):
         self.tmp = tmp
         self.config_path = tmp / "mpd.toml"
         merged: dict[str, dict[str, Any]] = {"server": {"port": 0, "user": ME},
@@ -100,7 +101,7 @@ class Mpd:
         # A file, not a pipe: mpd never blocks on a reader that fell behind.
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mpd.cli", "--config", str(self.config_path)],
+            [python, "-m", "mpd.cli", "--config", str(self.config_path)],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=cwd, env={**os.environ, **(env or {})}, start_new_session=True)
         self.pid = self.proc.pid
