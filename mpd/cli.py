@@ -136,7 +136,8 @@ def notes(config: configmod.Config) -> list[str]:
     try:
         privileges.target(config)
     except privileges.PrivilegeError as e:
-        found.append(f"run as uid {os.geteuid()}, mpd would refuse to start: {e}")
+        found.append(f"run as uid {os.geteuid()}, mpd would refuse to start: {e} (not "
+                     "under the shipped unit, whose DynamicUser is not root)")
     for where in (sys.prefix, os.path.realpath(sys.executable)):
         if where.startswith(UNIT_HIDES):
             found.append(f"this mpd runs from {where}, which the shipped unit cannot reach "
