@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, pid_alive, toml_config, wait_until
+from conftest import ME, ROOT, pid_alive, toml_config, wait_until
 
 from mpd import ctl
 
@@ -106,7 +106,8 @@ class Terminal:
 
     def __init__(self, tmp: Path, settings: dict[str, dict[str, Any]], *args: str):
         config = tmp / "mpd.toml"
-        config.write_text(toml_config({"server": {"port": 0}, "workers": {"workers": 1},
+        config.write_text(toml_config({"server": {"port": 0, "user": ME},
+                                       "workers": {"workers": 1},
                                        "control": {"socket": str(tmp / "mpd.sock")},
                                        **settings}))
         self.config = config

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from conftest import (
     M_PING,
+    ME,
     REPLY,
     ROOT,
     children,
@@ -42,7 +43,7 @@ class PipedMpd:
 
     def __init__(self, tmp: Path, settings: dict[str, dict[str, Any]]):
         self.socket_path = str(tmp / "mpd.sock")
-        merged: dict[str, dict[str, Any]] = {"server": {"port": 0},
+        merged: dict[str, dict[str, Any]] = {"server": {"port": 0, "user": ME},
                                              "control": {"socket": self.socket_path}}
         for section, values in settings.items():
             merged.setdefault(section, {}).update(values)
