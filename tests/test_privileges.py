@@ -163,3 +163,27 @@ def test_a_root_start_as_root_must_say_so(tmp_path):
         assert ids(server.pid)[0] == [0, 0, 0, 0]
     finally:
         server.stop()
+
+
+def test_user_on_the_command_line_holds_across_reloads(shared_dir):
+    """`mpd --user root` (scripts/run's way) is kept over every reload, as --log-format
+    is: a reload of a file without server.user is no change of user."""
+    config = shared_dir / "mpd.toml"
+    settings = {"server": {"port": 0}, "workers": {"workers": 1},
+                "control": {"socket": str(shared_dir / "mpd.sock")}}
+    config.write_text(toml_config(settings))
+    log = shared_dir / "out.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mpd.cli", "--config", str(config),
+                                 "--user", "root", "--log-format", "json"], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    try:
+        wait_until(lambda: '"mpd.ready"' in log.read_text(), what="mpd.ready")
+        settings["workers"] = {"workers": 2}
+        config.write_text(toml_config(settings))
+        reload = mpdctl(shared_dir / "mpd.sock", "reload")
+        assert reload.returncode == 0, reload.stderr
+        assert "need a restart" not in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
