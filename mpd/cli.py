@@ -281,8 +281,7 @@ def serve_single_process(config: configmod.Config, listener: socket.socket) -> i
     proctitle.single(config)
     log.info("mpd.started", version=__version__, config=config.path, listen=config.listen,
              port=listener.getsockname()[1], workers=0)
-    log.info("mpd.ready", workers=0)
-    code = run_single(config, listener)
+    code = run_single(config, listener)  # mpd.ready once its signal handlers are in place
     log.info("mpd.stopped")
     return code
 

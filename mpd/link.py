@@ -117,6 +117,8 @@ class StandaloneLink:
         self.notifier.ready("serving")
 
     def hello(self, _slot: int | None) -> None:
+        """The loop serves, its signal handlers in place: only now may a signal come."""
+        log.info("mpd.ready", workers=0)
         self.notifier.ready("serving")
 
     def report(self, _counters: dict[str, int]) -> None:
