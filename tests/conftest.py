@@ -24,6 +24,10 @@ from typing import Any, Callable
 import pytest
 
 from mpd import routing
+from mpd.procfs import alive as pid_alive
+from mpd.procfs import children
+from mpd.procfs import cpu_seconds as cpu_seconds  # re-exported for the tests
+from mpd.procfs import fd_count as fd_count
 
 REPLY = b"hello, server ping!\0"
 PING = b"hello, client ping!\0"  # what the seed's mpclient sends
@@ -44,30 +48,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(p) for p in f.read().split()]
-        except FileNotFoundError:
-            pass
-    return out
 
 
 def toml_config(settings: dict[str, dict[str, Any]]) -> str:
@@ -319,12 +299,6 @@ def keys_owned_by(slot: int, slots: tuple[int, ...], count: int, seed: int = 1) 
 def slot_pids(server) -> dict[int, int]:
     """slot -> pid of its current worker, from the master's worker.spawned events."""
     return {e["worker_slot"]: e["worker_pid"] for e in server.events("worker.spawned")}
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Pinger(threading.Thread):

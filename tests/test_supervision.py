@@ -25,23 +25,11 @@ from conftest import (
     wait_until,
 )
 
+from mpd.procfs import zombies_of
+
 
 def ts(event: dict) -> float:
     return datetime.fromisoformat(event["ts"].replace("Z", "+00:00")).timestamp()
-
-
-def zombies_of(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] == "Z" and int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def test_sigkill_of_a_worker_spares_the_other_workers_clients(mpd_factory):
