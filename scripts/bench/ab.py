@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 from typing import Any
 
+import common
+import harness
+import load
 import run
 
 
@@ -32,7 +36,7 @@ def resolve(version: str, into: Path) -> Path:
     if (path / "mpd" / "__init__.py").exists():
         return path.resolve()
     commit = subprocess.run(["git", "rev-parse", "--short", f"{version}^{{commit}}"],
-                            cwd=run.ROOT, capture_output=True, text=True)
+                            cwd=common.ROOT, capture_output=True, text=True)
     if commit.returncode != 0:
         raise SystemExit(f"ab.py: {version!r} is neither a directory with mpd/ nor a git "
                          f"revision: {commit.stderr.strip()}")
@@ -40,7 +44,7 @@ def resolve(version: str, into: Path) -> Path:
     if not tree.exists():
         archive = into / f"{commit.stdout.strip()}.tar"
         subprocess.run(["git", "archive", "-o", str(archive), commit.stdout.strip(), "mpd"],
-                       cwd=run.ROOT, check=True)
+                       cwd=common.ROOT, check=True)
         with tarfile.open(archive) as tar:
             if hasattr(tarfile, "data_filter"):  # 3.12, and 3.9.17+/3.11.4+ backports
                 tar.extractall(tree, filter="data")
@@ -64,9 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--log-level", default="info")
     p.add_argument("--mpd-python", help="interpreter that runs mpd (default as run.py)")
-    p.add_argument("--out", default=str(run.ROOT / "bench-results"))
+    p.add_argument("--out", default=str(common.ROOT / "bench-results"))
     args = p.parse_args(argv)
-    args.keep_hist = False  # run.Bench reads it
+    args.keep_hist = False  # harness.Bench reads it
     return args
 
 
@@ -74,31 +78,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stamp, out, workdir, _nofile, tools = run.prepare(args.out, "ab", args.mpd_python)
     trees = {version: resolve(version, workdir) for version in args.versions}
-    cpus = None if args.spread else run.PINNED
-    bench = run.Bench(args, tools, workdir, run.Report())
+    cpus = None if args.spread else common.PINNED
+    bench = harness.Bench(args, tools, workdir, common.Report())
     try:
         cases = [{"name": version, "mode": args.mode, "cpus": cpus,
                   "server": bench.mpd(f"ab-{i}", args.workers, cpus, args.log_level,
                                       tree=tree).start(),
-                  "collect": run.dispatched if args.mode == "handoff" else None}
+                  "collect": load.dispatched if args.mode == "handoff" else None}
                  for i, (version, tree) in enumerate(trees.items())]
         results = bench.run_cases("ab", cases, args.conns, args.rounds, args.duration,
                                   args.warmup)
     finally:
         bench.stop_all()
-        run.shutil.rmtree(bench.sockdir, ignore_errors=True)
+        shutil.rmtree(bench.sockdir, ignore_errors=True)
     report(args, trees, results)
     path = out / f"ab-{stamp}.json"
     path.write_text(json.dumps({"args": vars(args), "trees": {k: str(v) for k, v in
                                                               trees.items()},
                                 "runs": results}, indent=1, default=str))
-    run.progress(f"results: {path}")
+    common.progress(f"results: {path}")
     return 0
 
 
 def report(args: argparse.Namespace, trees: dict[str, Path],
            results: dict[str, list[dict[str, Any]]]) -> None:
-    summary = run.summarise(results)
+    summary = common.summarise(results)
     base = args.versions[0]
     placement = "spread over every CPU" if args.spread else "server and load generator on CPU 0"
     print(f"{args.mode}, mpd with {args.workers} workers, {args.conns} in flight, "
@@ -109,18 +113,18 @@ def report(args: argparse.Namespace, trees: dict[str, Path],
     print("|---|---|---|---|---|---|---|---|")
     for version in args.versions:
         s = summary[version]
-        ratios = [run.round_ratios(results, version, base, key)
-                  for key in (run.rate_of, run.cpu_of, run.p99_of)]
-        print(f"| {version} | {run.fmt(s['rate'])} | {run.fmt(s['server_cpu_us_per_op'])} | "
-              f"{run.fmt(s['master_cpu_us_per_op'])} | {run.fmt(s['p99_us'])} | "
-              + " | ".join(run.fmt(r) for r in ratios) + " |")
+        ratios = [common.round_ratios(results, version, base, key)
+                  for key in (common.rate_of, common.cpu_of, common.p99_of)]
+        print(f"| {version} | {common.fmt(s['rate'])} | {common.fmt(s['server_cpu_us_per_op'])} | "
+              f"{common.fmt(s['master_cpu_us_per_op'])} | {common.fmt(s['p99_us'])} | "
+              + " | ".join(common.fmt(r) for r in ratios) + " |")
     if args.mode == "handoff":
         print("\nhand-offs/s (medians): " + ", ".join(
-            f"{v} {run.fmt(run.median([r['rate'] * r['handoffs'] / r['completed'] for r in results[v] if r.get('completed')]))}"  # noqa: E501
+            f"{v} {common.fmt(common.median([r['rate'] * r['handoffs'] / r['completed'] for r in results[v] if r.get('completed')]))}"  # noqa: E501
             for v in args.versions))
     print(f"\nratios: median of per-round ratios against {base}; "
           f"CPU/op per round: " + "; ".join(
-              f"{v} " + " ".join(run.fmt(run.ratio(run.cpu_of(r), run.cpu_of(b)))
+              f"{v} " + " ".join(common.fmt(common.ratio(common.cpu_of(r), common.cpu_of(b)))
                                  for r, b in zip(results[v], results[base]))
               for v in args.versions[1:]))
 

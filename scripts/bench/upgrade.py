@@ -30,7 +30,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import run
+import common
+import harness
 
 PING = b"Mupgrade bench ping\0"
 REPLY = b"hello, server ping!\0"
@@ -123,8 +124,8 @@ def latency_summary(samples: list[tuple[float, float]], start: float, end: float
     if not window:
         return {"replies": 0}
     return {"replies_per_s": round(len(window) / max(end - start, 1e-9)),
-            "p50_ms": round(run.pct(window, 0.5) * 1000, 2),
-            "p99_ms": round(run.pct(window, 0.99) * 1000, 2),
+            "p50_ms": round(common.pct(window, 0.5) * 1000, 2),
+            "p99_ms": round(common.pct(window, 0.99) * 1000, 2),
             "max_ms": round(window[-1] * 1000, 2)}
 
 
@@ -134,13 +135,13 @@ def ts(event: dict[str, Any]) -> float:
 
 def one_round(args: argparse.Namespace, workdir: Path, python: str, n: int) -> dict[str, Any]:
     home = workdir / f"installed-{n}"
-    shutil.copytree(run.ROOT / "mpd", home / "mpd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(common.ROOT / "mpd", home / "mpd", ignore=shutil.ignore_patterns("__pycache__"))
     sock_path = workdir / f"mpd-{n}.sock"
     config = workdir / f"mpd-{n}.toml"
-    config.write_text(f"[server]\nport = 0\n{run.run_as(run.ROOT)}"
+    config.write_text(f"[server]\nport = 0\n{harness.run_as(common.ROOT)}"
                       f"[workers]\nworkers = {args.workers}\n"
                       f"[control]\nsocket = \"{sock_path}\"\n")
-    server = run.Server(f"mpd-upgrade-{n}", "mpd", [python, "-m", "mpd.cli", "--config",
+    server = harness.Server(f"mpd-upgrade-{n}", "mpd", [python, "-m", "mpd.cli", "--config",
                                                      str(config)],
                         None, workdir, lambda e: e.get("event") == "mpd.ready",
                         config_path=config, workers=args.workers, cwd=home)
@@ -193,10 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--after", type=float, default=1.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--mpd-python")
-    p.add_argument("--out", default=str(run.ROOT / "bench-results"))
+    p.add_argument("--out", default=str(common.ROOT / "bench-results"))
     args = p.parse_args(argv)
-    run.raise_nofile()
-    python = run.find_mpd_python(args.mpd_python)
+    common.raise_nofile()
+    python = harness.find_mpd_python(args.mpd_python)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = Path(args.out) / f"upgrade-{stamp}"
     workdir.mkdir(parents=True)
