@@ -1,7 +1,9 @@
 /*
  * baseline_epoll.c: the floor for mpd's benchmarks. A minimal level-triggered epoll ping
- * server in C: one recv() and one send() per request, and it handles frames minimally:
- * one 20-byte reply per NUL received (no `C` key frames, no hand-off, no limits).
+ * server in C: one recv() and one send() per request, one 20-byte reply per frame. It
+ * speaks the ping protocol's framing (frames up to a NUL; `C` + 4 key bytes, which may hold
+ * NULs, is a key frame and gets no reply; frames may arrive in pieces) with one byte of
+ * state per fd, but does no routing, no hand-off, no limits.
  *
  * Built at run time by scripts/bench/run.py with `cc -O2`.
  *
@@ -30,6 +32,9 @@
 
 static const char REPLY[20] = "hello, server ping!";
 static char replies[20 * 256];
+/* Per fd: 0 = at a frame's start, -1 = inside a frame's text, 1..4 = key bytes to come. */
+static signed char *state;
+static size_t nstate;
 
 static void serve(int lfd) {
     int ep = epoll_create1(EPOLL_CLOEXEC);
@@ -53,6 +58,11 @@ static void serve(int lfd) {
                 for (int k = 0; k < 32; k++) {
                     int c = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
                     if (c < 0) break;
+                    if ((size_t)c >= nstate) {
+                        close(c);
+                        continue;
+                    }
+                    state[c] = 0;
                     struct epoll_event cev = {.events = EPOLLIN, .data.fd = c};
                     epoll_ctl(ep, EPOLL_CTL_ADD, c, &cev);
                 }
@@ -65,7 +75,14 @@ static void serve(int lfd) {
                 continue;
             }
             int frames = 0;
-            for (ssize_t j = 0; j < r; j++) frames += buf[j] == 0;
+            signed char st = state[fd];
+            for (ssize_t j = 0; j < r; j++) {
+                if (st > 0) st--;                              /* a key byte */
+                else if (st == 0 && buf[j] == 'C') st = 4;     /* a key frame starts */
+                else if (buf[j] == 0) frames++, st = 0;        /* a frame ends */
+                else st = -1;
+            }
+            state[fd] = st;
             while (frames > 0) {
                 int k = frames > 256 ? 256 : frames;
                 if (send(fd, replies, (size_t)k * 20, MSG_NOSIGNAL) < 0) break;
@@ -84,10 +101,17 @@ int main(int argc, char **argv) {
     }
     for (int i = 0; i < 256; i++) memcpy(replies + 20 * i, REPLY, 20);
     signal(SIGPIPE, SIG_IGN);
-    struct rlimit rl;
+    struct rlimit rl = {1024, 1024};
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
         rl.rlim_cur = rl.rlim_max;
         setrlimit(RLIMIT_NOFILE, &rl);
+        getrlimit(RLIMIT_NOFILE, &rl);
+    }
+    nstate = rl.rlim_cur < (1u << 22) ? (size_t)rl.rlim_cur : (1u << 22);
+    state = calloc(nstate, 1);
+    if (!state) {
+        perror("baseline_epoll: calloc");
+        return 1;
     }
     int lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     int one = 1;
