@@ -14,8 +14,10 @@ HEADINGS = ("### ping", "### connrate", "### handoff", "### respawn", "### memor
 
 
 def test_every_benchmark_scenario_runs_and_prints_its_figures(tmp_path):
+    # -S: no site-packages, so the driver proves it needs the standard library alone (it
+    # runs mpd and the baselines with interpreters it finds).
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench" / "run.py"), "--quick",
+        [sys.executable, "-S", str(ROOT / "scripts" / "bench" / "run.py"), "--quick",
          "--scenarios", "all", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -25,6 +27,9 @@ def test_every_benchmark_scenario_runs_and_prints_its_figures(tmp_path):
     assert latest["failed"] == {}
     assert set(latest["scenarios"]) == {h.split()[1] for h in HEADINGS}
     assert "`mpdctl scale" in result.stdout
+    ping = latest["scenarios"]["ping"]["per_conns"]["10"]["runs"]
+    assert {"c", "py-rawfd", "py", "asyncio", "mpd-1w"} <= set(ping)
+    assert "uvloop" in ping or "uvloop: skipped" in result.stdout
 
 
 def test_ab_compares_a_git_revision_with_the_working_tree(tmp_path):

@@ -8,61 +8,15 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from common import ALL_CPUS, HERE, NPROC, ROOT, Report, fmt, procfs, progress
-
-# --- building the tools --------------------------------------------------------------------------
-
-class Tools:
-    def __init__(self, build_dir: Path, mpd_python: str, use_cc: bool = True):
-        self.build_dir = build_dir
-        self.mpd_python = mpd_python
-        self.cc = (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-                   if use_cc else None)
-        self.loadgen: list[str] = []
-        self.baseline_c: list[str] | None = None
-        self.cc_version = ""
-
-    def build(self) -> None:
-        self.build_dir.mkdir(parents=True, exist_ok=True)
-        if self.cc:
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                self.cc_version = subprocess.run([self.cc, "--version"], capture_output=True,
-                                                 text=True, timeout=10).stdout.splitlines()[0]
-            for name in ("loadgen", "baseline_epoll"):
-                out = self.build_dir / name
-                cmd = [self.cc, "-O2", "-Wall", "-o", str(out), str(HERE / f"{name}.c")]
-                progress(f"build: {' '.join(cmd)}")
-                subprocess.run(cmd, check=True, timeout=120)
-            self.loadgen = [str(self.build_dir / "loadgen")]
-            self.baseline_c = [str(self.build_dir / "baseline_epoll")]
-        else:
-            progress("build: no C compiler: Python load generator, no C baseline")
-            self.loadgen = [self.mpd_python, str(HERE / "loadgen.py")]
-
-
-def find_mpd_python(requested: str | None) -> str:
-    if requested:
-        return requested
-    candidates = [sys.executable] + [str(ROOT / v / "bin" / "python")
-                                     for v in (".venv", ".ci-venv-3.11", ".ci-venv-3.13",
-                                               ".ci-venv-3.9")]
-    for python in candidates:
-        if not os.path.exists(python):
-            continue
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            if subprocess.run([python, "-c", "import mpd.cli"], cwd=ROOT, timeout=30,
-                              capture_output=True).returncode == 0:
-                return python
-    raise SystemExit("bench: no Python that can import mpd; pass --mpd-python")
+from tools import Tools
 
 
 def run_as(tree: Path) -> str:
@@ -262,6 +216,26 @@ class Bench:
         return self.track(Server(name, "c", argv, cpus, self.workdir,
                                  lambda e: e.get("event") == "baseline.started",
                                  workers=workers))
+
+    def rawfd_baseline(self, name: str, cpus: list[int] | None,
+                       quickack: bool = False) -> Server:
+        """The Python floor: raw fds, os.read/os.write (baseline_rawfd.py)."""
+        argv = [self.tools.mpd_python, str(HERE / "baseline_rawfd.py")]
+        return self.track(Server(self._name(name), "rawfd",
+                                 argv + (["--quickack"] if quickack else []), cpus,
+                                 self.workdir, lambda e: e.get("event") == "baseline.started"))
+
+    def asyncio_baseline(self, name: str, cpus: list[int] | None,
+                         uvloop: bool = False) -> Server | None:
+        """An asyncio Protocol server (baseline_asyncio.py); on uvloop, None where no
+        interpreter has uvloop."""
+        python = self.tools.uvloop_python if uvloop else self.tools.mpd_python
+        if python is None:
+            return None
+        argv = [python, str(HERE / "baseline_asyncio.py")] + (["--uvloop"] if uvloop else [])
+        return self.track(Server(self._name(name), "uvloop" if uvloop else "asyncio", argv,
+                                 cpus, self.workdir,
+                                 lambda e: e.get("event") == "baseline.started"))
 
     def track(self, server: Server) -> Server:
         self.servers.append(server)

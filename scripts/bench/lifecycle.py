@@ -59,85 +59,91 @@ def scenario_respawn(b: Bench) -> dict[str, Any]:
 
 
 def scenario_memory(b: Bench) -> dict[str, Any]:
-    a = b.args
-    conns = a.memory_conns
-    servers = [("mpd-1w", b.mpd("mpd-1w-memory", 1, None)),
-               (f"mpd-{NPROC}w", b.mpd(f"mpd-{NPROC}w-memory", NPROC, None)),
-               ("py", b.py_baseline("py-1p-memory", 0, None))]
-    c = b.c_baseline("c-1p-memory", 0, None)
-    if c:
-        servers.append(("c", c))
-    out: dict[str, Any] = {}
-    for label, server in servers:
-        server.start()
-        time.sleep(0.2)
-
-        def sample(s: Server = server) -> dict[str, Any]:
-            workers = s.workers_pids() if s.kind == "mpd" else []
-            return {"master": procfs.memory(s.pid)._asdict(),
-                    "workers": [procfs.memory(p)._asdict() for p in workers],
-                    "worker_fds": [procfs.fd_count(p) for p in workers],
-                    "fds": procfs.fd_count(s.pid)}
-
-        idle = sample()
-        proc = subprocess.Popen(b.tools.loadgen + ["idle", "-p", str(server.port), "-c",
-                                                   str(conns), "-d", "120"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        try:
-            assert proc.stdout is not None and proc.stdin is not None
-            ready = json.loads(proc.stdout.readline() or b"{}")
-            time.sleep(0.2)
-            loaded = sample()
-            proc.stdin.close()
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        time.sleep(0.3)
-        after = sample()
-        server.stop()
-
-        def total(s: dict[str, Any]) -> int:
-            if s["workers"]:
-                return sum(w["uss"] for w in s["workers"])
-            return s["master"]["uss"]
-
-        established = ready.get("established", 0)
-        per_conn = (total(loaded) - total(idle)) / established if established else None
-        out[label] = {"idle": idle, "loaded": loaded, "after_close": after,
-                      "established": established, "bytes_per_conn": per_conn}
-        progress(f"memory {label}: {established} conns, {fmt(per_conn)} B/conn")
-    rows = []
+    """RSS and USS idle, with `--memory-conns` idle connections, and after they close."""
+    conns = b.args.memory_conns
+    servers: list[tuple[str, Server | None]] = [
+        ("mpd-1w", b.mpd("mpd-1w-memory", 1, None)),
+        (f"mpd-{NPROC}w", b.mpd(f"mpd-{NPROC}w-memory", NPROC, None)),
+        ("py-rawfd", b.rawfd_baseline("py-rawfd-memory", None)),
+        ("py", b.py_baseline("py-1p-memory", 0, None)),
+        ("asyncio", b.asyncio_baseline("asyncio-memory", None)),
+        ("uvloop", b.asyncio_baseline("uvloop-memory", None, uvloop=True)),
+        ("c", b.c_baseline("c-1p-memory", 0, None))]
+    out = {label: memory_under_idle_load(b, server, conns)
+           for label, server in servers if server is not None}
     for label, m in out.items():
-        idle, loaded, after = m["idle"], m["loaded"], m["after_close"]
-        has_workers = bool(idle["workers"])
-        rows.append([label, idle["master"]["rss"] / 1e6,
-                     sum(w["uss"] for w in idle["workers"]) / 1e6 if has_workers
-                     else idle["master"]["uss"] / 1e6,
-                     sum(w["uss"] for w in loaded["workers"]) / 1e6 if has_workers
-                     else loaded["master"]["uss"] / 1e6,
-                     sum(w["uss"] for w in after["workers"]) / 1e6 if has_workers
-                     else after["master"]["uss"] / 1e6,
-                     m["bytes_per_conn"],
-                     "/".join(str(f) for f in loaded["worker_fds"]) or "-"])
+        progress(f"memory {label}: {m['established']} conns, {fmt(m['bytes_per_conn'])} B/conn")
+    memory_tables(b, out, conns)
+    return out
+
+
+def memory_under_idle_load(b: Bench, server: Server, conns: int) -> dict[str, Any]:
+    server.start()
+    time.sleep(0.2)
+
+    def sample() -> dict[str, Any]:
+        workers = server.workers_pids() if server.kind == "mpd" else []
+        return {"master": procfs.memory(server.pid)._asdict(),
+                "workers": [procfs.memory(p)._asdict() for p in workers],
+                "worker_fds": [procfs.fd_count(p) for p in workers],
+                "fds": procfs.fd_count(server.pid)}
+
+    idle = sample()
+    proc = subprocess.Popen(b.tools.loadgen + ["idle", "-p", str(server.port), "-c",
+                                               str(conns), "-d", "120"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        ready = json.loads(proc.stdout.readline() or b"{}")
+        time.sleep(0.2)
+        loaded = sample()
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.3)
+    after = sample()
+    server.stop()
+    established = ready.get("established", 0)
+    per_conn = (serving_uss(loaded) - serving_uss(idle)) / established if established else None
+    return {"idle": idle, "loaded": loaded, "after_close": after, "established": established,
+            "bytes_per_conn": per_conn}
+
+
+def serving_uss(sample: dict[str, Any]) -> int:
+    """USS of what serves: mpd's workers, or the baseline's one process."""
+    if sample["workers"]:
+        return sum(w["uss"] for w in sample["workers"])
+    return sample["master"]["uss"]
+
+
+def footprint(m: dict[str, Any]) -> int:
+    """Idle: the master's RSS plus every worker's USS (what one more server costs)."""
+    return m["idle"]["master"]["rss"] + sum(w["uss"] for w in m["idle"]["workers"])
+
+
+def memory_tables(b: Bench, out: dict[str, Any], conns: int) -> None:
+    rows = [[label, m["idle"]["master"]["rss"] / 1e6, serving_uss(m["idle"]) / 1e6,
+             serving_uss(m["loaded"]) / 1e6, serving_uss(m["after_close"]) / 1e6,
+             m["bytes_per_conn"], "/".join(str(f) for f in m["loaded"]["worker_fds"]) or "-"]
+            for label, m in out.items()]
     b.report.heading(f"memory (idle, then {conns} idle connections, each pinged once)")
     b.report.table(["server", "master RSS MB", "serving USS MB idle",
                     f"USS MB with {conns}", "USS MB after close", "bytes/conn",
                     "fds per worker"], rows)
-    def footprint(m: dict[str, Any]) -> int:
-        """Idle: the master's RSS plus every worker's USS (what one more server costs)."""
-        return m["idle"]["master"]["rss"] + sum(w["uss"] for w in m["idle"]["workers"])
-
+    pairs = [("mpd-1w", y) for y in ("py-rawfd", "py", "asyncio", "uvloop", "c")]
     b.report.table(["ratio", "bytes/conn", "idle footprint (master RSS + workers' USS)"],
                    [[f"{x} / {y}", ratio(out[x]["bytes_per_conn"], out[y]["bytes_per_conn"]),
                      ratio(footprint(out[x]), footprint(out[y]))]
-                    for x, y in (("mpd-1w", "py"), ("mpd-1w", "c")) if x in out and y in out])
+                    for x, y in pairs if x in out and y in out])
     b.report.note("USS = Private_Clean + Private_Dirty from smaps_rollup; 'serving' = the "
                   "workers for mpd, the process itself for the baselines. Kernel socket "
                   "buffers are not in any of these; the C baseline keeps no per-connection "
-                  "state in user space, so its bytes/conn is 0 and that ratio is undefined.")
-    return out
+                  "state in user space, so its bytes/conn is 0 and that ratio is undefined; "
+                  "the raw-fd floor keeps none either for a connection with no frame "
+                  "pending, so its bytes/conn is what its epoll and fd bookkeeping cost.")
 
 
 def control_request(path: str, request: dict[str, Any]) -> dict[str, Any]:

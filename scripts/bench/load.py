@@ -9,31 +9,41 @@ import time
 from typing import Any
 
 from common import NPROC, PINNED, cpu_of, median, p99_of, pct, rate_of, round_ratios, summarise
-from harness import Bench
+from harness import Bench, Server
+
+PYTHON_BASELINES = ("py-rawfd", "py", "asyncio", "uvloop")  # pinned, one process each
 
 
 def throughput_cases(b: Bench, mode: str, workers: int) -> list[dict[str, Any]]:
     """The side-by-side set: pinned (server and load on CPU 0) and spread (any CPU)."""
-    cases = []
-    c1 = b.c_baseline("c-1p-pinned", 0, PINNED)
-    if c1:
-        cases.append({"name": "c", "server": c1.start(), "mode": mode, "cpus": PINNED})
-    cases.append({"name": "py", "server": b.py_baseline("py-1p-pinned", 0, PINNED).start(),
-                  "mode": mode, "cpus": PINNED})
-    cases.append({"name": "mpd-1w", "server": b.mpd("mpd-1w-pinned", 1, PINNED).start(),
-                  "mode": mode, "cpus": PINNED})
+    pinned: list[tuple[str, Server | None]] = [
+        ("c", b.c_baseline("c-1p-pinned", 0, PINNED)),
+        ("py-rawfd", b.rawfd_baseline("py-rawfd-pinned", PINNED)),
+        ("py", b.py_baseline("py-1p-pinned", 0, PINNED)),
+        ("asyncio", b.asyncio_baseline("asyncio-pinned", PINNED)),
+        ("uvloop", b.asyncio_baseline("uvloop-pinned", PINNED, uvloop=True)),
+        ("mpd-1w", b.mpd("mpd-1w-pinned", 1, PINNED))]
+    cases = [{"name": name, "server": server.start(), "mode": mode, "cpus": PINNED}
+             for name, server in pinned if server is not None]
     if workers > 1:
-        cn = b.c_baseline(f"c-{workers}p-spread", workers, None)
-        if cn:
-            cases.append({"name": f"c-{workers}p", "server": cn.start(), "mode": mode,
-                          "cpus": None})
-        cases.append({"name": f"py-{workers}p",
-                      "server": b.py_baseline(f"py-{workers}p-spread", workers, None).start(),
-                      "mode": mode, "cpus": None})
-        cases.append({"name": f"mpd-{workers}w",
-                      "server": b.mpd(f"mpd-{workers}w-spread", workers, None).start(),
-                      "mode": mode, "cpus": None})
+        spread: list[tuple[str, Server | None]] = [
+            (f"c-{workers}p", b.c_baseline(f"c-{workers}p-spread", workers, None)),
+            (f"py-{workers}p", b.py_baseline(f"py-{workers}p-spread", workers, None)),
+            (f"mpd-{workers}w", b.mpd(f"mpd-{workers}w-spread", workers, None))]
+        cases += [{"name": name, "server": server.start(), "mode": mode, "cpus": None}
+                  for name, server in spread if server is not None]
     return cases
+
+
+def ratio_pairs(workers: int) -> list[tuple[str, str, str]]:
+    """(server, baseline, placement) for the ratio tables: mpd against each baseline, and
+    each Python baseline against C."""
+    pairs = [("mpd-1w", base, "pinned") for base in ("c",) + PYTHON_BASELINES]
+    pairs += [(py, "c", "pinned") for py in PYTHON_BASELINES]
+    if workers > 1:
+        pairs += [(f"mpd-{workers}w", f"c-{workers}p", "spread"),
+                  (f"mpd-{workers}w", f"py-{workers}p", "spread")]
+    return pairs
 
 
 def throughput_tables(b: Bench, title: str, unit: str, per_count: dict[int, dict],
@@ -46,11 +56,7 @@ def throughput_tables(b: Bench, title: str, unit: str, per_count: dict[int, dict
             rows.append([conns, name, s["rate"], s["server_cpu_us_per_op"],
                          s["client_cpu_us_per_op"], s["p50_us"], s["p99_us"], s["p999_us"],
                          s["errors"]])
-        pairs = [("mpd-1w", "py", "pinned"), ("mpd-1w", "c", "pinned")]
-        if workers > 1:
-            pairs += [(f"mpd-{workers}w", f"py-{workers}p", "spread"),
-                      (f"mpd-{workers}w", f"c-{workers}p", "spread")]
-        for a, base, placement in pairs:
+        for a, base, placement in ratio_pairs(workers):
             if a in results and base in results:
                 ratio_rows.append([conns, f"{a} / {base}", placement,
                                    round_ratios(results, a, base, rate_of),
@@ -62,6 +68,22 @@ def throughput_tables(b: Bench, title: str, unit: str, per_count: dict[int, dict
     b.report.heading(f"{title}: ratios (median of per-round ratios)")
     b.report.table(["conns", "ratio", "placement", f"{unit}/s", "server CPU/op", "p99"],
                    ratio_rows)
+    b.report.note(baselines_note(b))
+
+
+def baselines_note(b: Bench) -> str:
+    """What the baselines are, and which are missing here and why."""
+    note = ("c = baseline_epoll.c; py-rawfd = baseline_rawfd.py (raw fds, os.read/os.write: "
+            "the Python floor); py = baseline_epoll.py (socket objects); asyncio, uvloop = "
+            "baseline_asyncio.py (a Protocol server)")
+    if b.tools.uvloop_python:
+        note += f"; uvloop run by {b.tools.uvloop_python}"
+    missing = [] if b.tools.uvloop_python else [
+        "uvloop: skipped, no interpreter here has it (pip install uvloop into "
+        "bench-results/tools-venv, or pass --uvloop-python)"]
+    if not b.tools.baseline_c:
+        missing.append("c: skipped, no C compiler")
+    return note + "." + "".join(f" {m}." for m in missing)
 
 
 def scenario_ping(b: Bench) -> dict[str, Any]:

@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
 """mpd's benchmark driver: runs mpd and the baselines side by side and prints ratios.
 
-    python scripts/bench/run.py --scenarios all            # the full suite (~10 min)
+    python scripts/bench/run.py --scenarios all            # the full suite (~13 min)
     python scripts/bench/run.py --quick --scenarios all    # smoke test, well under a minute
     python scripts/bench/run.py --scenarios ping,handoff --rounds 5 --duration 5
 
-Scenarios: ping (closed-loop pings at 10/100/1000/10000 connections), connrate (connect,
-one ping, close), handoff (`C` key frame + ping, routed through the master), respawn
-(SIGKILL a worker, time until its slot serves again), memory (RSS/USS idle and with
-10,000 idle connections), scale (1 -> 30 workers). Every figure is reported as a ratio
-against a baseline run in the same invocation (the machine is shared and noisy):
-scripts/bench/baseline_epoll.py (minimal Python epoll server) and baseline_epoll.c (the
-same in C, the floor), and, for hand-off, mpd itself without the key frame.
+Scenarios: ping (closed-loop pings at 10/100/1000/10000 connections), connrate (connect, one
+ping, close), handoff (`C` key frame + ping, routed through the master), respawn (SIGKILL a
+worker, time until its slot serves again), memory (RSS/USS idle and with 10,000 idle
+connections), scale (1 -> 30 workers). Every figure is reported as a ratio against a
+baseline run in the same invocation (the machine is shared and noisy): baseline_epoll.c (C,
+the floor), baseline_rawfd.py (the Python floor: raw fds, os.read/os.write),
+baseline_epoll.py (Python epoll with socket objects), baseline_asyncio.py (an asyncio
+Protocol server, and the same on uvloop where an interpreter has it: --uvloop-python), and,
+for hand-off, mpd itself without the key frame.
 
 Per-core comparisons pin the server and the load generator to the same CPU (taskset -c 0
 equivalent): with them on different cores throughput swings 2-3x between runs. Server CPU
@@ -44,9 +46,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common import NPROC, PINNED, ROOT, T0, Report, progress, raise_nofile
-from harness import Bench, Tools, find_mpd_python
+from harness import Bench
 from lifecycle import scenario_memory, scenario_respawn, scenario_scale
 from load import scenario_connrate, scenario_handoff, scenario_ping
+from tools import Tools, find_mpd_python
 
 SCENARIOS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "ping": scenario_ping,
@@ -73,7 +76,8 @@ def machine(tools: Tools) -> dict[str, Any]:
             "kernel": platform.release(), "mpd_python": mpd_py, "driver_python":
             sys.version.split()[0], "cc": tools.cc_version, "git": commit,
             "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
-            "somaxconn": Path("/proc/sys/net/core/somaxconn").read_text().strip()}
+            "somaxconn": Path("/proc/sys/net/core/somaxconn").read_text().strip(),
+            "uvloop_python": tools.uvloop_python}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -92,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--respawn-kills", type=int, help="workers killed, one per slot (default 8)")
     p.add_argument("--scale-to", type=int, default=30, help="workers to scale to (default 30)")
     p.add_argument("--mpd-python", help="interpreter that runs mpd and the Python baseline")
+    p.add_argument("--uvloop-python", help="interpreter with uvloop for that baseline "
+                   "(default: --mpd-python's, else bench-results/tools-venv's, if it has "
+                   "uvloop; else the uvloop baseline is skipped)")
     p.add_argument("--out", default=str(ROOT / "bench-results"), help="results directory")
     p.add_argument("--no-cc", action="store_true",
                    help="act as if there were no C compiler (Python load generator, no C "
@@ -116,8 +123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def prepare(out: str, prefix: str, mpd_python: str | None,
-            use_cc: bool = True) -> tuple[str, Path, Path, tuple[int, int], Tools]:
+def prepare(out: str, prefix: str, mpd_python: str | None, use_cc: bool = True,
+            uvloop_python: str | None = None) -> tuple[str, Path, Path, tuple[int, int], Tools]:
     """What every driver does first: a time stamp, the run's directory under `out`, the fd
     limit raised, itself off the pinned CPU, the load generator built. Returns the stamp,
     `out` as a Path, the run's directory, the (soft, hard) fd limit and the tools."""
@@ -130,7 +137,7 @@ def prepare(out: str, prefix: str, mpd_python: str | None,
     if NPROC > 1:
         with contextlib.suppress(OSError):
             os.sched_setaffinity(0, [c for c in os.sched_getaffinity(0) if c not in PINNED])
-    tools = Tools(out_dir / "build", find_mpd_python(mpd_python), use_cc)
+    tools = Tools(out_dir / "build", find_mpd_python(mpd_python), use_cc, uvloop_python)
     tools.build()
     return stamp, out_dir, workdir, nofile, tools
 
@@ -138,7 +145,7 @@ def prepare(out: str, prefix: str, mpd_python: str | None,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stamp, out_dir, workdir, nofile, tools = prepare(args.out, "run", args.mpd_python,
-                                                     not args.no_cc)
+                                                     not args.no_cc, args.uvloop_python)
     report = Report()
     meta = machine(tools)
     progress(f"machine: {meta['nproc']} CPUs, {meta['cpu_model']}, kernel {meta['kernel']}, "

@@ -32,6 +32,7 @@ from typing import Any
 
 import common
 import harness
+import tools
 
 PING = b"Mupgrade bench ping\0"
 REPLY = b"hello, server ping!\0"
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(common.ROOT / "bench-results"))
     args = p.parse_args(argv)
     common.raise_nofile()
-    python = harness.find_mpd_python(args.mpd_python)
+    python = tools.find_mpd_python(args.mpd_python)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     workdir = Path(args.out) / f"upgrade-{stamp}"
     workdir.mkdir(parents=True)
