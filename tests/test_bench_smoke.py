@@ -9,8 +9,8 @@ import sys
 
 from conftest import ROOT
 
-HEADINGS = ("### ping", "### connrate", "### handoff", "### respawn", "### memory",
-            "### scale")
+HEADINGS = ("### ping", "### connrate", "### handoff", "### splitsend", "### respawn",
+            "### memory", "### scale")
 
 
 def test_every_benchmark_scenario_runs_and_prints_its_figures(tmp_path):
@@ -21,7 +21,7 @@ def test_every_benchmark_scenario_runs_and_prints_its_figures(tmp_path):
          "--scenarios", "all", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
-    for heading in HEADINGS:
+    for heading in HEADINGS + ("### issue 13's targets",):
         assert heading in result.stdout, f"{heading} missing:\n{result.stdout[-3000:]}"
     latest = json.loads((tmp_path / "latest.json").read_text())
     assert latest["failed"] == {}
@@ -30,6 +30,10 @@ def test_every_benchmark_scenario_runs_and_prints_its_figures(tmp_path):
     ping = latest["scenarios"]["ping"]["per_conns"]["10"]["runs"]
     assert {"c", "py-rawfd", "py", "asyncio", "mpd-1w"} <= set(ping)
     assert "uvloop" in ping or "uvloop: skipped" in result.stdout
+    splitsend = latest["scenarios"]["splitsend"]
+    assert "skipped" in splitsend or all(
+        run["answered"] and not run["errors"] for runs in splitsend["runs"].values()
+        for run in runs)
 
 
 def test_ab_compares_a_git_revision_with_the_working_tree(tmp_path):

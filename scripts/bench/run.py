@@ -6,14 +6,15 @@
     python scripts/bench/run.py --scenarios ping,handoff --rounds 5 --duration 5
 
 Scenarios: ping (closed-loop pings at 10/100/1000/10000 connections), connrate (connect, one
-ping, close), handoff (`C` key frame + ping, routed through the master), respawn (SIGKILL a
-worker, time until its slot serves again), memory (RSS/USS idle and with 10,000 idle
-connections), scale (1 -> 30 workers). Every figure is reported as a ratio against a
-baseline run in the same invocation (the machine is shared and noisy): baseline_epoll.c (C,
-the floor), baseline_rawfd.py (the Python floor: raw fds, os.read/os.write),
-baseline_epoll.py (Python epoll with socket objects), baseline_asyncio.py (an asyncio
-Protocol server, and the same on uvloop where an interpreter has it: --uvloop-python), and,
-for hand-off, mpd itself without the key frame.
+ping, close), handoff (`C` key frame + ping, routed through the master), splitsend (the
+seed's mpclient2, which sends each message in two pieces), respawn (SIGKILL a worker, time
+until its slot serves again), memory (RSS/USS idle and with 10,000 idle connections), scale
+(1 -> 30 workers). Every figure is reported as a ratio against a baseline run in the same
+invocation (the machine is shared and noisy): baseline_epoll.c (C, the floor),
+baseline_rawfd.py (the Python floor: raw fds, os.read/os.write), baseline_epoll.py (Python
+epoll with socket objects), baseline_asyncio.py (an asyncio Protocol server, and the same on
+uvloop where an interpreter has it: --uvloop-python), and, for hand-off, mpd itself without
+the key frame. The last table sums up issue 13's targets against this run.
 
 Per-core comparisons pin the server and the load generator to the same CPU (taskset -c 0
 equivalent): with them on different cores throughput swings 2-3x between runs. Server CPU
@@ -49,12 +50,15 @@ from common import NPROC, PINNED, ROOT, T0, Report, progress, raise_nofile
 from harness import Bench
 from lifecycle import scenario_memory, scenario_respawn, scenario_scale
 from load import scenario_connrate, scenario_handoff, scenario_ping
+from splitsend import scenario_splitsend
+from targets import report_targets
 from tools import Tools, find_mpd_python
 
 SCENARIOS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "ping": scenario_ping,
     "connrate": scenario_connrate,
     "handoff": scenario_handoff,
+    "splitsend": scenario_splitsend,
     "respawn": scenario_respawn,
     "memory": scenario_memory,
     "scale": scenario_scale,
@@ -93,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ping-conns", help="connection counts for ping (default 10,100,1000,10000)")
     p.add_argument("--connrate-conns", type=int, help="cycles in flight (default 32)")
     p.add_argument("--memory-conns", type=int, help="idle connections (default 10000)")
+    p.add_argument("--splitsend-seconds", type=float,
+                   help="splitsend: seconds of replies counted per round (default 6)")
     p.add_argument("--respawn-kills", type=int, help="workers killed, one per slot (default 8)")
     p.add_argument("--scale-to", type=int, default=30, help="workers to scale to (default 30)")
     p.add_argument("--mpd-python", help="interpreter that runs mpd and the Python baseline")
@@ -110,7 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = {"rounds": 1 if q else 3, "duration": 0.3 if q else 3.0,
                 "warmup": 0.1 if q else 0.5, "ping_conns": "10,1000" if q else
                 "10,100,1000,10000", "connrate_conns": 16 if q else 32,
-                "memory_conns": 1000 if q else 10000, "respawn_kills": 2 if q else 8}
+                "memory_conns": 1000 if q else 10000, "respawn_kills": 2 if q else 8,
+                "splitsend_seconds": 1.5 if q else 6.0}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -178,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.stop_all()
         shutil.rmtree(bench.sockdir, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous)
+    results["targets"] = report_targets(report, results["scenarios"])
     results["elapsed_s"] = time.monotonic() - T0
     path = out_dir / f"bench-{stamp}.json"
     path.write_text(json.dumps(results, indent=1, default=str))
