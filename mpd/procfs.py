@@ -23,9 +23,14 @@ class Stat(NamedTuple):
     pid: int
     state: str  # R, S, D, Z, T, ...
     ppid: int
-    cpu_seconds: float  # utime + stime: its own, not its reaped children's
+    user_seconds: float  # utime: its own, not its reaped children's
+    system_seconds: float  # stime: in the kernel on its behalf (most of a socket's cost)
     start_time: float  # seconds after boot (with a pid, tells a reused pid apart)
     rss: int  # bytes resident (RSS, as the kernel counts it; cheap, unlike `memory`)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.user_seconds + self.system_seconds
 
 
 class Memory(NamedTuple):
@@ -49,7 +54,8 @@ def stat(pid: int) -> Stat:
     # The command name sits in parentheses and may hold spaces or ")": split at the last.
     fields = text.rsplit(")", 1)[1].split()
     return Stat(pid=pid, state=fields[0], ppid=int(fields[1]),
-                cpu_seconds=(int(fields[11]) + int(fields[12])) / CLK_TCK,  # fields 14, 15
+                user_seconds=int(fields[11]) / CLK_TCK,  # field 14
+                system_seconds=int(fields[12]) / CLK_TCK,  # field 15
                 start_time=int(fields[19]) / CLK_TCK,  # field 22
                 rss=int(fields[21]) * PAGE_SIZE)  # field 24
 

@@ -67,6 +67,9 @@ def test_cpu_seconds_count_what_the_process_burns():
         assert time.monotonic() < deadline, "no CPU time counted in 30 s of spinning"
         sum(range(10000))
     assert procfs.total_cpu_seconds([os.getpid(), os.getpid()]) >= 2 * (before + 0.05)
+    mine = procfs.stat(os.getpid())
+    assert mine.cpu_seconds == mine.user_seconds + mine.system_seconds
+    assert mine.user_seconds > 0  # the spinning above is all user time
 
 
 def test_memory_sees_pages_the_process_touches():
