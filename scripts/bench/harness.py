@@ -144,6 +144,22 @@ class Server:
     def master_cpu(self) -> float:
         return procfs.total_cpu_seconds([self.pid])
 
+    def check_alive(self, during: str) -> None:
+        """Raise if the server has exited or its workers changed since it started: its
+        figures would be another server's (on a shared machine, say, where someone else's
+        `pkill` stopped it)."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited ({self.proc.returncode}) during {during}; "
+                               f"see {self.log_path}")
+        if self.kind == "mpd":
+            self.tail.poll()
+            gone = [e for e in self.tail.events
+                    if e.get("event") in ("mpd.stopping", "worker.exited")]
+            if gone:
+                raise RuntimeError(f"{self.name} logged {gone[0]['event']} during {during}; "
+                                   f"see {self.log_path}")
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -317,6 +333,7 @@ class Bench:
                 mark = server.tail.mark()
                 res = self.loadgen(case["mode"], server, case.get("conns", mode_conns),
                                    duration, warmup, case["cpus"])
+                server.check_alive(f"{label} round {r + 1} {case['name']}")
                 res["round"] = r
                 if case.get("collect"):
                     res.update(case["collect"](server.tail.since(mark)))

@@ -13,6 +13,7 @@ connection count). Latency needs a run with --keep-hist.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -23,6 +24,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+def line_style(name: str) -> str:
+    """Solid for the pinned cases, dashed for the spread ones (c-2p, py-2p, mpd-2w, ...)."""
+    return "--" if re.search(r"-\d+[pw]$", name) and name != "mpd-1w" else "-"
 
 
 def main() -> int:
@@ -38,7 +44,7 @@ def main() -> int:
     servers = list(per[counts[0]]["summary"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name in servers:
-        style = "-" if name in ("c", "py", "mpd-1w") else "--"
+        style = line_style(name)
         ax1.plot(counts, [per[c]["summary"][name]["rate"] / 1000 for c in counts], style,
                  marker="o", label=name)
         ax2.plot(counts, [per[c]["summary"][name]["server_cpu_us_per_op"] for c in counts],
@@ -69,7 +75,7 @@ def main() -> int:
             seen += n
             xs.append(us)
             ys.append(seen / total)
-        ax.plot(xs, ys, "-" if name in ("c", "py", "mpd-1w") else "--", label=name)
+        ax.plot(xs, ys, line_style(name), label=name)
         drawn += 1
     if drawn:
         ax.set_xscale("log")
