@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=2.0, help="seconds measured per run")
     p.add_argument("--warmup", type=float, default=0.5)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--client-batch", action="store_true",
+                   help="the load generator under SCHED_BATCH (see run.py --help)")
     p.add_argument("--mpd-python", help="interpreter that runs mpd (default as run.py)")
     p.add_argument("--out", default=str(common.ROOT / "bench-results"))
     args = p.parse_args(argv)
@@ -105,6 +107,8 @@ def report(args: argparse.Namespace, trees: dict[str, Path],
     summary = common.summarise(results)
     base = args.versions[0]
     placement = "spread over every CPU" if args.spread else "server and load generator on CPU 0"
+    if args.client_batch:
+        placement += ", load generator under SCHED_BATCH"
     print(f"{args.mode}, mpd with {args.workers} workers, {args.conns} in flight, "
           f"{placement}; {args.rounds} rounds of {args.duration:g} s, log level "
           f"{args.log_level}\n")

@@ -273,9 +273,13 @@ class Bench:
                                      "-d", f"{duration:g}", "-w", f"{warmup:g}",
                                      "-s", str(self.seq), "-P", str(procs)] + (extra or [])
 
+        batch = getattr(self.args, "client_batch", False)
+
         def setup() -> None:
             # Spread (cpus None) means every CPU, not the driver's own affinity.
             os.sched_setaffinity(0, cpus if cpus is not None else ALL_CPUS)
+            if batch:  # a woken client does not preempt the server (see --client-batch)
+                os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 stdin=subprocess.DEVNULL, preexec_fn=setup)

@@ -109,6 +109,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-cc", action="store_true",
                    help="act as if there were no C compiler (Python load generator, no C "
                         "baseline)")
+    p.add_argument("--client-batch", action="store_true",
+                   help="run the load generator under SCHED_BATCH, so that a client woken by "
+                        "a reply does not preempt the server on a shared CPU (pinned runs): "
+                        "without it a server slower than the client is switched out every "
+                        "few requests and charged the switches")
     p.add_argument("--keep-hist", action="store_true",
                    help="keep latency histograms in the JSON (for plots)")
     args = p.parse_args(argv)
@@ -165,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"mpd on Python {meta['mpd_python'].split()[0]}, git {meta['git']}; "
                  f"rounds {args.rounds}, {args.duration:g} s per run after {args.warmup:g} s "
                  f"warm-up{', QUICK' if args.quick else ''}. pinned = server and load "
-                 "generator on CPU 0; spread = any CPU."])
+                 "generator on CPU 0; spread = any CPU"
+                 + ("; load generator under SCHED_BATCH." if args.client_batch else ".")])
     bench = Bench(args, tools, workdir, report)
     results: dict[str, Any] = {"meta": meta, "args": {k: v for k, v in vars(args).items()},
                                "scenarios": {}, "failed": {}}
