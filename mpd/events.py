@@ -76,10 +76,12 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "worker.crashed": ("error", "worker", "an exception ended the worker: error, traceback"),
     "worker.test_crash": ("error", "worker", "test hook MPD_TEST_CRASH_FILE made it exit"),
     "client.accepted": ("debug", "worker", "a client connected: fd, peer, clients"),
-    "client.bound": ("debug", "worker", "a client named a key this worker owns: fd, key"),
-    "client.closed": ("debug", "worker", "a client is gone: fd, reason, clients"),
+    "client.bound": ("debug", "worker", "a client named a key this worker owns: fd, key, "
+                     "client (with server.proxy_protocol, the real client's address and port; "
+                     "else null)"),
+    "client.closed": ("debug", "worker", "a client is gone: fd, reason, clients, client"),
     "client.protocol_error": ("warning", "worker", "a client broke the protocol and was "
-                              "closed: fd, error"),
+                              "closed: fd, error, client"),
     "client.overflow": ("warning", "worker", "a client left too many replies unread and was "
                         "closed: fd, buffered, max_output_buffer"),
     "client.proxied": ("debug", "worker", "a client's PROXY header is complete: fd, client (the "
@@ -90,7 +92,8 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                               "not in server.proxy_from; malformed; timeout), error"),
     "fd.dispatched": ("info", "worker", "a handed-off client was adopted by its key's owner: "
                       "key, from_slot, from_pid, to_slot, to_pid, carried (bytes), latency_us "
-                      "(HANDOFF sent to ADOPT taken)"),
+                      "(HANDOFF sent to ADOPT taken), client (the real client, carried along "
+                      "with the hand-off; null without server.proxy_protocol)"),
     "fd.refused": ("warning", "worker", "the key's owner was full; the client got the refusal "
                    "reply: key, from_slot, reason, clients, max_clients"),
     "fd.handoff_failed": ("error", "worker", "HANDOFF could not be sent; the client is served "

@@ -3,7 +3,9 @@
 carries STATE_VERSION (upgrade.py) so that a master can tell state it cannot read.
 
 Every fd named here stays open across the exec: the listening socket, the control
-socket, each worker's channel (with what is still queued on it) and each held client."""
+socket, each worker's channel (with what is still queued on it, and the channel version
+its worker speaks) and each held client. State written by a release before channel
+version 2 does not say: its workers speak version 1."""
 
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
                         "state": w.state, "started": w.started, "stats": w.stats,
                         "generation": w.generation, "version": w.version,
                         "config_generation": w.config_generation,
+                        "channel_version": w.channel.version,
                         "serving": master.slots.serving.get(w.slot) is w, "queued": queued})
     held = [{"fd": h.fd, "meta": h.meta, "raw": _b64(h.raw), "since": h.since}
             for h in master.broker.held]
@@ -101,7 +104,7 @@ def restore(master: Master, state: dict[str, Any]) -> None:
     for w in state["workers"]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, w["channel_fd"])
         sock.set_inheritable(False)
-        channel = Channel(sock, f"slot {w['slot']}")
+        channel = Channel(sock, f"slot {w['slot']}", w.get("channel_version", 1))
         for item in w["queued"]:
             channel.queue.append((base64.b64decode(item["data"]), item["fds"]))
         worker = WorkerProc(slot=w["slot"], pid=w["pid"], channel=channel,
