@@ -9,6 +9,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "mpd.started": ("info", "master", "bound and starting: version, config, listen, port "
                     "(the real one when port = 0), workers, control"),
     "mpd.ready": ("info", "master", "every initial worker serves: workers"),
+    "mpd.draining": ("info", "master", "graceful stop with the agent on: the agent says drain "
+                     "for agent.drain_delay while mpd still serves and accepts, so HAProxy "
+                     "sends no new clients before the listeners close: drain_delay"),
     "mpd.stopping": ("info", "master", "graceful stop begun (SIGTERM, SIGINT, mpdctl stop): "
                      "workers, graceful_timeout"),
     "mpd.halting": ("warning", "master", "immediate stop: SIGKILL to every worker; reason "
@@ -123,6 +126,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                                 "ids that mpd's user namespace does not map (systemd's "
                                 "PrivateUsers=yes) (exit 78): error"),
     "control.failed": ("error", "master", "cannot create the control socket (exit 69): error"),
+    "agent.failed": ("error", "master", "cannot open the agent-check port (at start: exit 69; "
+                     "after an upgrade from a release without it: mpd serves on without the "
+                     "agent): error"),
     "log.dropped": ("warning", "both", "the log sink (stdout, journald, syslog, file) did not "
                     "keep up and this process's queue was full: dropped (lines lost since the "
                     "last report), total (since the process started); logged once the queue "

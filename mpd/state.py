@@ -3,9 +3,10 @@
 carries STATE_VERSION (upgrade.py) so that a master can tell state it cannot read.
 
 Every fd named here stays open across the exec: the listening socket, the control
-socket, each worker's channel (with what is still queued on it, and the channel version
-its worker speaks) and each held client. State written by a release before channel
-version 2 does not say: its workers speak version 1."""
+socket, the agent-check socket, each worker's channel (with what is still queued on it,
+and the channel version its worker speaks) and each held client. State written by a
+release before these two existed has neither: then the workers speak channel version 1,
+and the new master opens the agent socket itself (cli.resume)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 from typing import Any, Protocol
 
 from mpd import __version__
+from mpd.agent import AgentServer
 from mpd.broker import Broker, HeldClient
 from mpd.channel import Channel
 from mpd.config import Config
@@ -30,6 +32,7 @@ class Master(Protocol):
     config: Config
     listener: socket.socket
     control: ControlServer | None
+    agent: AgentServer | None
     slots: Slots
     broker: Broker
     generation: int
@@ -56,11 +59,15 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
     held = [{"fd": h.fd, "meta": h.meta, "raw": _b64(h.raw), "since": h.since}
             for h in master.broker.held]
     fds += [h.fd for h in master.broker.held]
+    agent_fd = master.agent.sock.fileno() if master.agent is not None else None
+    if agent_fd is not None:
+        fds.append(agent_fd)
     state = {
         "state_version": STATE_VERSION, "from_version": __version__,
         "generation": master.generation, "started": master.started, "port": master.port,
         "config": {k: v for k, v in dataclasses.asdict(master.config).items()},
         "listener_fd": master.listener.fileno(), "control_fd": master.control.sock.fileno(),
+        "agent_fd": agent_fd,
         "table": master.slots.target, "workers": workers, "held": held,
         "history": {str(slot): dataclasses.asdict(h) for slot, h in master.slots.history.items()},
         "pidfile": master.pidfile,
@@ -90,6 +97,16 @@ def sockets_of(state: dict[str, Any]) -> tuple[socket.socket, socket.socket]:
         sock.set_inheritable(False)
         sock.setblocking(False)
     return listener, control
+
+
+def agent_socket_of(state: dict[str, Any]) -> socket.socket | None:
+    """The inherited agent-check socket; None when the old master had none."""
+    if state.get("agent_fd") is None:
+        return None
+    sock = socket.socket(fileno=state["agent_fd"])
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    return sock
 
 
 def restore(master: Master, state: dict[str, Any]) -> None:
