@@ -23,6 +23,9 @@ from mpd.connection import HEADER, SERVING, Connection
 from mpd.proxygate import ProxyGate
 
 RECV_SIZE = 4096  # a header is at most proxy.MAX_HEADER bytes; the rest waits in the socket
+# A late header is closed up to this many seconds late: then a stream of new clients,
+# each with its own deadline, wakes the loop's timer at most ten times a second.
+HEADER_SLACK = 0.1
 
 
 class ProxyPhase:
@@ -54,9 +57,9 @@ class ProxyPhase:
             return False
         conn.client = peer
         conn.handoff = HEADER
-        conn.header_due = due = gate.expect(conn)
-        if due < self.next_timer:
-            self.next_timer = due
+        conn.header_due = gate.expect(conn)
+        if conn.header_due + HEADER_SLACK < self.next_timer:
+            self.next_timer = conn.header_due + HEADER_SLACK
         return True
 
     def read_header(self, conn: Connection) -> None:
@@ -94,6 +97,11 @@ class ProxyPhase:
             self.hand_off(conn)
         else:
             self.consume(conn, b"")
+
+    def header_timer(self) -> float:
+        """When the loop's timer must next look at the header deadlines (inf: never)."""
+        assert self.gate is not None
+        return self.gate.next_due + HEADER_SLACK
 
     def expire_headers(self, now: float | None = None) -> None:
         """Close the clients whose header did not come in time."""

@@ -125,7 +125,7 @@ class Worker(Handover, ProxyPhase):
         """Recompute the next time the loop has timed work (heartbeat, retry, deadline)."""
         self.next_timer = min(self.accept_retry_at or INF, self.stop_deadline or INF,
                               self.next_heartbeat,
-                              self.gate.next_due if self.gate is not None else INF)
+                              self.header_timer() if self.gate is not None else INF)
 
     def on_timers(self, now: float) -> None:
         if self.accept_retry_at and now >= self.accept_retry_at:
@@ -136,7 +136,7 @@ class Worker(Handover, ProxyPhase):
             if hooks.hang_requested():
                 hooks.hang()
             self.report()
-        if self.gate is not None and now >= self.gate.next_due:
+        if self.gate is not None and now >= self.header_timer():
             self.expire_headers(now)
         if self.stopping and (not self.conns or now >= self.stop_deadline):
             self.running = False
