@@ -87,16 +87,19 @@ class ProxyPhase:
             return
         if header is None:
             return
-        del conn.inbuf[:header.length]
         conn.header_due = 0.0
         conn.handoff = SERVING
         source = gate.admitted(conn.fd, conn.client, header)
         if source is not None:  # else the proxy's own check, or a client it cannot name
             conn.client = source
         if self.draining:
+            del conn.inbuf[:header.length]
             self.hand_off(conn)
-        else:
-            self.consume(conn, b"")
+            return
+        # The client's bytes as if just received: the protocol's fast path takes them.
+        rest = bytes(conn.inbuf[header.length:])
+        conn.inbuf.clear()
+        self.consume(conn, rest)
 
     def header_timer(self) -> float:
         """When the loop's timer must next look at the header deadlines (inf: never)."""
