@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,7 @@ class ThroughHAProxy:
 
     def stop(self) -> None:
         self.cluster("down")
+        shutil.rmtree(self.state, ignore_errors=True)
 
 
 def free_port_pair() -> int:
