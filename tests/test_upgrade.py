@@ -304,6 +304,27 @@ def test_an_upgrade_keeps_the_agent_port_it_inherits(mpd_factory, installed):
     assert not server.events("agent.failed")
 
 
+def test_the_agent_says_drain_while_an_upgrade_runs(mpd_factory, installed):
+    """HAProxy sends new clients elsewhere while the host upgrades (its live ones stay)."""
+    import threading
+
+    from haproxy_support import free_port
+
+    agent = free_port()
+    server = mpd_factory({"workers": {"workers": 1},
+                          "agent": {"listen": f"127.0.0.1:{agent}"}}, cwd=installed)
+    set_version(installed, "99.0.6")
+    with open(installed / "mpd" / "upgrade.py", "a") as slow:  # a pre-flight of 1.5 s at least
+        slow.write("\nimport time as _time\n_time.sleep(1.5)\n")
+    done: list[subprocess.CompletedProcess] = []
+    upgrading = threading.Thread(target=lambda: done.append(mpdctl(server, "upgrade")))
+    upgrading.start()
+    wait_until(lambda: ask_agent(agent) == "drain\n", what="the agent says drain")
+    upgrading.join(60)
+    assert done and done[0].returncode == 0, done
+    assert ask_agent(agent) == "up ready 100%\n"
+
+
 def previous_release(home: Path) -> None:
     """The mpd package of PREVIOUS_RELEASE, from git, as pip would have installed it."""
     if shutil.which("git") is None:
