@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import (
     M_PING,
     REPLY,
@@ -55,8 +56,9 @@ def totals(server) -> dict:
 
 # --- the real mpd -------------------------------------------------------------------------
 
-def test_the_logs_show_the_real_client_that_a_v2_or_v1_header_names(mpd_factory):
-    server = mpd_factory({**PROXIED, "workers": {"workers": 1}})
+@pytest.mark.parametrize("workers", [1, 0])  # 0: single-process mode, the same loop
+def test_the_logs_show_the_real_client_that_a_v2_or_v1_header_names(mpd_factory, workers):
+    server = mpd_factory({**PROXIED, "workers": {"workers": workers}})
     for header, port in ((v2, 41000), (v1, 41001)):
         with server.connect() as client:
             client.sendall(header(("203.0.113.9", port), FRONT) + key_frame(7) + M_PING)
@@ -165,6 +167,25 @@ def test_a_peer_outside_proxy_from_is_refused_at_once(mpd_factory):
     with proxy:
         proxy.sendall(v2(REAL, FRONT) + M_PING)
         assert recv_exact(proxy, len(REPLY)) == REPLY
+
+
+def test_a_reload_changes_who_may_send_a_header(mpd_factory):
+    server = mpd_factory({**PROXIED, "workers": {"workers": 2}})
+    with server.connect() as client:
+        client.sendall(v2(REAL, FRONT) + M_PING)
+        assert recv_exact(client, len(REPLY)) == REPLY
+    settings = server.settings
+    settings["server"]["proxy_from"] = ["127.0.0.2"]
+    server.write_config(settings)
+    reload = subprocess.run([sys.executable, "-m", "mpd.ctl", "--socket",
+                             str(server.tmp / "mpd.sock"), "reload"], capture_output=True,
+                            text=True, timeout=30, cwd=ROOT)
+    assert reload.returncode == 0, reload.stderr
+    for _ in range(4):  # whichever worker takes it: both have the new list
+        with server.connect() as client:
+            client.sendall(v2(REAL, FRONT) + M_PING)
+            assert closed(client)
+    wait_until(lambda: len(rejections(server, "untrusted")) == 4, what="four refusals")
 
 
 # --- the worker loop, with the test as its master -------------------------------------------
