@@ -55,8 +55,9 @@ def agent_line(state: str, ready: int, clients: int, capacity: int) -> str:
 
     - `state` "running" (or "starting") with a ready worker: "up ready N%", N the share of
       capacity still free (clients against capacity), at least MIN_WEIGHT;
-    - `state` "stopping" (graceful stop) or "upgrading", or no ready worker: "drain" (no
-      new clients; the ones it has stay and finish);
+    - `state` "draining" (a graceful stop's first agent.drain_delay seconds, while mpd
+      still serves and accepts), "stopping" (the graceful stop proper) or "upgrading", or
+      no ready worker: "drain" (no new clients; the ones it has stay and finish);
     - `state` "halting" (immediate stop) or "stopped": "down".
 
     `ready` is workers ready, `clients` those they serve, `capacity` the clients they can
@@ -64,7 +65,7 @@ def agent_line(state: str, ready: int, clients: int, capacity: int) -> str:
     because HAProxy keeps a drain or a down until the agent reverts it itself."""
     if state in ("halting", "stopped"):
         return "down"
-    if state in ("stopping", "upgrading") or ready <= 0:
+    if state in ("draining", "stopping", "upgrading") or ready <= 0:
         return "drain"
     free = 1.0 - clients / capacity if capacity > 0 else 0.0
     weight = max(MIN_WEIGHT, min(100, int(free * 100 + 0.5)))

@@ -6,7 +6,13 @@ One message per datagram (so no framing, and an fd travels with its message):
             travel once per hand-off and so use a fixed binary layout (HANDOFF_META)
     raw     optional bytes (the client bytes a HANDOFF/ADOPT carries)
 Both ends are non-blocking. A send that meets EAGAIN is queued, fds held open, until the
-socket is writable again; so neither side ever blocks on or dies of a slow peer."""
+socket is writable again; so neither side ever blocks on or dies of a slow peer.
+
+Versions. 2 added the real client's address (a PROXY header's) to HANDOFF/ADOPT. A
+master speaks each worker's version: its own workers speak VERSION, but after an upgrade
+in place it adopts the previous release's workers, which speak 1 until the roll replaces
+them (state.py carries each channel's version across the exec). Anything may decode
+every version in VERSIONS; a message says its version in its header."""
 
 from __future__ import annotations
 
@@ -22,8 +28,10 @@ from collections import deque
 from typing import Any, NamedTuple
 
 from mpd.log import get_logger
+from mpd.proxygate import NO_PEER, pack_peer, unpack_peer
 
-VERSION = 1
+VERSION = 2  # what this code speaks
+VERSIONS = (1, 2)  # what it can speak to a peer and decode
 HEADER = struct.Struct("<BBH")
 MAX_MESSAGE = 128 * 1024  # bytes in one datagram; fits the default unix socket buffer
 MAX_FDS = 4  # fds one message may carry
@@ -33,8 +41,10 @@ MAX_QUEUE = 100_000  # queued messages before the peer counts as gone
 # owner (-1: none) and table (0: none). `owner` is the slot the sender computed with a slot
 # table of `table` slots: tables are always slots 0..N-1, so N names one, and the master
 # uses the sender's answer when its own table has the same size instead of computing it
-# again (rendezvous hashing costs a third of a microsecond per slot).
-HANDOFF_META = struct.Struct("<?iiiQii")
+# again (rendezvous hashing costs a third of a microsecond per slot). Version 2 adds the
+# real client's address (mpd.proxygate.PEER: 19 bytes, all zero without one).
+HANDOFF_META_V1 = struct.Struct("<?iiiQii")
+HANDOFF_META = struct.Struct("<?iiiQii19s")
 FD_SIZE = array.array("i").itemsize
 # Plain ints, looked up once: socket's flags are IntFlag enums, and `flags & (MSG_CTRUNC |
 # MSG_TRUNC)` on enums cost 1-1.8 us a message, a tenth of a hand-off's master time.
@@ -73,19 +83,25 @@ class ChannelClosed(Exception):
     """The peer closed its end (EOF) or the socket failed."""
 
 
-def encode(kind: Kind, meta: dict[str, Any] | None = None, raw: bytes = b"") -> bytes:
+def encode(kind: Kind, meta: dict[str, Any] | None = None, raw: bytes = b"",
+           version: int = VERSION) -> bytes:
+    """One datagram, in the layout of `version` (a version-1 peer does not get the client's
+    address: it could not read it)."""
     meta = meta or {}
     if kind is Kind.HANDOFF or kind is Kind.ADOPT:
         key = meta.get("key")
         from_slot = meta.get("from_slot")
         owner = meta.get("owner")
-        body = HANDOFF_META.pack(key is not None, key or 0,
-                                 -1 if from_slot is None else from_slot,
-                                 meta.get("from_pid") or 0, meta.get("sent_ns") or 0,
-                                 -1 if owner is None else owner, meta.get("table") or 0)
+        fields = (key is not None, key or 0, -1 if from_slot is None else from_slot,
+                  meta.get("from_pid") or 0, meta.get("sent_ns") or 0,
+                  -1 if owner is None else owner, meta.get("table") or 0)
+        if version == 1:
+            body = HANDOFF_META_V1.pack(*fields)
+        else:
+            body = HANDOFF_META.pack(*fields, pack_peer(meta.get("peer")))
     else:
         body = json.dumps(meta, separators=(",", ":")).encode()
-    data = HEADER.pack(VERSION, kind, len(body)) + body + raw
+    data = HEADER.pack(version, kind, len(body)) + body + raw
     if len(data) > MAX_MESSAGE:
         raise ValueError(f"channel message of {len(data)} bytes is over {MAX_MESSAGE}")
     return data
@@ -96,8 +112,8 @@ def decode(data: bytes, fds: list[int]) -> Message:
     if len(data) < HEADER.size:
         raise ValueError(f"short message ({len(data)} bytes)")
     version, kind, meta_len = HEADER.unpack_from(data)
-    if version != VERSION:
-        raise ValueError(f"unknown version {version}, expected {VERSION}")
+    if version not in VERSIONS:
+        raise ValueError(f"unknown version {version}, expected one of {VERSIONS}")
     if kind not in KINDS:
         raise ValueError(f"unknown message type {kind}")
     kind = KINDS[kind]
@@ -105,15 +121,22 @@ def decode(data: bytes, fds: list[int]) -> Message:
     if end > len(data):
         raise ValueError("meta length past the end of the message")
     if kind is Kind.HANDOFF or kind is Kind.ADOPT:
-        if meta_len != HANDOFF_META.size:
-            raise ValueError(f"{kind.name} meta of {meta_len} bytes, expected "
-                             f"{HANDOFF_META.size}")
-        has_key, key, from_slot, from_pid, sent_ns, owner, table = HANDOFF_META.unpack_from(
-            data, HEADER.size)
+        layout = HANDOFF_META_V1 if version == 1 else HANDOFF_META
+        if meta_len != layout.size:
+            raise ValueError(f"{kind.name} meta of {meta_len} bytes, expected {layout.size} "
+                             f"(version {version})")
+        if version == 1:
+            peer = NO_PEER
+            has_key, key, from_slot, from_pid, sent_ns, owner, table = layout.unpack_from(
+                data, HEADER.size)
+        else:
+            has_key, key, from_slot, from_pid, sent_ns, owner, table, peer = \
+                layout.unpack_from(data, HEADER.size)
         meta = {"key": key if has_key else None,
                 "from_slot": None if from_slot < 0 else from_slot,
                 "from_pid": from_pid or None, "sent_ns": sent_ns or None,
-                "owner": None if owner < 0 else owner, "table": table or None}
+                "owner": None if owner < 0 else owner, "table": table or None,
+                "peer": None if peer == NO_PEER else unpack_peer(peer)}
     else:
         try:
             meta = json.loads(data[HEADER.size:end])
@@ -133,10 +156,11 @@ def close_fds(fds: list[int]) -> None:
 class Channel:
     """One end of a worker's socketpair. Owns every fd handed to send() until it is sent."""
 
-    def __init__(self, sock: socket.socket, peer: str):
+    def __init__(self, sock: socket.socket, peer: str, version: int = VERSION):
         sock.setblocking(False)
         self.sock = sock
         self.peer = peer  # for log lines: "master" or "slot 3"
+        self.version = version  # the channel version the peer speaks (VERSIONS)
         self.queue: deque[tuple[bytes, list[int]]] = deque()
         # One receive buffer for the channel's life: recv_fds() would allocate (and,
         # at this size, mmap) MAX_MESSAGE bytes on every call.
@@ -158,7 +182,7 @@ class Channel:
              fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send now, or queue on EAGAIN. Takes ownership of `fds`: they are closed once
         sent. Raises ValueError (too big) or ChannelClosed; the fds stay the caller's then."""
-        data = encode(kind, meta, raw)
+        data = encode(kind, meta, raw, self.version)
         fds = list(fds)
         if self.queue:
             self._enqueue(data, fds)

@@ -164,11 +164,12 @@ def serve(config: configmod.Config, detach: bool) -> int:
             pidfile.check()
         except PidFileError as e:
             raise StartError("mpd.already_running", str(e)) from None
-    control_sock, listener = open_sockets(config)
+    control_sock, listener, agent_sock = open_sockets(config)
     if pidfile is not None:
         from mpd.daemonize import detach as enter_daemon
 
-        enter_daemon(pidfile, [s for s in (listener, control_sock) if s is not None])
+        enter_daemon(pidfile, [s for s in (listener, control_sock, agent_sock)
+                               if s is not None])
         logmod.set_role("master" if control_sock is not None else "single")
         logmod.forget_writer()  # python-daemon closed the old log fds
         logmod.configure_from(config)
@@ -182,13 +183,16 @@ def serve(config: configmod.Config, detach: bool) -> int:
     from mpd.master import Master
 
     proctitle.master(config)
-    master = Master(config, listener, control_sock)
+    master = Master(config, listener, control_sock, agent_sock)
     master.pidfile = pidfile.path if pidfile is not None else None
     return master.run()
 
 
-def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket.socket]:
-    """The control socket (none in single-process mode), then the listening socket."""
+def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket.socket,
+                                                    socket.socket | None]:
+    """The control socket (none in single-process mode), the listening socket, then the
+    agent-check port (agent.listen; none in single-process mode). Raises StartError with
+    none of them left open."""
     control_sock = None
     if config.worker_count > 0:  # single-process mode has no master, so no control socket
         from mpd.control import ControlError, open_socket
@@ -203,12 +207,27 @@ def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket
     try:
         listener = listening_socket(config)
     except OSError as e:
-        if control_sock is not None:
-            control_sock.close()
-            os.unlink(config.socket_path)
+        close_control(config, control_sock)
         raise StartError("mpd.bind_failed", f"cannot listen on {config.listen} port "
                          f"{config.port}: {e.strerror}") from None
-    return control_sock, listener
+    agent_sock = None
+    if control_sock is not None and config.agent_listen:
+        from mpd.agent import AgentError
+        from mpd.agent import open_socket as open_agent
+
+        try:
+            agent_sock = open_agent(*configmod.host_port(config.agent_listen))
+        except AgentError as e:
+            listener.close()
+            close_control(config, control_sock)
+            raise StartError("agent.failed", str(e)) from None
+    return control_sock, listener, agent_sock
+
+
+def close_control(config: configmod.Config, control_sock: socket.socket | None) -> None:
+    if control_sock is not None:
+        control_sock.close()
+        os.unlink(config.socket_path)
 
 
 def preflight() -> int:
@@ -241,10 +260,27 @@ def resume(state_fd: int) -> int:
     logmod.configure_from(config)
     listener, control = statemod.sockets_of(state)
     proctitle.master(config)
-    code = Master(config, listener, control).run(adopt=state)
+    code = Master(config, listener, control, resumed_agent(config, state)).run(adopt=state)
     if state.get("pidfile"):  # --daemon's: the old image's context cannot remove it now
         PidFile(state["pidfile"]).__exit__(None, None, None)
     return code
+
+
+def resumed_agent(config: configmod.Config, state: dict) -> socket.socket | None:
+    """The agent-check socket the old master had; from a release that did not serve the
+    agent (agent.listen was set but unused), a new one. If it cannot be opened now, mpd
+    serves on without it: it is already serving clients."""
+    from mpd import state as statemod
+    from mpd.agent import AgentError
+    from mpd.agent import open_socket as open_agent
+
+    sock = statemod.agent_socket_of(state)
+    if sock is None and config.agent_listen:
+        try:
+            sock = open_agent(*configmod.host_port(config.agent_listen))
+        except AgentError as e:
+            logmod.get_logger().error("agent.failed", error=str(e))
+    return sock
 
 
 def listening_socket(config: configmod.Config) -> socket.socket:

@@ -44,7 +44,7 @@ def done(why_not: str | None, **fields: Any) -> Reply:
 # --- what each command does in the daemon -------------------------------------------------
 
 STAT_FIELDS = ("clients", "accepted", "requests", "handoffs_out", "adopted", "refused",
-               "log_dropped")
+               "log_dropped", "proxy_rejected")
 
 
 def status(daemon: Daemon, _request: dict[str, Any]) -> Reply:
@@ -166,6 +166,9 @@ def show_status(reply: Reply) -> str:
     dropped = m.get("log_dropped", 0) + reply["totals"].get("log_dropped", 0)
     if dropped:
         lines.append(f"log lines dropped (the log sink fell behind): {dropped}")
+    if reply["totals"].get("proxy_rejected"):
+        lines.append("clients turned away for want of a valid PROXY header (server."
+                     f"proxy_protocol): {reply['totals']['proxy_rejected']}")
     rows = [[cell(w, name) for name, _ in STATUS_COLUMNS] for w in reply["workers"]]
     totals = reply["totals"]
     rows.append(["total"] + [str(totals[name]) if name in totals else ""

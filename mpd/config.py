@@ -162,6 +162,11 @@ SCHEMA: tuple[Key, ...] = (
         "HAProxy agent-check port, as \"address:port\" (\"[::1]:1991\" for IPv6); \"\" = off.\n"
         "Each connection gets one line: \"up ready N%\" (N = free share of capacity),\n"
         "\"drain\" while stopping, upgrading or with no ready worker, \"down\" when halting."),
+    Key("agent", "drain_delay", 3.0, checks.float_range(0, 600),
+        "Seconds a graceful stop first goes on serving and accepting while the agent says\n"
+        "\"drain\", so HAProxy (which asks every agent-inter: 2 s in the shipped config)\n"
+        "sends no new client before the listeners close. Keep it above agent-inter.\n"
+        "0 = no delay. Used when agent.listen is set."),
     Key("daemon", "pidfile", "auto", checks.socket_path,
         "Pidfile written by `mpd --daemon`. \"auto\" = /run/mpd/mpd.pid for root, else\n"
         "next to the control socket."),
@@ -198,6 +203,7 @@ class Config:
     log_buffer: int = 1048576
     pidfile: str = "auto"
     agent_listen: str = ""
+    agent_drain_delay: float = 3.0
     path: str | None = None  # the file it came from; None = embedded defaults
     generation: int = 1  # the config's number: one more with each reload the master applies
     # Settings from the command line (mpd --log-format, --daemon): they win over the
@@ -322,6 +328,11 @@ def _check_proxy_and_agent(config: Config, text: str, path: str) -> None:
         raise ConfigError(path, "expected at least one address when server.proxy_protocol = "
                           "true (else no client could connect)",
                           line=_key_line(text, "server", "proxy_from"), key="server.proxy_from")
+    if config.agent_listen and config.workers == 0:
+        raise ConfigError(path, "expected workers.workers of 1 or more (or \"auto\") with "
+                          "agent.listen: the master serves the agent check, and "
+                          "single-process mode (workers = 0) has none",
+                          line=_key_line(text, "agent", "listen"), key="agent.listen")
     if config.agent_listen:
         host, port = host_port(config.agent_listen)
         anywhere = ("0.0.0.0", "::")

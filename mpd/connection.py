@@ -1,18 +1,22 @@
 """One client connection as a worker holds it: its socket, the bytes in each direction
-that are not done yet, its routing key, and where it stands in a hand-off."""
+that are not done yet, its routing key, where it stands in a hand-off, and who the client
+really is when a proxy said so (server.proxy_protocol)."""
 
 from __future__ import annotations
 
 import socket
 
-# Where a connection stands in a hand-off; one field, so no two flags can disagree.
+# Where a connection stands; one field, so no two flags can disagree. The states a
+# connection is not served in come last: one comparison (>= WAITING) tells them apart.
 SERVING = 0  # served here (its key, if any, is ours), or not yet keyed
-WAITING = 1  # owned elsewhere: replies already due go out first; not read meanwhile
-PINNED = 2  # a hand-off failed: served here whatever its key
+PINNED = 1  # a hand-off failed: served here whatever its key
+WAITING = 2  # owned elsewhere: replies already due go out first; not read meanwhile
+HEADER = 3  # server.proxy_protocol: its PROXY header is not complete yet (proxyphase.py)
 
 
 class Connection:
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "key", "owner", "table", "handoff")
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "key", "owner", "table", "handoff",
+                 "client", "header_due")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -23,6 +27,11 @@ class Connection:
         self.owner: int | None = None  # the slot that owns its key, when it has one,
         self.table = 0  # by a slot table of this many slots (ROUTES may come before we hand off)
         self.handoff = SERVING
+        # With server.proxy_protocol only: who the client is (the address that connected,
+        # then the real one its PROXY header names), and until when it may take to send
+        # that header (0.0 once it has).
+        self.client: tuple[str, int] | None = None
+        self.header_due = 0.0
 
     @property
     def idle(self) -> bool:

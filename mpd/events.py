@@ -9,6 +9,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "mpd.started": ("info", "master", "bound and starting: version, config, listen, port "
                     "(the real one when port = 0), workers, control"),
     "mpd.ready": ("info", "master", "every initial worker serves: workers"),
+    "mpd.draining": ("info", "master", "graceful stop with the agent on: the agent says drain "
+                     "for agent.drain_delay while mpd still serves and accepts, so HAProxy "
+                     "sends no new clients before the listeners close: drain_delay"),
     "mpd.stopping": ("info", "master", "graceful stop begun (SIGTERM, SIGINT, mpdctl stop): "
                      "workers, graceful_timeout"),
     "mpd.halting": ("warning", "master", "immediate stop: SIGKILL to every worker; reason "
@@ -76,10 +79,12 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "worker.crashed": ("error", "worker", "an exception ended the worker: error, traceback"),
     "worker.test_crash": ("error", "worker", "test hook MPD_TEST_CRASH_FILE made it exit"),
     "client.accepted": ("debug", "worker", "a client connected: fd, peer, clients"),
-    "client.bound": ("debug", "worker", "a client named a key this worker owns: fd, key"),
-    "client.closed": ("debug", "worker", "a client is gone: fd, reason, clients"),
+    "client.bound": ("debug", "worker", "a client named a key this worker owns: fd, key, "
+                     "client (with server.proxy_protocol, the real client's address and port; "
+                     "else null)"),
+    "client.closed": ("debug", "worker", "a client is gone: fd, reason, clients, client"),
     "client.protocol_error": ("warning", "worker", "a client broke the protocol and was "
-                              "closed: fd, error"),
+                              "closed: fd, error, client"),
     "client.overflow": ("warning", "worker", "a client left too many replies unread and was "
                         "closed: fd, buffered, max_output_buffer"),
     "client.proxied": ("debug", "worker", "a client's PROXY header is complete: fd, client (the "
@@ -90,7 +95,8 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                               "not in server.proxy_from; malformed; timeout), error"),
     "fd.dispatched": ("info", "worker", "a handed-off client was adopted by its key's owner: "
                       "key, from_slot, from_pid, to_slot, to_pid, carried (bytes), latency_us "
-                      "(HANDOFF sent to ADOPT taken)"),
+                      "(HANDOFF sent to ADOPT taken), client (the real client, carried along "
+                      "with the hand-off; null without server.proxy_protocol)"),
     "fd.refused": ("warning", "worker", "the key's owner was full; the client got the refusal "
                    "reply: key, from_slot, reason, clients, max_clients"),
     "fd.handoff_failed": ("error", "worker", "HANDOFF could not be sent; the client is served "
@@ -120,6 +126,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                                 "ids that mpd's user namespace does not map (systemd's "
                                 "PrivateUsers=yes) (exit 78): error"),
     "control.failed": ("error", "master", "cannot create the control socket (exit 69): error"),
+    "agent.failed": ("error", "master", "cannot open the agent-check port (at start: exit 69; "
+                     "after an upgrade from a release without it: mpd serves on without the "
+                     "agent): error"),
     "log.dropped": ("warning", "both", "the log sink (stdout, journald, syslog, file) did not "
                     "keep up and this process's queue was full: dropped (lines lost since the "
                     "last report), total (since the process started); logged once the queue "

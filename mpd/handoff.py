@@ -19,6 +19,7 @@ from mpd.config import Config
 from mpd.connection import PINNED, WAITING, Connection
 from mpd.link import Link
 from mpd.protocols import ClientProtocol
+from mpd.proxygate import format_peer
 from mpd.routing import owner
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
@@ -70,7 +71,8 @@ class Handover:
             # The owner we computed, and with which table; retiring, we let the master say.
             self.link.hand_off({"key": conn.key, "sent_ns": time.monotonic_ns(),
                                 "owner": None if self.draining else conn.owner,
-                                "table": conn.table}, bytes(conn.inbuf), conn.fd)
+                                "table": conn.table, "peer": conn.client},
+                               bytes(conn.inbuf), conn.fd)
         except (ValueError, ChannelClosed) as e:
             # The send failed, so the client stays here and is served in place.
             log.error("fd.handoff_failed", fd=conn.fd, key=conn.key, error=str(e))
@@ -105,19 +107,22 @@ class Handover:
             return
         conn = Connection(sock)
         conn.key = meta.get("key")
+        conn.client = meta.get("peer")
         self.add(conn)
         if self.draining:  # it crossed our DRAIN: pass it on, bytes untouched
             conn.inbuf += message.raw
             self.hand_off(conn)
             return
+        client = format_peer(conn.client)
         if self.debug:
-            log.debug("client.bound", fd=conn.fd, key=conn.key)
+            log.debug("client.bound", fd=conn.fd, key=conn.key, client=client)
         self.stats["adopted"] += 1
         sent_ns = meta.get("sent_ns")
         log.info("fd.dispatched", key=conn.key, from_slot=meta.get("from_slot"),
                  from_pid=meta.get("from_pid"), to_slot=self.slot, to_pid=self.pid,
                  carried=len(message.raw),
-                 latency_us=(time.monotonic_ns() - sent_ns) // 1000 if sent_ns else None)
+                 latency_us=(time.monotonic_ns() - sent_ns) // 1000 if sent_ns else None,
+                 client=client)
         self.consume(conn, message.raw)
 
     def refuse(self, sock: socket.socket, meta: dict[str, Any]) -> None:

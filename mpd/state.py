@@ -3,7 +3,10 @@
 carries STATE_VERSION (upgrade.py) so that a master can tell state it cannot read.
 
 Every fd named here stays open across the exec: the listening socket, the control
-socket, each worker's channel (with what is still queued on it) and each held client."""
+socket, the agent-check socket, each worker's channel (with what is still queued on it,
+and the channel version its worker speaks) and each held client. State written by a
+release before these two existed has neither: then the workers speak channel version 1,
+and the new master opens the agent socket itself (cli.resume)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import time
 from typing import Any, Protocol
 
 from mpd import __version__
+from mpd.agent import AgentServer
 from mpd.broker import Broker, HeldClient
 from mpd.channel import Channel
 from mpd.config import Config
@@ -28,6 +32,7 @@ class Master(Protocol):
     config: Config
     listener: socket.socket
     control: ControlServer | None
+    agent: AgentServer | None
     slots: Slots
     broker: Broker
     generation: int
@@ -49,15 +54,20 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
                         "state": w.state, "started": w.started, "stats": w.stats,
                         "generation": w.generation, "version": w.version,
                         "config_generation": w.config_generation,
+                        "channel_version": w.channel.version,
                         "serving": master.slots.serving.get(w.slot) is w, "queued": queued})
     held = [{"fd": h.fd, "meta": h.meta, "raw": _b64(h.raw), "since": h.since}
             for h in master.broker.held]
     fds += [h.fd for h in master.broker.held]
+    agent_fd = master.agent.sock.fileno() if master.agent is not None else None
+    if agent_fd is not None:
+        fds.append(agent_fd)
     state = {
         "state_version": STATE_VERSION, "from_version": __version__,
         "generation": master.generation, "started": master.started, "port": master.port,
         "config": {k: v for k, v in dataclasses.asdict(master.config).items()},
         "listener_fd": master.listener.fileno(), "control_fd": master.control.sock.fileno(),
+        "agent_fd": agent_fd,
         "table": master.slots.target, "workers": workers, "held": held,
         "history": {str(slot): dataclasses.asdict(h) for slot, h in master.slots.history.items()},
         "pidfile": master.pidfile,
@@ -89,6 +99,16 @@ def sockets_of(state: dict[str, Any]) -> tuple[socket.socket, socket.socket]:
     return listener, control
 
 
+def agent_socket_of(state: dict[str, Any]) -> socket.socket | None:
+    """The inherited agent-check socket; None when the old master had none."""
+    if state.get("agent_fd") is None:
+        return None
+    sock = socket.socket(fileno=state["agent_fd"])
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    return sock
+
+
 def restore(master: Master, state: dict[str, Any]) -> None:
     """Put the old master's workers, histories and held clients into this master."""
     master.generation = state["generation"] + 1  # this code is the next generation
@@ -101,7 +121,7 @@ def restore(master: Master, state: dict[str, Any]) -> None:
     for w in state["workers"]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, w["channel_fd"])
         sock.set_inheritable(False)
-        channel = Channel(sock, f"slot {w['slot']}")
+        channel = Channel(sock, f"slot {w['slot']}", w.get("channel_version", 1))
         for item in w["queued"]:
             channel.queue.append((base64.b64decode(item["data"]), item["fds"]))
         worker = WorkerProc(slot=w["slot"], pid=w["pid"], channel=channel,

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from mpd import __version__, roll
 from mpd import log as logmod
 from mpd import state as statemod
-from mpd.channel import VERSION as CHANNEL_VERSION
+from mpd.channel import VERSIONS as CHANNEL_VERSIONS
 from mpd.signals import SignalQueue
 from mpd.slots import WorkerProc
 from mpd.state import STATE_VERSION
@@ -37,9 +37,10 @@ log = logmod.get_logger()
 
 
 def preflight_report() -> dict[str, Any]:
-    """What `mpd --preflight` prints: this code's version and what it can adopt."""
+    """What `mpd --preflight` prints: this code's version and what it can adopt (workers
+    that speak any of its channel versions)."""
     return {"version": __version__, "state_versions": [STATE_VERSION],
-            "channel_versions": [CHANNEL_VERSION]}
+            "channel_versions": list(CHANNEL_VERSIONS)}
 
 
 class Preflight:
@@ -90,8 +91,9 @@ class Preflight:
         assert self.proc.stdout is not None
         self.proc.stdout.close()
 
-    def verdict(self) -> dict[str, Any] | str:
-        """Its report, or why the new code cannot take over."""
+    def verdict(self, channel_versions: Iterable[int]) -> dict[str, Any] | str:
+        """Its report, or why the new code cannot take over workers that speak
+        `channel_versions`."""
         text = self.output.decode("utf-8", "replace").strip()
         code = os.waitstatus_to_exitcode(self.status) if self.status is not None else None
         if code != 0:
@@ -104,9 +106,10 @@ class Preflight:
         if STATE_VERSION not in report.get("state_versions", []):
             return (f"the new code (mpd {report.get('version')}) cannot read this master's "
                     f"state (version {STATE_VERSION}); restart mpd instead")
-        if CHANNEL_VERSION not in report.get("channel_versions", []):
+        unknown = sorted(set(channel_versions) - set(report.get("channel_versions", [])))
+        if unknown:
             return (f"the new code (mpd {report.get('version')}) cannot speak to these "
-                    f"workers (channel version {CHANNEL_VERSION}); restart mpd instead")
+                    f"workers (channel version {unknown[0]}); restart mpd instead")
         return report
 
 
@@ -218,7 +221,8 @@ class Upgrade:
         if not self.eof or self.preflight.status is None or self.upgrades.job is not self:
             return
         self.preflight.close()
-        verdict = self.preflight.verdict()
+        verdict = self.preflight.verdict(
+            {w.channel.version for w in self.master.slots.workers.values()})
         if time.monotonic() >= self.preflight.deadline:
             verdict = f"the new code's pre-flight check took over {PREFLIGHT_TIMEOUT:g} s"
         if isinstance(verdict, str):

@@ -16,10 +16,12 @@ from mpd import log as logmod
 from mpd import testhooks as hooks
 from mpd.channel import ChannelClosed, Kind, Message, close_fds
 from mpd.config import Config, ConfigError
-from mpd.connection import WAITING, Connection
+from mpd.connection import HEADER, WAITING, Connection
 from mpd.handoff import Handover
 from mpd.link import Link, MasterLink, StandaloneLink
 from mpd.protocols import PROTOCOLS, ProtocolError
+from mpd.proxygate import format_peer
+from mpd.proxyphase import ProxyPhase
 
 RECV_SIZE = 32768
 ACCEPT_BATCH = 32  # accepts per wake-up, so a burst spreads over the workers
@@ -44,7 +46,7 @@ def run_single(config: Config, listener: socket.socket) -> int:
     return Worker(config, listener, StandaloneLink()).run()
 
 
-class Worker(Handover):
+class Worker(Handover, ProxyPhase):
     def __init__(self, config: Config, listener: socket.socket, link: Link,
                  slot: int | None = None, slots: tuple[int, ...] = ()):
         self.config = config
@@ -69,6 +71,7 @@ class Worker(Handover):
         self.debug = logmod.enabled("debug")
         self.stats = {"accepted": 0, "requests": 0, "handoffs_out": 0, "adopted": 0,
                       "refused": 0, "protocol_errors": 0, "overflows": 0}
+        self.init_proxy()  # server.proxy_protocol: the PROXY header phase (proxyphase.py)
         # What the master may tell us: one table, as nginx keeps one switch.
         self.on_message_kind: dict[Kind, Callable[[Message], None]] = {
             Kind.ADOPT: self.adopt, Kind.ROUTES: self.on_routes, Kind.CONFIG: self.on_config,
@@ -121,7 +124,8 @@ class Worker(Handover):
     def rearm(self) -> None:
         """Recompute the next time the loop has timed work (heartbeat, retry, deadline)."""
         self.next_timer = min(self.accept_retry_at or INF, self.stop_deadline or INF,
-                              self.next_heartbeat)
+                              self.next_heartbeat,
+                              self.header_timer() if self.gate is not None else INF)
 
     def on_timers(self, now: float) -> None:
         if self.accept_retry_at and now >= self.accept_retry_at:
@@ -132,6 +136,8 @@ class Worker(Handover):
             if hooks.hang_requested():
                 hooks.hang()
             self.report()
+        if self.gate is not None and now >= self.header_timer():
+            self.expire_headers(now)
         if self.stopping and (not self.conns or now >= self.stop_deadline):
             self.running = False
         self.rearm()
@@ -164,6 +170,7 @@ class Worker(Handover):
         raw_accept = self.listener._accept  # (fd, address): see the note below
         family, kind = self.family, self.kind
         max_clients = self.config.max_clients
+        gate = self.gate
         for _ in range(ACCEPT_BATCH):
             if len(conns) >= max_clients:
                 self.pause_accepting("max_clients")
@@ -187,6 +194,8 @@ class Worker(Handover):
             sock = socket.socket(family, kind, 0, fd)
             sock.setblocking(False)
             conn = Connection(sock)
+            if gate is not None and not self.expect_header(conn, addr):
+                continue  # server.proxy_protocol, and not from server.proxy_from: closed
             conns[conn.fd] = conn  # add(), inlined: this is the connection-rate path
             register(conn.fd, IN)
             self.stats["accepted"] += 1
@@ -201,8 +210,11 @@ class Worker(Handover):
     # --- serving ------------------------------------------------------------------------
 
     def on_readable(self, conn: Connection) -> None:
-        if conn.handoff == WAITING:  # its unread bytes belong to the next owner
-            self.flush(conn)
+        if conn.handoff >= WAITING:  # not read as a client now (connection.py)
+            if conn.handoff == WAITING:  # its unread bytes belong to the next owner
+                self.flush(conn)
+            else:  # HEADER: its PROXY header comes first (proxyphase.py)
+                self.read_header(conn)
             return
         try:
             data = conn.sock.recv(RECV_SIZE)
@@ -231,13 +243,15 @@ class Worker(Handover):
                         self.hand_off(conn)
                     return
                 if self.debug:
-                    log.debug("client.bound", fd=conn.fd, key=key)
+                    log.debug("client.bound", fd=conn.fd, key=key,
+                              client=format_peer(conn.client))
                 more, more_frames, key = self.protocol.feed(conn.inbuf, b"")
                 replies += more
                 frames += more_frames
         except ProtocolError as e:
             self.stats["protocol_errors"] += 1
-            log.warning("client.protocol_error", fd=conn.fd, error=str(e))
+            log.warning("client.protocol_error", fd=conn.fd, error=str(e),
+                        client=format_peer(conn.client))
             self.close(conn, "protocol_error")
             return
         if frames:
@@ -293,7 +307,8 @@ class Worker(Handover):
         self.epoll.unregister(conn.fd)
         conn.sock.close()
         if self.debug:
-            log.debug("client.closed", fd=conn.fd, reason=reason, clients=len(self.conns))
+            log.debug("client.closed", fd=conn.fd, reason=reason, clients=len(self.conns),
+                      client=format_peer(conn.client))
         if not self.accepting:
             self.resume_accepting()
 
@@ -350,6 +365,8 @@ class Worker(Handover):
     def apply(self, settings: dict[str, Any]) -> None:
         """Take changed limits and log level from a reload."""
         self.config = self.config.replace(**settings)
+        if self.gate is not None:
+            self.gate.apply(self.config)
         try:
             logmod.configure_from(self.config)
         except ConfigError as e:  # the master could open the log and we cannot: keep ours
@@ -397,7 +414,8 @@ class Worker(Handover):
         self.draining = True
         self.stop()
         for conn in list(self.conns.values()):
-            self.hand_off(conn)
+            if conn.handoff != HEADER:  # the others follow once their header is in
+                self.hand_off(conn)
 
     def shutdown(self) -> None:
         for conn in list(self.conns.values()):

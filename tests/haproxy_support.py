@@ -104,6 +104,12 @@ class Cluster:
                                "--port", str(self.port), *args],
                               capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
+    def start_run(self, *args: str) -> subprocess.Popen[str]:
+        """scripts/cluster, without waiting for it."""
+        return subprocess.Popen([sys.executable, str(CLUSTER), "--dir", str(self.state),
+                                 "--port", str(self.port), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+
     def up(self, hosts: int, *options: str) -> None:
         result = self.run("up", str(hosts), *options)
         assert result.returncode == 0, result.stdout + result.stderr
@@ -116,6 +122,12 @@ class Cluster:
         result = self.run("status", "--json")
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
+
+    def servers(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """HAProxy's view of each (backend, server), from its runtime API, in this process
+        (cluster.status() runs the script and asks every host too)."""
+        return {(s["backend"], s["server"]): s
+                for s in cluster_module().servers(self.state)}
 
     def host_address(self, k: int) -> str:
         return f"127.0.0.{k + 1}"
@@ -130,6 +142,9 @@ class Cluster:
             if name is None or event.get("event") == name:
                 out.append(event)
         return out
+
+    def host_pid(self, k: int) -> int:
+        return int((self.state / f"host{k}" / "mpd.pid").read_text())
 
     def pids(self) -> list[int]:
         """HAProxy's and every host master's pid, from their pidfiles."""

@@ -47,3 +47,20 @@ def test_ab_compares_a_git_revision_with_the_working_tree(tmp_path):
     (saved,) = tmp_path.glob("ab-*.json")
     runs = json.loads(saved.read_text())["runs"]
     assert all(r[0]["handoffs"] > 0 for r in runs.values())
+
+
+def test_the_haproxy_comparison_runs_and_prints_its_figures(tmp_path):
+    from haproxy_support import haproxy
+
+    haproxy()  # installed, or the test skipped saying why
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench" / "haproxy.py"), "--rounds", "1",
+         "--duration", "0.5", "--warmup", "0.2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for row in ("| ping (requests) | straight |", "| ping (requests) | haproxy |",
+                "| handoff (connections) | haproxy |", "| hand-offs (fd.dispatched) | haproxy |"):
+        assert row in result.stdout, result.stdout
+    (saved,) = tmp_path.glob("haproxy-*.json")
+    runs = json.loads(saved.read_text())["runs"]
+    assert all(r[0]["handoffs"] > 0 for name, r in runs.items() if "handoff" in name)

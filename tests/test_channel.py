@@ -10,12 +10,16 @@ import pytest
 
 from mpd import log as logmod
 from mpd.channel import (
+    HANDOFF_META,
+    HANDOFF_META_V1,
     HEADER,
     MAX_MESSAGE,
     VERSION,
+    VERSIONS,
     Channel,
     ChannelClosed,
     Kind,
+    decode,
     encode,
 )
 
@@ -39,6 +43,7 @@ def test_malformed_messages_are_dropped_and_their_fds_closed(pair):
     before = open_fds()
     bad = [b"\x01",  # shorter than a header
            HEADER.pack(VERSION + 1, Kind.STATS, 2) + b"{}",  # unknown version
+           HEADER.pack(0, Kind.STATS, 2) + b"{}",  # unknown version
            HEADER.pack(VERSION, 99, 2) + b"{}",  # unknown type
            HEADER.pack(VERSION, Kind.STATS, 5) + b"{nope",  # bad JSON
            HEADER.pack(VERSION, Kind.STATS, 2) + b"[]",  # not an object
@@ -62,7 +67,7 @@ def test_handoff_meta_round_trips_with_its_fd_and_bytes(pair):
     (message,) = right.receive()
     assert message.kind is Kind.HANDOFF and message.raw == b"Mrest\0"
     assert message.meta == {"key": -5, "from_slot": None, "from_pid": None, "sent_ns": 123,
-                            "owner": None, "table": None}
+                            "owner": None, "table": None, "peer": None}
     assert len(message.fds) == 1
     os.write(w, b"x")
     assert os.read(message.fds[0], 1) == b"x"  # the same pipe came across
@@ -75,13 +80,47 @@ def test_handoff_meta_round_trips_with_its_fd_and_bytes(pair):
 def test_handoff_meta_carries_the_senders_routing(pair):
     left, right = pair
     meta = {"key": 2**31 - 1, "from_slot": 29, "from_pid": 4_000_000, "sent_ns": 2**63,
-            "owner": 0, "table": 30}
+            "owner": 0, "table": 30, "peer": ("2001:db8::7", 65535)}
     r, w = os.pipe()
     left.send(Kind.ADOPT, meta, b"", [r])
     (message,) = right.receive()
     assert message.kind is Kind.ADOPT and message.meta == meta and message.raw == b""
     for fd in (*message.fds, w):
         os.close(fd)
+
+
+def test_a_version_1_peer_gets_the_layout_it_reads_without_the_client_address(pair):
+    """After an upgrade in place the master speaks version 1 to the previous release's
+    workers until the roll replaces them: no address, which they could not read."""
+    left, right = pair
+    left.version = 1
+    r, w = os.pipe()
+    left.send(Kind.ADOPT, {"key": 9, "from_slot": 1, "sent_ns": 5,
+                           "peer": ("203.0.113.9", 41000)}, b"M\0", [r])
+    data, fds, _flags, _addr = socket.recv_fds(right.sock, MAX_MESSAGE, 1)
+    version, kind, meta_len = HEADER.unpack_from(data)
+    assert (version, kind, meta_len) == (1, Kind.ADOPT, HANDOFF_META_V1.size) == (1, 11, 29)
+    message = decode(data, fds)
+    assert message.meta == {"key": 9, "from_slot": 1, "from_pid": None, "sent_ns": 5,
+                            "owner": None, "table": None, "peer": None}
+    left.send(Kind.STATS, {"clients": 1})  # JSON messages carry the version too
+    stats, _fds, _flags, _addr = socket.recv_fds(right.sock, MAX_MESSAGE, 1)
+    assert stats[0] == 1 and decode(stats, []).meta == {"clients": 1}
+    for fd in (*fds, w):
+        os.close(fd)
+
+
+def test_a_version_1_handoff_decodes_as_one_without_an_address():
+    body = HANDOFF_META_V1.pack(True, 7, 2, 4321, 99, 1, 3)
+    data = HEADER.pack(1, Kind.HANDOFF, len(body)) + body + b"rest"
+    assert decode(data, []).meta == {"key": 7, "from_slot": 2, "from_pid": 4321,
+                                     "sent_ns": 99, "owner": 1, "table": 3, "peer": None}
+    assert decode(data, []).raw == b"rest"
+    with pytest.raises(ValueError) as error:  # a version-2 meta under a version-1 header
+        decode(HEADER.pack(1, Kind.HANDOFF, HANDOFF_META.size)
+               + encode(Kind.HANDOFF, {"key": 7})[HEADER.size:], [])
+    assert "expected 29 (version 1)" in str(error.value)
+    assert VERSIONS == (1, VERSION) and VERSION == 2
 
 
 def test_a_full_channel_queues_in_order_and_delivers_when_read(pair):

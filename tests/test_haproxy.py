@@ -1,7 +1,8 @@
 """Several hosts behind a real HAProxy (Debian's 2.6): the shipped config, the local
-cluster that scripts/cluster builds from it, and key affinity across hosts as mpd's own
-logs tell it. mpd does not speak the PROXY protocol or serve the agent port yet (their
-pieces exist, the wiring comes later), so the clusters here run with both turned off."""
+cluster that scripts/cluster builds from it (PROXY protocol v2 and the agent check on),
+and what it promises as mpd's own logs tell it: key affinity across hosts, the real
+client in every host's logs, a host that stops drained first, a host that joins taking
+its share of keys and no more."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ import signal
 import socket
 import struct
 import tempfile
+import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import (
+    M_PING,
     REPLY,
+    Pingers,
     build_seed_client,
     count_replies,
     pid_alive,
@@ -28,9 +32,6 @@ from conftest import (
     wait_until,
 )
 from haproxy_support import SHIPPED, Cluster, check_config, cluster_module, free_port
-
-PLAIN = ("--no-proxy-protocol", "--no-agent")  # until the worker and master are wired
-
 
 # --- the shipped config --------------------------------------------------------------------
 
@@ -141,8 +142,9 @@ def connect(port: int) -> socket.socket:
 
 
 def test_cluster_up_status_down(cluster: Cluster):
-    cluster.up(2, *PLAIN, "--workers", "1")
+    cluster.up(2, "--workers", "1")
     status = cluster.status()
+    assert status["proxy_protocol"] and status["agent"]  # on by default
     assert [s["state"] for s in status["haproxy"]] == ["up"] * 4
     assert [(s["backend"], s["server"], s["address"]) for s in status["haproxy"]] == [
         ("mpd_any", "mpd1", f"127.0.0.2:{cluster.port}"),
@@ -159,7 +161,8 @@ def test_cluster_up_status_down(cluster: Cluster):
     assert f"host 2: 127.0.0.3:{cluster.port}" in shown.stdout
     assert re.search(rf"mpd_keyed\s+mpd2\s+127\.0\.0\.3:{cluster.port}\s+up\s+ready", shown.stdout)
     assert "workers 1/1 ready" in shown.stdout  # mpdctl status of each host
-    again = cluster.run("up", "2", *PLAIN)
+    assert "(proxy protocol on, agent on)" in shown.stdout
+    again = cluster.run("up", "2")
     assert again.returncode == 1 and "already up" in again.stderr
     pids = cluster.pids()
     assert len(pids) == 3
@@ -184,14 +187,20 @@ def bound_where(cluster: Cluster) -> dict[int, Counter]:
 
 
 def test_keyed_clients_land_on_the_same_host_and_slot_on_every_reconnect(cluster: Cluster):
-    cluster.up(3, *PLAIN, "--workers", "2", "--log-level", "debug")
+    cluster.up(3, "--workers", "2", "--log-level", "debug")
     keys = random.Random(16).sample(range(-2**31, 2**31), 1000)
     rounds = 3
+    clients: Counter = Counter()  # (key, the client's own address and port)
     for _ in range(rounds):
         for key in keys:
             with connect(cluster.port) as client:
                 client.sendall(key_frame(key) + b"Mping\0")
                 assert recv_exact(client, len(REPLY)) == REPLY
+                clients[(key, "{}:{}".format(*client.getsockname()))] += 1
+    # Through HAProxy's PROXY v2 header, each host logged the real client, port and all.
+    logged = Counter((e["key"], e["client"]) for k in range(1, 4)
+                     for e in cluster.events(k, "client.bound"))
+    assert logged == clients
     where = bound_where(cluster)
     assert sorted(where) == sorted(keys)
     moved = {key: places for key, places in where.items() if len(places) != 1}
@@ -205,8 +214,34 @@ def test_keyed_clients_land_on_the_same_host_and_slot_on_every_reconnect(cluster
     assert len(slots) == 6  # and mpd spreads each host's keys over its two slots
 
 
+def test_a_client_straight_to_a_host_is_refused_with_a_clear_line(cluster: Cluster):
+    """The hosts take PROXY headers from HAProxy's address (127.0.0.1) only: a client that
+    skips HAProxy is closed at its first byte (from there) or at once (from elsewhere)."""
+    cluster.up(1, "--workers", "1")
+    with socket.create_connection((cluster.host_address(1), cluster.port), timeout=10) \
+            as direct:
+        direct.sendall(key_frame(5) + M_PING)
+        assert direct.recv(100) == b""
+    stranger = socket.socket()
+    stranger.bind(("127.0.0.9", 0))
+    with stranger:
+        stranger.connect((cluster.host_address(1), cluster.port))
+        stranger.settimeout(10)
+        assert stranger.recv(100) == b""
+    lines = wait_until(lambda: len(cluster.events(1, "client.proxy_rejected")) == 2
+                       and cluster.events(1, "client.proxy_rejected"), what="two refusals")
+    assert [(e["reason"], e["peer"].split(":")[0]) for e in lines] == [
+        ("malformed", "127.0.0.1"), ("untrusted", "127.0.0.9")]
+    assert lines[0]["error"].startswith("not a PROXY protocol header: the connection starts "
+                                        "with b'C\\x05\\x00\\x00\\x00Mclient, pi'")
+    assert "is not in server.proxy_from" in lines[1]["error"]
+    with connect(cluster.port) as client:  # through HAProxy, all is well
+        client.sendall(key_frame(5) + M_PING)
+        assert recv_exact(client, len(REPLY)) == REPLY
+
+
 def test_keyless_clients_are_spread_by_least_connections(cluster: Cluster):
-    cluster.up(3, *PLAIN, "--workers", "1")
+    cluster.up(3, "--workers", "1")
     clients = [connect(cluster.port) for _ in range(30)]
     for client in clients:
         client.sendall(b"hello, client ping!\0")
@@ -223,7 +258,7 @@ def test_the_seeds_mpclient2_is_hashed_by_its_key_through_haproxy(cluster: Clust
     inspect delay lets HAProxy wait for them. A client of ours with the same key must land
     on the same host: HAProxy hashed mpclient2's key rather than balancing by load."""
     mpclient2 = build_seed_client("mpclient2", tmp_path)
-    cluster.up(3, *PLAIN, "--workers", "1", "--log-level", "debug")
+    cluster.up(3, "--workers", "1", "--log-level", "debug")
     output = run_seed_client([str(mpclient2), "127.0.0.1", str(cluster.port), "20", "1"],
                              lambda out: count_replies(out) >= 40, timeout=60)
     assert set(line for line in output if line.startswith("recv from")) == {
@@ -243,7 +278,7 @@ def test_a_host_that_dies_costs_its_keyed_clients_no_error(cluster: Cluster):
     """Before HAProxy's checks notice a dead host, a connection to it is refused; `retries`
     and `option redispatch` send it to another host, so the client sees no error. Its key
     moves (what is not guaranteed), the other keys stay."""
-    cluster.up(3, *PLAIN, "--workers", "1", "--log-level", "debug")
+    cluster.up(3, "--workers", "1", "--log-level", "debug")
     keys = random.Random(3).sample(range(-2**31, 2**31), 90)
 
     def ping_all() -> None:
@@ -285,7 +320,7 @@ def test_a_cluster_that_cannot_start_says_why_and_leaves_nothing_running(cluster
     with socket.socket() as taken:  # host 2's address and port, taken
         taken.bind(("127.0.0.3", cluster.port))
         taken.listen()
-        failed = cluster.run("up", "3", *PLAIN, "--workers", "1")
+        failed = cluster.run("up", "3", "--workers", "1")
     assert failed.returncode == 1
     assert "cluster: host 2 (127.0.0.3) did not start (exit 69)" in failed.stderr
     assert "Address already in use" in failed.stderr
@@ -298,8 +333,117 @@ def test_haproxy_that_cannot_start_says_why_and_leaves_nothing_running(cluster: 
     with socket.socket() as taken:  # HAProxy's own address and port, taken
         taken.bind(("127.0.0.1", cluster.port))
         taken.listen()
-        failed = cluster.run("up", "1", *PLAIN, "--workers", "1")
+        failed = cluster.run("up", "1", "--workers", "1")
     assert failed.returncode == 1
     assert "cluster: HAProxy exited at start" in failed.stderr
     assert "cannot bind socket" in failed.stderr
     assert len(cluster.events(1, "mpd.stopped")) == 1
+
+
+# --- hosts that leave and join -----------------------------------------------------------------
+
+class Rounds:
+    """Where each key lands, as the hosts' own logs say (client.bound): one round is one
+    connect-ping-close client per key, through HAProxy."""
+
+    def __init__(self, cluster: Cluster):
+        self.cluster = cluster
+
+    def run(self, keys: list[int]) -> dict[int, int]:
+        """key -> the host that served it in this round."""
+        hosts = range(1, self.cluster.hosts + 1)
+        marks = {k: len(self.cluster.events(k, "client.bound")) for k in hosts}
+        for key in keys:
+            with connect(self.cluster.port) as client:
+                client.sendall(key_frame(key) + M_PING)
+                assert recv_exact(client, len(REPLY)) == REPLY
+
+        def placed() -> dict[int, int]:
+            return {e["key"]: k for k in hosts
+                    for e in self.cluster.events(k, "client.bound")[marks[k]:]}
+        return wait_until(lambda: len(placed()) == len(keys) and placed(),
+                          what=f"{len(keys)} keys bound")
+
+
+class KeyedStream(threading.Thread):
+    """New keyed clients, one after another (connect, key, ping, reply, close), through
+    HAProxy; every failure is kept."""
+
+    def __init__(self, port: int, keys: list[int]):
+        super().__init__(daemon=True)
+        self.port, self.keys = port, keys
+        self.halt = threading.Event()
+        self.done = 0
+        self.errors: list[tuple[int, Exception]] = []
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            key = self.keys[self.done % len(self.keys)]
+            try:
+                with connect(self.port) as client:
+                    client.sendall(key_frame(key) + M_PING)
+                    assert recv_exact(client, len(REPLY)) == REPLY
+            except Exception as e:  # noqa: BLE001 - the test reads them
+                self.errors.append((key, e))
+            self.done += 1
+
+    def stop(self) -> list[tuple[int, Exception]]:
+        self.halt.set()
+        self.join(30)
+        return self.errors
+
+
+def test_a_host_stopped_under_load_drains_first_then_its_keys_move_and_return(
+        cluster: Cluster):
+    cluster.up(3, "--workers", "1", "--log-level", "debug")
+    keys = random.Random(17).sample(range(-2**31, 2**31), 600)
+    rounds = Rounds(cluster)
+    first = rounds.run(keys)
+    assert set(first.values()) == {1, 2, 3}
+    pingers = Pingers(cluster.port, keys[:30])  # long-lived clients on every host
+    stream = KeyedStream(cluster.port, keys)  # and new ones all the while
+    stream.start()
+    pingers.wait_progress("30 clients pinging through HAProxy")
+    host2 = cluster.host_pid(2)
+    stopping = cluster.start_run("stop", "2")  # SIGTERM, as systemctl stop would
+    # HAProxy hears `drain` from the agent while host 2 still serves: no new client
+    # goes there, and the keyed backend (tracking) takes it off the hash ring.
+    wait_until(lambda: cluster.servers()[("mpd_any", "mpd2")]["admin"] == "drain",
+               what="HAProxy drains host 2", timeout=10)
+    assert pid_alive(host2) and not cluster.events(2, "mpd.stopping")
+    assert cluster.servers()[("mpd_keyed", "mpd2")]["admin"] == "drain"
+    assert stopping.wait(timeout=60) == 0, stopping.stdout.read() if stopping.stdout else ""
+    drained = cluster.events(2, "mpd.draining")
+    assert drained and cluster.events(2, "mpd.stopped")
+    errors = pingers.stop()
+    # Host 2's long-lived clients were closed at a frame boundary; no one else's.
+    assert [key for key, error in zip(keys[:30], errors) if error is not None] \
+        == [key for key in keys[:30] if first[key] == 2]
+    assert stream.stop() == [] and stream.done > 0  # no new client saw an error
+    second = rounds.run(keys)
+    assert not [key for key in keys if second[key] == 2]
+    others = [key for key in keys if first[key] != 2]
+    moved = [key for key in others if second[key] != first[key]]
+    assert len(moved) <= 0.05 * len(others), f"{len(moved)} of {len(others)} keys moved"
+    started = cluster.run("start", "2")
+    assert started.returncode == 0, started.stdout + started.stderr
+    third = rounds.run(keys)
+    back = [key for key in keys if third[key] == first[key]]
+    assert len(back) == len(keys), f"{len(keys) - len(back)} keys not back on their host"
+
+
+def test_a_fourth_host_takes_about_a_quarter_of_the_keys(cluster: Cluster):
+    cluster.up(3, "--workers", "1", "--log-level", "debug")
+    keys = random.Random(18).sample(range(-2**31, 2**31), 800)
+    rounds = Rounds(cluster)
+    before = rounds.run(keys)
+    added = cluster.run("add")
+    assert added.returncode == 0, added.stdout + added.stderr
+    cluster.hosts = 4
+    assert {s["server"] for s in cluster.status()["haproxy"]} == {"mpd1", "mpd2", "mpd3",
+                                                                "mpd4"}
+    after = rounds.run(keys)
+    moved = [key for key in keys if after[key] != before[key]]
+    assert {after[key] for key in moved} == {4}  # keys move to the new host only
+    share = len(moved) / len(keys)
+    assert 0.25 / 1.5 <= share <= 0.25 * 1.5, f"{len(moved)} of {len(keys)} keys moved"

@@ -47,7 +47,12 @@ BAD = {
         '[server]\nlisten = "127.0.0.2"\n[agent]\nlisten = "0.0.0.0:1990"\n', 4,
         "agent.listen", "the agent check needs its own"),
     "unknown agent key": ('[agent]\nport = 1991\n', 2, "agent.port",
-                          "unknown key; [agent] takes listen"),
+                          "unknown key; [agent] takes listen, drain_delay"),
+    "drain_delay negative": ('[agent]\ndrain_delay = -1\n', 2, "agent.drain_delay",
+                             "expected a number of seconds from 0 to 600, got -1"),
+    "agent in single-process mode": ('[workers]\nworkers = 0\n[agent]\n'
+                                     'listen = "127.0.0.1:1991"\n', 4, "agent.listen",
+                                     "single-process mode (workers = 0) has none"),
 }
 
 

@@ -292,3 +292,22 @@ def test_v2_tcp4_header_bytes_are_those_of_the_spec():
     header = v2(("127.0.0.1", 80), ("127.0.0.2", 1990))
     assert header == (b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x21, TCP4]) + b"\x00\x0c"
                       + b"\x7f\x00\x00\x01\x7f\x00\x00\x02" + b"\x00\x50\x07\xc6")
+
+
+ipv4_addresses = st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(ipv4_addresses, st.integers(0, 65535), ipv4_addresses, st.integers(0, 65535),
+       st.binary(max_size=40))
+def test_the_fast_path_for_haproxys_tcp4_header_answers_as_the_general_one(
+        source: str, source_port: int, destination: str, destination_port: int, rest: bytes):
+    """parse() takes a short cut for a v2 TCP4 header without TLVs (what HAProxy sends for
+    an IPv4 client); the long way round must give the very same header."""
+    from mpd.proxy import _parse_v2
+
+    data = v2((source, source_port), (destination, destination_port)) + rest
+    fast = parse(data)
+    assert fast == _parse_v2(data[:MAX_HEADER])
+    assert fast == ProxyHeader(2, "PROXY", (source, source_port),
+                               (destination, destination_port), 28)

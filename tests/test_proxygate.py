@@ -107,7 +107,7 @@ def test_finished_closed_or_replaced_connections_are_skipped():
     new.header_due = g.expect(new, 10.5)
     conns = {5: done, 7: new, 8: still}  # fd 6 closed
     assert list(g.overdue(11.0, conns)) == [still]
-    assert [conn for _due, conn in g.waiting] == [new]
+    assert [fd for _due, fd in g.waiting] == [7]  # the new client's
     assert list(g.overdue(11.5, conns)) == [new]
 
 

@@ -19,6 +19,7 @@ from conftest import (
     M_PING,
     REPLY,
     ROOT,
+    Mpd,
     Pingers,
     pid_alive,
     random_keys,
@@ -206,6 +207,7 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
 
     from mpd import config as configmod
     from mpd import state as statemod
+    from mpd.agent import AgentServer, open_socket
     from mpd.broker import HeldClient
     from mpd.channel import Channel
     from mpd.control import ControlServer
@@ -221,9 +223,12 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     selector = selectors_mod.DefaultSelector()
     old.control = ControlServer(control_sock, str(tmp_path / "mpd.sock"), selector,
                                 lambda r: r, lambda u, g: True)
+    agent_sock = open_socket("127.0.0.1", 0)
+    old.agent = AgentServer(agent_sock, selector, lambda: "up ready 100%")
     ours, theirs = Channel.pair()
-    worker = WorkerProc(slot=1, pid=4_000_001, channel=Channel(ours, "slot 1"), state="ready",
-                        stats={"clients": 3}, version="1.0")
+    # A worker of the release before channel version 2, adopted by an earlier upgrade.
+    worker = WorkerProc(slot=1, pid=4_000_001, channel=Channel(ours, "slot 1", version=1),
+                        state="ready", stats={"clients": 3}, version="1.0")
     old.slots.add(worker)
     worker.channel.queue.append((b"queued", []))  # not yet sent when the exec comes
     held_ours, held_theirs = socket.socketpair()
@@ -231,22 +236,151 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     state, fds = statemod.capture(old)
     state = json.loads(json.dumps(state))  # as the memfd carries it
     assert set(fds) == {listener.fileno(), control_sock.fileno(), ours.fileno(),
-                        old.broker.held[0].fd}
-    new = Master(statemod.config_of(state), *statemod.sockets_of(state))
+                        old.broker.held[0].fd, agent_sock.fileno()}
+    address, agent_address = listener.getsockname(), agent_sock.getsockname()
+    # The new image owns these fds now: the old objects must not close them again (by then
+    # the numbers may be another socket's).
+    for sock in (listener, control_sock, ours, agent_sock):
+        sock.detach()
+    new = Master(statemod.config_of(state), *statemod.sockets_of(state),
+                 statemod.agent_socket_of(state))
     statemod.restore(new, state)
     assert new.generation == 2 and new.started == old.started
     adopted = new.slots.serving[1]
     assert (adopted.pid, adopted.state, adopted.stats, adopted.version, adopted.generation) \
         == (4_000_001, "ready", {"clients": 3}, "1.0", 1)
+    assert adopted.channel.version == 1  # it is spoken to as it speaks
     assert adopted.channel.flush()  # the queued message goes out on the same socket
     assert theirs.recv(100) == b"queued"
     (held,) = new.broker.held
     assert held.meta == {"key": 7, "table": 2} and held.raw == b"M\0"
     os.write(held.fd, b"x")  # the held client's fd is the same connection
     assert held_theirs.recv(1) == b"x"
-    assert new.listener.getsockname() == listener.getsockname()
-    for sock in (theirs, held_theirs, new.listener):
+    assert new.listener.getsockname() == address
+    assert new.agent_sock is not None and new.agent_sock.getsockname() == agent_address
+    for sock in (theirs, held_theirs, new.listener, new.control_sock, new.agent_sock):
         sock.close()
     os.close(held.fd)
     adopted.channel.close()
     selector.close()
+
+
+# --- the agent-check port, and an upgrade from the release before channel version 2 ----------
+
+PREVIOUS_RELEASE = "d752c6b"  # the last commit whose workers speak channel version 1
+
+
+def listening_inode(port: int) -> str:
+    """The inode of the socket listening on 127.0.0.1:port (/proc/net/tcp)."""
+    wanted = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == wanted and fields[3] == "0A":  # 0A: LISTEN
+            return fields[9]
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def ask_agent(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        data = b""
+        while chunk := sock.recv(100):
+            data += chunk
+    return data.decode()
+
+
+def test_an_upgrade_keeps_the_agent_port_it_inherits(mpd_factory, installed):
+    from haproxy_support import free_port
+
+    agent = free_port()
+    server = mpd_factory({"workers": {"workers": 2},
+                          "agent": {"listen": f"127.0.0.1:{agent}"}}, cwd=installed)
+    inode = listening_inode(agent)
+    assert ask_agent(agent) == "up ready 100%\n"
+    set_version(installed, "99.0.4")
+    result = mpdctl(server, "upgrade")
+    assert result.returncode == 0, result.stderr
+    assert listening_inode(agent) == inode  # the same socket: never closed, never rebound
+    assert ask_agent(agent) == "up ready 100%\n"
+    assert not server.events("agent.failed")
+
+
+def test_the_agent_says_drain_while_an_upgrade_runs(mpd_factory, installed):
+    """HAProxy sends new clients elsewhere while the host upgrades (its live ones stay)."""
+    import threading
+
+    from haproxy_support import free_port
+
+    agent = free_port()
+    server = mpd_factory({"workers": {"workers": 1},
+                          "agent": {"listen": f"127.0.0.1:{agent}"}}, cwd=installed)
+    set_version(installed, "99.0.6")
+    with open(installed / "mpd" / "upgrade.py", "a") as slow:  # a pre-flight of 1.5 s at least
+        slow.write("\nimport time as _time\n_time.sleep(1.5)\n")
+    done: list[subprocess.CompletedProcess] = []
+    upgrading = threading.Thread(target=lambda: done.append(mpdctl(server, "upgrade")))
+    upgrading.start()
+    wait_until(lambda: ask_agent(agent) == "drain\n", what="the agent says drain")
+    upgrading.join(60)
+    assert done and done[0].returncode == 0, done
+    assert ask_agent(agent) == "up ready 100%\n"
+
+
+def previous_release(home: Path) -> None:
+    """The mpd package of PREVIOUS_RELEASE, from git, as pip would have installed it."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: the previous release's code comes from it")
+    found = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e",
+                            f"{PREVIOUS_RELEASE}^{{commit}}"], capture_output=True)
+    if found.returncode != 0:
+        pytest.skip(f"commit {PREVIOUS_RELEASE} (the previous release) is not in this "
+                    "checkout's history (a shallow clone?)")
+    shutil.rmtree(home / "mpd")
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS_RELEASE, "mpd"],
+                             capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(home)], input=archive.stdout, check=True)
+
+
+def test_an_upgrade_from_the_release_before_channel_version_2(tmp_path, installed):
+    """Its workers speak channel version 1 (HANDOFF/ADOPT without the client's address):
+    the new master speaks it to them until the roll has replaced them, every live client
+    moves, and the agent port, which that release did not serve, is opened."""
+    from haproxy_support import free_port
+
+    previous_release(installed)
+    agent = free_port()
+    server = PreviousRelease(tmp_path, {"workers": {"workers": 3},
+                                        "agent": {"listen": f"127.0.0.1:{agent}"}},
+                             cwd=installed)
+    try:
+        upgrade_from_the_previous_release(server, installed, agent)
+    finally:
+        server.stop()
+
+
+class PreviousRelease(Mpd):
+    """mpd as that release runs: its config has no server.user (it did not know it)."""
+
+    def write_config(self, settings: dict) -> None:
+        settings["server"].pop("user", None)
+        super().write_config(settings)
+
+
+def upgrade_from_the_previous_release(server: Mpd, installed: Path, agent: int) -> None:
+    with pytest.raises(OSError):
+        ask_agent(agent)  # that release did not serve it
+    pingers = Pingers(server.port, random_keys(60, seed=25))
+    stream = Stream(server.port)
+    stream.start()
+    pingers.wait_progress("60 clients pinging")
+    shutil.rmtree(installed / "mpd")
+    shutil.copytree(ROOT / "mpd", installed / "mpd",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    set_version(installed, "99.0.5")
+    result = mpdctl(server, "upgrade")
+    assert result.returncode == 0, result.stderr
+    assert {w["version"] for w in status(server)["workers"]} == {"99.0.5"}
+    pingers.wait_progress("every connection served after the upgrade")
+    assert pingers.stop() == [None] * 60
+    assert stream.stop() == [] and stream.done > 0
+    assert ask_agent(agent).startswith("up ready ")  # the clients count until they are gone
+    assert len(server.events("upgrade.slot_replaced")) == 3
