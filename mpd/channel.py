@@ -133,15 +133,21 @@ def close_fds(fds: list[int]) -> None:
 class Channel:
     """One end of a worker's socketpair. Owns every fd handed to send() until it is sent."""
 
+    # One receive buffer for the whole process, made on first use: recv_fds() would
+    # allocate (and, at this size, mmap) MAX_MESSAGE bytes on every call, and one buffer
+    # per channel cost the master 128 KiB of heap per respawn. A process reads one channel
+    # at a time, and receive() copies each message out before it returns.
+    buffer = bytearray()
+    view = memoryview(buffer)
+
     def __init__(self, sock: socket.socket, peer: str):
         sock.setblocking(False)
         self.sock = sock
         self.peer = peer  # for log lines: "master" or "slot 3"
         self.queue: deque[tuple[bytes, list[int]]] = deque()
-        # One receive buffer for the channel's life: recv_fds() would allocate (and,
-        # at this size, mmap) MAX_MESSAGE bytes on every call.
-        self.buffer = bytearray(MAX_MESSAGE)
-        self.view = memoryview(self.buffer)
+        if not Channel.buffer:
+            Channel.buffer = bytearray(MAX_MESSAGE)
+            Channel.view = memoryview(Channel.buffer)
 
     @staticmethod
     def pair() -> tuple[socket.socket, socket.socket]:

@@ -65,8 +65,12 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "worker.scaled": ("info", "master", "the worker count changed: previous, workers"),
     "worker.autoscaled": ("info", "master", "every worker was full; one added: previous, "
                           "workers, max_clients"),
-    "worker.accept_paused": ("warning", "worker", "the worker stopped accepting: reason "
-                             "(max_clients, EMFILE, ENFILE, ENOBUFS, ENOMEM), clients"),
+    "worker.accept_paused": ("warning", "worker", "the worker stopped accepting (logged when "
+                             "a pause begins): reason (max_clients, EMFILE, ENFILE, ENOBUFS, "
+                             "ENOMEM), clients, max_clients"),
+    "worker.accept_resumed": ("info", "worker", "accepting again after a pause (logged "
+                              "once a pause is over, however often it repeated): reason, "
+                              "pauses, paused_for, clients"),
     "worker.draining": ("info", "worker", "retiring on scale-down: hands its clients on: "
                         "clients"),
     "worker.stopping": ("info", "worker", "graceful stop: finishing its clients: clients"),

@@ -42,6 +42,7 @@ class Handover:
     accepting: bool
     debug: bool
     stats: dict[str, int]
+    max_clients: int
     consume: Callable[[Connection, bytes], None]
     add: Callable[[Connection], None]
     resume_accepting: Callable[[], None]
@@ -100,7 +101,7 @@ class Handover:
             log.error("channel.error", error=f"ADOPT fd unusable: {e.strerror}")
             return
         sock.setblocking(False)
-        if len(self.conns) >= self.config.max_clients:
+        if len(self.conns) >= self.max_clients:
             self.refuse(sock, meta)
             return
         conn = Connection(sock)
@@ -128,4 +129,4 @@ class Handover:
         sock.close()
         log.warning("fd.refused", key=meta.get("key"), from_slot=meta.get("from_slot"),
                     reason="max_clients", clients=len(self.conns),
-                    max_clients=self.config.max_clients)
+                    max_clients=self.max_clients)

@@ -20,6 +20,7 @@ from mpd.connection import WAITING, Connection
 from mpd.handoff import Handover
 from mpd.link import Link, MasterLink, StandaloneLink
 from mpd.protocols import PROTOCOLS, ProtocolError
+from mpd.upkeep import Upkeep
 
 RECV_SIZE = 32768
 ACCEPT_BATCH = 32  # accepts per wake-up, so a burst spreads over the workers
@@ -44,7 +45,7 @@ def run_single(config: Config, listener: socket.socket) -> int:
     return Worker(config, listener, StandaloneLink()).run()
 
 
-class Worker(Handover):
+class Worker(Handover, Upkeep):
     def __init__(self, config: Config, listener: socket.socket, link: Link,
                  slot: int | None = None, slots: tuple[int, ...] = ()):
         self.config = config
@@ -57,6 +58,7 @@ class Worker(Handover):
         self.family, self.kind = int(listener.family), int(listener.type)
         self.pid = os.getpid()
         self.conns: dict[int, Connection] = {}
+        self.max_clients = config.max_clients
         self.accepting = False
         self.accept_retry_at = 0.0  # monotonic time to retry accepting after a shortage
         self.stopping = False  # graceful: no new clients; close each at a frame boundary
@@ -64,7 +66,8 @@ class Worker(Handover):
         self.stop_deadline = 0.0  # when stopping: close whatever is left at this time
         self.running = True
         self.next_heartbeat = 0.0
-        self.next_timer = 0.0  # the earliest of the three times above: one check per turn
+        self.next_timer = 0.0  # the earliest of the times above: one check per turn
+        self.init_upkeep()
         self.link_writable_wanted = False  # the link's fd is in epoll for OUT too
         self.debug = logmod.enabled("debug")
         self.stats = {"accepted": 0, "requests": 0, "handoffs_out": 0, "adopted": 0,
@@ -88,7 +91,7 @@ class Worker(Handover):
             self.epoll.register(mfd, IN)
         self.resume_accepting()
         self.link.hello(self.slot)
-        log.info("worker.serving", max_clients=self.config.max_clients)
+        log.info("worker.serving", max_clients=self.max_clients)
         conns = self.conns
         poll = self.epoll.poll
         monotonic = time.monotonic
@@ -119,9 +122,10 @@ class Worker(Handover):
         return EXIT_OK
 
     def rearm(self) -> None:
-        """Recompute the next time the loop has timed work (heartbeat, retry, deadline)."""
+        """Recompute the next time the loop has timed work (heartbeat, retry, deadline,
+        upkeep)."""
         self.next_timer = min(self.accept_retry_at or INF, self.stop_deadline or INF,
-                              self.next_heartbeat)
+                              self.next_heartbeat, self.next_upkeep)
 
     def on_timers(self, now: float) -> None:
         if self.accept_retry_at and now >= self.accept_retry_at:
@@ -132,6 +136,8 @@ class Worker(Handover):
             if hooks.hang_requested():
                 hooks.hang()
             self.report()
+        if now >= self.next_upkeep:
+            self.upkeep(now)
         if self.stopping and (not self.conns or now >= self.stop_deadline):
             self.running = False
         self.rearm()
@@ -141,7 +147,7 @@ class Worker(Handover):
     def resume_accepting(self) -> None:
         if self.accepting or self.stopping or self.accept_retry_at:
             return
-        if len(self.conns) >= self.config.max_clients:
+        if len(self.conns) >= self.max_clients:
             return
         # EPOLLEXCLUSIVE: a new client wakes one worker, not all (no thundering herd).
         self.epoll.register(self.listener.fileno(), IN | select.EPOLLEXCLUSIVE)
@@ -153,17 +159,17 @@ class Worker(Handover):
             self.accepting = False
             if reason == "max_clients":
                 self.report()  # tell the master now: it may auto-scale
+        now = time.monotonic()
         if retry:
-            self.accept_retry_at = time.monotonic() + ACCEPT_RETRY
+            self.accept_retry_at = now + ACCEPT_RETRY
             self.rearm()
-        log.every(10.0, "worker.accept_paused", reason=reason, clients=len(self.conns),
-                  max_clients=self.config.max_clients)
+        self.note_pause(reason, now)
 
     def accept(self) -> None:
         conns, register = self.conns, self.epoll.register
         raw_accept = self.listener._accept  # (fd, address): see the note below
         family, kind = self.family, self.kind
-        max_clients = self.config.max_clients
+        max_clients = self.max_clients
         for _ in range(ACCEPT_BATCH):
             if len(conns) >= max_clients:
                 self.pause_accepting("max_clients")
@@ -354,8 +360,9 @@ class Worker(Handover):
             logmod.configure_from(self.config)
         except ConfigError as e:  # the master could open the log and we cannot: keep ours
             log.error("config.reload_failed", error=str(e))
+        self.max_clients = self.config.max_clients
         self.debug = logmod.enabled("debug")
-        if len(self.conns) < self.config.max_clients:
+        if len(self.conns) < self.max_clients:
             self.resume_accepting()
         elif self.accepting:
             self.pause_accepting("max_clients")

@@ -7,7 +7,7 @@ import resource
 import signal
 import time
 
-from conftest import PING, REPLY, cpu_seconds, fd_count, recv_exact, wait_until
+from conftest import PING, REPLY, cpu_seconds, fd_count, recv_exact
 
 
 def test_emfile_pauses_accepting_without_spinning_and_loses_no_client(mpd_factory):
@@ -29,13 +29,18 @@ def test_emfile_pauses_accepting_without_spinning_and_loses_no_client(mpd_factor
         time.sleep(1.0)  # a span to measure CPU over, not a wait for a condition
         used = cpu_seconds(worker) - cpu
         assert used < 0.3 * (time.monotonic() - start), used  # retries, not a busy loop
+        # It retried every 0.1 s meanwhile, and said so once, not on every retry.
+        assert len(server.events("worker.accept_paused", pid=worker)) == 1
     finally:
         resource.prlimit(worker, resource.RLIMIT_NOFILE, (soft, hard))
     for sock in clients[2:]:  # queued in the backlog meanwhile, served once fds free up
         assert recv_exact(sock, len(REPLY)) == REPLY
     for sock in clients:
         sock.close()
-    wait_until(lambda: server.events("worker.accept_paused", reason="EMFILE"), what="logged")
+    resumed = server.wait_event("worker.accept_resumed", pid=worker)
+    assert resumed["reason"] == "EMFILE" and resumed["pauses"] > 5
+    assert resumed["paused_for"] >= 1.0
+    assert len(server.events("worker.accept_paused", pid=worker)) == 1
 
 
 def test_a_failed_spawn_is_retried_and_the_master_survives(mpd_factory):

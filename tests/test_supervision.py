@@ -332,3 +332,43 @@ def test_chaos_random_kills_leave_a_clean_tree(mpd_factory):
     with server.connect() as sock:
         sock.sendall(M_PING)
         assert recv_exact(sock, len(REPLY)) == REPLY
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_the_masters_memory_stays_flat_over_respawns(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 4, "backoff_max": 0.1}})
+
+    def respawn_every_worker(rounds: int) -> None:
+        for _ in range(rounds):
+            pids = server.wait_workers(4, timeout=15)
+            for pid in pids:  # each has served: its death is no crash loop
+                server.wait_event("worker.ready", worker_pid=pid)
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            wait_until(lambda p=pids: not set(p) & set(server.worker_pids()),
+                       what="the killed workers reaped")
+
+    respawn_every_worker(25)  # warm-up: 100 respawns
+    before = rss_kib(server.pid)
+    respawn_every_worker(75)  # 300 more
+    server.wait_workers(4)
+    grown = rss_kib(server.pid) - before
+    assert grown < 1024, f"the master grew by {grown} KiB over 300 respawns"
+
+
+def test_a_scale_down_is_no_channel_error(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1, "max_workers": 4}})
+    for round_ in range(3):
+        for _ in range(3):
+            signal_in_order(server.pid, signal.SIGTTIN)
+        server.wait_workers(4)
+        for _ in range(3):
+            signal_in_order(server.pid, signal.SIGTTOU)
+        server.wait_workers(1)
+        server.wait_event("worker.exited", count=3 * (round_ + 1))
+    # A retiring worker may end before the master's last messages reach it: expected.
+    assert [e for e in server.events("channel.error") if e["level"] != "debug"] == []
