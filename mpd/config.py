@@ -126,8 +126,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("workers", "worker_timeout", 30.0, checks.float_range(1, 3600),
         "Seconds without a heartbeat after which a worker counts as hung and is replaced."),
     Key("workers", "backoff_max", 30.0, checks.float_range(0.1, 3600),
-        "Longest wait, in seconds, before respawning a slot that keeps crashing soon after\n"
-        "start (the wait doubles from 0.1 s with each quick crash)."),
+        "Longest wait, in seconds, before respawning a slot whose workers keep failing before\n"
+        "they serve (the wait doubles from 0.1 s with each; a worker that served is replaced\n"
+        "at once, and while no other slot serves the wait is 1 s at most)."),
     Key("control", "socket", "auto", checks.socket_path,
         "Control socket for mpdctl. \"auto\" = mpd.sock in systemd's RuntimeDirectory\n"
         "(/run/mpd), else /run/mpd/mpd.sock for root, else $XDG_RUNTIME_DIR/mpd/mpd.sock.\n"

@@ -29,6 +29,7 @@ from mpd.slots import Slots, WorkerProc
 from mpd.spawn import fork_worker
 from mpd.systemd import Notifier
 from mpd.upgrade import Upgrades
+from mpd.worker import EXIT_BOOT_ERROR
 
 KILL_WAIT = 5.0  # seconds to reap SIGKILLed workers before exiting regardless
 SPAWN_BATCH = 8  # forks per loop turn (each costs a few ms of the master's time)
@@ -154,7 +155,7 @@ class Master:
         except OSError as e:  # out of processes, memory or fds: try again later
             log.error("worker.spawn_failed", worker_slot=slot, error=e.strerror)
             if serving:
-                self.schedule_respawn(slot, uptime=0.0)
+                self.schedule_respawn(slot, served=False)
             return None
         worker = WorkerProc(slot=slot, pid=pid, channel=channel, generation=self.generation,
                             config_generation=self.config.generation)
@@ -314,15 +315,15 @@ class Master:
         if self.upgrades.on_exit(worker):
             return  # a new-code worker that never got ready: its slot's old one serves on
         if not expected:
-            self.schedule_respawn(worker.slot, uptime)
+            # Served: it said HELLO, and did not end as a boot error.
+            served = worker.state == "ready" and how.get("exit_code") != EXIT_BOOT_ERROR
+            self.schedule_respawn(worker.slot, served)
 
-    def schedule_respawn(self, slot: int, uptime: float) -> None:
-        history = self.slots.history.get(slot)
-        delay = self.slots.schedule_respawn(slot, uptime, self.config.backoff_max)
+    def schedule_respawn(self, slot: int, served: bool) -> None:
+        delay = self.slots.schedule_respawn(slot, served, self.config.backoff_max)
         if delay:
-            assert history is not None  # a delay needs an earlier quick failure
-            log.warning("worker.backoff", worker_slot=slot, failures=history.quick_failures,
-                        delay=delay)
+            log.warning("worker.backoff", worker_slot=slot,
+                        failures=self.slots.history[slot].failures, delay=delay)
 
     def murder_workers(self) -> None:
         """SIGKILL workers whose heartbeat stopped; reap_workers() respawns them. Also the

@@ -26,7 +26,7 @@ RECV_SIZE = 32768
 ACCEPT_BATCH = 32  # accepts per wake-up, so a burst spreads over the workers
 ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
 LOG_DRAIN = 0.5  # seconds an exiting worker may wait for its last log lines (LOG-HOOK)
-EXIT_OK, EXIT_BOOT_ERROR = 0, 3  # 3: failed before serving (the master backs off harder)
+EXIT_OK, EXIT_CRASH, EXIT_BOOT_ERROR = 0, 1, 3  # 3: failed before serving: the master backs off
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 INF = float("inf")
@@ -80,18 +80,32 @@ class Worker(Handover, Upkeep):
     # --- the loop ---------------------------------------------------------------------
 
     def run(self) -> int:
+        """Boot, then serve until stopped. An exception before the loop serves is a boot
+        error (exit 3: the master backs off); one that escapes the loop later is a crash."""
         if hooks.crash_requested():
             log.error("worker.test_crash")
             return EXIT_BOOT_ERROR
+        self.boot()
+        try:
+            self.serve()
+        except Exception as e:  # noqa: BLE001 - logged; the master respawns the slot at once
+            log.exception("worker.crashed", error=repr(e))
+            return EXIT_CRASH
+        self.shutdown()
+        return EXIT_OK
+
+    def boot(self) -> None:
         self.epoll = select.epoll()
         self.signals = self.link.signals(self)
         self.epoll.register(self.signals.fileno(), IN)
-        lfd, sfd, mfd = self.listener.fileno(), self.signals.fileno(), self.link.fileno()
-        if mfd >= 0:
-            self.epoll.register(mfd, IN)
+        if self.link.fileno() >= 0:
+            self.epoll.register(self.link.fileno(), IN)
         self.resume_accepting()
         self.link.hello(self.slot)
         log.info("worker.serving", max_clients=self.max_clients)
+
+    def serve(self) -> None:
+        lfd, sfd, mfd = self.listener.fileno(), self.signals.fileno(), self.link.fileno()
         conns = self.conns
         poll = self.epoll.poll
         monotonic = time.monotonic
@@ -118,8 +132,6 @@ class Worker(Handover, Upkeep):
                     logmod.flush()
             if self.stopping and not conns:
                 self.running = False
-        self.shutdown()
-        return EXIT_OK
 
     def rearm(self) -> None:
         """Recompute the next time the loop has timed work (heartbeat, retry, deadline,
