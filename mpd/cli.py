@@ -164,7 +164,7 @@ def serve(config: configmod.Config, detach: bool) -> int:
             pidfile.check()
         except PidFileError as e:
             raise StartError("mpd.already_running", str(e)) from None
-    control_sock, listener = open_sockets(config)
+    control_sock, listener, activated = open_sockets(config)
     if pidfile is not None:
         from mpd.daemonize import detach as enter_daemon
 
@@ -182,13 +182,14 @@ def serve(config: configmod.Config, detach: bool) -> int:
     from mpd.master import Master
 
     proctitle.master(config)
-    master = Master(config, listener, control_sock)
+    master = Master(config, listener, control_sock, listener_shared=activated)
     master.pidfile = pidfile.path if pidfile is not None else None
     return master.run()
 
 
-def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket.socket]:
-    """The control socket (none in single-process mode), then the listening socket."""
+def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket.socket, bool]:
+    """The control socket (none in single-process mode), then the listening socket, and
+    whether systemd holds that one too (socket activation)."""
     control_sock = None
     if config.worker_count > 0:  # single-process mode has no master, so no control socket
         from mpd.control import ControlError, open_socket
@@ -201,14 +202,14 @@ def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket
         except ControlError as e:
             raise StartError("control.failed", str(e)) from None
     try:
-        listener = listening_socket(config)
+        listener, activated = listening_socket(config)
     except OSError as e:
         if control_sock is not None:
             control_sock.close()
             os.unlink(config.socket_path)
         raise StartError("mpd.bind_failed", f"cannot listen on {config.listen} port "
                          f"{config.port}: {e.strerror}") from None
-    return control_sock, listener
+    return control_sock, listener, activated
 
 
 def preflight() -> int:
@@ -241,14 +242,16 @@ def resume(state_fd: int) -> int:
     logmod.configure_from(config)
     listener, control = statemod.sockets_of(state)
     proctitle.master(config)
-    code = Master(config, listener, control).run(adopt=state)
+    code = Master(config, listener, control,
+                  listener_shared=state.get("listener_shared", False)).run(adopt=state)
     if state.get("pidfile"):  # --daemon's: the old image's context cannot remove it now
         PidFile(state["pidfile"]).__exit__(None, None, None)
     return code
 
 
-def listening_socket(config: configmod.Config) -> socket.socket:
-    """The socket systemd passed (socket activation), else a freshly bound one."""
+def listening_socket(config: configmod.Config) -> tuple[socket.socket, bool]:
+    """The socket systemd passed (socket activation; True: systemd holds it too), else a
+    freshly bound one."""
     from mpd import systemd
 
     log = logmod.get_logger()
@@ -260,9 +263,9 @@ def listening_socket(config: configmod.Config) -> socket.socket:
                 log.warning("mpd.socket_mismatch", listen=address[0], port=address[1],
                             config_listen=config.listen, config_port=config.port)
             sock.setblocking(False)
-            return sock
+            return sock, True
         sock.close()
-    return bind(config)
+    return bind(config), False
 
 
 def raise_fd_limit() -> None:

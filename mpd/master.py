@@ -39,10 +39,13 @@ log = logmod.get_logger()
 
 class Master:
     def __init__(self, config: Config, listener: socket.socket,
-                 control_sock: socket.socket | None = None):
-        """Only state: signal handlers, selector, notifier and control server come in run()."""
+                 control_sock: socket.socket | None = None, listener_shared: bool = False):
+        """Only state: signal handlers, selector, notifier and control server come in run().
+        `listener_shared`: another process (systemd, for socket activation) holds the
+        listening socket too, and it must go on listening after we stop."""
         self.config = config
         self.listener = listener
+        self.listener_shared = listener_shared
         self.control_sock = control_sock
         self.slots = Slots(config.worker_count)
         self.broker = Broker(self.slots, self.send)
@@ -427,12 +430,25 @@ class Master:
                  graceful_timeout=self.config.graceful_timeout)
         self.notifier.stopping()
         self.state = "stopping"
-        self.listener.close()  # no new connections queue up for us
+        self.stop_listening()
         self.stop_deadline = time.monotonic() + self.config.graceful_timeout
         for worker in self.slots.workers.values():
             self.slots.retire(worker)
             self.send(worker, Kind.STOP)
         return None
+
+    def stop_listening(self) -> None:
+        """New clients are refused from now on, in every process at once: shutdown() of a
+        listening socket ends the listening of every copy (the workers' too, whatever they
+        are busy with), and resets the connections queued in its backlog, which no one
+        would accept any more. Not with a socket that systemd holds for socket activation:
+        it goes on listening, and what queues there starts the next mpd."""
+        if self.listener.fileno() < 0:
+            return
+        if not self.listener_shared:
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RD)
+        self.listener.close()
 
     def halt(self, reason: str) -> None:
         """Stop now: SIGKILL every worker, then exit once they are reaped (bounded)."""
@@ -442,7 +458,7 @@ class Master:
         log.warning("mpd.halting", reason=reason, workers=len(self.slots.workers))
         self.notifier.stopping()
         self.state = "stopping"
-        self.listener.close()
+        self.stop_listening()
         self.stop_deadline = 0.0
         self.kill_deadline = time.monotonic() + KILL_WAIT
         for worker in self.slots.workers.values():

@@ -34,6 +34,7 @@ class Master(Protocol):
     started: float
     port: int
     pidfile: str | None
+    listener_shared: bool
 
 
 def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
@@ -60,7 +61,7 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
         "listener_fd": master.listener.fileno(), "control_fd": master.control.sock.fileno(),
         "table": master.slots.target, "workers": workers, "held": held,
         "history": {str(slot): dataclasses.asdict(h) for slot, h in master.slots.history.items()},
-        "pidfile": master.pidfile,
+        "pidfile": master.pidfile, "listener_shared": master.listener_shared,
     }
     return state, fds
 

@@ -60,6 +60,7 @@ class Worker(Handover, Upkeep):
         self.conns: dict[int, Connection] = {}
         self.max_clients = config.max_clients
         self.accepting = False
+        self.listening = True  # our copy of the listening socket is open and listens
         self.accept_retry_at = 0.0  # monotonic time to retry accepting after a shortage
         self.stopping = False  # graceful: no new clients; close each at a frame boundary
         self.draining = False  # retiring: hand every client to its new owner, then exit
@@ -157,7 +158,7 @@ class Worker(Handover, Upkeep):
     # --- accepting ----------------------------------------------------------------------
 
     def resume_accepting(self) -> None:
-        if self.accepting or self.stopping or self.accept_retry_at:
+        if self.accepting or self.stopping or self.accept_retry_at or not self.listening:
             return
         if len(self.conns) >= self.max_clients:
             return
@@ -201,6 +202,9 @@ class Worker(Handover, Upkeep):
                     return
                 if e.errno in (errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH):
                     continue
+                if e.errno == errno.EINVAL:  # the master shut the listening down: a stop
+                    self.stop_listening()
+                    return
                 raise
             sock = socket.socket(family, kind, 0, fd)
             sock.setblocking(False)
@@ -388,9 +392,7 @@ class Worker(Handover, Upkeep):
         self.stopping = True
         self.stop_deadline = time.monotonic() + self.config.graceful_timeout
         self.rearm()
-        if self.accepting:
-            self.epoll.unregister(self.listener.fileno())
-            self.accepting = False
+        self.stop_listening()
         if self.draining:
             return
         log.info("worker.stopping", clients=len(self.conns))
@@ -401,6 +403,15 @@ class Worker(Handover, Upkeep):
                 self.on_readable(conn)
             if conn.fd in self.conns and conn.idle:
                 self.close(conn, "stopping")
+
+    def stop_listening(self) -> None:
+        """Close our copy of the listening socket: once every process has, new clients are
+        refused (in single-process mode ours is the only one)."""
+        if self.accepting:
+            self.epoll.unregister(self.listener.fileno())
+            self.accepting = False
+        self.listening = False
+        self.listener.close()
 
     def quit(self) -> None:
         log.info("worker.quit")

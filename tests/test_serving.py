@@ -25,6 +25,7 @@ from conftest import (
     ping,
     recv_exact,
     run_seed_client,
+    wait_until,
 )
 
 from mpd.protocols.ping import MAX_FRAME
@@ -245,6 +246,32 @@ def test_sigterm_waits_at_most_graceful_timeout_for_a_busy_client(mpd_factory):
     assert all(sees_eof(sock) for sock in idle)
     for sock in [busy, *idle]:
         sock.close()
+
+
+def refused(port: int) -> bool:
+    """True once a connect is refused; a connect that gets through is closed again."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("workers", [2, 0], ids=["workers", "single-process"])
+def test_a_graceful_stop_refuses_new_clients_at_once(mpd_factory, workers):
+    server = mpd_factory({"workers": {"workers": workers, "graceful_timeout": 60}})
+    busy = server.connect()
+    ping(busy)
+    busy.sendall(b"half a pi")  # a frame in progress: the stop waits for it
+    server.signal(signal.SIGTERM)
+    server.wait_event("worker.stopping")
+    # Not accepted by the kernel and left to hang until the workers exit: refused.
+    wait_until(lambda: refused(server.port), timeout=5, what="a new client refused")
+    busy.sendall(b"ng\0")  # the client that was there finishes its frame
+    assert recv_exact(busy, len(REPLY)) == REPLY
+    assert sees_eof(busy)
+    busy.close()
+    assert server.wait_exit(timeout=10) == 0
 
 
 def test_single_process_mode_serves_and_stops_on_sigterm(mpd_factory):
