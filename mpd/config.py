@@ -47,9 +47,9 @@ def default_socket_path() -> str:
 
 
 # Settings a reload may change in running workers (the master sends them in CONFIG).
-LIVE_SETTINGS = ("max_clients", "max_output_buffer", "graceful_timeout", "log_level",
-                 "log_format", "log_target", "log_file", "log_buffer", "proxy_from",
-                 "proxy_timeout")
+LIVE_SETTINGS = ("max_clients", "max_output_buffer", "idle_timeout", "first_frame_timeout",
+                 "graceful_timeout", "log_level", "log_format", "log_target", "log_file",
+                 "log_buffer", "proxy_from", "proxy_timeout")
 # Settings bound to the listening socket or the control socket: changing them needs a restart.
 RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "user", "group", "socket", "mode",
                     "allow_group", "pidfile", "proxy_protocol", "agent_listen")
@@ -119,6 +119,14 @@ SCHEMA: tuple[Key, ...] = (
     Key("workers", "max_output_buffer", 262144, checks.int_range(1024, 1 << 30),
         "Bytes of replies a worker holds for a client that does not read; past it the client\n"
         "is closed (client.overflow), so a stuck client never blocks the others."),
+    Key("workers", "idle_timeout", 300.0, checks.float_range(0, 86400),
+        "Seconds a client may go without sending a whole frame or taking any of its replies\n"
+        "before it is closed (client.timed_out); 0 = never. A client that half-closed (sent\n"
+        "EOF) gets its replies first, unless it stops reading them for this long."),
+    Key("workers", "first_frame_timeout", 10.0, checks.float_range(0, 86400),
+        "Seconds a new client has to send its first whole frame before it is closed, so that\n"
+        "connections that send nothing, or a byte now and then (slowloris), cannot hold the\n"
+        "places of real clients; 0 = never."),
     Key("workers", "autoscale", False, checks.boolean,
         "Add a worker (up to max_workers) whenever every worker is at max_clients."),
     Key("workers", "graceful_timeout", 10.0, checks.float_range(0, 3600),
@@ -184,6 +192,8 @@ class Config:
     max_workers: int = 64
     max_clients: int = 1000
     max_output_buffer: int = 262144
+    idle_timeout: float = 300.0
+    first_frame_timeout: float = 10.0
     autoscale: bool = False
     graceful_timeout: float = 10.0
     worker_timeout: float = 30.0

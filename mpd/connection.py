@@ -1,5 +1,6 @@
 """One client connection as a worker holds it: its socket, the bytes in each direction
-that are not done yet, its routing key, and where it stands in a hand-off."""
+that are not done yet, its routing key, where it stands in a hand-off, and when it last
+did something (for the timeouts that the worker's upkeep enforces)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import socket
 SERVING = 0  # served here (its key, if any, is ours), or not yet keyed
 WAITING = 1  # owned elsewhere: replies already due go out first; not read meanwhile
 PINNED = 2  # a hand-off failed: served here whatever its key
+NEVER = 0.0  # `seen` of a client that has not sent a whole frame yet
 
 
 class Connection:
-    __slots__ = ("sock", "fd", "inbuf", "outbuf", "key", "owner", "table", "handoff")
+    __slots__ = ("sock", "fd", "inbuf", "outbuf", "key", "owner", "table", "handoff", "born",
+                 "seen", "eof")
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, now: float):
         self.sock = sock
         self.fd = sock.fileno()
         self.inbuf = bytearray()  # received, not yet consumed (an incomplete frame)
@@ -23,6 +26,9 @@ class Connection:
         self.owner: int | None = None  # the slot that owns its key, when it has one,
         self.table = 0  # by a slot table of this many slots (ROUTES may come before we hand off)
         self.handoff = SERVING
+        self.born = now  # the worker loop's clock (monotonic) when it came
+        self.seen = NEVER  # when it last sent a whole frame or took some of its replies
+        self.eof = False  # the client half-closed: write what is due, then close
 
     @property
     def idle(self) -> bool:

@@ -82,6 +82,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "client.accepted": ("debug", "worker", "a client connected: fd, peer, clients"),
     "client.bound": ("debug", "worker", "a client named a key this worker owns: fd, key"),
     "client.closed": ("debug", "worker", "a client is gone: fd, reason, clients"),
+    "client.timed_out": ("info", "worker", "clients closed by a round of upkeep (at most one "
+                         "line a second): first_frame (no whole frame within "
+                         "first_frame_timeout), idle (nothing for idle_timeout), clients"),
     "client.protocol_error": ("warning", "worker", "a client broke the protocol and was "
                               "closed: fd, error"),
     "client.overflow": ("warning", "worker", "a client left too many replies unread and was "

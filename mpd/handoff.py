@@ -31,6 +31,8 @@ class Handover:
     config: Config
     protocol: ClientProtocol
     conns: dict[int, Connection]
+    newcomers: dict[int, Connection]
+    now: float
     epoll: select.epoll
     link: Link
     slot: int | None
@@ -80,6 +82,7 @@ class Handover:
             self.consume(conn, b"")
             return
         del self.conns[conn.fd]
+        self.newcomers.pop(conn.fd, None)
         conn.sock.detach()  # the channel owns the fd now and closes it once it is sent
         self.stats["handoffs_out"] += 1
         self.watch_link()
@@ -104,7 +107,8 @@ class Handover:
         if len(self.conns) >= self.max_clients:
             self.refuse(sock, meta)
             return
-        conn = Connection(sock)
+        conn = Connection(sock, self.now)
+        conn.seen = self.now  # it sent its key frame
         conn.key = meta.get("key")
         self.add(conn)
         if self.draining:  # it crossed our DRAIN: pass it on, bytes untouched

@@ -1,11 +1,22 @@
 """The worker's upkeep: what its loop does once a second rather than per event, so that
-serving a readable client with whole frames pays for none of it. Here: the log lines
-about accept pauses, one when a pause begins and one when it is over.
+serving a readable client with whole frames pays for none of it (a request costs one
+attribute store: the connection's `seen` stamp, from the loop's clock). Here: clients'
+timeouts, and the log lines about accept pauses, one when a pause begins and one when it
+is over.
+
+Timeouts are found by sweeps, not per-connection timers. A new client waits in
+`newcomers` (in order of arrival) until it sends its first whole frame; each round looks
+at them only, so the first-frame timeout costs a dict entry per accepted client, however
+many clients are served. The idle timeout looks at every client, once every tenth of
+idle_timeout (at least a second). So a client is closed up to a second (first frame) or a
+tenth of idle_timeout (idle) after its time is up.
 
 Upkeep is a part of the Worker class (worker.py), kept in a file of its own as handoff.py
 is; it works on the worker's connections and state."""
 
 from __future__ import annotations
+
+from typing import Callable
 
 from mpd import log as logmod
 from mpd.config import Config
@@ -22,9 +33,15 @@ class Upkeep:
     conns: dict[int, Connection]
     accepting: bool
     max_clients: int
+    debug: bool
+    stats: dict[str, int]
+    close: Callable[[Connection, str], None]
 
     def init_upkeep(self) -> None:
         self.next_upkeep = 0.0
+        self.newcomers: dict[int, Connection] = {}  # by fd: no whole frame from them yet
+        self.next_idle_sweep = 0.0
+        self.stats["idle_timeouts"] = self.stats["first_frame_timeouts"] = 0
         self.pause_reason = ""  # why accepting stopped, while a pause lasts ("": none)
         self.paused_since = 0.0
         self.pauses = 0  # times accepting stopped since the pause began
@@ -33,6 +50,48 @@ class Upkeep:
         self.next_upkeep = now + UPKEEP_EVERY
         if self.pause_reason and self.accepting:
             self.end_pause(now)
+        first_frame = self.expire_newcomers(now)
+        idle = 0
+        if now >= self.next_idle_sweep:
+            idle = self.expire_idle(now)
+        if first_frame or idle:
+            log.info("client.timed_out", first_frame=first_frame, idle=idle,
+                     clients=len(self.conns))
+
+    # --- timeouts ------------------------------------------------------------------------
+
+    def expire_newcomers(self, now: float) -> int:
+        """Close the clients that had first_frame_timeout to send a whole frame and did
+        not; forget those that did (or left). Returns how many were closed."""
+        limit = self.config.first_frame_timeout
+        if not limit:
+            self.newcomers.clear()
+            return 0
+        closed = 0
+        for fd, conn in list(self.newcomers.items()):
+            if conn.seen or self.conns.get(fd) is not conn:
+                del self.newcomers[fd]
+            elif now - conn.born >= limit:
+                self.close(conn, "first_frame_timeout")  # close() forgets it
+                closed += 1
+            else:
+                break  # in order of arrival: the rest came later
+        self.stats["first_frame_timeouts"] += closed
+        return closed
+
+    def expire_idle(self, now: float) -> int:
+        """Close the clients that neither sent a whole frame nor took a reply for
+        idle_timeout (a half-closed client that stopped reading among them)."""
+        limit = self.config.idle_timeout
+        self.next_idle_sweep = now + max(UPKEEP_EVERY, limit / 10)
+        if not limit:
+            return 0
+        stale = [conn for conn in self.conns.values()
+                 if now - (conn.seen or conn.born) >= limit]
+        for conn in stale:
+            self.close(conn, "idle_timeout")
+        self.stats["idle_timeouts"] += len(stale)
+        return len(stale)
 
     # --- accept pauses: two lines each, however often they repeat ------------------------
 

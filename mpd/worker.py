@@ -14,19 +14,18 @@ from typing import Any, Callable
 
 from mpd import log as logmod
 from mpd import testhooks as hooks
-from mpd.channel import ChannelClosed, Kind, Message, close_fds
-from mpd.config import Config, ConfigError
+from mpd.channel import Kind, Message
+from mpd.config import Config
 from mpd.connection import WAITING, Connection
 from mpd.handoff import Handover
 from mpd.link import Link, MasterLink, StandaloneLink
+from mpd.orders import EXIT_BOOT_ERROR, EXIT_CRASH, EXIT_OK, Orders
 from mpd.protocols import PROTOCOLS, ProtocolError
 from mpd.upkeep import Upkeep
 
 RECV_SIZE = 32768
 ACCEPT_BATCH = 32  # accepts per wake-up, so a burst spreads over the workers
 ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
-LOG_DRAIN = 0.5  # seconds an exiting worker may wait for its last log lines (LOG-HOOK)
-EXIT_OK, EXIT_CRASH, EXIT_BOOT_ERROR = 0, 1, 3  # 3: failed before serving: the master backs off
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 INF = float("inf")
@@ -45,7 +44,7 @@ def run_single(config: Config, listener: socket.socket) -> int:
     return Worker(config, listener, StandaloneLink()).run()
 
 
-class Worker(Handover, Upkeep):
+class Worker(Handover, Orders, Upkeep):
     def __init__(self, config: Config, listener: socket.socket, link: Link,
                  slot: int | None = None, slots: tuple[int, ...] = ()):
         self.config = config
@@ -68,11 +67,12 @@ class Worker(Handover, Upkeep):
         self.running = True
         self.next_heartbeat = 0.0
         self.next_timer = 0.0  # the earliest of the times above: one check per turn
-        self.init_upkeep()
+        self.now = 0.0  # the loop's clock, read once a turn
         self.link_writable_wanted = False  # the link's fd is in epoll for OUT too
         self.debug = logmod.enabled("debug")
         self.stats = {"accepted": 0, "requests": 0, "handoffs_out": 0, "adopted": 0,
                       "refused": 0, "protocol_errors": 0, "overflows": 0}
+        self.init_upkeep()
         # What the master may tell us: one table, as nginx keeps one switch.
         self.on_message_kind: dict[Kind, Callable[[Message], None]] = {
             Kind.ADOPT: self.adopt, Kind.ROUTES: self.on_routes, Kind.CONFIG: self.on_config,
@@ -111,12 +111,16 @@ class Worker(Handover, Upkeep):
         poll = self.epoll.poll
         monotonic = time.monotonic
         log_fd = -1  # LOG-HOOK: the log sink's fd while lines wait for it, else -1
+        now = self.now = monotonic()
         while self.running:
-            now = monotonic()
             if now >= self.next_timer:
                 self.on_timers(now)
             log_fd = logmod.watch_epoll(self.epoll)  # LOG-HOOK
-            for fd, events in poll(self.next_timer - now if self.next_timer < INF else -1):
+            ready = poll(self.next_timer - now if self.next_timer < INF else -1)
+            # The loop's clock, read once a turn: what clients are stamped with (their
+            # timeouts need no clock reading per request).
+            now = self.now = monotonic()
+            for fd, events in ready:
                 conn = conns.get(fd)
                 if conn is not None:
                     if events & OUT:
@@ -208,9 +212,10 @@ class Worker(Handover, Upkeep):
                 raise
             sock = socket.socket(family, kind, 0, fd)
             sock.setblocking(False)
-            conn = Connection(sock)
-            conns[conn.fd] = conn  # add(), inlined: this is the connection-rate path
-            register(conn.fd, IN)
+            conn = Connection(sock, self.now)
+            conns[fd] = conn  # add(), inlined: this is the connection-rate path
+            self.newcomers[fd] = conn  # until its first frame (upkeep.py)
+            register(fd, IN)
             self.stats["accepted"] += 1
             if self.debug:
                 log.debug("client.accepted", fd=sock.fileno(), peer=_peer(addr),
@@ -234,9 +239,19 @@ class Worker(Handover, Upkeep):
             self.close(conn, e.strerror or "error")
             return
         if not data:
-            self.close(conn, "eof")
+            self.on_eof(conn)
             return
         self.consume(conn, data)
+
+    def on_eof(self, conn: Connection) -> None:
+        """The client half-closed (shutdown SHUT_WR): what it asked for before is still
+        due. Stop reading, write the replies that wait, then close (flush() does); bounded
+        by max_output_buffer and, for a client that stops reading, by idle_timeout."""
+        if not conn.outbuf or conn.eof:  # nothing due, or a second EOF: a hang-up
+            self.close(conn, "eof")
+            return
+        conn.eof = True
+        self.epoll.modify(conn.fd, OUT)
 
     def consume(self, conn: Connection, data: bytes) -> None:
         """Feed bytes to the protocol, write back its replies, and hand the client off
@@ -254,6 +269,7 @@ class Worker(Handover, Upkeep):
                     return
                 if self.debug:
                     log.debug("client.bound", fd=conn.fd, key=key)
+                conn.seen = self.now
                 more, more_frames, key = self.protocol.feed(conn.inbuf, b"")
                 replies += more
                 frames += more_frames
@@ -263,6 +279,7 @@ class Worker(Handover, Upkeep):
             self.close(conn, "protocol_error")
             return
         if frames:
+            conn.seen = self.now
             self.stats["requests"] += frames
             self.write(conn, replies)
         if self.stopping and conn.idle and conn.fd in self.conns:
@@ -298,9 +315,13 @@ class Worker(Handover, Upkeep):
             self.close(conn, e.strerror or "error")
             return
         del conn.outbuf[:sent]
+        conn.seen = self.now  # it reads: not idle
         if not conn.outbuf:
             if conn.handoff == WAITING:
                 self.hand_off(conn)
+                return
+            if conn.eof:
+                self.close(conn, "eof")
                 return
             self.epoll.modify(conn.fd, IN)
             if self.stopping and conn.idle:
@@ -308,6 +329,7 @@ class Worker(Handover, Upkeep):
 
     def close(self, conn: Connection, reason: str) -> None:
         del self.conns[conn.fd]
+        self.newcomers.pop(conn.fd, None)
         # Unregister first: close() alone leaves the epoll entry live while another copy
         # of the socket exists, and the master's copy of a handed-off fd can outlive this
         # whole exchange (waking us may preempt it just before it closes that copy); a
@@ -318,125 +340,6 @@ class Worker(Handover, Upkeep):
             log.debug("client.closed", fd=conn.fd, reason=reason, clients=len(self.conns))
         if not self.accepting:
             self.resume_accepting()
-
-    # --- the master: messages through the link ------------------------------------------
-
-    def on_link(self, events: int) -> None:
-        try:
-            messages = self.link.receive(bool(events & OUT))
-            self.watch_link()
-            for message in messages:
-                if self.debug:
-                    log.debug("channel.message", kind=message.kind.name, size=len(message.raw))
-                react = self.on_message_kind.get(message.kind)
-                if react is None:
-                    close_fds(message.fds)
-                    log.warning("channel.error", error=f"unexpected {message.kind.name} "
-                                "from master")
-                else:
-                    react(message)
-        except ChannelClosed:
-            self.orphaned()
-
-    def watch_link(self) -> None:
-        """Wait for the channel to be writable only while something is queued for it."""
-        wants_write = self.link.wants_write
-        if wants_write != self.link_writable_wanted:
-            self.link_writable_wanted = wants_write
-            self.epoll.modify(self.link.fileno(), IN | OUT if wants_write else IN)
-
-    def orphaned(self) -> None:
-        # The master is gone: no one would route, supervise or reap us. Leave now.
-        log.warning("worker.orphaned", reason="channel closed")
-        self.running = False
-
-    def report(self) -> None:
-        try:
-            self.link.report({"clients": len(self.conns), **self.stats,
-                              "config_generation": self.config.generation})
-        except ChannelClosed:
-            self.orphaned()
-            return
-        self.watch_link()
-
-    def on_routes(self, message: Message) -> None:
-        self.slots = tuple(message.meta.get("slots", ()))
-
-    def on_config(self, message: Message) -> None:
-        self.apply(message.meta)
-        self.report()  # at once: the master counts who runs the new config
-
-    def on_drain(self, message: Message) -> None:
-        self.drain(tuple(message.meta.get("slots", ())))
-
-    def apply(self, settings: dict[str, Any]) -> None:
-        """Take changed limits and log level from a reload."""
-        self.config = self.config.replace(**settings)
-        try:
-            logmod.configure_from(self.config)
-        except ConfigError as e:  # the master could open the log and we cannot: keep ours
-            log.error("config.reload_failed", error=str(e))
-        self.max_clients = self.config.max_clients
-        self.debug = logmod.enabled("debug")
-        if len(self.conns) < self.max_clients:
-            self.resume_accepting()
-        elif self.accepting:
-            self.pause_accepting("max_clients")
-
-    # --- stopping -----------------------------------------------------------------------
-
-    def stop(self) -> None:
-        """Graceful: no new clients; each client is closed once its replies are out."""
-        if self.stopping:
-            return
-        self.stopping = True
-        self.stop_deadline = time.monotonic() + self.config.graceful_timeout
-        self.rearm()
-        self.stop_listening()
-        if self.draining:
-            return
-        log.info("worker.stopping", clients=len(self.conns))
-        for conn in list(self.conns.values()):
-            if conn.idle:
-                # Take what the client already sent: a frame it started is finished and
-                # answered before its connection is closed.
-                self.on_readable(conn)
-            if conn.fd in self.conns and conn.idle:
-                self.close(conn, "stopping")
-
-    def stop_listening(self) -> None:
-        """Close our copy of the listening socket: once every process has, new clients are
-        refused (in single-process mode ours is the only one)."""
-        if self.accepting:
-            self.epoll.unregister(self.listener.fileno())
-            self.accepting = False
-        self.listening = False
-        self.listener.close()
-
-    def quit(self) -> None:
-        log.info("worker.quit")
-        os._exit(EXIT_OK)
-
-    def drain(self, slots: tuple[int, ...]) -> None:
-        """Retire: stop accepting and hand every client, with its unread bytes, to the owner
-        of its key under the new slot table (or to any worker when it has no key)."""
-        if self.draining:
-            return
-        self.slots = slots
-        log.info("worker.draining", clients=len(self.conns))
-        self.draining = True
-        self.stop()
-        for conn in list(self.conns.values()):
-            self.hand_off(conn)
-
-    def shutdown(self) -> None:
-        for conn in list(self.conns.values()):
-            self.close(conn, "shutdown")
-        self.link.close({"clients": 0, **self.stats})
-        self.signals.close()
-        self.epoll.close()
-        log.info("worker.stopped", **self.stats)
-        logmod.drain(LOG_DRAIN)  # LOG-HOOK: its last lines, if the sink is slow; bounded
 
 
 def _peer(addr: Any) -> str:
