@@ -30,11 +30,15 @@ MAX_FDS = 4  # fds one message may carry
 MAX_QUEUE = 100_000  # queued messages before the peer counts as gone
 
 # HANDOFF/ADOPT meta: has_key, key, from_slot (-1: none), from_pid (0: none), sent_ns,
-# owner (-1: none) and table (0: none). `owner` is the slot the sender computed with a slot
-# table of `table` slots: tables are always slots 0..N-1, so N names one, and the master
-# uses the sender's answer when its own table has the same size instead of computing it
-# again (rendezvous hashing costs a third of a microsecond per slot).
-HANDOFF_META = struct.Struct("<?iiiQii")
+# owner (-1: none), table (0: none), rank and last. `owner` is the slot the sender computed
+# with a slot table of `table` slots: tables are always slots 0..N-1, so N names one, and
+# the master uses the sender's answer when its own table has the same size instead of
+# computing it again (rendezvous hashing costs a third of a microsecond per slot). `rank`:
+# in an ADOPT, the adopter's place in the key's ranking (0: the owner); in a HANDOFF, the
+# place to look from (0 for a client handed off; more for one that a full slot passed on).
+# `last`: no serving slot comes after the adopter in the ranking, so if it is full it
+# refuses the client rather than pass it on.
+HANDOFF_META = struct.Struct("<?iiiQiiH?")
 FD_SIZE = array.array("i").itemsize
 # Plain ints, looked up once: socket's flags are IntFlag enums, and `flags & (MSG_CTRUNC |
 # MSG_TRUNC)` on enums cost 1-1.8 us a message, a tenth of a hand-off's master time.
@@ -50,10 +54,10 @@ class Kind(enum.IntEnum):
     # worker -> master
     HELLO = 1      # slot, pid, version: the worker's loop is serving
     STATS = 2      # counters; also the heartbeat, about once a second
-    HANDOFF = 3    # key, sent_ns, owner, table + raw carried bytes + the client fd
+    HANDOFF = 3    # key, sent_ns, owner, table, rank + raw carried bytes + the client fd
     # master -> worker
     ROUTES = 10    # slots: the slot table
-    ADOPT = 11     # key, from_slot, from_pid, sent_ns + raw carried bytes + the client fd
+    ADOPT = 11     # key, from_slot, from_pid, sent_ns, rank, last + raw bytes + the client fd
     CONFIG = 12    # changed limits and log level after a reload
     DRAIN = 13     # retire: stop accepting, hand live clients to their new owners, exit
     STOP = 14      # graceful stop: stop accepting, finish clients, exit
@@ -82,7 +86,8 @@ def encode(kind: Kind, meta: dict[str, Any] | None = None, raw: bytes = b"") -> 
         body = HANDOFF_META.pack(key is not None, key or 0,
                                  -1 if from_slot is None else from_slot,
                                  meta.get("from_pid") or 0, meta.get("sent_ns") or 0,
-                                 -1 if owner is None else owner, meta.get("table") or 0)
+                                 -1 if owner is None else owner, meta.get("table") or 0,
+                                 meta.get("rank") or 0, bool(meta.get("last")))
     else:
         body = json.dumps(meta, separators=(",", ":")).encode()
     data = HEADER.pack(VERSION, kind, len(body)) + body + raw
@@ -108,12 +113,13 @@ def decode(data: bytes, fds: list[int]) -> Message:
         if meta_len != HANDOFF_META.size:
             raise ValueError(f"{kind.name} meta of {meta_len} bytes, expected "
                              f"{HANDOFF_META.size}")
-        has_key, key, from_slot, from_pid, sent_ns, owner, table = HANDOFF_META.unpack_from(
-            data, HEADER.size)
+        has_key, key, from_slot, from_pid, sent_ns, owner, table, rank, last = \
+            HANDOFF_META.unpack_from(data, HEADER.size)
         meta = {"key": key if has_key else None,
                 "from_slot": None if from_slot < 0 else from_slot,
                 "from_pid": from_pid or None, "sent_ns": sent_ns or None,
-                "owner": None if owner < 0 else owner, "table": table or None}
+                "owner": None if owner < 0 else owner, "table": table or None,
+                "rank": rank, "last": last}
     else:
         try:
             meta = json.loads(data[HEADER.size:end])

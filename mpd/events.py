@@ -98,8 +98,12 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "fd.dispatched": ("info", "worker", "a handed-off client was adopted by its key's owner: "
                       "key, from_slot, from_pid, to_slot, to_pid, carried (bytes), latency_us "
                       "(HANDOFF sent to ADOPT taken)"),
-    "fd.refused": ("warning", "worker", "the key's owner was full; the client got the refusal "
-                   "reply: key, from_slot, reason, clients, max_clients"),
+    "fd.spilled": ("info", "worker", "this slot was full: the handed-off client goes back to "
+                   "the master for the next slot in its key's ranking: key, rank (0: the "
+                   "owner), clients, max_clients"),
+    "fd.refused": ("warning", "worker", "every slot that could take the client was full (or it "
+                   "had no key); it got the refusal reply: key, from_slot, reason, clients, "
+                   "max_clients"),
     "fd.handoff_failed": ("error", "worker", "HANDOFF could not be sent; the client is served "
                           "where it is: fd, key, error"),
     "fd.dropped": ("error/warning", "master", "a held hand-off could not be delivered: key, "

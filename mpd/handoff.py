@@ -90,23 +90,26 @@ class Handover:
             self.resume_accepting()
 
     def adopt(self, message: Message) -> None:
-        """Take a client handed over by the master: its carried bytes first, then its socket."""
+        """Take a client handed over by the master: its carried bytes first, then its socket.
+        Full, we pass it on to the next slot in its key's ranking, or refuse it as the last."""
         meta = message.meta
         if len(message.fds) != 1 or not isinstance(meta.get("key", 0), (int, type(None))):
             close_fds(message.fds)
             log.error("channel.error", error="ADOPT without exactly one fd and a valid key")
             return
+        fd = message.fds.pop()  # ours from here on
+        if len(self.conns) >= self.max_clients and not self.draining:
+            if not self.pass_on(fd, message.raw, meta):
+                self.refuse(fd, meta)
+            return
         try:
             # Family and type given: no getsockopt() calls to detect them.
-            sock = socket.socket(self.family, self.kind, 0, message.fds[0])
+            sock = socket.socket(self.family, self.kind, 0, fd)
         except OSError as e:
-            close_fds(message.fds)
+            close_fds([fd])
             log.error("channel.error", error=f"ADOPT fd unusable: {e.strerror}")
             return
         sock.setblocking(False)
-        if len(self.conns) >= self.max_clients:
-            self.refuse(sock, meta)
-            return
         conn = Connection(sock, self.now)
         conn.seen = self.now  # it sent its key frame
         conn.key = meta.get("key")
@@ -125,12 +128,38 @@ class Handover:
                  latency_us=(time.monotonic_ns() - sent_ns) // 1000 if sent_ns else None)
         self.consume(conn, message.raw)
 
-    def refuse(self, sock: socket.socket, meta: dict[str, Any]) -> None:
-        """We are full: the client gets the protocol's refusal and is closed."""
+    def pass_on(self, fd: int, raw: bytes, meta: dict[str, Any]) -> bool:
+        """We are full: give the client back to the master, for the next slot in its key's
+        ranking (the broker's). False when we are the last that could take it, when it has
+        no key (a retiring worker's keyless client went to the least busy worker already),
+        or when the channel fails: then it is refused."""
+        if meta.get("last") or meta.get("key") is None:
+            return False
+        rank = meta.get("rank") or 0
+        try:
+            self.link.hand_off({"key": meta["key"], "sent_ns": meta.get("sent_ns"),
+                                "owner": meta.get("owner"), "table": meta.get("table"),
+                                "rank": rank + 1}, raw, fd)
+        except (ValueError, ChannelClosed):
+            return False
+        self.stats["spilled"] += 1
+        self.watch_link()
+        log.info("fd.spilled", key=meta["key"], rank=rank, clients=len(self.conns),
+                 max_clients=self.max_clients)
+        return True
+
+    def refuse(self, fd: int, meta: dict[str, Any]) -> None:
+        """Every slot is full: the client gets the protocol's refusal and is closed."""
         self.stats["refused"] += 1
-        with contextlib.suppress(OSError):
-            sock.send(self.protocol.refusal)
-        sock.close()
+        try:
+            sock = socket.socket(self.family, self.kind, 0, fd)
+        except OSError:
+            close_fds([fd])
+        else:
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
+                sock.send(self.protocol.refusal)
+            sock.close()
         log.warning("fd.refused", key=meta.get("key"), from_slot=meta.get("from_slot"),
                     reason="max_clients", clients=len(self.conns),
                     max_clients=self.max_clients)

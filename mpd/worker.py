@@ -71,7 +71,7 @@ class Worker(Handover, Orders, Upkeep):
         self.link_writable_wanted = False  # the link's fd is in epoll for OUT too
         self.debug = logmod.enabled("debug")
         self.stats = {"accepted": 0, "requests": 0, "handoffs_out": 0, "adopted": 0,
-                      "refused": 0, "protocol_errors": 0, "overflows": 0}
+                      "spilled": 0, "refused": 0, "protocol_errors": 0, "overflows": 0}
         self.init_upkeep()
         # What the master may tell us: one table, as nginx keeps one switch.
         self.on_message_kind: dict[Kind, Callable[[Message], None]] = {

@@ -62,7 +62,7 @@ def test_handoff_meta_round_trips_with_its_fd_and_bytes(pair):
     (message,) = right.receive()
     assert message.kind is Kind.HANDOFF and message.raw == b"Mrest\0"
     assert message.meta == {"key": -5, "from_slot": None, "from_pid": None, "sent_ns": 123,
-                            "owner": None, "table": None}
+                            "owner": None, "table": None, "rank": 0, "last": False}
     assert len(message.fds) == 1
     os.write(w, b"x")
     assert os.read(message.fds[0], 1) == b"x"  # the same pipe came across
@@ -75,7 +75,7 @@ def test_handoff_meta_round_trips_with_its_fd_and_bytes(pair):
 def test_handoff_meta_carries_the_senders_routing(pair):
     left, right = pair
     meta = {"key": 2**31 - 1, "from_slot": 29, "from_pid": 4_000_000, "sent_ns": 2**63,
-            "owner": 0, "table": 30}
+            "owner": 0, "table": 30, "rank": 7, "last": True}
     r, w = os.pipe()
     left.send(Kind.ADOPT, meta, b"", [r])
     (message,) = right.receive()

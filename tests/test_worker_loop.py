@@ -20,6 +20,7 @@ from mpd import config as configmod
 from mpd import log as logmod
 from mpd.channel import Channel, ChannelClosed, Kind, Message, close_fds
 from mpd.link import MasterLink
+from mpd.protocols.ping import REFUSAL
 from mpd.worker import EXIT_OK, Worker
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
@@ -195,3 +196,38 @@ def test_a_worker_that_loses_its_master_leaves(harness):
 
     assert h.run(scenario) == EXIT_OK
     assert h.events("worker.orphaned")[0]["reason"] == "channel closed"
+
+
+def test_a_full_worker_passes_an_adopted_client_on_and_refuses_it_as_the_last(harness):
+    h = harness("[workers]\nmax_clients = 1\n")
+    key = keys_owned_by(0, (0, 1), 1, seed=6)[0]
+
+    def scenario() -> None:
+        h.receive(Kind.HELLO)
+        with h.connect() as client:  # the one place it has
+            client.sendall(M_PING)
+            assert recv_exact(client, len(REPLY)) == REPLY
+            ours, theirs = socket.socketpair()
+            meta = {"key": key, "from_slot": 1, "from_pid": 9, "sent_ns": 1, "owner": 0,
+                    "table": 2, "rank": 0, "last": False}
+            h.master.send(Kind.ADOPT, meta, M_PING, [ours.detach()])
+            back = h.receive(Kind.HANDOFF)  # full: back to the master for the next slot
+            assert back.meta["key"] == key and back.meta["rank"] == 1
+            assert back.raw == M_PING and len(back.fds) == 1
+            # The next slot is full too, and so on to the last, which is this one again.
+            h.master.send(Kind.ADOPT, {**meta, "rank": 1, "last": True}, back.raw,
+                          back.fds)
+            theirs.settimeout(10)
+            assert recv_exact(theirs, len(REFUSAL)) == REFUSAL
+            assert theirs.recv(1) == b""
+            theirs.close()
+            h.master.send(Kind.STOP)
+            assert client.recv(1) == b""
+        final = h.last(Kind.STATS)
+        assert final.meta["spilled"] == 1 and final.meta["refused"] == 1
+
+    assert h.run(scenario) == EXIT_OK
+    (spilled,) = h.events("fd.spilled")
+    assert spilled["key"] == key and spilled["rank"] == 0 and spilled["clients"] == 1
+    (refused,) = h.events("fd.refused")
+    assert refused["key"] == key
