@@ -44,6 +44,7 @@ FD_SIZE = array.array("i").itemsize
 # MSG_TRUNC)` on enums cost 1-1.8 us a message, a tenth of a hand-off's master time.
 RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
+DATA_TRUNCATED = int(socket.MSG_TRUNC)
 ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * FD_SIZE)
 
 log = get_logger()
@@ -151,6 +152,7 @@ class Channel:
         self.sock = sock
         self.peer = peer  # for log lines: "master" or "slot 3"
         self.queue: deque[tuple[bytes, list[int]]] = deque()
+        self.lost = 0  # clients whose fd the kernel could not pass us (no fd slot free)
         if not Channel.buffer:
             Channel.buffer = bytearray(MAX_MESSAGE)
             Channel.view = memoryview(Channel.buffer)
@@ -243,8 +245,7 @@ class Channel:
                 raise ChannelClosed(f"{self.peer}: end of file")
             if flags & TRUNCATED:
                 close_fds(fds)
-                log.error("channel.error", peer=self.peer, error="message or fds truncated",
-                          size=len(data))
+                self.truncated(data, flags)
                 continue
             try:
                 out.append(decode(data, fds))
@@ -252,6 +253,23 @@ class Channel:
                 close_fds(fds)
                 log.error("channel.error", peer=self.peer, error=str(e), size=len(data))
         return out
+
+    def truncated(self, data: bytes, flags: int) -> None:
+        """The kernel could not pass a message whole: too big (MSG_TRUNC), or this process
+        had no free fd for what it carried (MSG_CTRUNC; the kernel closed those fds). A
+        HANDOFF or ADOPT so cut lost its client: count it and say whose it was."""
+        message = None
+        if not flags & DATA_TRUNCATED:
+            with contextlib.suppress(ValueError):
+                message = decode(data, [])
+        if message is not None and message.kind in (Kind.HANDOFF, Kind.ADOPT):
+            self.lost += 1
+            log.error("fd.lost", peer=self.peer, kind=message.kind.name,
+                      key=message.meta["key"], lost=self.lost,
+                      error="no free fd to receive the client (EMFILE)")
+        else:
+            log.error("channel.error", peer=self.peer, error="message or fds truncated",
+                      size=len(data))
 
     def close(self) -> None:
         """Close the socket and every fd still waiting in the queue."""

@@ -30,6 +30,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "mpd.privileges_failed": ("error", "master", "started as root without server.user, or "
                               "server.user names another user and mpd is not root (exit "
                               "78): error"),
+    "mpd.max_clients_capped": ("warning", "master", "workers.max_clients is more than the fd "
+                               "limit allows (the limit less 128); each worker serves at most "
+                               "max_clients: configured, max_clients, fd_limit"),
     "mpd.signal_refused": ("warning", "master", "a signal's command could not be done (SIGTTIN "
                            "at max_workers, SIGTTOU at one worker): signal, command, error"),
     "upgrade.started": ("info", "master", "mpdctl upgrade or SIGUSR2: the pre-flight check of "
@@ -71,6 +74,8 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "worker.accept_resumed": ("info", "worker", "accepting again after a pause (logged "
                               "once a pause is over, however often it repeated): reason, "
                               "pauses, paused_for, clients"),
+    "worker.fd_limit": ("warning", "worker", "the worker's fd limit changed (prlimit); it "
+                        "follows within a second: fd_limit, max_clients, clients"),
     "worker.draining": ("info", "worker", "retiring on scale-down: hands its clients on: "
                         "clients"),
     "worker.stopping": ("info", "worker", "graceful stop: finishing its clients: clients"),
@@ -108,6 +113,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                           "where it is: fd, key, error"),
     "fd.dropped": ("error/warning", "master", "a held hand-off could not be delivered: key, "
                    "reason"),
+    "fd.lost": ("error", "both", "a client's fd was cut from a HANDOFF or ADOPT: this process "
+                "had no free fd to receive it, and the client is gone: kind, key, peer, lost "
+                "(so far)"),
     "channel.message": ("debug", "worker", "a channel message arrived: kind, size"),
     "channel.error": ("error/warning", "both", "a malformed, unexpected or failed channel "
                       "message (its fds are closed): error, peer"),

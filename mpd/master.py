@@ -20,9 +20,10 @@ from typing import Any, Callable
 from mpd import __version__, access, commands
 from mpd import log as logmod
 from mpd.broker import Broker
-from mpd.channel import ChannelClosed, Kind, Message, close_fds
+from mpd.channel import Kind, Message, close_fds
 from mpd.config import Config, live_settings
 from mpd.control import ControlServer
+from mpd.messages import Messages
 from mpd.reloading import reload_config
 from mpd.signals import SignalQueue
 from mpd.slots import Slots, WorkerProc
@@ -37,7 +38,7 @@ SPAWN_BATCH = 8  # forks per loop turn (each costs a few ms of the master's time
 log = logmod.get_logger()
 
 
-class Master:
+class Master(Messages):
     def __init__(self, config: Config, listener: socket.socket,
                  control_sock: socket.socket | None = None, listener_shared: bool = False):
         """Only state: signal handlers, selector, notifier and control server come in run().
@@ -58,6 +59,7 @@ class Master:
         self.generation = 1  # one more with each upgrade in place (its workers' too)
         self.pidfile: str | None = None  # --daemon's, removed by whoever exits last
         self.upgrades = Upgrades(self)  # upgrade in place: its pre-flight, exec and roll
+        self.max_clients = config.clients_per_worker()
         self.on_message_kind: dict[Kind, Callable[[WorkerProc, Message], None]] = {
             Kind.HANDOFF: self.broker.dispatch, Kind.STATS: self.on_stats,
             Kind.HELLO: self.on_hello}
@@ -103,6 +105,7 @@ class Master:
             log.info("mpd.started", version=__version__, config=self.config.path,
                      listen=self.config.listen, port=self.port, workers=self.target,
                      control=self.config.socket_path if self.control else None)
+        self.set_max_clients()
         self.manage_workers()
 
     def close(self) -> None:
@@ -187,103 +190,6 @@ class Master:
         for other in self.slots.workers.values():
             other.channel.close()  # else a sibling never sees EOF when the master dies
         close_fds(self.broker.held_fds())  # the master's to deliver, not ours
-
-    def on_channel_event(self, worker: WorkerProc, events: int) -> None:
-        try:
-            if events & selectors.EVENT_WRITE and worker.channel.flush():
-                self.watch_channel(worker, selectors.EVENT_READ)
-            if events & selectors.EVENT_READ:
-                for message in worker.channel.receive():
-                    self.on_message(worker, message)
-        except ChannelClosed:
-            # The worker is dying; SIGCHLD will tell how. Stop listening to it.
-            self.forget_channel(worker)
-
-    def watch_channel(self, worker: WorkerProc, events: int) -> None:
-        with contextlib.suppress(KeyError, ValueError):  # not registered: it is gone
-            self.selector.modify(worker.channel, events,
-                                 functools.partial(self.on_channel_event, worker))
-
-    def read_last_words(self, worker: WorkerProc) -> None:
-        """Take what a dead worker sent before it died: a retiring worker's last HANDOFFs
-        carry live clients, which closing the channel unread would drop."""
-        while True:
-            try:
-                messages = worker.channel.receive()
-            except ChannelClosed:
-                return
-            if not messages:
-                return
-            for message in messages:
-                self.on_message(worker, message)
-
-    def forget_channel(self, worker: WorkerProc) -> None:
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(worker.channel)
-
-    def send(self, worker: WorkerProc, kind: Kind, meta: dict[str, Any] | None = None,
-             raw: bytes = b"", fds: list[int] | None = None) -> bool:
-        """Send or queue; False if the worker's channel is gone (fds stay the caller's)."""
-        try:
-            worker.channel.send(kind, meta, raw, fds or ())
-        except (ChannelClosed, ValueError) as e:
-            # A retiring worker may end before our last words reach it: that is its
-            # expected end, not an error (every scale-down logged a Broken pipe).
-            log.log(10 if worker.state == "stopping" else 30, "channel.error",
-                    worker_pid=worker.pid, worker_slot=worker.slot, error=str(e))
-            return False
-        if worker.channel.wants_write:
-            self.watch_channel(worker, selectors.EVENT_READ | selectors.EVENT_WRITE)
-        return True
-
-    def broadcast(self, kind: Kind, meta: dict[str, Any]) -> None:
-        """To every worker but the retiring ones: they got what they need with DRAIN."""
-        for worker in list(self.slots.workers.values()):
-            if worker.state != "stopping":
-                self.send(worker, kind, meta)
-
-    # --- channel messages: one table (on_message_kind) -----------------------------------
-
-    def on_message(self, worker: WorkerProc, message: Message) -> None:
-        worker.last_seen = time.monotonic()
-        react = self.on_message_kind.get(message.kind)
-        if react is None:
-            close_fds(message.fds)
-            log.warning("channel.error", worker_pid=worker.pid, worker_slot=worker.slot,
-                        error=f"unexpected {message.kind.name} from a worker")
-            return
-        react(worker, message)
-
-    def on_stats(self, worker: WorkerProc, message: Message) -> None:
-        """The heartbeat: counters, and the number of the config the worker runs."""
-        worker.config_generation = message.meta.pop("config_generation",
-                                                    worker.config_generation)
-        worker.stats = {k: v for k, v in message.meta.items() if isinstance(v, int)}
-        if self.config.autoscale:
-            self.autoscale()
-
-    def on_hello(self, worker: WorkerProc, message: Message) -> None:
-        worker.version = str(message.meta.get("version", ""))
-        if worker.state == "starting":
-            worker.state = "ready"
-        self.upgrades.on_ready(worker)
-        log.info("worker.ready", worker_pid=worker.pid, worker_slot=worker.slot,
-                 boot_ms=round((worker.last_seen - worker.started) * 1000, 1))
-        if self.state == "starting" and self.slots.ready_count() >= self.target:
-            self.state = "running"
-            log.info("mpd.ready", workers=self.slots.ready_count())
-            self.notifier.ready(self.status_line())
-
-    def autoscale(self) -> None:
-        """Add a worker when every worker is full, one at a time (the last must be ready)."""
-        serving = list(self.slots.serving.values())
-        if (self.state != "running" or self.target >= self.config.max_workers
-                or len(serving) < self.target or any(w.state != "ready" for w in serving)):
-            return
-        if all(w.clients >= self.config.max_clients for w in serving):
-            log.info("worker.autoscaled", previous=self.target, workers=self.target + 1,
-                     max_clients=self.config.max_clients)
-            self.scale(self.target + 1)
 
     # --- supervision: reap, respawn, kill the hung, top up -------------------------------
 
@@ -382,7 +288,7 @@ class Master:
             "config": self.config.path, "listen": self.config.listen, "port": self.port,
             "state": self.state, "workers": self.target, "ready": self.slots.ready_count(),
             "held": len(self.broker.held), "autoscale": self.config.autoscale,
-            "max_workers": self.config.max_workers, "max_clients": self.config.max_clients,
+            "max_workers": self.config.max_workers, "max_clients": self.max_clients,
             "generation": self.generation, "upgrade": dict(self.upgrades.status),
             "log_dropped": logmod.dropped_total(),
             "config_generation": self.config.generation,
@@ -411,6 +317,7 @@ class Master:
             if isinstance(new, str):
                 return new
             self.config = new
+            self.set_max_clients()
             self.broadcast(Kind.CONFIG, live_settings(new))
             return self.scale(new.worker_count)
         finally:

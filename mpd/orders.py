@@ -51,12 +51,15 @@ class Orders:
     on_readable: Callable[[Connection], None]
     hand_off: Callable[[Connection], None]
     close: Callable[[Connection, str], None]
+    receive_room: Callable[[], int]
+    set_limits: Callable[[int], None]
+    fd_limit: int
 
     # --- the master: messages through the link ------------------------------------------
 
     def on_link(self, events: int) -> None:
         try:
-            messages = self.link.receive(bool(events & OUT))
+            messages = self.link.receive(bool(events & OUT), self.receive_room())
             self.watch_link()
             for message in messages:
                 if self.debug:
@@ -85,8 +88,8 @@ class Orders:
 
     def report(self) -> None:
         try:
-            self.link.report({"clients": len(self.conns), **self.stats,
-                              "config_generation": self.config.generation})
+            self.link.report({"clients": len(self.conns), "max_clients": self.max_clients,
+                              **self.stats, "config_generation": self.config.generation})
         except ChannelClosed:
             self.orphaned()
             return
@@ -105,16 +108,12 @@ class Orders:
     def apply(self, settings: dict[str, Any]) -> None:
         """Take changed limits and log level from a reload."""
         self.config = self.config.replace(**settings)
-        self.max_clients = self.config.max_clients
         try:
             logmod.configure_from(self.config)
         except ConfigError as e:  # the master could open the log and we cannot: keep ours
             log.error("config.reload_failed", error=str(e))
         self.debug = logmod.enabled("debug")
-        if len(self.conns) < self.max_clients:
-            self.resume_accepting()
-        elif self.accepting:
-            self.pause_accepting("max_clients")
+        self.set_limits(self.fd_limit)
 
     # --- stopping -----------------------------------------------------------------------
 

@@ -4,6 +4,10 @@ attribute store: the connection's `seen` stamp, from the loop's clock). Here: cl
 timeouts, and the log lines about accept pauses, one when a pause begins and one when it
 is over.
 
+The fd limit is followed here too: max_clients never exceeds what it leaves for clients,
+and the channel is read only as far as there are free fds for the clients its messages
+may carry (a message whose fd finds no free slot loses its client: fd.lost).
+
 Timeouts are found by sweeps, not per-connection timers. A new client waits in
 `newcomers` (in order of arrival) until it sends its first whole frame; each round looks
 at them only, so the first-frame timeout costs a dict entry per accepted client, however
@@ -16,13 +20,16 @@ is; it works on the worker's connections and state."""
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 from mpd import log as logmod
-from mpd.config import Config
+from mpd.config import Config, fd_soft_limit
 from mpd.connection import Connection
+from mpd.link import Link
 
 UPKEEP_EVERY = 1.0  # seconds between two rounds of upkeep
+RECEIVE_BATCH = 64  # channel messages read at a time, when free fds allow
 
 log = logmod.get_logger()
 
@@ -35,19 +42,25 @@ class Upkeep:
     max_clients: int
     debug: bool
     stats: dict[str, int]
+    link: Link
     close: Callable[[Connection, str], None]
+    resume_accepting: Callable[[], None]
+    pause_accepting: Callable[..., None]
 
     def init_upkeep(self) -> None:
         self.next_upkeep = 0.0
         self.newcomers: dict[int, Connection] = {}  # by fd: no whole frame from them yet
         self.next_idle_sweep = 0.0
         self.stats["idle_timeouts"] = self.stats["first_frame_timeouts"] = 0
+        self.fd_limit = fd_soft_limit()
+        self.fds_base = 0  # fds held besides clients: counted at boot
         self.pause_reason = ""  # why accepting stopped, while a pause lasts ("": none)
         self.paused_since = 0.0
         self.pauses = 0  # times accepting stopped since the pause began
 
     def upkeep(self, now: float) -> None:
         self.next_upkeep = now + UPKEEP_EVERY
+        self.refresh_limits()
         if self.pause_reason and self.accepting:
             self.end_pause(now)
         first_frame = self.expire_newcomers(now)
@@ -92,6 +105,36 @@ class Upkeep:
             self.close(conn, "idle_timeout")
         self.stats["idle_timeouts"] += len(stale)
         return len(stale)
+
+    # --- the fd limit ----------------------------------------------------------------------
+
+    def init_limits(self) -> None:
+        """At boot: the fds the worker holds besides its clients, and its limits."""
+        self.fds_base = len(os.listdir("/proc/self/fd")) - 1  # the listing's own fd
+        self.set_limits(fd_soft_limit())
+
+    def set_limits(self, fd_limit: int) -> None:
+        """max_clients under this fd limit; accept or not to match."""
+        self.fd_limit = fd_limit
+        self.max_clients = self.config.clients_per_worker(fd_limit)
+        if len(self.conns) < self.max_clients:
+            self.resume_accepting()
+        elif self.accepting:
+            self.pause_accepting("max_clients")
+
+    def refresh_limits(self) -> None:
+        """Follow the fd limit when it changes under us (prlimit), within a second."""
+        fd_limit = fd_soft_limit()
+        if fd_limit != self.fd_limit:
+            self.set_limits(fd_limit)
+            log.warning("worker.fd_limit", fd_limit=fd_limit, max_clients=self.max_clients,
+                        clients=len(self.conns))
+
+    def receive_room(self) -> int:
+        """How many channel messages to read now: each may carry a client's fd. At least
+        one, or the channel (its STOP too) would stall."""
+        free = self.fd_limit - self.fds_base - len(self.conns) - self.link.queued
+        return max(1, min(RECEIVE_BATCH, free - 1))
 
     # --- accept pauses: two lines each, however often they repeat ------------------------
 

@@ -57,7 +57,7 @@ class Worker(Handover, Orders, Upkeep):
         self.family, self.kind = int(listener.family), int(listener.type)
         self.pid = os.getpid()
         self.conns: dict[int, Connection] = {}
-        self.max_clients = config.max_clients
+        self.max_clients = config.clients_per_worker()  # and the fd limit: upkeep.py
         self.accepting = False
         self.listening = True  # our copy of the listening socket is open and listens
         self.accept_retry_at = 0.0  # monotonic time to retry accepting after a shortage
@@ -101,7 +101,7 @@ class Worker(Handover, Orders, Upkeep):
         self.epoll.register(self.signals.fileno(), IN)
         if self.link.fileno() >= 0:
             self.epoll.register(self.link.fileno(), IN)
-        self.resume_accepting()
+        self.init_limits()  # and start accepting
         self.link.hello(self.slot)
         log.info("worker.serving", max_clients=self.max_clients)
 
@@ -203,6 +203,7 @@ class Worker(Handover, Orders, Upkeep):
             except OSError as e:
                 if e.errno in ACCEPT_SHORTAGE:  # out of fds or memory: back off, no spin
                     self.pause_accepting(errno.errorcode[e.errno], retry=True)
+                    self.refresh_limits()  # prlimit may have cut our fd limit
                     return
                 if e.errno in (errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH):
                     continue

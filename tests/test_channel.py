@@ -3,7 +3,9 @@ dropped with their fds closed, and a full socket queues messages instead of bloc
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import socket
 
 import pytest
@@ -147,3 +149,34 @@ def test_messages_sent_before_a_reset_are_still_delivered(pair):
             os.close(fd)
     with pytest.raises(ChannelClosed):
         master.receive()
+
+
+def test_a_client_whose_fd_cannot_be_received_is_counted_and_logged_as_lost(tmp_path):
+    log_path = tmp_path / "channel.log"
+    logmod.configure(target="file", path=str(log_path))
+    a, b = Channel.pair()
+    left, right = Channel(a, "left"), Channel(b, "slot 2")
+    client, peer = socket.socketpair()
+    try:
+        left.send(Kind.ADOPT, {"key": 77, "sent_ns": 1}, b"M\0", [client.detach()])
+        left.send(Kind.STATS, {"clients": 1})
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no fd slot free
+        try:
+            messages = right.receive()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        # The ADOPT lost its client; the message after it came whole.
+        assert [m.kind for m in messages] == [Kind.STATS] and right.lost == 1
+        peer.settimeout(5)
+        assert peer.recv(1) == b""  # and the client's connection went with it
+    finally:
+        left.close()
+        right.close()
+        peer.close()
+        logmod.configure("info")
+    events = [json.loads(line) for line in log_path.read_text().splitlines()]
+    (lost,) = [e for e in events if e["event"] == "fd.lost"]
+    assert (lost["key"], lost["kind"], lost["peer"], lost["lost"]) == (77, "ADOPT", "slot 2", 1)
