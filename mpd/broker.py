@@ -54,8 +54,9 @@ class Broker:
                       error="HANDOFF without exactly one fd and a key")
             return
         meta["from_slot"], meta["from_pid"] = sender.slot, sender.pid
-        if not self.deliver(meta, message.raw, message.fds[0]):
-            self.held.append(HeldClient(meta, message.raw, message.fds[0]))
+        fd = message.fds.pop()  # ours from here on: delivered, held, or dropped
+        if not self.deliver(meta, message.raw, fd):
+            self.held.append(HeldClient(meta, message.raw, fd))
 
     def deliver(self, meta: dict[str, Any], raw: bytes, fd: int,
                 since: float | None = None) -> bool:

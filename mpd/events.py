@@ -90,6 +90,8 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "client.timed_out": ("info", "worker", "clients closed by a round of upkeep (at most one "
                          "line a second): first_frame (no whole frame within "
                          "first_frame_timeout), idle (nothing for idle_timeout), clients"),
+    "client.error": ("error", "worker", "handling a client raised (a bug); that client is "
+                     "closed, the others are served on: fd, key, error, traceback"),
     "client.protocol_error": ("warning", "worker", "a client broke the protocol and was "
                               "closed: fd, error"),
     "client.overflow": ("warning", "worker", "a client left too many replies unread and was "
@@ -118,7 +120,11 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                 "(so far)"),
     "channel.message": ("debug", "worker", "a channel message arrived: kind, size"),
     "channel.error": ("error/warning", "both", "a malformed, unexpected or failed channel "
-                      "message (its fds are closed): error, peer"),
+                      "message, or one whose handling raised (a bug: with kind and traceback); "
+                      "its fds are closed: error, peer, kind, fds"),
+    "loop.error": ("error", "both", "reacting to an event raised (a bug) and the loop goes on: "
+                   "where (signal SIGHUP, timers, duties, accept, channel, reap), error, "
+                   "traceback; a worker whose channel fails so is killed and replaced"),
     "control.command": ("info/debug", "master", "a control request (debug for status and "
                         "ping, which change nothing): command, peer_uid, peer_pid"),
     "control.denied": ("warning", "master", "a control peer not on the allow-list: peer_uid, "
@@ -132,7 +138,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                      "peer_uid, connections"),
     "control.accept_failed": ("warning", "master", "accept on the control socket failed: "
                               "error"),
-    "control.error": ("error", "master", "a control command raised (a bug): command"),
+    "control.error": ("error", "master", "a control command, or the handling of a control "
+                      "peer, raised (a bug); that peer's request fails or it is closed: "
+                      "command, error, traceback"),
     "agent.accept_failed": ("warning", "master", "accept on the agent-check port failed "
                             "(out of fds or memory); it pauses: error, retry_in"),
     "control.access_unmapped": ("error", "master", "control.allow_uids or allow_group name "

@@ -95,7 +95,7 @@ class Handover:
         meta = message.meta
         if len(message.fds) != 1 or not isinstance(meta.get("key", 0), (int, type(None))):
             close_fds(message.fds)
-            log.error("channel.error", error="ADOPT without exactly one fd and a valid key")
+            log.error("channel.error", kind="ADOPT", error="without exactly one fd and a valid key")
             return
         fd = message.fds.pop()  # ours from here on
         if len(self.conns) >= self.max_clients and not self.draining:
@@ -107,7 +107,7 @@ class Handover:
             sock = socket.socket(self.family, self.kind, 0, fd)
         except OSError as e:
             close_fds([fd])
-            log.error("channel.error", error=f"ADOPT fd unusable: {e.strerror}")
+            log.error("channel.error", kind="ADOPT", error=f"fd unusable: {e.strerror}")
             return
         sock.setblocking(False)
         conn = Connection(sock, self.now)

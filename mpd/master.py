@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from mpd import __version__, access, commands
 from mpd import log as logmod
+from mpd import testhooks as hooks
 from mpd.broker import Broker
 from mpd.channel import Kind, Message, close_fds
 from mpd.config import Config, live_settings
@@ -74,9 +75,20 @@ class Master(Messages):
         """Serve until stopped. `adopt`: an old master's state after an upgrade's exec."""
         self.start(adopt)
         while self.state != "stopped":
-            logmod.watch(self.selector)  # wait writable on a log sink that fell behind
-            for key, events in self.selector.select(self.timeout()):
+            self.turn()
+        self.close()
+        log.info("mpd.stopped", uptime=round(time.monotonic() - self.started, 3))
+        return 0
+
+    def turn(self) -> None:
+        """React to what happened, each fd inside a boundary; then the timed duties."""
+        logmod.watch(self.selector)  # wait writable on a log sink that fell behind
+        for key, events in self.selector.select(self.timeout()):
+            try:
                 key.data(events)  # each fd was registered with its reaction
+            except Exception as e:  # noqa: BLE001 - the master exits only on purpose
+                self.contain(key.data, e)
+        try:
             self.murder_workers()
             self.manage_workers()
             self.broker.retry_held()
@@ -84,9 +96,23 @@ class Master(Messages):
             if self.control is not None:
                 self.control.expire()
             self.notifier.tick(self.status_line if self.state == "running" else None)
-        self.close()
-        log.info("mpd.stopped", uptime=round(time.monotonic() - self.started, 3))
-        return 0
+        except Exception as e:  # noqa: BLE001 - at most once a turn, and turns wait
+            log.exception("loop.error", where="duties", error=repr(e))
+
+    def contain(self, reaction: Callable[[int], Any], error: Exception) -> None:
+        """A bug met in reacting to one fd: log it with what it was about and end that one
+        peer. A worker whose channel fails so is killed (its slot is refilled at once):
+        left in the selector, its channel would fail on every turn. Messages, control
+        peers and signals have boundaries of their own, inside."""
+        worker = getattr(reaction, "args", (None,))[0]
+        if isinstance(worker, WorkerProc):
+            log.exception("loop.error", where="channel", worker_pid=worker.pid,
+                          worker_slot=worker.slot, error=repr(error))
+            self.forget_channel(worker)
+            self.kill(worker)
+        else:
+            log.exception("loop.error", where=getattr(reaction, "__name__", repr(reaction)),
+                          error=repr(error))
 
     def start(self, adopt: dict[str, Any] | None = None) -> None:
         self.selector = selectors.DefaultSelector()
@@ -203,10 +229,13 @@ class Master(Messages):
             if pid == 0:
                 return
             worker = self.slots.remove(pid)
-            if worker is not None:
-                self.worker_exited(worker, status)
-            else:
-                self.upgrades.reaped(pid, status)
+            try:
+                if worker is None:
+                    self.upgrades.reaped(pid, status)
+                else:
+                    self.worker_exited(worker, status)
+            except Exception as e:  # noqa: BLE001 - the other children are reaped still
+                log.exception("loop.error", where="reap", worker_pid=pid, error=repr(e))
 
     def worker_exited(self, worker: WorkerProc, status: int) -> None:
         self.forget_channel(worker)
@@ -313,6 +342,7 @@ class Master(Messages):
         """Re-read the config and apply it; on any problem change nothing and return why."""
         self.notifier.reloading()
         try:
+            hooks.fault("master.reload")
             new = reload_config(self.config)
             if isinstance(new, str):
                 return new

@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 from mpd import log as logmod
+from mpd import testhooks as hooks
 from mpd.channel import ChannelClosed, Kind, Message, close_fds
 from mpd.config import Config, fd_soft_limit
 from mpd.slots import Slots, WorkerProc
@@ -93,6 +94,9 @@ class Messages:
     # --- channel messages: one table (on_message_kind) -----------------------------------
 
     def on_message(self, worker: WorkerProc, message: Message) -> None:
+        """React to one message, inside a boundary: a bug in handling it is logged with the
+        worker and the kind, its fds are closed (those its handler did not take: a handler
+        that takes an fd removes it from message.fds), and the next message is handled."""
         worker.last_seen = time.monotonic()
         react = self.on_message_kind.get(message.kind)
         if react is None:
@@ -100,10 +104,16 @@ class Messages:
             log.warning("channel.error", worker_pid=worker.pid, worker_slot=worker.slot,
                         error=f"unexpected {message.kind.name} from a worker")
             return
-        react(worker, message)
+        try:
+            react(worker, message)
+        except Exception as e:  # noqa: BLE001 - one message must not end the master
+            log.exception("channel.error", worker_pid=worker.pid, worker_slot=worker.slot,
+                          kind=message.kind.name, fds=len(message.fds), error=repr(e))
+            close_fds(message.fds)
 
     def on_stats(self, worker: WorkerProc, message: Message) -> None:
         """The heartbeat: counters, and the number of the config the worker runs."""
+        hooks.fault("master.stats")
         worker.config_generation = message.meta.pop("config_generation",
                                                     worker.config_generation)
         worker.stats = {k: v for k, v in message.meta.items() if isinstance(v, int)}

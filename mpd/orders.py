@@ -13,6 +13,7 @@ import socket
 import time
 from typing import Any, Callable
 
+from mpd import config as configmod
 from mpd import log as logmod
 from mpd.channel import ChannelClosed, Kind, Message, close_fds
 from mpd.config import Config, ConfigError
@@ -62,17 +63,29 @@ class Orders:
             messages = self.link.receive(bool(events & OUT), self.receive_room())
             self.watch_link()
             for message in messages:
-                if self.debug:
-                    log.debug("channel.message", kind=message.kind.name, size=len(message.raw))
-                react = self.on_message_kind.get(message.kind)
-                if react is None:
-                    close_fds(message.fds)
-                    log.warning("channel.error", error=f"unexpected {message.kind.name} "
-                                "from master")
-                else:
-                    react(message)
+                self.on_message(message)
         except ChannelClosed:
             self.orphaned()
+
+    def on_message(self, message: Message) -> None:
+        """React to one message, inside a boundary: a bug in handling it is logged with
+        its kind, its fds are closed (those its handler did not take: a handler that takes
+        an fd removes it from message.fds), and the next message is handled."""
+        if self.debug:
+            log.debug("channel.message", kind=message.kind.name, size=len(message.raw))
+        react = self.on_message_kind.get(message.kind)
+        if react is None:
+            close_fds(message.fds)
+            log.warning("channel.error", error=f"unexpected {message.kind.name} from master")
+            return
+        try:
+            react(message)
+        except ChannelClosed:
+            raise
+        except Exception as e:  # noqa: BLE001 - one message must not end the worker
+            log.exception("channel.error", kind=message.kind.name, fds=len(message.fds),
+                          error=repr(e))
+            close_fds(message.fds)
 
     def watch_link(self) -> None:
         """Wait for the channel to be writable only while something is queued for it."""
@@ -96,14 +109,23 @@ class Orders:
         self.watch_link()
 
     def on_routes(self, message: Message) -> None:
-        self.slots = tuple(message.meta.get("slots", ()))
+        slots = slot_table(message)
+        if slots is not None:
+            self.slots = slots
 
     def on_config(self, message: Message) -> None:
-        self.apply(message.meta)
+        try:
+            settings = check_live(message.meta)
+        except ValueError as e:
+            log.error("channel.error", kind="CONFIG", error=f"refused, nothing changed: {e}")
+            return
+        self.apply(settings)
         self.report()  # at once: the master counts who runs the new config
 
     def on_drain(self, message: Message) -> None:
-        self.drain(tuple(message.meta.get("slots", ())))
+        slots = slot_table(message)
+        if slots is not None:
+            self.drain(slots)
 
     def apply(self, settings: dict[str, Any]) -> None:
         """Take changed limits and log level from a reload."""
@@ -169,3 +191,33 @@ class Orders:
         self.epoll.close()
         log.info("worker.stopped", **self.stats)
         logmod.drain(LOG_DRAIN)  # LOG-HOOK: its last lines, if the sink is slow; bounded
+
+
+def slot_table(message: Message) -> tuple[int, ...] | None:
+    """The slot table a ROUTES or DRAIN carries: slots 0..N-1. None (logged) if it is not
+    one: a table of anything else would fail later, on every keyed client."""
+    slots = message.meta.get("slots")
+    if isinstance(slots, list) and slots and all(type(s) is int for s in slots) \
+            and slots == list(range(len(slots))):
+        return tuple(slots)
+    log.error("channel.error", kind=message.kind.name, error=f"not a slot table: {slots!r}")
+    return None
+
+
+def check_live(settings: dict[str, Any]) -> dict[str, Any]:
+    """The live settings of a CONFIG message (configmod.live_settings), each checked as
+    the schema checks it in a file; ValueError says what is wrong. A setting this code
+    does not know (a newer master's, during an upgrade in place) is left out."""
+    keys = {key.attr: key for key in configmod.SCHEMA if key.attr in configmod.LIVE_SETTINGS}
+    checked: dict[str, Any] = {}
+    for name, value in settings.items():
+        if name == "generation":
+            if type(value) is not int:
+                raise ValueError(f"generation: expected an integer, got {value!r}")
+            checked[name] = value
+        elif name in keys:
+            try:
+                checked[name] = keys[name].check(value)
+            except ValueError as e:
+                raise ValueError(f"{keys[name].dotted}: expected {e}, got {value!r}") from None
+    return checked

@@ -5,6 +5,7 @@ a channel, in single-process mode (`workers = 0`) a stand-in, with the same loop
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -113,30 +114,69 @@ class Worker(Handover, Orders, Upkeep):
         log_fd = -1  # LOG-HOOK: the log sink's fd while lines wait for it, else -1
         now = self.now = monotonic()
         while self.running:
-            if now >= self.next_timer:
-                self.on_timers(now)
-            log_fd = logmod.watch_epoll(self.epoll)  # LOG-HOOK
-            ready = poll(self.next_timer - now if self.next_timer < INF else -1)
-            # The loop's clock, read once a turn: what clients are stamped with (their
-            # timeouts need no clock reading per request).
-            now = self.now = monotonic()
-            for fd, events in ready:
-                conn = conns.get(fd)
-                if conn is not None:
-                    if events & OUT:
-                        self.flush(conn)
-                    if events & ~OUT and fd in conns:
-                        self.on_readable(conn)
-                elif fd == lfd:
-                    self.accept()
-                elif fd == mfd:
-                    self.on_link(events)
-                elif fd == sfd:
-                    self.signals.dispatch()
-                elif fd == log_fd:  # the log sink can take queued lines again
-                    logmod.flush()
+            fd = -1  # the fd whose event is handled: a bug there ends that one peer only
+            try:
+                if now >= self.next_timer:
+                    self.on_timers(now)
+                log_fd = logmod.watch_epoll(self.epoll)  # LOG-HOOK
+                ready = poll(self.next_timer - now if self.next_timer < INF else -1)
+                # The loop's clock, read once a turn: what clients are stamped with (their
+                # timeouts need no clock reading per request).
+                now = self.now = monotonic()
+                for fd, events in ready:
+                    conn = conns.get(fd)
+                    if conn is not None:
+                        if events & OUT:
+                            self.flush(conn)
+                        if events & ~OUT and fd in conns:
+                            self.on_readable(conn)
+                    elif fd == lfd:
+                        self.accept()
+                    elif fd == mfd:
+                        self.on_link(events)
+                    elif fd == sfd:
+                        self.signals.dispatch()
+                    elif fd == log_fd:  # the log sink can take queued lines again
+                        logmod.flush()
+            except Exception as e:  # noqa: BLE001 - the rest of the turn's events come again
+                self.contain(fd, e)  # (level-triggered) at the next poll
+                now = self.now = monotonic()
             if self.stopping and not conns:
                 self.running = False
+
+    def contain(self, fd: int, error: Exception) -> None:
+        """A bug met in handling one event: log it with what it was about, end that one
+        peer, and go on. A client is closed; accepting pauses as after EMFILE; the timers
+        wait a second; a failing channel to the master is a lost master."""
+        conn = self.conns.get(fd)
+        if conn is not None:
+            log.exception("client.error", fd=fd, key=conn.key, error=repr(error))
+            self.discard(conn)
+            return
+        where = {self.listener.fileno(): "accept", self.link.fileno(): "channel",
+                 self.signals.fileno(): "signals"}.get(fd, "timers") if fd >= 0 else "timers"
+        log.exception("loop.error", where=where, fd=fd, error=repr(error))
+        if where == "accept":
+            self.pause_accepting("error", retry=True)
+        elif where == "channel":
+            self.orphaned()
+        elif where == "timers":
+            self.next_heartbeat = max(self.next_heartbeat, self.now + 1)
+            self.next_upkeep = max(self.next_upkeep, self.now + 1)
+            self.stop_deadline = self.stop_deadline and max(self.stop_deadline, self.now + 1)
+            self.accept_retry_at = self.accept_retry_at and max(self.accept_retry_at,
+                                                                self.now + 1)
+            self.rearm()
+
+    def discard(self, conn: Connection) -> None:
+        """Close a client whose state a bug may have left half-changed."""
+        if self.conns.get(conn.fd) is conn:
+            del self.conns[conn.fd]
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(conn.fd)
+        self.newcomers.pop(conn.fd, None)
+        conn.sock.close()
+        self.resume_accepting()
 
     def rearm(self) -> None:
         """Recompute the next time the loop has timed work (heartbeat, retry, deadline,
@@ -183,6 +223,8 @@ class Worker(Handover, Orders, Upkeep):
         self.note_pause(reason, now)
 
     def accept(self) -> None:
+        if not self.accepting:  # an event of this turn, from before we stopped accepting
+            return
         conns, register = self.conns, self.epoll.register
         raw_accept = self.listener._accept  # (fd, address): see the note below
         family, kind = self.family, self.kind
@@ -223,8 +265,8 @@ class Worker(Handover, Orders, Upkeep):
                           clients=len(self.conns))
 
     def add(self, conn: Connection) -> None:
+        self.epoll.register(conn.fd, IN)  # first: an fd epoll refuses is never a client
         self.conns[conn.fd] = conn
-        self.epoll.register(conn.fd, IN)
 
     # --- serving ------------------------------------------------------------------------
 

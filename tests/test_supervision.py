@@ -7,6 +7,8 @@ import os
 import random
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from datetime import datetime
@@ -15,6 +17,7 @@ import pytest
 from conftest import (
     M_PING,
     REPLY,
+    ROOT,
     Pingers,
     cpu_seconds,
     fd_count,
@@ -212,6 +215,8 @@ def test_second_sigterm_makes_the_stop_immediate(mpd_factory):
     server = mpd_factory({"workers": {"workers": 1, "graceful_timeout": 60}})
     server.wait_workers(1)
     busy = server.connect()
+    busy.sendall(M_PING)  # served: accepted before the stop begins
+    assert recv_exact(busy, len(REPLY)) == REPLY
     busy.sendall(b"partial frame")  # keeps the worker from finishing
     server.signal(signal.SIGTERM)
     server.wait_event("mpd.stopping")
@@ -449,3 +454,27 @@ def test_a_scale_down_is_no_channel_error(mpd_factory):
         server.wait_event("worker.exited", count=3 * (round_ + 1))
     # A retiring worker may end before the master's last messages reach it: expected.
     assert [e for e in server.events("channel.error") if e["level"] != "debug"] == []
+
+
+def test_a_bug_in_handling_a_message_or_a_signal_does_not_end_the_master(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2}},
+                         env={"MPD_TEST_FAULT": "master.stats,master.reload"})
+    error = server.wait_event("channel.error", kind="STATS")  # every heartbeat meets it
+    assert "simulated bug at master.stats" in error["error"] and error["worker_pid"]
+    assert "Traceback" in error["exception"]
+    server.signal(signal.SIGHUP)
+    error = server.wait_event("loop.error", where="signal SIGHUP")
+    assert "simulated bug at master.reload" in error["error"]
+    reload = subprocess.run([sys.executable, "-m", "mpd.ctl", "--config",
+                             str(server.config_path), "reload"], capture_output=True,
+                            text=True, timeout=30, cwd=ROOT)
+    assert reload.returncode == 1 and "internal error" in reload.stderr
+    with server.connect() as sock:  # and it serves, hands off and supervises on
+        sock.sendall(key_frame(keys_owned_by(1, (0, 1), 1, seed=8)[0]) + M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+    victim = slot_pids(server)[0]
+    os.kill(victim, signal.SIGKILL)
+    server.wait_event("worker.spawned", worker_slot=0, count=2)
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert not server.events("mpd.crashed")
