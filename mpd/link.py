@@ -58,6 +58,11 @@ class MasterLink:
         return self.channel.wants_write
 
     @property
+    def lost(self) -> int:
+        """Clients whose fd could not be received (fd.lost)."""
+        return self.channel.lost
+
+    @property
     def queued(self) -> int:
         """Messages waiting to be sent (each HANDOFF holds its client's fd until then)."""
         return len(self.channel.queue)
@@ -94,7 +99,7 @@ class MasterLink:
 class StandaloneLink:
     heartbeat = INF  # nobody listens for one
     wants_write = False
-    queued = 0
+    queued = lost = 0
 
     def __init__(self) -> None:
         self.notifier = Notifier()

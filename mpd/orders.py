@@ -19,6 +19,7 @@ from mpd.channel import ChannelClosed, Kind, Message, close_fds
 from mpd.config import Config, ConfigError
 from mpd.connection import Connection
 from mpd.link import Link
+from mpd.upkeep import UpkeepState
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 EXIT_OK, EXIT_CRASH, EXIT_BOOT_ERROR = 0, 1, 3  # 3: failed before serving: the master backs off
@@ -54,7 +55,7 @@ class Orders:
     close: Callable[[Connection, str], None]
     receive_room: Callable[[], int]
     set_limits: Callable[[int], None]
-    fd_limit: int
+    up: UpkeepState
 
     # --- the master: messages through the link ------------------------------------------
 
@@ -102,7 +103,8 @@ class Orders:
     def report(self) -> None:
         try:
             self.link.report({"clients": len(self.conns), "max_clients": self.max_clients,
-                              **self.stats, "config_generation": self.config.generation})
+                              "lost": self.link.lost, **self.stats,
+                              "config_generation": self.config.generation})
         except ChannelClosed:
             self.orphaned()
             return
@@ -135,7 +137,7 @@ class Orders:
         except ConfigError as e:  # the master could open the log and we cannot: keep ours
             log.error("config.reload_failed", error=str(e))
         self.debug = logmod.enabled("debug")
-        self.set_limits(self.fd_limit)
+        self.set_limits(self.up.fd_limit)
 
     # --- stopping -----------------------------------------------------------------------
 

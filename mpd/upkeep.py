@@ -34,6 +34,23 @@ RECEIVE_BATCH = 64  # channel messages read at a time, when free fds allow
 log = logmod.get_logger()
 
 
+class UpkeepState:
+    """Upkeep's own state, in one attribute of the worker: CPython shares the keys of an
+    object's first 30 attributes, and past that every `self.x` of the hot path costs more
+    (a worker with 35 attributes served a ping 3% slower). tests/test_structure.py counts."""
+    __slots__ = ("next_upkeep", "next_idle_sweep", "fd_limit", "fds_base", "pause_reason",
+                 "paused_since", "pauses")
+
+    def __init__(self) -> None:
+        self.next_upkeep = 0.0
+        self.next_idle_sweep = 0.0
+        self.fd_limit = fd_soft_limit()
+        self.fds_base = 0  # fds held besides clients: counted at boot
+        self.pause_reason = ""  # why accepting stopped, while a pause lasts ("": none)
+        self.paused_since = 0.0
+        self.pauses = 0  # times accepting stopped since the pause began
+
+
 class Upkeep:
     # The worker's state it works on (worker.py sets it up).
     config: Config
@@ -48,24 +65,18 @@ class Upkeep:
     pause_accepting: Callable[..., None]
 
     def init_upkeep(self) -> None:
-        self.next_upkeep = 0.0
         self.newcomers: dict[int, Connection] = {}  # by fd: no whole frame from them yet
-        self.next_idle_sweep = 0.0
+        self.up = UpkeepState()
         self.stats["idle_timeouts"] = self.stats["first_frame_timeouts"] = 0
-        self.fd_limit = fd_soft_limit()
-        self.fds_base = 0  # fds held besides clients: counted at boot
-        self.pause_reason = ""  # why accepting stopped, while a pause lasts ("": none)
-        self.paused_since = 0.0
-        self.pauses = 0  # times accepting stopped since the pause began
 
     def upkeep(self, now: float) -> None:
-        self.next_upkeep = now + UPKEEP_EVERY
+        self.up.next_upkeep = now + UPKEEP_EVERY
         self.refresh_limits()
-        if self.pause_reason and self.accepting:
+        if self.up.pause_reason and self.accepting:
             self.end_pause(now)
         first_frame = self.expire_newcomers(now)
         idle = 0
-        if now >= self.next_idle_sweep:
+        if now >= self.up.next_idle_sweep:
             idle = self.expire_idle(now)
         if first_frame or idle:
             log.info("client.timed_out", first_frame=first_frame, idle=idle,
@@ -96,7 +107,7 @@ class Upkeep:
         """Close the clients that neither sent a whole frame nor took a reply for
         idle_timeout (a half-closed client that stopped reading among them)."""
         limit = self.config.idle_timeout
-        self.next_idle_sweep = now + max(UPKEEP_EVERY, limit / 10)
+        self.up.next_idle_sweep = now + max(UPKEEP_EVERY, limit / 10)
         if not limit:
             return 0
         stale = [conn for conn in self.conns.values()
@@ -110,12 +121,12 @@ class Upkeep:
 
     def init_limits(self) -> None:
         """At boot: the fds the worker holds besides its clients, and its limits."""
-        self.fds_base = len(os.listdir("/proc/self/fd")) - 1  # the listing's own fd
+        self.up.fds_base = len(os.listdir("/proc/self/fd")) - 1  # the listing's own fd
         self.set_limits(fd_soft_limit())
 
     def set_limits(self, fd_limit: int) -> None:
         """max_clients under this fd limit; accept or not to match."""
-        self.fd_limit = fd_limit
+        self.up.fd_limit = fd_limit
         self.max_clients = self.config.clients_per_worker(fd_limit)
         if len(self.conns) < self.max_clients:
             self.resume_accepting()
@@ -125,7 +136,7 @@ class Upkeep:
     def refresh_limits(self) -> None:
         """Follow the fd limit when it changes under us (prlimit), within a second."""
         fd_limit = fd_soft_limit()
-        if fd_limit != self.fd_limit:
+        if fd_limit != self.up.fd_limit:
             self.set_limits(fd_limit)
             log.warning("worker.fd_limit", fd_limit=fd_limit, max_clients=self.max_clients,
                         clients=len(self.conns))
@@ -133,7 +144,7 @@ class Upkeep:
     def receive_room(self) -> int:
         """How many channel messages to read now: each may carry a client's fd. At least
         one, or the channel (its STOP too) would stall."""
-        free = self.fd_limit - self.fds_base - len(self.conns) - self.link.queued
+        free = self.up.fd_limit - self.up.fds_base - len(self.conns) - self.link.queued
         return max(1, min(RECEIVE_BATCH, free - 1))
 
     # --- accept pauses: two lines each, however often they repeat ------------------------
@@ -141,15 +152,15 @@ class Upkeep:
     def note_pause(self, reason: str, now: float) -> None:
         """Accepting stopped. Log it when a pause begins; while it lasts (a retry after
         EMFILE every 0.1 s, a full worker that frees and fills a place), only count."""
-        self.pauses += 1
-        if self.pause_reason:
+        self.up.pauses += 1
+        if self.up.pause_reason:
             return
-        self.pause_reason, self.paused_since = reason, now
+        self.up.pause_reason, self.up.paused_since = reason, now
         log.warning("worker.accept_paused", reason=reason, clients=len(self.conns),
                     max_clients=self.max_clients)
 
     def end_pause(self, now: float) -> None:
         """Accepting has gone on for a round of upkeep: the pause is over."""
-        log.info("worker.accept_resumed", reason=self.pause_reason, pauses=self.pauses,
-                 paused_for=round(now - self.paused_since, 3), clients=len(self.conns))
-        self.pause_reason, self.pauses = "", 0
+        log.info("worker.accept_resumed", reason=self.up.pause_reason, pauses=self.up.pauses,
+                 paused_for=round(now - self.up.paused_since, 3), clients=len(self.conns))
+        self.up.pause_reason, self.up.pauses = "", 0

@@ -162,7 +162,7 @@ class Worker(Handover, Orders, Upkeep):
             self.orphaned()
         elif where == "timers":
             self.next_heartbeat = max(self.next_heartbeat, self.now + 1)
-            self.next_upkeep = max(self.next_upkeep, self.now + 1)
+            self.up.next_upkeep = max(self.up.next_upkeep, self.now + 1)
             self.stop_deadline = self.stop_deadline and max(self.stop_deadline, self.now + 1)
             self.accept_retry_at = self.accept_retry_at and max(self.accept_retry_at,
                                                                 self.now + 1)
@@ -182,7 +182,7 @@ class Worker(Handover, Orders, Upkeep):
         """Recompute the next time the loop has timed work (heartbeat, retry, deadline,
         upkeep)."""
         self.next_timer = min(self.accept_retry_at or INF, self.stop_deadline or INF,
-                              self.next_heartbeat, self.next_upkeep)
+                              self.next_heartbeat, self.up.next_upkeep)
 
     def on_timers(self, now: float) -> None:
         if self.accept_retry_at and now >= self.accept_retry_at:
@@ -193,7 +193,7 @@ class Worker(Handover, Orders, Upkeep):
             if hooks.hang_requested():
                 hooks.hang()
             self.report()
-        if now >= self.next_upkeep:
+        if now >= self.up.next_upkeep:
             self.upkeep(now)
         if self.stopping and (not self.conns or now >= self.stop_deadline):
             self.running = False
