@@ -19,7 +19,7 @@ from mpd.channel import ChannelClosed, Kind, Message, close_fds
 from mpd.config import Config, ConfigError
 from mpd.connection import Connection
 from mpd.link import Link
-from mpd.upkeep import UpkeepState
+from mpd.upkeep import RECEIVE_BATCH, UpkeepState
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 EXIT_OK, EXIT_CRASH, EXIT_BOOT_ERROR = 0, 1, 3  # 3: failed before serving: the master backs off
@@ -60,33 +60,34 @@ class Orders:
     # --- the master: messages through the link ------------------------------------------
 
     def on_link(self, events: int) -> None:
+        """What the master sent. Each message is handled inside a boundary: a bug in
+        handling one is logged with its kind, its fds are closed (those its handler did not
+        take: a handler that takes an fd removes it from message.fds), and the next one is
+        handled. Full (or near the fd limit), the worker reads only as far as it has free
+        fds for the clients that messages may carry."""
         try:
-            messages = self.link.receive(bool(events & OUT), self.receive_room())
+            limit = RECEIVE_BATCH if len(self.conns) < self.max_clients else self.receive_room()
+            messages = self.link.receive(bool(events & OUT), limit)
             self.watch_link()
             for message in messages:
-                self.on_message(message)
+                if self.debug:
+                    log.debug("channel.message", kind=message.kind.name, size=len(message.raw))
+                react = self.on_message_kind.get(message.kind)
+                if react is None:
+                    close_fds(message.fds)
+                    log.warning("channel.error", error=f"unexpected {message.kind.name} "
+                                "from master")
+                    continue
+                try:
+                    react(message)
+                except ChannelClosed:
+                    raise
+                except Exception as e:  # noqa: BLE001 - one message must not end the worker
+                    log.exception("channel.error", kind=message.kind.name,
+                                  fds=len(message.fds), error=repr(e))
+                    close_fds(message.fds)
         except ChannelClosed:
             self.orphaned()
-
-    def on_message(self, message: Message) -> None:
-        """React to one message, inside a boundary: a bug in handling it is logged with
-        its kind, its fds are closed (those its handler did not take: a handler that takes
-        an fd removes it from message.fds), and the next message is handled."""
-        if self.debug:
-            log.debug("channel.message", kind=message.kind.name, size=len(message.raw))
-        react = self.on_message_kind.get(message.kind)
-        if react is None:
-            close_fds(message.fds)
-            log.warning("channel.error", error=f"unexpected {message.kind.name} from master")
-            return
-        try:
-            react(message)
-        except ChannelClosed:
-            raise
-        except Exception as e:  # noqa: BLE001 - one message must not end the worker
-            log.exception("channel.error", kind=message.kind.name, fds=len(message.fds),
-                          error=repr(e))
-            close_fds(message.fds)
 
     def watch_link(self) -> None:
         """Wait for the channel to be writable only while something is queued for it."""

@@ -143,7 +143,8 @@ class Upkeep:
 
     def receive_room(self) -> int:
         """How many channel messages to read now: each may carry a client's fd. At least
-        one, or the channel (its STOP too) would stall."""
+        one, or the channel (its STOP too) would stall. (Below max_clients, which keeps
+        FD_HEADROOM free, a whole batch fits: on_link does not ask.)"""
         free = self.up.fd_limit - self.up.fds_base - len(self.conns) - self.link.queued
         return max(1, min(RECEIVE_BATCH, free - 1))
 

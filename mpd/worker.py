@@ -282,17 +282,17 @@ class Worker(Handover, Orders, Upkeep):
             self.close(conn, e.strerror or "error")
             return
         if not data:
-            self.on_eof(conn)
+            if conn.outbuf and not conn.eof:
+                self.half_closed(conn)
+            else:  # nothing due, or a second EOF: a hang-up
+                self.close(conn, "eof")
             return
         self.consume(conn, data)
 
-    def on_eof(self, conn: Connection) -> None:
-        """The client half-closed (shutdown SHUT_WR): what it asked for before is still
-        due. Stop reading, write the replies that wait, then close (flush() does); bounded
-        by max_output_buffer and, for a client that stops reading, by idle_timeout."""
-        if not conn.outbuf or conn.eof:  # nothing due, or a second EOF: a hang-up
-            self.close(conn, "eof")
-            return
+    def half_closed(self, conn: Connection) -> None:
+        """The client half-closed (shutdown SHUT_WR) with replies still due: stop reading,
+        write them, then close (flush() does); bounded by max_output_buffer and, for a
+        client that stops reading, by idle_timeout."""
         conn.eof = True
         self.epoll.modify(conn.fd, OUT)
 
