@@ -30,15 +30,19 @@ MAX_FDS = 4  # fds one message may carry
 MAX_QUEUE = 100_000  # queued messages before the peer counts as gone
 
 # HANDOFF/ADOPT meta: has_key, key, from_slot (-1: none), from_pid (0: none), sent_ns,
-# owner (-1: none), table (0: none), rank and last. `owner` is the slot the sender computed
-# with a slot table of `table` slots: tables are always slots 0..N-1, so N names one, and
-# the master uses the sender's answer when its own table has the same size instead of
-# computing it again (rendezvous hashing costs a third of a microsecond per slot). `rank`:
-# in an ADOPT, the adopter's place in the key's ranking (0: the owner); in a HANDOFF, the
-# place to look from (0 for a client handed off; more for one that a full slot passed on).
-# `last`: no serving slot comes after the adopter in the ranking, so if it is full it
-# refuses the client rather than pass it on.
-HANDOFF_META = struct.Struct("<?iiiQiiH?")
+# owner (-1: none) and table (0: none), with rank and last in table's high bits. `owner` is
+# the slot the sender computed with a slot table of `table` slots: tables are always slots
+# 0..N-1, so N names one, and the master uses the sender's answer when its own table has
+# the same size instead of computing it again (rendezvous hashing costs a third of a
+# microsecond per slot). `rank`: in an ADOPT, the adopter's place in the key's ranking
+# (0: the owner); in a HANDOFF, the place to look from (0 for a client handed off; more for
+# one that a full slot passed on). `last`: no serving slot comes after the adopter in the
+# ranking, so if it is full it refuses the client rather than pass it on. A table is at
+# most 1024 slots: rank and last ride above it, and the layout stays the one that workers
+# of the version before read (during an upgrade in place both run): they see a table that
+# is not theirs, so they route again, and refuse when full, as they did.
+HANDOFF_META = struct.Struct("<?iiiQii")
+TABLE_BITS, RANK_BITS = 16, 14  # table | rank << 16 | last << 30: a positive int32
 FD_SIZE = array.array("i").itemsize
 # Plain ints, looked up once: socket's flags are IntFlag enums, and `flags & (MSG_CTRUNC |
 # MSG_TRUNC)` on enums cost 1-1.8 us a message, a tenth of a hand-off's master time.
@@ -87,8 +91,9 @@ def encode(kind: Kind, meta: dict[str, Any] | None = None, raw: bytes = b"") -> 
         body = HANDOFF_META.pack(key is not None, key or 0,
                                  -1 if from_slot is None else from_slot,
                                  meta.get("from_pid") or 0, meta.get("sent_ns") or 0,
-                                 -1 if owner is None else owner, meta.get("table") or 0,
-                                 meta.get("rank") or 0, bool(meta.get("last")))
+                                 -1 if owner is None else owner,
+                                 (meta.get("table") or 0) | (meta.get("rank") or 0) << TABLE_BITS
+                                 | bool(meta.get("last")) << (TABLE_BITS + RANK_BITS))
     else:
         body = json.dumps(meta, separators=(",", ":")).encode()
     data = HEADER.pack(VERSION, kind, len(body)) + body + raw
@@ -114,8 +119,10 @@ def decode(data: bytes, fds: list[int]) -> Message:
         if meta_len != HANDOFF_META.size:
             raise ValueError(f"{kind.name} meta of {meta_len} bytes, expected "
                              f"{HANDOFF_META.size}")
-        has_key, key, from_slot, from_pid, sent_ns, owner, table, rank, last = \
-            HANDOFF_META.unpack_from(data, HEADER.size)
+        has_key, key, from_slot, from_pid, sent_ns, owner, packed = HANDOFF_META.unpack_from(
+            data, HEADER.size)
+        table = packed & 0xFFFF
+        rank, last = packed >> TABLE_BITS & 0x3FFF, bool(packed >> (TABLE_BITS + RANK_BITS) & 1)
         meta = {"key": key if has_key else None,
                 "from_slot": None if from_slot < 0 else from_slot,
                 "from_pid": from_pid or None, "sent_ns": sent_ns or None,

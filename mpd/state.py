@@ -97,8 +97,10 @@ def restore(master: Master, state: dict[str, Any]) -> None:
     master.pidfile = state.get("pidfile")
     master.slots.resize(state["table"])
     now = time.monotonic()
+    known = {f.name for f in dataclasses.fields(SlotHistory)}  # an older master's too
     for slot, history in state["history"].items():
-        master.slots.history[int(slot)] = SlotHistory(**history)
+        master.slots.history[int(slot)] = SlotHistory(
+            **{k: v for k, v in history.items() if k in known})
     for w in state["workers"]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, w["channel_fd"])
         sock.set_inheritable(False)

@@ -12,6 +12,7 @@ import pytest
 
 from mpd import log as logmod
 from mpd.channel import (
+    HANDOFF_META,
     HEADER,
     MAX_MESSAGE,
     VERSION,
@@ -82,6 +83,9 @@ def test_handoff_meta_carries_the_senders_routing(pair):
     left.send(Kind.ADOPT, meta, b"", [r])
     (message,) = right.receive()
     assert message.kind is Kind.ADOPT and message.meta == meta and message.raw == b""
+    # rank and last ride in table's high bits: the layout is the previous version's, which
+    # workers of that version (during an upgrade in place) still read.
+    assert HANDOFF_META.size == 29
     for fd in (*message.fds, w):
         os.close(fd)
 
