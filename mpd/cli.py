@@ -242,8 +242,10 @@ def resume(state_fd: int) -> int:
     logmod.configure_from(config)
     listener, control = statemod.sockets_of(state)
     proctitle.master(config)
+    # A state from a master that did not record it: assume systemd may hold the socket, and
+    # never shut its listening down at a stop (only close ours).
     code = Master(config, listener, control,
-                  listener_shared=state.get("listener_shared", False)).run(adopt=state)
+                  listener_shared=state.get("listener_shared", True)).run(adopt=state)
     if state.get("pidfile"):  # --daemon's: the old image's context cannot remove it now
         PidFile(state["pidfile"]).__exit__(None, None, None)
     return code
