@@ -156,3 +156,18 @@ def test_ten_thousand_idle_clients_are_all_taken_with_the_default_settings(mpd_f
         for sock in clients:
             sock.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_master_and_workers_lift_their_soft_fd_limit_to_the_hard_one(mpd_factory):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 1024:
+        pytest.skip(f"the hard fd limit is {hard}: nothing to lift")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # mpd inherits a low soft one
+    try:
+        server = mpd_factory({"workers": {"workers": 2}})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for pid in [server.pid, *server.wait_workers(2)]:
+        assert resource.prlimit(pid, resource.RLIMIT_NOFILE) == (hard, hard), pid
+    # and max_clients = "auto" follows the lifted limit
+    assert {w["max_clients"] for w in status(server)["workers"]} == {min(1_000_000, hard - 128)}
