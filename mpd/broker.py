@@ -1,6 +1,8 @@
 """The hand-off broker, the master's side of a hand-off: routes a client that a worker
 handed over (HANDOFF, with its fd and unread bytes) to the worker that owns the client's
-key (ADOPT), and holds it for a short, bounded time while that slot has no worker.
+key (ADOPT), and holds it for a short, bounded time while that slot has no worker. A slot
+that is full passes the client back (a HANDOFF with a rank), and the broker offers it to
+the next slot in the key's rendezvous ranking: only the last one refuses it.
 
 It knows the slot table and a way to send; it neither forks nor reaps (master.py does).
 The worker's side, giving a client away and adopting one, is handoff.py."""
@@ -52,14 +54,16 @@ class Broker:
                       error="HANDOFF without exactly one fd and a key")
             return
         meta["from_slot"], meta["from_pid"] = sender.slot, sender.pid
-        if not self.deliver(meta, message.raw, message.fds[0]):
-            self.held.append(HeldClient(meta, message.raw, message.fds[0]))
+        fd = message.fds.pop()  # ours from here on: delivered, held, or dropped
+        if not self.deliver(meta, message.raw, fd):
+            self.held.append(HeldClient(meta, message.raw, fd))
 
     def deliver(self, meta: dict[str, Any], raw: bytes, fd: int,
                 since: float | None = None) -> bool:
         """ADOPT to the key's owner; while the owner is respawning, wait hold_timeout (from
         `since`, else from now), then (or at once if the slot is backing off) take the next
-        slot in the key's ranking. False: nobody can take it now."""
+        slot in the key's ranking. A client that a full slot passed on (rank > 0) goes to
+        the next serving slot after it. False: nobody can take it now."""
         key = meta["key"]
         if key is None:  # a keyless client from a retiring worker: its slot's new worker
             # (an upgrade replaces the worker of a slot), else the least busy worker
@@ -71,7 +75,11 @@ class Broker:
             # otherwise all land on one worker.
             target.stats["clients"] = target.clients + 1
             return True
-        target = self.slots.serving.get(self.owner(meta))
+        target = None
+        if not meta.get("rank"):
+            target = self.slots.serving.get(self.owner(meta))
+            if target is not None:  # the common case: no ranking computed
+                meta["rank"], meta["last"] = 0, len(self.slots.serving) == 1
         if target is None:
             target = self.fallback(meta, since)
             if target is None:
@@ -89,17 +97,29 @@ class Broker:
         return owner
 
     def fallback(self, meta: dict[str, Any], since: float | None) -> WorkerProc | None:
-        """The key's next serving slot once its owner's wait is over, else None (hold)."""
-        now = time.monotonic()
-        key, table = meta["key"], self.slots.table
-        owner = self.owner(meta)
-        if (since is None or now - since < self.hold_timeout) \
-                and not self.slots.backing_off(owner, now):
-            return None
-        for slot in routing.ranking(key, table)[1:]:
-            target = self.slots.serving.get(slot)
-            if target is not None:
-                return target
+        """The next serving slot in the key's ranking, when the owner cannot take the
+        client: its wait for a respawning owner is over (or the owner's slot is backing
+        off), or the slots before `rank` were full. Sets the target's rank and whether it
+        is the last; None: hold it."""
+        rank = meta.get("rank") or 0
+        if not rank:
+            now = time.monotonic()
+            if (since is None or now - since < self.hold_timeout) \
+                    and not self.slots.backing_off(self.owner(meta), now):
+                return None
+            rank = 1
+        ranking = routing.ranking(meta["key"], self.slots.table)
+        serving = [(place, self.slots.serving[slot]) for place, slot in enumerate(ranking)
+                   if place >= rank and slot in self.slots.serving]
+        if serving:
+            meta["rank"], meta["last"] = serving[0][0], len(serving) == 1
+            return serving[0][1]
+        # Every slot after the one that passed it on is gone: back to that one, as the
+        # last (if it is still full, it refuses the client).
+        sender = self.slots.serving.get(meta.get("from_slot"))  # type: ignore[arg-type]
+        if meta.get("rank") and sender is not None:
+            meta["rank"], meta["last"] = rank - 1, True
+            return sender
         return None
 
     def retry_held(self) -> None:

@@ -38,18 +38,26 @@ MAX_FDS = 4  # fds one message may carry
 MAX_QUEUE = 100_000  # queued messages before the peer counts as gone
 
 # HANDOFF/ADOPT meta: has_key, key, from_slot (-1: none), from_pid (0: none), sent_ns,
-# owner (-1: none) and table (0: none). `owner` is the slot the sender computed with a slot
-# table of `table` slots: tables are always slots 0..N-1, so N names one, and the master
-# uses the sender's answer when its own table has the same size instead of computing it
-# again (rendezvous hashing costs a third of a microsecond per slot). Version 2 adds the
-# real client's address (mpd.proxygate.PEER: 19 bytes, all zero without one).
+# owner (-1: none) and table (0: none), with rank and last in table's high bits. `owner` is
+# the slot the sender computed with a slot table of `table` slots: tables are always slots
+# 0..N-1, so N names one, and the master uses the sender's answer when its own table has
+# the same size instead of computing it again (rendezvous hashing costs a third of a
+# microsecond per slot). `rank`: in an ADOPT, the adopter's place in the key's ranking
+# (0: the owner); in a HANDOFF, the place to look from (0 for a client handed off; more for
+# one that a full slot passed on). `last`: no serving slot comes after the adopter in the
+# ranking, so if it is full it refuses the client rather than pass it on. A table is at
+# most 1024 slots: rank and last ride above it, in both versions (a worker of version 1
+# that sees them takes the table for another and routes again, as it did). Version 2
+# adds the real client's address (mpd.proxygate.PEER: 19 bytes, all zero without one).
 HANDOFF_META_V1 = struct.Struct("<?iiiQii")
 HANDOFF_META = struct.Struct("<?iiiQii19s")
+TABLE_BITS, RANK_BITS = 16, 14  # table | rank << 16 | last << 30: a positive int32
 FD_SIZE = array.array("i").itemsize
 # Plain ints, looked up once: socket's flags are IntFlag enums, and `flags & (MSG_CTRUNC |
 # MSG_TRUNC)` on enums cost 1-1.8 us a message, a tenth of a hand-off's master time.
 RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
+DATA_TRUNCATED = int(socket.MSG_TRUNC)
 ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * FD_SIZE)
 
 log = get_logger()
@@ -60,10 +68,10 @@ class Kind(enum.IntEnum):
     # worker -> master
     HELLO = 1      # slot, pid, version: the worker's loop is serving
     STATS = 2      # counters; also the heartbeat, about once a second
-    HANDOFF = 3    # key, sent_ns, owner, table + raw carried bytes + the client fd
+    HANDOFF = 3    # key, sent_ns, owner, table, rank + raw carried bytes + the client fd
     # master -> worker
     ROUTES = 10    # slots: the slot table
-    ADOPT = 11     # key, from_slot, from_pid, sent_ns + raw carried bytes + the client fd
+    ADOPT = 11     # key, from_slot, from_pid, sent_ns, rank, last + raw bytes + the client fd
     CONFIG = 12    # changed limits and log level after a reload
     DRAIN = 13     # retire: stop accepting, hand live clients to their new owners, exit
     STOP = 14      # graceful stop: stop accepting, finish clients, exit
@@ -94,7 +102,9 @@ def encode(kind: Kind, meta: dict[str, Any] | None = None, raw: bytes = b"",
         owner = meta.get("owner")
         fields = (key is not None, key or 0, -1 if from_slot is None else from_slot,
                   meta.get("from_pid") or 0, meta.get("sent_ns") or 0,
-                  -1 if owner is None else owner, meta.get("table") or 0)
+                  -1 if owner is None else owner,
+                  (meta.get("table") or 0) | (meta.get("rank") or 0) << TABLE_BITS
+                  | bool(meta.get("last")) << (TABLE_BITS + RANK_BITS))
         if version == 1:
             body = HANDOFF_META_V1.pack(*fields)
         else:
@@ -127,15 +137,18 @@ def decode(data: bytes, fds: list[int]) -> Message:
                              f"(version {version})")
         if version == 1:
             peer = NO_PEER
-            has_key, key, from_slot, from_pid, sent_ns, owner, table = layout.unpack_from(
+            has_key, key, from_slot, from_pid, sent_ns, owner, packed = layout.unpack_from(
                 data, HEADER.size)
         else:
-            has_key, key, from_slot, from_pid, sent_ns, owner, table, peer = \
+            has_key, key, from_slot, from_pid, sent_ns, owner, packed, peer = \
                 layout.unpack_from(data, HEADER.size)
+        table = packed & 0xFFFF
+        rank, last = packed >> TABLE_BITS & 0x3FFF, bool(packed >> (TABLE_BITS + RANK_BITS) & 1)
         meta = {"key": key if has_key else None,
                 "from_slot": None if from_slot < 0 else from_slot,
                 "from_pid": from_pid or None, "sent_ns": sent_ns or None,
                 "owner": None if owner < 0 else owner, "table": table or None,
+                "rank": rank, "last": last,
                 "peer": None if peer == NO_PEER else unpack_peer(peer)}
     else:
         try:
@@ -156,16 +169,23 @@ def close_fds(fds: list[int]) -> None:
 class Channel:
     """One end of a worker's socketpair. Owns every fd handed to send() until it is sent."""
 
+    # One receive buffer for the whole process, made on first use: recv_fds() would
+    # allocate (and, at this size, mmap) MAX_MESSAGE bytes on every call, and one buffer
+    # per channel cost the master 128 KiB of heap per respawn. A process reads one channel
+    # at a time, and receive() copies each message out before it returns.
+    buffer = bytearray()
+    view = memoryview(buffer)
+
     def __init__(self, sock: socket.socket, peer: str, version: int = VERSION):
         sock.setblocking(False)
         self.sock = sock
         self.peer = peer  # for log lines: "master" or "slot 3"
         self.version = version  # the channel version the peer speaks (VERSIONS)
         self.queue: deque[tuple[bytes, list[int]]] = deque()
-        # One receive buffer for the channel's life: recv_fds() would allocate (and,
-        # at this size, mmap) MAX_MESSAGE bytes on every call.
-        self.buffer = bytearray(MAX_MESSAGE)
-        self.view = memoryview(self.buffer)
+        self.lost = 0  # clients whose fd the kernel could not pass us (no fd slot free)
+        if not Channel.buffer:
+            Channel.buffer = bytearray(MAX_MESSAGE)
+            Channel.view = memoryview(Channel.buffer)
 
     @staticmethod
     def pair() -> tuple[socket.socket, socket.socket]:
@@ -255,8 +275,7 @@ class Channel:
                 raise ChannelClosed(f"{self.peer}: end of file")
             if flags & TRUNCATED:
                 close_fds(fds)
-                log.error("channel.error", peer=self.peer, error="message or fds truncated",
-                          size=len(data))
+                self.truncated(data, flags)
                 continue
             try:
                 out.append(decode(data, fds))
@@ -264,6 +283,23 @@ class Channel:
                 close_fds(fds)
                 log.error("channel.error", peer=self.peer, error=str(e), size=len(data))
         return out
+
+    def truncated(self, data: bytes, flags: int) -> None:
+        """The kernel could not pass a message whole: too big (MSG_TRUNC), or this process
+        had no free fd for what it carried (MSG_CTRUNC; the kernel closed those fds). A
+        HANDOFF or ADOPT so cut lost its client: count it and say whose it was."""
+        message = None
+        if not flags & DATA_TRUNCATED:
+            with contextlib.suppress(ValueError):
+                message = decode(data, [])
+        if message is not None and message.kind in (Kind.HANDOFF, Kind.ADOPT):
+            self.lost += 1
+            log.error("fd.lost", peer=self.peer, kind=message.kind.name,
+                      key=message.meta["key"], lost=self.lost,
+                      error="no free fd to receive the client (EMFILE)")
+        else:
+            log.error("channel.error", peer=self.peer, error="message or fds truncated",
+                      size=len(data))
 
     def close(self) -> None:
         """Close the socket and every fd still waiting in the queue."""

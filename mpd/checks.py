@@ -91,6 +91,17 @@ def workers(v: Any) -> int | str:
     return v
 
 
+MAX_CLIENTS = 1_000_000  # the most workers.max_clients may be, "auto" included
+
+
+def max_clients(v: Any) -> int | str:
+    if v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_CLIENTS:
+        raise ValueError(f'"auto" or an integer from 1 to {MAX_CLIENTS}')
+    return v
+
+
 def socket_path(v: Any) -> str:
     if v == "auto":
         return v

@@ -164,7 +164,7 @@ def serve(config: configmod.Config, detach: bool) -> int:
             pidfile.check()
         except PidFileError as e:
             raise StartError("mpd.already_running", str(e)) from None
-    control_sock, listener, agent_sock = open_sockets(config)
+    control_sock, listener, agent_sock, activated = open_sockets(config)
     if pidfile is not None:
         from mpd.daemonize import detach as enter_daemon
 
@@ -183,16 +183,17 @@ def serve(config: configmod.Config, detach: bool) -> int:
     from mpd.master import Master
 
     proctitle.master(config)
-    master = Master(config, listener, control_sock, agent_sock)
+    master = Master(config, listener, control_sock, agent_sock, listener_shared=activated)
     master.pidfile = pidfile.path if pidfile is not None else None
     return master.run()
 
 
 def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket.socket,
-                                                    socket.socket | None]:
-    """The control socket (none in single-process mode), the listening socket, then the
-    agent-check port (agent.listen; none in single-process mode). Raises StartError with
-    none of them left open."""
+                                                    socket.socket | None, bool]:
+    """The control socket (none in single-process mode), the listening socket, the
+    agent-check port (agent.listen; none in single-process mode), and whether systemd
+    holds the listening socket too (socket activation). Raises StartError with none of
+    them left open."""
     control_sock = None
     if config.worker_count > 0:  # single-process mode has no master, so no control socket
         from mpd.control import ControlError, open_socket
@@ -205,7 +206,7 @@ def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket
         except ControlError as e:
             raise StartError("control.failed", str(e)) from None
     try:
-        listener = listening_socket(config)
+        listener, activated = listening_socket(config)
     except OSError as e:
         close_control(config, control_sock)
         raise StartError("mpd.bind_failed", f"cannot listen on {config.listen} port "
@@ -221,7 +222,7 @@ def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket
             listener.close()
             close_control(config, control_sock)
             raise StartError("agent.failed", str(e)) from None
-    return control_sock, listener, agent_sock
+    return control_sock, listener, agent_sock, activated
 
 
 def close_control(config: configmod.Config, control_sock: socket.socket | None) -> None:
@@ -260,7 +261,10 @@ def resume(state_fd: int) -> int:
     logmod.configure_from(config)
     listener, control = statemod.sockets_of(state)
     proctitle.master(config)
-    code = Master(config, listener, control, resumed_agent(config, state)).run(adopt=state)
+    # A state from a master that did not record it: assume systemd may hold the socket, and
+    # never shut its listening down at a stop (only close ours).
+    code = Master(config, listener, control, resumed_agent(config, state),
+                  listener_shared=state.get("listener_shared", True)).run(adopt=state)
     if state.get("pidfile"):  # --daemon's: the old image's context cannot remove it now
         PidFile(state["pidfile"]).__exit__(None, None, None)
     return code
@@ -283,8 +287,9 @@ def resumed_agent(config: configmod.Config, state: dict) -> socket.socket | None
     return sock
 
 
-def listening_socket(config: configmod.Config) -> socket.socket:
-    """The socket systemd passed (socket activation), else a freshly bound one."""
+def listening_socket(config: configmod.Config) -> tuple[socket.socket, bool]:
+    """The socket systemd passed (socket activation; True: systemd holds it too), else a
+    freshly bound one."""
     from mpd import systemd
 
     log = logmod.get_logger()
@@ -296,9 +301,9 @@ def listening_socket(config: configmod.Config) -> socket.socket:
                 log.warning("mpd.socket_mismatch", listen=address[0], port=address[1],
                             config_listen=config.listen, config_port=config.port)
             sock.setblocking(False)
-            return sock
+            return sock, True
         sock.close()
-    return bind(config)
+    return bind(config), False
 
 
 def raise_fd_limit() -> None:

@@ -51,7 +51,7 @@ def status(daemon: Daemon, _request: dict[str, Any]) -> Reply:
     snapshot = daemon.snapshot()
     workers = [{"slot": w["slot"], "pid": w["pid"], "state": w["state"],
                 **{k: w["stats"].get(k, 0) for k in STAT_FIELDS},
-                "max_clients": snapshot["master"]["max_clients"],
+                "max_clients": w["stats"].get("max_clients", snapshot["master"]["max_clients"]),
                 **{k: w[k] for k in ("restarts", "uptime", "heartbeat_age", "generation",
                                      "version", "config_generation")}}
                for w in snapshot["workers"]]

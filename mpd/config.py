@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import resource
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,6 +21,8 @@ else:  # pragma: no cover - exercised on 3.9/3.10 in CI
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus uses it
 DEFAULT_PATH = "/etc/mpd.toml"
 SYSTEM_SOCKET = "/run/mpd/mpd.sock"  # the system daemon's control socket (root, systemd)
+FD_HEADROOM = 128  # fds a worker keeps from clients: its own (~12) and a batch of hand-offs
+MAX_CLIENTS = checks.MAX_CLIENTS  # the most max_clients may be, "auto" included
 
 
 host_port = checks.host_port  # "address:port" -> (address, port), for the agent's socket
@@ -47,9 +50,9 @@ def default_socket_path() -> str:
 
 
 # Settings a reload may change in running workers (the master sends them in CONFIG).
-LIVE_SETTINGS = ("max_clients", "max_output_buffer", "graceful_timeout", "log_level",
-                 "log_format", "log_target", "log_file", "log_buffer", "proxy_from",
-                 "proxy_timeout")
+LIVE_SETTINGS = ("max_clients", "max_output_buffer", "idle_timeout", "first_frame_timeout",
+                 "graceful_timeout", "log_level", "log_format", "log_target", "log_file",
+                 "log_buffer", "proxy_from", "proxy_timeout")
 # Settings bound to the listening socket or the control socket: changing them needs a restart.
 RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "user", "group", "socket", "mode",
                     "allow_group", "pidfile", "proxy_protocol", "agent_listen")
@@ -114,11 +117,23 @@ SCHEMA: tuple[Key, ...] = (
         "0 = single-process mode: the master serves clients itself."),
     Key("workers", "max_workers", 64, checks.int_range(1, 1024),
         "Upper bound for the worker count (auto-scale, SIGTTIN and mpdctl scale stop here)."),
-    Key("workers", "max_clients", 1000, checks.int_range(1, 1_000_000),
-        "Connections one worker serves at once; at the limit it stops accepting until one leaves."),
+    Key("workers", "max_clients", "auto", checks.max_clients,
+        "Connections one worker serves at once; at the limit it stops accepting until one\n"
+        "leaves, and a client handed over to it goes on to its key's next slot. \"auto\" = what\n"
+        "the fd limit allows: RLIMIT_NOFILE (mpd lifts it to the hard limit) minus 128 for the\n"
+        "worker's own fds and hand-offs in flight, up to 1000000. A number above that is\n"
+        "capped the same way (mpd.max_clients_capped)."),
     Key("workers", "max_output_buffer", 262144, checks.int_range(1024, 1 << 30),
         "Bytes of replies a worker holds for a client that does not read; past it the client\n"
         "is closed (client.overflow), so a stuck client never blocks the others."),
+    Key("workers", "idle_timeout", 300.0, checks.float_range(0, 86400),
+        "Seconds a client may go without sending a whole frame or taking any of its replies\n"
+        "before it is closed (client.timed_out); 0 = never. A client that half-closed (sent\n"
+        "EOF) gets its replies first, unless it stops reading them for this long."),
+    Key("workers", "first_frame_timeout", 10.0, checks.float_range(0, 86400),
+        "Seconds a new client has to send its first whole frame before it is closed, so that\n"
+        "connections that send nothing, or a byte now and then (slowloris), cannot hold the\n"
+        "places of real clients; 0 = never."),
     Key("workers", "autoscale", False, checks.boolean,
         "Add a worker (up to max_workers) whenever every worker is at max_clients."),
     Key("workers", "graceful_timeout", 10.0, checks.float_range(0, 3600),
@@ -126,8 +141,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("workers", "worker_timeout", 30.0, checks.float_range(1, 3600),
         "Seconds without a heartbeat after which a worker counts as hung and is replaced."),
     Key("workers", "backoff_max", 30.0, checks.float_range(0.1, 3600),
-        "Longest wait, in seconds, before respawning a slot that keeps crashing soon after\n"
-        "start (the wait doubles from 0.1 s with each quick crash)."),
+        "Longest wait, in seconds, before respawning a slot whose workers keep failing before\n"
+        "they serve (the wait doubles from 0.1 s with each; a worker that served is replaced\n"
+        "at once, and while no other slot serves the wait is 1 s at most)."),
     Key("control", "socket", "auto", checks.socket_path,
         "Control socket for mpdctl. \"auto\" = mpd.sock in systemd's RuntimeDirectory\n"
         "(/run/mpd), else /run/mpd/mpd.sock for root, else $XDG_RUNTIME_DIR/mpd/mpd.sock.\n"
@@ -186,8 +202,10 @@ class Config:
     proxy_timeout: float = 3.0
     workers: int | str = "auto"
     max_workers: int = 64
-    max_clients: int = 1000
+    max_clients: int | str = "auto"
     max_output_buffer: int = 262144
+    idle_timeout: float = 300.0
+    first_frame_timeout: float = 10.0
     autoscale: bool = False
     graceful_timeout: float = 10.0
     worker_timeout: float = 30.0
@@ -217,6 +235,15 @@ class Config:
             return min(len(os.sched_getaffinity(0)), self.max_workers)
         return min(int(self.workers), self.max_workers)
 
+    def clients_per_worker(self, fd_limit: int | None = None) -> int:
+        """max_clients with "auto" resolved: never more than the fd limit (the soft
+        RLIMIT_NOFILE, read now unless given) leaves for clients after FD_HEADROOM."""
+        if fd_limit is None:
+            fd_limit = fd_soft_limit()
+        room = max(1, fd_limit - FD_HEADROOM)
+        wanted = MAX_CLIENTS if self.max_clients == "auto" else int(self.max_clients)
+        return min(wanted, room)
+
     @property
     def socket_path(self) -> str:
         return default_socket_path() if self.socket == "auto" else self.socket
@@ -235,6 +262,11 @@ class Config:
         kept = dict(self.overrides)
         kept.update(changes)
         return dataclasses.replace(self, overrides=tuple(kept.items()), **kept)
+
+
+def fd_soft_limit() -> int:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return MAX_CLIENTS + FD_HEADROOM if soft == resource.RLIM_INFINITY else soft
 
 
 def _dotted(path: str) -> str:

@@ -189,20 +189,37 @@ class ControlServer:
                     self.pause_accepting(e)
                     return
                 continue
-            conn.setblocking(False)
-            pid, uid, gid = peer_credentials(conn)
-            peer = Peer(conn, pid, uid)
-            why = self.why_denied(uid, gid)
-            if why is not None:
-                log.warning("control.denied", peer_uid=uid, peer_pid=pid)
-                self.reject(peer, f"permission denied on {self.path}: {why}")
-                continue
-            if len(self.peers) >= MAX_CONNECTIONS and not self.evict_idle():
-                log.warning("control.busy", peer_uid=uid, connections=len(self.peers))
-                self.reject(peer, "too many control connections; retry")
-                continue
-            self.peers[conn.fileno()] = peer
-            self.selector.register(conn, selectors.EVENT_READ, self.reader(peer))
+            try:
+                self.admit(conn)
+            except Exception as e:  # noqa: BLE001 - one peer must not end the master
+                log.exception("control.error", command=None, error=repr(e))
+                self.forget(conn)
+
+    def admit(self, conn: socket.socket) -> None:
+        """A new peer: checked, turned away, or served."""
+        conn.setblocking(False)
+        pid, uid, gid = peer_credentials(conn)
+        peer = Peer(conn, pid, uid)
+        why = self.why_denied(uid, gid)
+        if why is not None:
+            log.warning("control.denied", peer_uid=uid, peer_pid=pid)
+            self.reject(peer, f"permission denied on {self.path}: {why}")
+            return
+        if len(self.peers) >= MAX_CONNECTIONS and not self.evict_idle():
+            log.warning("control.busy", peer_uid=uid, connections=len(self.peers))
+            self.reject(peer, "too many control connections; retry")
+            return
+        self.peers[conn.fileno()] = peer
+        self.selector.register(conn, selectors.EVENT_READ, self.reader(peer))
+
+    def forget(self, conn: socket.socket) -> None:
+        """Close a peer whose state a bug may have left half-made."""
+        fd = conn.fileno()
+        self.peers.pop(fd, None)
+        self.closing.pop(fd, None)
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(conn)
+        conn.close()
 
     def pause_accepting(self, error: OSError) -> None:
         """Out of fds (or memory): a listening socket stays readable, so leave the selector
@@ -254,10 +271,14 @@ class ControlServer:
 
     def reader(self, peer: Peer) -> Callable[[int], None]:
         def on_event(events: int) -> None:
-            if events & selectors.EVENT_WRITE:
-                self.flush(peer)
-            if events & selectors.EVENT_READ and self.known(peer):
-                self.on_readable(peer)
+            try:
+                if events & selectors.EVENT_WRITE:
+                    self.flush(peer)
+                if events & selectors.EVENT_READ and self.known(peer):
+                    self.on_readable(peer)
+            except Exception as e:  # noqa: BLE001 - a bug with one peer ends that peer only
+                log.exception("control.error", command=None, peer_uid=peer.uid, error=repr(e))
+                self.forget(peer.sock)
         return on_event
 
     def known(self, peer: Peer) -> bool:

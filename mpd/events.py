@@ -33,6 +33,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "mpd.privileges_failed": ("error", "master", "started as root without server.user, or "
                               "server.user names another user and mpd is not root (exit "
                               "78): error"),
+    "mpd.max_clients_capped": ("warning", "master", "workers.max_clients is more than the fd "
+                               "limit allows (the limit less 128); each worker serves at most "
+                               "max_clients: configured, max_clients, fd_limit"),
     "mpd.signal_refused": ("warning", "master", "a signal's command could not be done (SIGTTIN "
                            "at max_workers, SIGTTOU at one worker): signal, command, error"),
     "upgrade.started": ("info", "master", "mpdctl upgrade or SIGUSR2: the pre-flight check of "
@@ -68,8 +71,14 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "worker.scaled": ("info", "master", "the worker count changed: previous, workers"),
     "worker.autoscaled": ("info", "master", "every worker was full; one added: previous, "
                           "workers, max_clients"),
-    "worker.accept_paused": ("warning", "worker", "the worker stopped accepting: reason "
-                             "(max_clients, EMFILE, ENFILE, ENOBUFS, ENOMEM), clients"),
+    "worker.accept_paused": ("warning", "worker", "the worker stopped accepting (logged when "
+                             "a pause begins): reason (max_clients, EMFILE, ENFILE, ENOBUFS, "
+                             "ENOMEM), clients, max_clients"),
+    "worker.accept_resumed": ("info", "worker", "accepting again after a pause (logged "
+                              "once a pause is over, however often it repeated): reason, "
+                              "pauses, paused_for, clients"),
+    "worker.fd_limit": ("warning", "worker", "the worker's fd limit changed (prlimit); it "
+                        "follows within a second: fd_limit, max_clients, clients"),
     "worker.draining": ("info", "worker", "retiring on scale-down: hands its clients on: "
                         "clients"),
     "worker.stopping": ("info", "worker", "graceful stop: finishing its clients: clients"),
@@ -83,6 +92,11 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                      "client (with server.proxy_protocol, the real client's address and port; "
                      "else null)"),
     "client.closed": ("debug", "worker", "a client is gone: fd, reason, clients, client"),
+    "client.timed_out": ("info", "worker", "clients closed by a round of upkeep (at most one "
+                         "line a second): first_frame (no whole frame within "
+                         "first_frame_timeout), idle (nothing for idle_timeout), clients"),
+    "client.error": ("error", "worker", "handling a client raised (a bug); that client is "
+                     "closed, the others are served on: fd, key, error, traceback"),
     "client.protocol_error": ("warning", "worker", "a client broke the protocol and was "
                               "closed: fd, error, client"),
     "client.overflow": ("warning", "worker", "a client left too many replies unread and was "
@@ -97,15 +111,26 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                       "key, from_slot, from_pid, to_slot, to_pid, carried (bytes), latency_us "
                       "(HANDOFF sent to ADOPT taken), client (the real client, carried along "
                       "with the hand-off; null without server.proxy_protocol)"),
-    "fd.refused": ("warning", "worker", "the key's owner was full; the client got the refusal "
-                   "reply: key, from_slot, reason, clients, max_clients"),
+    "fd.spilled": ("info", "worker", "this slot was full: the handed-off client goes back to "
+                   "the master for the next slot in its key's ranking: key, rank (0: the "
+                   "owner), clients, max_clients"),
+    "fd.refused": ("warning", "worker", "every slot that could take the client was full (or it "
+                   "had no key); it got the refusal reply: key, from_slot, reason, clients, "
+                   "max_clients"),
     "fd.handoff_failed": ("error", "worker", "HANDOFF could not be sent; the client is served "
                           "where it is: fd, key, error"),
     "fd.dropped": ("error/warning", "master", "a held hand-off could not be delivered: key, "
                    "reason"),
+    "fd.lost": ("error", "both", "a client's fd was cut from a HANDOFF or ADOPT: this process "
+                "had no free fd to receive it, and the client is gone: kind, key, peer, lost "
+                "(so far)"),
     "channel.message": ("debug", "worker", "a channel message arrived: kind, size"),
     "channel.error": ("error/warning", "both", "a malformed, unexpected or failed channel "
-                      "message (its fds are closed): error, peer"),
+                      "message, or one whose handling raised (a bug: with kind and traceback); "
+                      "its fds are closed: error, peer, kind, fds"),
+    "loop.error": ("error", "both", "reacting to an event raised (a bug) and the loop goes on: "
+                   "where (signal SIGHUP, timers, duties, accept, channel, reap), error, "
+                   "traceback; a worker whose channel fails so is killed and replaced"),
     "control.command": ("info/debug", "master", "a control request (debug for status and "
                         "ping, which change nothing): command, peer_uid, peer_pid"),
     "control.denied": ("warning", "master", "a control peer not on the allow-list: peer_uid, "
@@ -119,7 +144,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                      "peer_uid, connections"),
     "control.accept_failed": ("warning", "master", "accept on the control socket failed: "
                               "error"),
-    "control.error": ("error", "master", "a control command raised (a bug): command"),
+    "control.error": ("error", "master", "a control command, or the handling of a control "
+                      "peer, raised (a bug); that peer's request fails or it is closed: "
+                      "command, error, traceback"),
     "agent.accept_failed": ("warning", "master", "accept on the agent-check port failed "
                             "(out of fds or memory); it pauses: error, retry_in"),
     "control.access_unmapped": ("error", "master", "control.allow_uids or allow_group name "

@@ -32,6 +32,8 @@ class Handover:
     config: Config
     protocol: ClientProtocol
     conns: dict[int, Connection]
+    newcomers: dict[int, Connection]
+    now: float
     epoll: select.epoll
     link: Link
     slot: int | None
@@ -43,6 +45,7 @@ class Handover:
     accepting: bool
     debug: bool
     stats: dict[str, int]
+    max_clients: int
     consume: Callable[[Connection, bytes], None]
     add: Callable[[Connection], None]
     resume_accepting: Callable[[], None]
@@ -81,6 +84,7 @@ class Handover:
             self.consume(conn, b"")
             return
         del self.conns[conn.fd]
+        self.newcomers.pop(conn.fd, None)
         conn.sock.detach()  # the channel owns the fd now and closes it once it is sent
         self.stats["handoffs_out"] += 1
         self.watch_link()
@@ -88,24 +92,28 @@ class Handover:
             self.resume_accepting()
 
     def adopt(self, message: Message) -> None:
-        """Take a client handed over by the master: its carried bytes first, then its socket."""
+        """Take a client handed over by the master: its carried bytes first, then its socket.
+        Full, we pass it on to the next slot in its key's ranking, or refuse it as the last."""
         meta = message.meta
         if len(message.fds) != 1 or not isinstance(meta.get("key", 0), (int, type(None))):
             close_fds(message.fds)
-            log.error("channel.error", error="ADOPT without exactly one fd and a valid key")
+            log.error("channel.error", kind="ADOPT", error="without exactly one fd and a valid key")
+            return
+        fd = message.fds.pop()  # ours from here on
+        if len(self.conns) >= self.max_clients and not self.draining:
+            if not self.pass_on(fd, message.raw, meta):
+                self.refuse(fd, meta)
             return
         try:
             # Family and type given: no getsockopt() calls to detect them.
-            sock = socket.socket(self.family, self.kind, 0, message.fds[0])
+            sock = socket.socket(self.family, self.kind, 0, fd)
         except OSError as e:
-            close_fds(message.fds)
-            log.error("channel.error", error=f"ADOPT fd unusable: {e.strerror}")
+            close_fds([fd])
+            log.error("channel.error", kind="ADOPT", error=f"fd unusable: {e.strerror}")
             return
         sock.setblocking(False)
-        if len(self.conns) >= self.config.max_clients:
-            self.refuse(sock, meta)
-            return
-        conn = Connection(sock)
+        conn = Connection(sock, self.now)
+        conn.seen = self.now  # it sent its key frame
         conn.key = meta.get("key")
         conn.client = meta.get("peer")
         self.add(conn)
@@ -125,12 +133,38 @@ class Handover:
                  client=client)
         self.consume(conn, message.raw)
 
-    def refuse(self, sock: socket.socket, meta: dict[str, Any]) -> None:
-        """We are full: the client gets the protocol's refusal and is closed."""
+    def pass_on(self, fd: int, raw: bytes, meta: dict[str, Any]) -> bool:
+        """We are full: give the client back to the master, for the next slot in its key's
+        ranking (the broker's). False when we are the last that could take it, when it has
+        no key (a retiring worker's keyless client went to the least busy worker already),
+        or when the channel fails: then it is refused."""
+        if meta.get("last") or meta.get("key") is None:
+            return False
+        rank = meta.get("rank") or 0
+        try:
+            self.link.hand_off({"key": meta["key"], "sent_ns": meta.get("sent_ns"),
+                                "owner": meta.get("owner"), "table": meta.get("table"),
+                                "rank": rank + 1}, raw, fd)
+        except (ValueError, ChannelClosed):
+            return False
+        self.stats["spilled"] += 1
+        self.watch_link()
+        log.info("fd.spilled", key=meta["key"], rank=rank, clients=len(self.conns),
+                 max_clients=self.max_clients)
+        return True
+
+    def refuse(self, fd: int, meta: dict[str, Any]) -> None:
+        """Every slot is full: the client gets the protocol's refusal and is closed."""
         self.stats["refused"] += 1
-        with contextlib.suppress(OSError):
-            sock.send(self.protocol.refusal)
-        sock.close()
+        try:
+            sock = socket.socket(self.family, self.kind, 0, fd)
+        except OSError:
+            close_fds([fd])
+        else:
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
+                sock.send(self.protocol.refusal)
+            sock.close()
         log.warning("fd.refused", key=meta.get("key"), from_slot=meta.get("from_slot"),
                     reason="max_clients", clients=len(self.conns),
-                    max_clients=self.config.max_clients)
+                    max_clients=self.max_clients)

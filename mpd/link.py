@@ -57,6 +57,16 @@ class MasterLink:
     def wants_write(self) -> bool:
         return self.channel.wants_write
 
+    @property
+    def lost(self) -> int:
+        """Clients whose fd could not be received (fd.lost)."""
+        return self.channel.lost
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting to be sent (each HANDOFF holds its client's fd until then)."""
+        return len(self.channel.queue)
+
     def hello(self, slot: int | None) -> None:
         self.channel.send(Kind.HELLO, {"slot": slot, "pid": os.getpid(), "version": __version__})
 
@@ -69,12 +79,12 @@ class MasterLink:
         ChannelClosed, and the fd stays the caller's then."""
         self.channel.send(Kind.HANDOFF, meta, raw, [fd])
 
-    def receive(self, writable: bool) -> list[Message]:
-        """Flush what is queued when writable, then take what arrived. Raises
-        ChannelClosed when the master is gone."""
+    def receive(self, writable: bool, limit: int) -> list[Message]:
+        """Flush what is queued when writable, then take up to `limit` messages that
+        arrived. Raises ChannelClosed when the master is gone."""
         if writable:
             self.channel.flush()
-        return self.channel.receive()
+        return self.channel.receive(limit)
 
     def close(self, counters: dict[str, int]) -> None:
         """The last STATS, bounded: the master counts what this worker did to the end."""
@@ -89,6 +99,7 @@ class MasterLink:
 class StandaloneLink:
     heartbeat = INF  # nobody listens for one
     wants_write = False
+    queued = lost = 0
 
     def __init__(self) -> None:
         self.notifier = Notifier()
@@ -127,7 +138,7 @@ class StandaloneLink:
     def hand_off(self, _meta: dict[str, Any], _raw: bytes, _fd: int) -> None:
         raise ChannelClosed("single-process mode has no master to hand off to")
 
-    def receive(self, _writable: bool) -> list[Message]:
+    def receive(self, _writable: bool, _limit: int) -> list[Message]:
         return []
 
     def close(self, _counters: dict[str, int]) -> None:

@@ -10,6 +10,10 @@ import socket
 from collections.abc import Iterable
 from typing import Any, Callable
 
+from mpd import log as logmod
+
+log = logmod.get_logger()
+
 Table = dict[signal.Signals, Callable[[], Any]]
 
 
@@ -48,9 +52,13 @@ class SignalQueue:
         return received
 
     def dispatch(self) -> None:
-        """Run the reaction to every signal that arrived, in order."""
+        """Run the reaction to every signal that arrived, in order; each inside a boundary:
+        a bug in one reaction is logged, and the next signal is handled."""
         for sig in self.drain():
-            self.handlers[sig]()
+            try:
+                self.handlers[sig]()
+            except Exception as e:  # noqa: BLE001 - a signal must not end the process
+                log.exception("loop.error", where=f"signal {sig.name}", error=repr(e))
 
     def close(self, disposition: signal.Handlers = signal.SIG_DFL) -> None:
         """Drop the wake-up fd and set the signals to `disposition`: SIG_DFL in a forked

@@ -1,5 +1,6 @@
 """The slot table: which worker processes exist, which one serves each slot, and what
-each slot remembers across its workers' deaths (restarts, crash-loop back-off).
+each slot remembers across its workers' deaths (restarts, the back-off of a slot whose
+workers fail before they serve).
 
 Workers live in numbered slots 0..N-1; a respawned worker takes the slot of the one it
 replaces, so routing by slot survives respawns. This module is the master's data about
@@ -12,8 +13,8 @@ from dataclasses import dataclass, field
 
 from mpd.channel import Channel
 
-STABLE_AFTER = 5.0  # seconds a worker must live before its slot's crash count resets
-BACKOFF_FIRST = 0.1  # seconds before the second quick respawn; doubles after each
+BACKOFF_FIRST = 0.1  # seconds before the second respawn of a failing slot; doubles after each
+FLOOR_WAIT = 1.0  # the longest wait of a failing slot while no other slot serves
 
 
 @dataclass
@@ -39,7 +40,7 @@ class WorkerProc:
 class SlotHistory:
     """What survives a worker's death: how often this slot crashed, when to retry."""
     restarts: int = 0
-    quick_failures: int = 0
+    failures: int = 0  # workers in a row that ended before they served
     respawn_at: float = 0.0
 
 
@@ -112,16 +113,22 @@ class Slots:
         due = [h.respawn_at for h in self.history.values() if h.respawn_at]
         return min(due) if due else None
 
-    def schedule_respawn(self, slot: int, uptime: float, backoff_max: float) -> float:
-        """Count a death; return the seconds to wait before refilling the slot. The first
-        crash respawns at once; each further crash within STABLE_AFTER of start doubles the
-        wait from BACKOFF_FIRST, capped at backoff_max."""
+    def schedule_respawn(self, slot: int, served: bool, backoff_max: float) -> float:
+        """Count a death; return the seconds to wait before refilling the slot.
+
+        A worker that served and then died is no crash loop of the code (killed, out of
+        memory): its slot is refilled at once. Only workers that fail before they serve
+        back off: the first at once, then waits doubling from BACKOFF_FIRST up to
+        backoff_max. And never while the house is empty: when no other slot serves, the
+        wait is FLOOR_WAIT at most, so some slot always tries again soon."""
         history = self.history.setdefault(slot, SlotHistory())
         history.restarts += 1
-        history.quick_failures = history.quick_failures + 1 if uptime < STABLE_AFTER else 1
+        history.failures = 0 if served else history.failures + 1
         delay = 0.0
-        if history.quick_failures > 1:  # a crash loop: wait longer each time, capped
-            delay = min(backoff_max, BACKOFF_FIRST * 2 ** (history.quick_failures - 2))
+        if history.failures > 1:
+            delay = min(backoff_max, BACKOFF_FIRST * 2 ** (history.failures - 2))
+            if not any(w.state == "ready" for w in self.serving.values() if w.slot != slot):
+                delay = min(delay, FLOOR_WAIT)
         history.respawn_at = time.monotonic() + delay
         return delay
 

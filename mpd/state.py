@@ -39,6 +39,7 @@ class Master(Protocol):
     started: float
     port: int
     pidfile: str | None
+    listener_shared: bool
 
 
 def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
@@ -70,7 +71,7 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
         "agent_fd": agent_fd,
         "table": master.slots.target, "workers": workers, "held": held,
         "history": {str(slot): dataclasses.asdict(h) for slot, h in master.slots.history.items()},
-        "pidfile": master.pidfile,
+        "pidfile": master.pidfile, "listener_shared": master.listener_shared,
     }
     return state, fds
 
@@ -116,8 +117,10 @@ def restore(master: Master, state: dict[str, Any]) -> None:
     master.pidfile = state.get("pidfile")
     master.slots.resize(state["table"])
     now = time.monotonic()
+    known = {f.name for f in dataclasses.fields(SlotHistory)}  # an older master's too
     for slot, history in state["history"].items():
-        master.slots.history[int(slot)] = SlotHistory(**history)
+        master.slots.history[int(slot)] = SlotHistory(
+            **{k: v for k, v in history.items() if k in known})
     for w in state["workers"]:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, w["channel_fd"])
         sock.set_inheritable(False)

@@ -13,6 +13,7 @@ master's state, slots and workers."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from typing import Any, Callable
@@ -34,6 +35,7 @@ class Stopping:
     config: Config
     state: str
     listener: socket.socket
+    listener_shared: bool
     slots: Slots
     notifier: Notifier
     upgrades: Any  # upgrade.Upgrades: cancel()
@@ -72,11 +74,24 @@ class Stopping:
         log.info("mpd.stopping", workers=len(self.slots.workers),
                  graceful_timeout=self.config.graceful_timeout)
         self.state = "stopping"
-        self.listener.close()  # no new connections queue up for us
+        self.stop_listening()
         self.stop_deadline = time.monotonic() + self.config.graceful_timeout
         for worker in self.slots.workers.values():
             self.slots.retire(worker)
             self.send(worker, Kind.STOP)
+
+    def stop_listening(self) -> None:
+        """New clients are refused from now on, in every process at once: shutdown() of a
+        listening socket ends the listening of every copy (the workers' too, whatever they
+        are busy with), and resets the connections queued in its backlog, which no one
+        would accept any more. Not with a socket that systemd holds for socket activation:
+        it goes on listening, and what queues there starts the next mpd."""
+        if self.listener.fileno() < 0:
+            return
+        if not self.listener_shared:
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RD)
+        self.listener.close()
 
     def halt(self, reason: str) -> None:
         """Stop now: SIGKILL every worker, then exit once they are reaped (bounded)."""
@@ -86,7 +101,7 @@ class Stopping:
         log.warning("mpd.halting", reason=reason, workers=len(self.slots.workers))
         self.notifier.stopping()
         self.state = "stopping"
-        self.listener.close()
+        self.stop_listening()
         self.drain_deadline = self.stop_deadline = 0.0
         self.kill_deadline = time.monotonic() + KILL_WAIT
         for worker in self.slots.workers.values():

@@ -4,7 +4,10 @@ name a trigger file. Unset (as in production), each check is one dict lookup.
 MPD_TEST_CRASH_FILE  while this file exists, a starting worker exits at once (code 3),
                      as a worker with a broken build would: a crash loop.
 MPD_TEST_HANG_FILE   when this file appears, the next worker to notice it deletes it
-                     and stops its loop for good, as a deadlocked worker would."""
+                     and stops its loop for good, as a deadlocked worker would.
+MPD_TEST_FAULT       comma-separated places where a bug is simulated (an exception
+                     raised): master.stats (each STATS the master handles),
+                     master.reload (each reload, by SIGHUP or mpdctl)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,16 @@ import time
 
 CRASH_FILE = os.environ.get("MPD_TEST_CRASH_FILE")
 HANG_FILE = os.environ.get("MPD_TEST_HANG_FILE")
+FAULTS = frozenset(filter(None, os.environ.get("MPD_TEST_FAULT", "").split(",")))
+
+
+class SimulatedBug(Exception):
+    """The simulated bug of MPD_TEST_FAULT."""
+
+
+def fault(place: str) -> None:
+    if place in FAULTS:
+        raise SimulatedBug(f"simulated bug at {place} (MPD_TEST_FAULT)")
 
 
 def crash_requested() -> bool:

@@ -5,6 +5,7 @@ a channel, in single-process mode (`workers = 0`) a stand-in, with the same loop
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -14,20 +15,20 @@ from typing import Any, Callable
 
 from mpd import log as logmod
 from mpd import testhooks as hooks
-from mpd.channel import ChannelClosed, Kind, Message, close_fds
-from mpd.config import Config, ConfigError
-from mpd.connection import HEADER, WAITING, Connection
+from mpd.channel import Kind, Message
+from mpd.config import Config
+from mpd.connection import WAITING, Connection
 from mpd.handoff import Handover
 from mpd.link import Link, MasterLink, StandaloneLink
+from mpd.orders import EXIT_BOOT_ERROR, EXIT_CRASH, EXIT_OK, Orders
 from mpd.protocols import PROTOCOLS, ProtocolError
 from mpd.proxygate import format_peer
 from mpd.proxyphase import ProxyPhase
+from mpd.upkeep import Upkeep
 
 RECV_SIZE = 32768
 ACCEPT_BATCH = 32  # accepts per wake-up, so a burst spreads over the workers
 ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
-LOG_DRAIN = 0.5  # seconds an exiting worker may wait for its last log lines (LOG-HOOK)
-EXIT_OK, EXIT_BOOT_ERROR = 0, 3  # 3: failed before serving (the master backs off harder)
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 INF = float("inf")
@@ -46,7 +47,7 @@ def run_single(config: Config, listener: socket.socket) -> int:
     return Worker(config, listener, StandaloneLink()).run()
 
 
-class Worker(Handover, ProxyPhase):
+class Worker(Handover, Orders, Upkeep, ProxyPhase):
     def __init__(self, config: Config, listener: socket.socket, link: Link,
                  slot: int | None = None, slots: tuple[int, ...] = ()):
         self.config = config
@@ -59,18 +60,22 @@ class Worker(Handover, ProxyPhase):
         self.family, self.kind = int(listener.family), int(listener.type)
         self.pid = os.getpid()
         self.conns: dict[int, Connection] = {}
+        self.max_clients = config.clients_per_worker()  # and the fd limit: upkeep.py
         self.accepting = False
+        self.listening = True  # our copy of the listening socket is open and listens
         self.accept_retry_at = 0.0  # monotonic time to retry accepting after a shortage
         self.stopping = False  # graceful: no new clients; close each at a frame boundary
         self.draining = False  # retiring: hand every client to its new owner, then exit
         self.stop_deadline = 0.0  # when stopping: close whatever is left at this time
         self.running = True
         self.next_heartbeat = 0.0
-        self.next_timer = 0.0  # the earliest of the three times above: one check per turn
+        self.next_timer = 0.0  # the earliest of the times above: one check per turn
+        self.now = 0.0  # the loop's clock, read once a turn
         self.link_writable_wanted = False  # the link's fd is in epoll for OUT too
         self.debug = logmod.enabled("debug")
         self.stats = {"accepted": 0, "requests": 0, "handoffs_out": 0, "adopted": 0,
-                      "refused": 0, "protocol_errors": 0, "overflows": 0}
+                      "spilled": 0, "refused": 0, "protocol_errors": 0, "overflows": 0}
+        self.init_upkeep()
         self.init_proxy()  # server.proxy_protocol: the PROXY header phase (proxyphase.py)
         # What the master may tell us: one table, as nginx keeps one switch.
         self.on_message_kind: dict[Kind, Callable[[Message], None]] = {
@@ -80,51 +85,107 @@ class Worker(Handover, ProxyPhase):
     # --- the loop ---------------------------------------------------------------------
 
     def run(self) -> int:
+        """Boot, then serve until stopped. An exception before the loop serves is a boot
+        error (exit 3: the master backs off); one that escapes the loop later is a crash."""
         if hooks.crash_requested():
             log.error("worker.test_crash")
             return EXIT_BOOT_ERROR
+        self.boot()
+        try:
+            self.serve()
+        except Exception as e:  # noqa: BLE001 - logged; the master respawns the slot at once
+            log.exception("worker.crashed", error=repr(e))
+            return EXIT_CRASH
+        self.shutdown()
+        return EXIT_OK
+
+    def boot(self) -> None:
         self.epoll = select.epoll()
         self.signals = self.link.signals(self)
         self.epoll.register(self.signals.fileno(), IN)
-        lfd, sfd, mfd = self.listener.fileno(), self.signals.fileno(), self.link.fileno()
-        if mfd >= 0:
-            self.epoll.register(mfd, IN)
-        self.resume_accepting()
+        if self.link.fileno() >= 0:
+            self.epoll.register(self.link.fileno(), IN)
+        self.init_limits()  # and start accepting
         self.link.hello(self.slot)
-        log.info("worker.serving", max_clients=self.config.max_clients)
+        log.info("worker.serving", max_clients=self.max_clients)
+
+    def serve(self) -> None:
+        lfd, sfd, mfd = self.listener.fileno(), self.signals.fileno(), self.link.fileno()
         conns = self.conns
         poll = self.epoll.poll
         monotonic = time.monotonic
         log_fd = -1  # LOG-HOOK: the log sink's fd while lines wait for it, else -1
+        now = self.now = monotonic()
         while self.running:
-            now = monotonic()
-            if now >= self.next_timer:
-                self.on_timers(now)
-            log_fd = logmod.watch_epoll(self.epoll)  # LOG-HOOK
-            for fd, events in poll(self.next_timer - now if self.next_timer < INF else -1):
-                conn = conns.get(fd)
-                if conn is not None:
-                    if events & OUT:
-                        self.flush(conn)
-                    if events & ~OUT and fd in conns:
-                        self.on_readable(conn)
-                elif fd == lfd:
-                    self.accept()
-                elif fd == mfd:
-                    self.on_link(events)
-                elif fd == sfd:
-                    self.signals.dispatch()
-                elif fd == log_fd:  # the log sink can take queued lines again
-                    logmod.flush()
+            fd = -1  # the fd whose event is handled: a bug there ends that one peer only
+            try:
+                if now >= self.next_timer:
+                    self.on_timers(now)
+                log_fd = logmod.watch_epoll(self.epoll)  # LOG-HOOK
+                ready = poll(self.next_timer - now if self.next_timer < INF else -1)
+                # The loop's clock, read once a turn: what clients are stamped with (their
+                # timeouts need no clock reading per request).
+                now = self.now = monotonic()
+                for fd, events in ready:
+                    conn = conns.get(fd)
+                    if conn is not None:
+                        if events & OUT:
+                            self.flush(conn)
+                        if events & ~OUT and fd in conns:
+                            self.on_readable(conn)
+                    elif fd == lfd:
+                        self.accept()
+                    elif fd == mfd:
+                        self.on_link(events)
+                    elif fd == sfd:
+                        self.signals.dispatch()
+                    elif fd == log_fd:  # the log sink can take queued lines again
+                        logmod.flush()
+            except Exception as e:  # noqa: BLE001 - the rest of the turn's events come again
+                self.contain(fd, e)  # (level-triggered) at the next poll
+                now = self.now = monotonic()
             if self.stopping and not conns:
                 self.running = False
-        self.shutdown()
-        return EXIT_OK
+
+    def contain(self, fd: int, error: Exception) -> None:
+        """A bug met in handling one event: log it with what it was about, end that one
+        peer, and go on. A client is closed; accepting pauses as after EMFILE; the timers
+        wait a second; a failing channel to the master is a lost master."""
+        conn = self.conns.get(fd)
+        if conn is not None:
+            log.exception("client.error", fd=fd, key=conn.key, error=repr(error))
+            self.discard(conn)
+            return
+        where = {self.listener.fileno(): "accept", self.link.fileno(): "channel",
+                 self.signals.fileno(): "signals"}.get(fd, "timers") if fd >= 0 else "timers"
+        log.exception("loop.error", where=where, fd=fd, error=repr(error))
+        if where == "accept":
+            self.pause_accepting("error", retry=True)
+        elif where == "channel":
+            self.orphaned()
+        elif where == "timers":
+            self.next_heartbeat = max(self.next_heartbeat, self.now + 1)
+            self.up.next_upkeep = max(self.up.next_upkeep, self.now + 1)
+            self.stop_deadline = self.stop_deadline and max(self.stop_deadline, self.now + 1)
+            self.accept_retry_at = self.accept_retry_at and max(self.accept_retry_at,
+                                                                self.now + 1)
+            self.rearm()
+
+    def discard(self, conn: Connection) -> None:
+        """Close a client whose state a bug may have left half-changed."""
+        if self.conns.get(conn.fd) is conn:
+            del self.conns[conn.fd]
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(conn.fd)
+        self.newcomers.pop(conn.fd, None)
+        conn.sock.close()
+        self.resume_accepting()
 
     def rearm(self) -> None:
-        """Recompute the next time the loop has timed work (heartbeat, retry, deadline)."""
+        """Recompute the next time the loop has timed work (heartbeat, retry, deadline,
+        upkeep)."""
         self.next_timer = min(self.accept_retry_at or INF, self.stop_deadline or INF,
-                              self.next_heartbeat,
+                              self.next_heartbeat, self.up.next_upkeep,
                               self.header_timer() if self.gate is not None else INF)
 
     def on_timers(self, now: float) -> None:
@@ -136,6 +197,8 @@ class Worker(Handover, ProxyPhase):
             if hooks.hang_requested():
                 hooks.hang()
             self.report()
+        if now >= self.up.next_upkeep:
+            self.upkeep(now)
         if self.gate is not None and now >= self.header_timer():
             self.expire_headers(now)
         if self.stopping and (not self.conns or now >= self.stop_deadline):
@@ -145,9 +208,9 @@ class Worker(Handover, ProxyPhase):
     # --- accepting ----------------------------------------------------------------------
 
     def resume_accepting(self) -> None:
-        if self.accepting or self.stopping or self.accept_retry_at:
+        if self.accepting or self.stopping or self.accept_retry_at or not self.listening:
             return
-        if len(self.conns) >= self.config.max_clients:
+        if len(self.conns) >= self.max_clients:
             return
         # EPOLLEXCLUSIVE: a new client wakes one worker, not all (no thundering herd).
         self.epoll.register(self.listener.fileno(), IN | select.EPOLLEXCLUSIVE)
@@ -159,17 +222,19 @@ class Worker(Handover, ProxyPhase):
             self.accepting = False
             if reason == "max_clients":
                 self.report()  # tell the master now: it may auto-scale
+        now = time.monotonic()
         if retry:
-            self.accept_retry_at = time.monotonic() + ACCEPT_RETRY
+            self.accept_retry_at = now + ACCEPT_RETRY
             self.rearm()
-        log.every(10.0, "worker.accept_paused", reason=reason, clients=len(self.conns),
-                  max_clients=self.config.max_clients)
+        self.note_pause(reason, now)
 
     def accept(self) -> None:
+        if not self.accepting:  # an event of this turn, from before we stopped accepting
+            return
         conns, register = self.conns, self.epoll.register
         raw_accept = self.listener._accept  # (fd, address): see the note below
         family, kind = self.family, self.kind
-        max_clients = self.config.max_clients
+        max_clients = self.max_clients
         gate = self.gate
         for _ in range(ACCEPT_BATCH):
             if len(conns) >= max_clients:
@@ -187,25 +252,30 @@ class Worker(Handover, ProxyPhase):
             except OSError as e:
                 if e.errno in ACCEPT_SHORTAGE:  # out of fds or memory: back off, no spin
                     self.pause_accepting(errno.errorcode[e.errno], retry=True)
+                    self.refresh_limits()  # prlimit may have cut our fd limit
                     return
                 if e.errno in (errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH):
                     continue
+                if e.errno == errno.EINVAL:  # the master shut the listening down: a stop
+                    self.stop_listening()
+                    return
                 raise
             sock = socket.socket(family, kind, 0, fd)
             sock.setblocking(False)
-            conn = Connection(sock)
+            conn = Connection(sock, self.now)
             if gate is not None and not self.expect_header(conn, addr):
                 continue  # server.proxy_protocol, and not from server.proxy_from: closed
-            conns[conn.fd] = conn  # add(), inlined: this is the connection-rate path
-            register(conn.fd, IN)
+            conns[fd] = conn  # add(), inlined: this is the connection-rate path
+            self.newcomers[fd] = conn  # until its first frame (upkeep.py)
+            register(fd, IN)
             self.stats["accepted"] += 1
             if self.debug:
                 log.debug("client.accepted", fd=sock.fileno(), peer=_peer(addr),
                           clients=len(self.conns))
 
     def add(self, conn: Connection) -> None:
+        self.epoll.register(conn.fd, IN)  # first: an fd epoll refuses is never a client
         self.conns[conn.fd] = conn
-        self.epoll.register(conn.fd, IN)
 
     # --- serving ------------------------------------------------------------------------
 
@@ -224,9 +294,19 @@ class Worker(Handover, ProxyPhase):
             self.close(conn, e.strerror or "error")
             return
         if not data:
-            self.close(conn, "eof")
+            if conn.outbuf and not conn.eof:
+                self.half_closed(conn)
+            else:  # nothing due, or a second EOF: a hang-up
+                self.close(conn, "eof")
             return
         self.consume(conn, data)
+
+    def half_closed(self, conn: Connection) -> None:
+        """The client half-closed (shutdown SHUT_WR) with replies still due: stop reading,
+        write them, then close (flush() does); bounded by max_output_buffer and, for a
+        client that stops reading, by idle_timeout."""
+        conn.eof = True
+        self.epoll.modify(conn.fd, OUT)
 
     def consume(self, conn: Connection, data: bytes) -> None:
         """Feed bytes to the protocol, write back its replies, and hand the client off
@@ -245,6 +325,7 @@ class Worker(Handover, ProxyPhase):
                 if self.debug:
                     log.debug("client.bound", fd=conn.fd, key=key,
                               client=format_peer(conn.client))
+                conn.seen = self.now
                 more, more_frames, key = self.protocol.feed(conn.inbuf, b"")
                 replies += more
                 frames += more_frames
@@ -255,6 +336,7 @@ class Worker(Handover, ProxyPhase):
             self.close(conn, "protocol_error")
             return
         if frames:
+            conn.seen = self.now
             self.stats["requests"] += frames
             self.write(conn, replies)
         if self.stopping and conn.idle and conn.fd in self.conns:
@@ -290,9 +372,13 @@ class Worker(Handover, ProxyPhase):
             self.close(conn, e.strerror or "error")
             return
         del conn.outbuf[:sent]
+        conn.seen = self.now  # it reads: not idle
         if not conn.outbuf:
             if conn.handoff == WAITING:
                 self.hand_off(conn)
+                return
+            if conn.eof:
+                self.close(conn, "eof")
                 return
             self.epoll.modify(conn.fd, IN)
             if self.stopping and conn.idle:
@@ -300,6 +386,7 @@ class Worker(Handover, ProxyPhase):
 
     def close(self, conn: Connection, reason: str) -> None:
         del self.conns[conn.fd]
+        self.newcomers.pop(conn.fd, None)
         # Unregister first: close() alone leaves the epoll entry live while another copy
         # of the socket exists, and the master's copy of a handed-off fd can outlive this
         # whole exchange (waking us may preempt it just before it closes that copy); a
@@ -311,120 +398,6 @@ class Worker(Handover, ProxyPhase):
                       client=format_peer(conn.client))
         if not self.accepting:
             self.resume_accepting()
-
-    # --- the master: messages through the link ------------------------------------------
-
-    def on_link(self, events: int) -> None:
-        try:
-            messages = self.link.receive(bool(events & OUT))
-            self.watch_link()
-            for message in messages:
-                if self.debug:
-                    log.debug("channel.message", kind=message.kind.name, size=len(message.raw))
-                react = self.on_message_kind.get(message.kind)
-                if react is None:
-                    close_fds(message.fds)
-                    log.warning("channel.error", error=f"unexpected {message.kind.name} "
-                                "from master")
-                else:
-                    react(message)
-        except ChannelClosed:
-            self.orphaned()
-
-    def watch_link(self) -> None:
-        """Wait for the channel to be writable only while something is queued for it."""
-        wants_write = self.link.wants_write
-        if wants_write != self.link_writable_wanted:
-            self.link_writable_wanted = wants_write
-            self.epoll.modify(self.link.fileno(), IN | OUT if wants_write else IN)
-
-    def orphaned(self) -> None:
-        # The master is gone: no one would route, supervise or reap us. Leave now.
-        log.warning("worker.orphaned", reason="channel closed")
-        self.running = False
-
-    def report(self) -> None:
-        try:
-            self.link.report({"clients": len(self.conns), **self.stats,
-                              "config_generation": self.config.generation})
-        except ChannelClosed:
-            self.orphaned()
-            return
-        self.watch_link()
-
-    def on_routes(self, message: Message) -> None:
-        self.slots = tuple(message.meta.get("slots", ()))
-
-    def on_config(self, message: Message) -> None:
-        self.apply(message.meta)
-        self.report()  # at once: the master counts who runs the new config
-
-    def on_drain(self, message: Message) -> None:
-        self.drain(tuple(message.meta.get("slots", ())))
-
-    def apply(self, settings: dict[str, Any]) -> None:
-        """Take changed limits and log level from a reload."""
-        self.config = self.config.replace(**settings)
-        if self.gate is not None:
-            self.gate.apply(self.config)
-        try:
-            logmod.configure_from(self.config)
-        except ConfigError as e:  # the master could open the log and we cannot: keep ours
-            log.error("config.reload_failed", error=str(e))
-        self.debug = logmod.enabled("debug")
-        if len(self.conns) < self.config.max_clients:
-            self.resume_accepting()
-        elif self.accepting:
-            self.pause_accepting("max_clients")
-
-    # --- stopping -----------------------------------------------------------------------
-
-    def stop(self) -> None:
-        """Graceful: no new clients; each client is closed once its replies are out."""
-        if self.stopping:
-            return
-        self.stopping = True
-        self.stop_deadline = time.monotonic() + self.config.graceful_timeout
-        self.rearm()
-        if self.accepting:
-            self.epoll.unregister(self.listener.fileno())
-            self.accepting = False
-        if self.draining:
-            return
-        log.info("worker.stopping", clients=len(self.conns))
-        for conn in list(self.conns.values()):
-            if conn.idle:
-                # Take what the client already sent: a frame it started is finished and
-                # answered before its connection is closed.
-                self.on_readable(conn)
-            if conn.fd in self.conns and conn.idle:
-                self.close(conn, "stopping")
-
-    def quit(self) -> None:
-        log.info("worker.quit")
-        os._exit(EXIT_OK)
-
-    def drain(self, slots: tuple[int, ...]) -> None:
-        """Retire: stop accepting and hand every client, with its unread bytes, to the owner
-        of its key under the new slot table (or to any worker when it has no key)."""
-        if self.draining:
-            return
-        self.slots = slots
-        log.info("worker.draining", clients=len(self.conns))
-        self.draining = True
-        self.stop()
-        for conn in list(self.conns.values()):
-            if conn.handoff != HEADER:  # the others follow once their header is in
-                self.hand_off(conn)
-
-    def shutdown(self) -> None:
-        for conn in list(self.conns.values()):
-            self.close(conn, "shutdown")
-        self.link.close({"clients": 0, **self.stats})
-        self.signals.close()
-        self.epoll.close()
-        log.info("worker.stopped", **self.stats)
-        logmod.drain(LOG_DRAIN)  # LOG-HOOK: its last lines, if the sink is slow; bounded
 
 
 def _peer(addr: Any) -> str:

@@ -3,7 +3,9 @@ dropped with their fds closed, and a full socket queues messages instead of bloc
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import socket
 
 import pytest
@@ -67,7 +69,8 @@ def test_handoff_meta_round_trips_with_its_fd_and_bytes(pair):
     (message,) = right.receive()
     assert message.kind is Kind.HANDOFF and message.raw == b"Mrest\0"
     assert message.meta == {"key": -5, "from_slot": None, "from_pid": None, "sent_ns": 123,
-                            "owner": None, "table": None, "peer": None}
+                            "owner": None, "table": None, "rank": 0, "last": False,
+                            "peer": None}
     assert len(message.fds) == 1
     os.write(w, b"x")
     assert os.read(message.fds[0], 1) == b"x"  # the same pipe came across
@@ -80,11 +83,15 @@ def test_handoff_meta_round_trips_with_its_fd_and_bytes(pair):
 def test_handoff_meta_carries_the_senders_routing(pair):
     left, right = pair
     meta = {"key": 2**31 - 1, "from_slot": 29, "from_pid": 4_000_000, "sent_ns": 2**63,
-            "owner": 0, "table": 30, "peer": ("2001:db8::7", 65535)}
+            "owner": 0, "table": 30, "rank": 7, "last": True,
+            "peer": ("2001:db8::7", 65535)}
     r, w = os.pipe()
     left.send(Kind.ADOPT, meta, b"", [r])
     (message,) = right.receive()
     assert message.kind is Kind.ADOPT and message.meta == meta and message.raw == b""
+    # rank and last ride in table's high bits: the routing part keeps the previous
+    # version's 29 bytes, which workers of that version (during an upgrade) still read.
+    assert HANDOFF_META_V1.size == 29 and HANDOFF_META.size == 29 + 19
     for fd in (*message.fds, w):
         os.close(fd)
 
@@ -102,7 +109,8 @@ def test_a_version_1_peer_gets_the_layout_it_reads_without_the_client_address(pa
     assert (version, kind, meta_len) == (1, Kind.ADOPT, HANDOFF_META_V1.size) == (1, 11, 29)
     message = decode(data, fds)
     assert message.meta == {"key": 9, "from_slot": 1, "from_pid": None, "sent_ns": 5,
-                            "owner": None, "table": None, "peer": None}
+                            "owner": None, "table": None, "rank": 0, "last": False,
+                            "peer": None}
     left.send(Kind.STATS, {"clients": 1})  # JSON messages carry the version too
     stats, _fds, _flags, _addr = socket.recv_fds(right.sock, MAX_MESSAGE, 1)
     assert stats[0] == 1 and decode(stats, []).meta == {"clients": 1}
@@ -111,10 +119,11 @@ def test_a_version_1_peer_gets_the_layout_it_reads_without_the_client_address(pa
 
 
 def test_a_version_1_handoff_decodes_as_one_without_an_address():
-    body = HANDOFF_META_V1.pack(True, 7, 2, 4321, 99, 1, 3)
+    body = HANDOFF_META_V1.pack(True, 7, 2, 4321, 99, 1, 3 | 2 << 16 | 1 << 30)
     data = HEADER.pack(1, Kind.HANDOFF, len(body)) + body + b"rest"
     assert decode(data, []).meta == {"key": 7, "from_slot": 2, "from_pid": 4321,
-                                     "sent_ns": 99, "owner": 1, "table": 3, "peer": None}
+                                     "sent_ns": 99, "owner": 1, "table": 3, "rank": 2,
+                                     "last": True, "peer": None}
     assert decode(data, []).raw == b"rest"
     with pytest.raises(ValueError) as error:  # a version-2 meta under a version-1 header
         decode(HEADER.pack(1, Kind.HANDOFF, HANDOFF_META.size)
@@ -186,3 +195,34 @@ def test_messages_sent_before_a_reset_are_still_delivered(pair):
             os.close(fd)
     with pytest.raises(ChannelClosed):
         master.receive()
+
+
+def test_a_client_whose_fd_cannot_be_received_is_counted_and_logged_as_lost(tmp_path):
+    log_path = tmp_path / "channel.log"
+    logmod.configure(target="file", path=str(log_path))
+    a, b = Channel.pair()
+    left, right = Channel(a, "left"), Channel(b, "slot 2")
+    client, peer = socket.socketpair()
+    try:
+        left.send(Kind.ADOPT, {"key": 77, "sent_ns": 1}, b"M\0", [client.detach()])
+        left.send(Kind.STATS, {"clients": 1})
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no fd slot free
+        try:
+            messages = right.receive()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        # The ADOPT lost its client; the message after it came whole.
+        assert [m.kind for m in messages] == [Kind.STATS] and right.lost == 1
+        peer.settimeout(5)
+        assert peer.recv(1) == b""  # and the client's connection went with it
+    finally:
+        left.close()
+        right.close()
+        peer.close()
+        logmod.configure("info")
+    events = [json.loads(line) for line in log_path.read_text().splitlines()]
+    (lost,) = [e for e in events if e["event"] == "fd.lost"]
+    assert (lost["key"], lost["kind"], lost["peer"], lost["lost"]) == (77, "ADOPT", "slot 2", 1)

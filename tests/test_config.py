@@ -47,7 +47,8 @@ BAD = {
     "port out of range": ("[server]\nport = 70000\n", 2, "server.port",
                           "expected an integer from 0 to 65535, got 70000"),
     "max_clients zero": ("[log]\nlevel = \"info\"\n[workers]\nmax_clients = 0\n", 4,
-                         "workers.max_clients", "expected an integer from 1 to 1000000, got 0"),
+                         "workers.max_clients",
+                         'expected "auto" or an integer from 1 to 1000000, got 0'),
     "bad listen": ('[server]\nlisten = "localhost"\n', 2, "server.listen",
                    "expected an IPv4 or IPv6 address"),
     "bad listen ipv4": ('[server]\n# listen = "127.0.0.1"\n  listen   =   "300.1.2.3"\n', 3,
@@ -55,8 +56,8 @@ BAD = {
     "workers over max_workers": ("[workers]\nmax_workers = 2\nworkers = 3\n", 3,
                                  "workers.workers",
                                  "expected at most workers.max_workers (2), got 3"),
-    "bool for an integer": ("[workers]\nmax_clients = true\n", 2, "workers.max_clients",
-                            "expected an integer from 1 to 1000000, got True"),
+    "bool for an integer": ("[workers]\nmax_workers = true\n", 2, "workers.max_workers",
+                            "expected an integer from 1 to 1024, got True"),
     "quoted key": ('[server]\n"port" = "x"\n', 2, "server.port",
                    "expected an integer from 0 to 65535, got 'x'"),
     "dotted key": ('# no [server] header\nserver . port = "x"\n', 2, "server.port",
@@ -127,7 +128,7 @@ def test_check_config_accepts_a_good_file(tmp_path):
 def test_no_file_means_the_embedded_defaults():
     config = configmod.load(None)
     assert config == configmod.Config()
-    assert (config.port, config.listen, config.max_clients) == (1990, "127.0.0.1", 1000)
+    assert (config.port, config.listen, config.max_clients) == (1990, "127.0.0.1", "auto")
     assert config.workers == "auto"
     assert config.worker_count == min(len(os.sched_getaffinity(0)), config.max_workers)
     assert config.replace(max_workers=1).worker_count == 1

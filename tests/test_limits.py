@@ -1,13 +1,39 @@
-"""Resource exhaustion: out of file descriptors while accepting (EMFILE)."""
+"""Resource exhaustion and pressure: out of file descriptors (EMFILE) in a worker or the
+master, full workers, thousands of idle clients."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
+import socket
+import subprocess
+import sys
 import time
 
-from conftest import PING, REPLY, cpu_seconds, fd_count, recv_exact, wait_until
+import pytest
+from conftest import (
+    M_PING,
+    PING,
+    REPLY,
+    ROOT,
+    cpu_seconds,
+    fd_count,
+    key_frame,
+    keys_owned_by,
+    recv_exact,
+    slot_pids,
+    wait_until,
+)
+
+
+def status(server) -> dict:
+    result = subprocess.run([sys.executable, "-m", "mpd.ctl", "--config",
+                             str(server.config_path), "--json", "status"],
+                            capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 def test_emfile_pauses_accepting_without_spinning_and_loses_no_client(mpd_factory):
@@ -24,18 +50,37 @@ def test_emfile_pauses_accepting_without_spinning_and_loses_no_client(mpd_factor
             assert recv_exact(sock, len(REPLY)) == REPLY
         paused = server.wait_event("worker.accept_paused")
         assert paused["reason"] == "EMFILE" and paused["pid"] == worker
+        # It follows its new fd limit: max_clients is what that leaves for clients.
+        assert server.wait_event("worker.fd_limit", pid=worker)["fd_limit"] == limit
         cpu = cpu_seconds(worker)
         start = time.monotonic()
         time.sleep(1.0)  # a span to measure CPU over, not a wait for a condition
         used = cpu_seconds(worker) - cpu
-        assert used < 0.3 * (time.monotonic() - start), used  # retries, not a busy loop
+        assert used < 0.3 * (time.monotonic() - start), used  # no busy loop
+        assert len(server.events("worker.accept_paused", pid=worker)) == 1
     finally:
         resource.prlimit(worker, resource.RLIMIT_NOFILE, (soft, hard))
+    server.wait_event("worker.fd_limit", pid=worker, fd_limit=soft)
     for sock in clients[2:]:  # queued in the backlog meanwhile, served once fds free up
         assert recv_exact(sock, len(REPLY)) == REPLY
     for sock in clients:
         sock.close()
-    wait_until(lambda: server.events("worker.accept_paused", reason="EMFILE"), what="logged")
+    resumed = server.wait_event("worker.accept_resumed", pid=worker)
+    assert resumed["reason"] == "EMFILE" and resumed["paused_for"] >= 1.0
+    assert len(server.events("worker.accept_paused", pid=worker)) == 1
+
+
+def test_a_full_worker_that_frees_and_fills_its_place_says_so_once(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1, "max_clients": 1}})
+    for _ in range(30):  # each fills the worker's one place (a pause), then frees it
+        with server.connect() as sock:
+            sock.sendall(PING)
+            assert recv_exact(sock, len(REPLY)) == REPLY
+    resumed = wait_until(lambda: sum(e["pauses"] for e in server.events(
+        "worker.accept_resumed")) == 30 and server.events("worker.accept_resumed"),
+        what="30 pauses told in accept_resumed lines")
+    paused = server.events("worker.accept_paused")
+    assert len(paused) == len(resumed) <= 3, (paused, resumed)  # not 30 of each
 
 
 def test_a_failed_spawn_is_retried_and_the_master_survives(mpd_factory):
@@ -56,3 +101,73 @@ def test_a_failed_spawn_is_retried_and_the_master_survives(mpd_factory):
     with server.connect() as sock:
         sock.sendall(PING)
         assert recv_exact(sock, len(REPLY)) == REPLY
+
+
+def test_a_worker_out_of_fds_passes_its_keys_clients_on_and_loses_none(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 2}})
+    server.wait_workers(2)
+    short = slot_pids(server)[1]
+    limit = fd_count(short) + 2  # two free fds
+    soft, hard = resource.prlimit(short, resource.RLIMIT_NOFILE)
+    resource.prlimit(short, resource.RLIMIT_NOFILE, (limit, hard))
+    clients = []
+    try:
+        server.wait_event("worker.fd_limit", pid=short, fd_limit=limit)
+        # 200 clients whose keys slot 1 owns, one after the other: each is answered, by
+        # slot 1 while it has room, else by the next slot of its key.
+        for key in keys_owned_by(1, (0, 1), 200, seed=12):
+            sock = server.connect()
+            sock.sendall(key_frame(key) + M_PING)
+            assert recv_exact(sock, len(REPLY)) == REPLY, f"client {len(clients)} lost"
+            clients.append(sock)
+    finally:
+        resource.prlimit(short, resource.RLIMIT_NOFILE, (soft, hard))
+    for sock in clients:  # each is served where it is
+        sock.sendall(M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+        sock.close()
+    assert server.events("fd.lost") == [] and server.events("channel.error") == []
+    assert len(server.events("fd.spilled", pid=short)) >= 190
+
+
+def test_ten_thousand_idle_clients_are_all_taken_with_the_default_settings(mpd_factory):
+    wanted = 10_000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < wanted + 1000:
+        pytest.skip(f"the hard fd limit ({hard}) leaves the test no room for {wanted} clients")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    server = mpd_factory()  # the defaults: max_clients = "auto", backlog 1024
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(wanted):
+            clients.append(server.connect(timeout=5))  # a refused or queued one times out
+        for sock in clients:
+            sock.sendall(PING)  # one ping each, then they idle
+        for sock in clients:
+            assert recv_exact(sock, len(REPLY)) == REPLY
+        served = wait_until(lambda: (lambda s: s["totals"]["clients"] == wanted and s)(
+            status(server)), timeout=10, what=f"{wanted} clients counted")
+        assert all(w["max_clients"] > wanted for w in served["workers"])
+        for _ in range(23):  # and new clients are served while they stay
+            with server.connect() as sock:
+                sock.sendall(PING)
+                assert recv_exact(sock, len(REPLY)) == REPLY
+    finally:
+        for sock in clients:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_master_and_workers_lift_their_soft_fd_limit_to_the_hard_one(mpd_factory):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 1024:
+        pytest.skip(f"the hard fd limit is {hard}: nothing to lift")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # mpd inherits a low soft one
+    try:
+        server = mpd_factory({"workers": {"workers": 2}})
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for pid in [server.pid, *server.wait_workers(2)]:
+        assert resource.prlimit(pid, resource.RLIMIT_NOFILE) == (hard, hard), pid
+    # and max_clients = "auto" follows the lifted limit
+    assert {w["max_clients"] for w in status(server)["workers"]} == {min(1_000_000, hard - 128)}

@@ -221,7 +221,7 @@ def test_a_retiring_worker_hands_a_client_on_once_its_header_is_in(harness):  # 
         with h.connect() as client:
             client.sendall(header[:10])  # the header is on its way when DRAIN comes
             wait_until(lambda: h.worker.conns, what="the client accepted")
-            h.master.send(Kind.DRAIN, {"slots": [1]})
+            h.master.send(Kind.DRAIN, {"slots": [0]})
             wait_until(lambda: h.worker.draining, what="the worker retiring")
             client.sendall(header[10:] + key_frame(ours) + M_PING)
             handoff = h.receive(Kind.HANDOFF)

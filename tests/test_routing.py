@@ -32,7 +32,6 @@ from mpd import log as logmod
 from mpd import routing
 from mpd.broker import Broker
 from mpd.channel import Channel, Kind, Message, close_fds
-from mpd.protocols.ping import REFUSAL
 from mpd.slots import Slots, WorkerProc
 
 # --- rendezvous hashing ---------------------------------------------------------------------
@@ -210,31 +209,40 @@ def test_a_stalled_worker_does_not_block_the_master_and_gets_its_clients_later(m
     assert len(server.events("fd.dispatched", to_slot=1)) == 40
 
 
-def test_a_client_whose_owner_is_full_is_refused_and_counted(mpd_factory):
-    server = mpd_factory({"workers": {"workers": 2, "max_clients": 2}})
-    server.wait_workers(2)
-    slots = (0, 1)
-    first, second, third = keys_owned_by(1, slots, 3, seed=11)
-    held = []
-    for key in (first, second):
+def test_a_hot_key_that_fills_its_slot_does_not_lock_that_slots_other_keys_out(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 3, "max_clients": 10}})
+    server.wait_workers(3)
+    slots = (0, 1, 2)
+    hot = keys_owned_by(1, slots, 1, seed=21)[0]
+    crowd = []
+    for _ in range(10):  # one hot key's clients fill slot 1
+        sock = server.connect()
+        sock.sendall(key_frame(hot) + M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY
+        crowd.append(sock)
+    # Ordinary keyed clients, a third of them slot 1's: every one is served, slot 1's by
+    # the next slot in their key's ranking, none refused.
+    keys = [k for n in (0, 1, 2) for k in keys_owned_by(n, slots, 5, seed=30 + n)]
+    ordinary = []
+    for key in keys:
         sock = server.connect()
         sock.sendall(key_frame(key) + M_PING)
+        assert recv_exact(sock, len(REPLY)) == REPLY, key
+        ordinary.append(sock)
+    for sock in ordinary:  # and they stay served where they landed
+        sock.sendall(M_PING)
         assert recv_exact(sock, len(REPLY)) == REPLY
-        held.append(sock)
-    # Slot 1 holds its two clients; slot 0 takes the next one and hands it over.
-    with server.connect() as sock:
-        sock.sendall(key_frame(third) + M_PING)
-        assert recv_exact(sock, len(REFUSAL)) == REFUSAL
-        assert sock.recv(100) == b""
-    refused = server.wait_event("fd.refused")
-    assert refused["key"] == third and refused["reason"] == "max_clients"
-    for sock in held:
+    spilled = wait_until(lambda: len(server.events("fd.spilled")) >= 5 and
+                         server.events("fd.spilled"), what="slot 1's five keys passed on")
+    theirs = set(keys_owned_by(1, slots, 5, seed=31))
+    assert {e["key"] for e in spilled} == theirs and all(e["slot"] == 1 for e in spilled)
+    for key in theirs:
+        (dispatched,) = [e for e in server.events("fd.dispatched", key=key)
+                         if e["to_slot"] != 1]
+        assert dispatched["to_slot"] == routing.ranking(key, slots)[1]
+    assert server.events("fd.refused") == []
+    for sock in crowd + ordinary:
         sock.close()
-    server.signal(signal.SIGTERM)
-    assert server.wait_exit() == 0
-    stopped = {e["slot"]: e for e in server.events("worker.stopped")}
-    assert stopped[1]["refused"] == 1
-    assert stopped[0]["refused"] == 0
 
 
 def test_handoff_to_a_respawning_slot_waits_for_it(mpd_factory):
@@ -387,3 +395,30 @@ def test_a_held_client_goes_to_its_owner_once_the_slot_has_a_worker(broker_of_fo
     (adopt,) = ends[owner].receive()
     assert adopt.kind is Kind.ADOPT and adopt.meta["key"] == key and not broker.held
     close_fds([*adopt.fds, w])
+
+
+def test_a_client_that_a_full_slot_passes_on_goes_down_its_keys_ranking(broker_of_four):
+    broker, slots, ends = broker_of_four
+    key = 424242
+    ranking = routing.ranking(key, (0, 1, 2, 3))
+
+    def passed_on(by: int, rank: int) -> tuple[int, Message]:
+        """`by` was full: its HANDOFF back, with the rank to look from. Who got the ADOPT."""
+        r, w = os.pipe()
+        os.close(w)
+        meta = {"key": key, "sent_ns": 1, "owner": ranking[0], "table": 4, "rank": rank}
+        broker.dispatch(slots.serving[by], Message(Kind.HANDOFF, meta, b"M\0", [r]))
+        ((slot, adopt),) = [(s, m) for s, end in ends.items() for m in end.receive()]
+        close_fds(adopt.fds)
+        return slot, adopt
+
+    for place in (1, 2, 3):
+        slot, adopt = passed_on(ranking[place - 1], place)
+        assert slot == ranking[place] and adopt.meta["from_slot"] == ranking[place - 1]
+        assert adopt.meta["rank"] == place and adopt.meta["last"] == (place == 3)
+    # The slots after the one that passed it on are gone: back to it, as the last.
+    for slot in ranking[2:]:
+        slots.serving.pop(slot)
+    slot, adopt = passed_on(ranking[1], 2)
+    assert slot == ranking[1] and (adopt.meta["rank"], adopt.meta["last"]) == (1, True)
+    assert not broker.held

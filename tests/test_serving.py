@@ -25,6 +25,7 @@ from conftest import (
     ping,
     recv_exact,
     run_seed_client,
+    wait_until,
 )
 
 from mpd.protocols.ping import MAX_FRAME
@@ -210,6 +211,94 @@ def test_a_client_that_never_reads_does_not_slow_the_others(mpd_factory):
     flooder.close()
 
 
+# --- half-close and timeouts ---------------------------------------------------------------
+
+def read_to_eof(sock: socket.socket, timeout: float = 60) -> int:
+    """Bytes received until mpd closes the connection."""
+    sock.settimeout(timeout)
+    total = 0
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return total
+        total += len(chunk)
+
+
+def unread_by_mpd(port: int, client: socket.socket) -> int | None:
+    """Bytes that mpd's end of `client`'s connection has received and not read yet (its
+    rx_queue in /proc/net/tcp); None once that end is closed."""
+    local = f"0100007F:{port:04X}"
+    remote = f"0100007F:{client.getsockname()[1]:04X}"
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == local and fields[2] == remote and fields[3] == "01":  # ESTABLISHED
+                return int(fields[4].split(":")[1], 16)
+    return None
+
+
+def test_a_client_that_half_closes_gets_every_reply_it_asked_for(mpd_factory):
+    # Room for every reply in mpd's buffer: what is tested is the half-close, not the bound.
+    server = mpd_factory({"workers": {"workers": 1, "max_output_buffer": 16 << 20}})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # kernel buffers: small
+    sock.connect(("127.0.0.1", server.port))
+    count = 400_000  # 8 MB of replies: megabytes of them wait in mpd when the EOF comes
+    sock.sendall(PING * count)
+    sock.shutdown(socket.SHUT_WR)
+    # A slow reader: it reads nothing until mpd has read every ping and the EOF.
+    wait_until(lambda: not unread_by_mpd(server.port, sock), what="mpd read every ping")
+    assert read_to_eof(sock) == count * len(REPLY)
+    sock.close()
+
+
+def test_a_half_closed_client_that_stops_reading_is_closed_after_idle_timeout(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1, "idle_timeout": 1,
+                                      "max_output_buffer": 16 << 20}})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(PING * 400_000)
+    sock.shutdown(socket.SHUT_WR)  # and never reads
+    timed_out = server.wait_event("client.timed_out", timeout=10)
+    assert timed_out["idle"] == 1 and timed_out["clients"] == 0
+    sock.close()
+
+
+def test_clients_without_a_first_frame_are_closed_after_first_frame_timeout(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1, "first_frame_timeout": 1}})
+    greeted = server.connect()
+    ping(greeted)
+    silent = server.connect()
+    dripping = server.connect()
+    dripping.sendall(b"h")  # a byte now and then, never a whole frame (slowloris)
+    assert sees_eof(silent) and sees_eof(dripping)
+    timed_out = server.wait_event("client.timed_out")
+    assert timed_out["first_frame"] == 2 and timed_out["idle"] == 0
+    ping(greeted)  # the client that spoke is served on
+    for sock in (greeted, silent, dripping):
+        sock.close()
+
+
+def test_clients_idle_for_idle_timeout_are_closed_and_busy_ones_are_not(mpd_factory):
+    server = mpd_factory({"workers": {"workers": 1, "idle_timeout": 1}})
+    idle, busy = server.connect(), server.connect()
+    ping(idle)
+    ping(busy)
+    # The busy client pings on (every 0.1 s) until the idle one is closed.
+    wait_until(lambda: (ping(busy), server.events("client.timed_out"))[1], timeout=10,
+               interval=0.1, what="the idle client timed out")
+    assert sees_eof(idle)
+    ping(busy)
+    (timed_out,) = server.events("client.timed_out")
+    assert timed_out["idle"] == 1 and timed_out["clients"] == 1
+    server.signal(signal.SIGTERM)
+    stopped = server.wait_event("worker.stopped")
+    assert stopped["idle_timeouts"] == 1 and stopped["first_frame_timeouts"] == 0
+    idle.close()
+    busy.close()
+
+
 # --- stopping ------------------------------------------------------------------------------
 
 def test_sigterm_with_idle_clients_exits_0_and_leaves_no_process(mpd_factory):
@@ -245,6 +334,32 @@ def test_sigterm_waits_at_most_graceful_timeout_for_a_busy_client(mpd_factory):
     assert all(sees_eof(sock) for sock in idle)
     for sock in [busy, *idle]:
         sock.close()
+
+
+def refused(port: int) -> bool:
+    """True once a connect is refused; a connect that gets through is closed again."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("workers", [2, 0], ids=["workers", "single-process"])
+def test_a_graceful_stop_refuses_new_clients_at_once(mpd_factory, workers):
+    server = mpd_factory({"workers": {"workers": workers, "graceful_timeout": 60}})
+    busy = server.connect()
+    ping(busy)
+    busy.sendall(b"half a pi")  # a frame in progress: the stop waits for it
+    server.signal(signal.SIGTERM)
+    server.wait_event("worker.stopping")
+    # Not accepted by the kernel and left to hang until the workers exit: refused.
+    wait_until(lambda: refused(server.port), timeout=5, what="a new client refused")
+    busy.sendall(b"ng\0")  # the client that was there finishes its frame
+    assert recv_exact(busy, len(REPLY)) == REPLY
+    assert sees_eof(busy)
+    busy.close()
+    assert server.wait_exit(timeout=10) == 0
 
 
 def test_single_process_mode_serves_and_stops_on_sigterm(mpd_factory):

@@ -5,6 +5,7 @@ the clients, while the main thread runs Worker.run() until it returns."""
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import socket
@@ -20,6 +21,7 @@ from mpd import config as configmod
 from mpd import log as logmod
 from mpd.channel import Channel, ChannelClosed, Kind, Message, close_fds
 from mpd.link import MasterLink
+from mpd.protocols.ping import REFUSAL, PingProtocol
 from mpd.worker import EXIT_OK, Worker
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
@@ -195,3 +197,114 @@ def test_a_worker_that_loses_its_master_leaves(harness):
 
     assert h.run(scenario) == EXIT_OK
     assert h.events("worker.orphaned")[0]["reason"] == "channel closed"
+
+
+def test_a_full_worker_passes_an_adopted_client_on_and_refuses_it_as_the_last(harness):
+    h = harness("[workers]\nmax_clients = 1\n")
+    key = keys_owned_by(0, (0, 1), 1, seed=6)[0]
+
+    def scenario() -> None:
+        h.receive(Kind.HELLO)
+        with h.connect() as client:  # the one place it has
+            client.sendall(M_PING)
+            assert recv_exact(client, len(REPLY)) == REPLY
+            ours, theirs = socket.socketpair()
+            meta = {"key": key, "from_slot": 1, "from_pid": 9, "sent_ns": 1, "owner": 0,
+                    "table": 2, "rank": 0, "last": False}
+            h.master.send(Kind.ADOPT, meta, M_PING, [ours.detach()])
+            back = h.receive(Kind.HANDOFF)  # full: back to the master for the next slot
+            assert back.meta["key"] == key and back.meta["rank"] == 1
+            assert back.raw == M_PING and len(back.fds) == 1
+            # The next slot is full too, and so on to the last, which is this one again.
+            h.master.send(Kind.ADOPT, {**meta, "rank": 1, "last": True}, back.raw,
+                          back.fds)
+            theirs.settimeout(10)
+            assert recv_exact(theirs, len(REFUSAL)) == REFUSAL
+            assert theirs.recv(1) == b""
+            theirs.close()
+            h.master.send(Kind.STOP)
+            assert client.recv(1) == b""
+        final = h.last(Kind.STATS)
+        assert final.meta["spilled"] == 1 and final.meta["refused"] == 1
+
+    assert h.run(scenario) == EXIT_OK
+    (spilled,) = h.events("fd.spilled")
+    assert spilled["key"] == key and spilled["rank"] == 0 and spilled["clients"] == 1
+    (refused,) = h.events("fd.refused")
+    assert refused["key"] == key
+
+
+def test_bad_messages_from_the_master_change_nothing_and_the_worker_serves_on(harness):
+    h = harness()
+    theirs = keys_owned_by(1, (0, 1), 1, seed=7)[0]
+    directory = os.open("/", os.O_RDONLY)  # an fd that is no socket
+
+    def scenario() -> None:
+        h.receive(Kind.HELLO)
+        with h.connect() as client:
+            client.sendall(M_PING)
+            assert recv_exact(client, len(REPLY)) == REPLY
+            h.master.send(Kind.DRAIN, {"slots": 5})  # decodable, and no slot table
+            h.master.send(Kind.ROUTES, {"slots": "xy"})
+            h.master.send(Kind.CONFIG, {"max_clients": "lots"})
+            h.master.send(Kind.ADOPT, {"key": 1, "sent_ns": 1}, b"", [directory])
+            client.sendall(M_PING)  # served on, by the same rules
+            assert recv_exact(client, len(REPLY)) == REPLY
+            with h.connect() as keyed:
+                keyed.sendall(key_frame(theirs) + M_PING)
+                handoff = h.receive(Kind.HANDOFF)  # still slot 1's: the table held
+                assert handoff.meta["owner"] == 1 and handoff.meta["table"] == 2
+                close_fds(handoff.fds)
+            h.master.send(Kind.STOP)
+            assert client.recv(1) == b""
+        assert h.last(Kind.STATS).meta["clients"] == 0  # the directory never counted
+
+    assert h.run(scenario) == EXIT_OK
+    errors = h.events("channel.error")
+    assert [e.get("kind") for e in errors] == ["DRAIN", "ROUTES", "CONFIG", "ADOPT"]
+    assert "max_clients" in errors[2]["error"] and "refused, nothing changed" in errors[2]["error"]
+    assert errors[3]["error"] == "fd unusable: Socket operation on non-socket"
+    assert not h.events("worker.crashed")
+
+
+class BuggyProtocol(PingProtocol):
+    """The ping protocol with a bug: a frame that starts with "boom" raises."""
+
+    def feed(self, buf: bytearray, data: bytes) -> tuple[bytes, int, int | None]:
+        if (bytes(buf) + data).startswith(b"boom"):
+            raise RuntimeError("a bug in the protocol")
+        return super().feed(buf, data)
+
+
+def raises(_message: Message) -> None:
+    raise RuntimeError("a bug in a message's handler")
+
+
+def test_a_bug_met_with_one_client_or_message_ends_that_one_only(harness):
+    h = harness()
+    h.worker.protocol = BuggyProtocol()
+    h.worker.on_message_kind[Kind.ROUTES] = raises
+
+    def scenario() -> None:
+        h.receive(Kind.HELLO)
+        with h.connect() as good, h.connect() as bad:
+            good.sendall(M_PING)
+            assert recv_exact(good, len(REPLY)) == REPLY
+            bad.sendall(b"boom\0")
+            assert bad.recv(1) == b""  # closed
+            good.sendall(M_PING)  # served on
+            assert recv_exact(good, len(REPLY)) == REPLY
+            h.master.send(Kind.ROUTES, {"slots": [0, 1]})
+            good.sendall(M_PING)
+            assert recv_exact(good, len(REPLY)) == REPLY
+            h.master.send(Kind.STOP)
+            assert good.recv(1) == b""
+        assert h.last(Kind.STATS).meta["requests"] == 3
+
+    assert h.run(scenario) == EXIT_OK
+    (error,) = h.events("client.error")
+    assert error["error"] == "RuntimeError('a bug in the protocol')"
+    assert "Traceback" in error["exception"] and error["key"] is None
+    (error,) = h.events("channel.error")
+    assert error["kind"] == "ROUTES" and "a bug in a message's handler" in error["error"]
+    assert "Traceback" in error["exception"]
