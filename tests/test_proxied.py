@@ -97,15 +97,23 @@ def test_a_header_split_anywhere_and_the_proxys_own_check_are_served(mpd_factory
 def test_a_hand_off_carries_the_real_client_to_the_keys_owner(mpd_factory):
     server = mpd_factory({**PROXIED, "workers": {"workers": 2}})
     keys = keys_owned_by(0, (0, 1), 5, seed=21) + keys_owned_by(1, (0, 1), 5, seed=22)
+    owner = {key: 0 for key in keys[:5]} | {key: 1 for key in keys[5:]}
     source = {key: ("192.0.2.77", 50000 + i) for i, key in enumerate(keys)}
+    local = {}
     for key in keys:
         with server.connect() as client:
+            local[key] = f"127.0.0.1:{client.getsockname()[1]}"
             client.sendall(v2(source[key], FRONT) + key_frame(key) + M_PING)
             assert recv_exact(client, len(REPLY)) == REPLY
-    # Whichever worker accepted a client, the keys the other slot owns were handed to it.
-    wait_until(lambda: len(server.events("fd.dispatched")) >= 5, what="5 hand-offs")
-    for event in server.events("fd.dispatched"):
+    # The kernel picks the worker that accepts; each key the other slot owns is handed over.
+    wait_until(lambda: len(server.events("client.bound")) >= len(keys), what="all keys bound")
+    accepted_by = {e["peer"]: e["slot"] for e in server.events("client.accepted")}
+    crossed = sorted(key for key in keys if accepted_by[local[key]] != owner[key])
+    dispatched = server.events("fd.dispatched")
+    assert sorted(e["key"] for e in dispatched) == crossed
+    for event in dispatched:
         assert event["client"] == f"192.0.2.77:{source[event['key']][1]}"
+        assert event["to_slot"] == owner[event["key"]]
     bound = {e["key"]: e["client"] for e in server.events("client.bound")}
     assert bound == {key: f"192.0.2.77:{port}" for key, (_, port) in source.items()}
 
