@@ -233,14 +233,10 @@ class NowaitSink(FdSink):
         self._send = lambda data: pwritev(fd, [data], -1, nowait)  # type: ignore[method-assign]
 
 
-class SocketSink(Sink):
-    """send(MSG_DONTWAIT) on a connected stream socket shared with other processes."""
+class OwnSocket(Sink):
+    """A sink that writes to a socket object of its own."""
 
-    def __init__(self, sock: socket.socket, drops: Drops, limit: int = QUEUE_BYTES):
-        super().__init__(drops, limit)
-        self.sock = sock
-        send, flags = sock.send, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
-        self._send = lambda data: send(data, flags)  # type: ignore[method-assign]
+    sock: socket.socket
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -253,7 +249,17 @@ class SocketSink(Sink):
         self.sock.detach()
 
 
-class DatagramSink(Sink):
+class SocketSink(OwnSocket):
+    """send(MSG_DONTWAIT) on a connected stream socket shared with other processes."""
+
+    def __init__(self, sock: socket.socket, drops: Drops, limit: int = QUEUE_BYTES):
+        super().__init__(drops, limit)
+        self.sock = sock
+        send, flags = sock.send, socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+        self._send = lambda data: send(data, flags)  # type: ignore[method-assign]
+
+
+class DatagramSink(OwnSocket):
     """Datagrams to an AF_UNIX socket path (journald's, /dev/log), one per entry, over a
     non-blocking socket of our own connected to it. If the reader restarts, the same
     socket connects again (at most once per RECONNECT seconds): its fd, which an event
@@ -286,16 +292,6 @@ class DatagramSink(Sink):
             self.reconnect_at = now + RECONNECT
             self.sock.connect(self.path)  # the reader restarted: a new socket at the path
             return self.sock.send(data)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def forget(self) -> None:
-        self.discard()
-        self.sock.detach()
 
 
 def open_fd(fd: int, drops: Drops, limit: int = QUEUE_BYTES) -> Sink:
