@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mpd import checks
+from mpd.tomllines import key_line
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -269,44 +270,6 @@ def fd_soft_limit() -> int:
     return MAX_CLIENTS + FD_HEADROOM if soft == resource.RLIM_INFINITY else soft
 
 
-def _dotted(path: str) -> str:
-    """A TOML key path with quotes and spaces around the dots removed."""
-    return ".".join(part.strip().strip("\"'") for part in path.split("."))
-
-
-def _key_line(text: str, section: str, name: str | None) -> int | None:
-    """Line (1-based) that sets section.name (or opens section when name is None), whether
-    by a key under a [table] header, a dotted key, or a [section.name] sub-table header."""
-    target = ".".join(p for p in (section, name) if p)
-    current = ""
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        header = re.match(r"^\[\[?([^\]]+)\]", stripped)
-        if header:
-            current = _dotted(header.group(1))
-            full = current
-        else:
-            assignment = re.match(r"^([A-Za-z0-9_.\"' -]+?)\s*=", stripped)
-            if not assignment:
-                continue
-            key = _dotted(assignment.group(1))
-            full = f"{current}.{key}" if current else key
-        if full == target or full.startswith(target + "."):
-            return number
-    return None
-
-
-def line_of(path: str | None, section: str, name: str) -> int | None:
-    """The line of `path` that sets section.name, for an error found after parsing."""
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return _key_line(f.read(), section, name)
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 def parse(text: str, path: str) -> Config:
     """Check TOML text against SCHEMA; raise ConfigError naming the first problem."""
     try:
@@ -323,32 +286,32 @@ def parse(text: str, path: str) -> Config:
         if section not in by_section:
             expected = ", ".join(f"[{s}]" for s in by_section)
             raise ConfigError(path, f"unknown section; expected one of {expected}",
-                              line=_key_line(text, section, None),
+                              line=key_line(text, section, None),
                               key=section)
         if not isinstance(table, dict):
             raise ConfigError(path, "expected a [section] table",
-                              line=_key_line(text, section, None), key=section)
+                              line=key_line(text, section, None), key=section)
         for name, value in table.items():
             key = by_section[section].get(name)
             if key is None:
                 known = ", ".join(by_section[section])
                 raise ConfigError(path, f"unknown key; [{section}] takes {known}",
-                                  line=_key_line(text, section, name), key=f"{section}.{name}")
+                                  line=key_line(text, section, name), key=f"{section}.{name}")
             try:
                 values[key.attr] = key.check(value)
             except ValueError as e:
                 raise ConfigError(path, f"expected {e}, got {value!r}",
-                                  line=_key_line(text, section, name), key=key.dotted) from None
+                                  line=key_line(text, section, name), key=key.dotted) from None
     config = Config(path=path, **values)
     if config.log_target == "file" and not config.log_file:
         raise ConfigError(path, 'expected log.file to be set when log.target = "file"',
-                          line=_key_line(text, "log", "target"), key="log.file")
+                          line=key_line(text, "log", "target"), key="log.file")
     if config.group and not config.user:
         raise ConfigError(path, "expected server.user to be set when server.group is",
-                          line=_key_line(text, "server", "group"), key="server.group")
+                          line=key_line(text, "server", "group"), key="server.group")
     if isinstance(config.workers, int) and config.workers > config.max_workers:
         raise ConfigError(path, f"expected at most workers.max_workers ({config.max_workers}), "
-                          f"got {config.workers}", line=_key_line(text, "workers", "workers"),
+                          f"got {config.workers}", line=key_line(text, "workers", "workers"),
                           key="workers.workers")
     _check_proxy_and_agent(config, text, path)
     return config
@@ -359,12 +322,12 @@ def _check_proxy_and_agent(config: Config, text: str, path: str) -> None:
     if config.proxy_protocol and not config.proxy_from:
         raise ConfigError(path, "expected at least one address when server.proxy_protocol = "
                           "true (else no client could connect)",
-                          line=_key_line(text, "server", "proxy_from"), key="server.proxy_from")
+                          line=key_line(text, "server", "proxy_from"), key="server.proxy_from")
     if config.agent_listen and config.workers == 0:
         raise ConfigError(path, "expected workers.workers of 1 or more (or \"auto\") with "
                           "agent.listen: the master serves the agent check, and "
                           "single-process mode (workers = 0) has none",
-                          line=_key_line(text, "agent", "listen"), key="agent.listen")
+                          line=key_line(text, "agent", "listen"), key="agent.listen")
     if config.agent_listen:
         host, port = host_port(config.agent_listen)
         anywhere = ("0.0.0.0", "::")
@@ -372,7 +335,7 @@ def _check_proxy_and_agent(config: Config, text: str, path: str) -> None:
                                     or config.listen in anywhere):
             raise ConfigError(path, f"expected a port other than server.port ({config.port}); "
                               "the agent check needs its own",
-                              line=_key_line(text, "agent", "listen"), key="agent.listen")
+                              line=key_line(text, "agent", "listen"), key="agent.listen")
 
 
 def load(path: str | None) -> Config:
