@@ -11,7 +11,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from mpd import __version__, humane
+from mpd import __version__, humane, top
 
 Reply = dict[str, Any]
 
@@ -232,6 +232,9 @@ COMMANDS: dict[str, Command] = {
     "metrics": Command(metrics, "metrics", "the counters and gauges in the Prometheus text "
                        "format (as the [metrics] listen endpoint serves them)",
                        show=lambda r: r["text"].rstrip("\n")),
+    "top": Command(None, "top", "a live view of every slot (over status), refreshed every "
+                   "--interval; q or Ctrl-C quits. Not on a terminal: --frames frames (1), "
+                   "then exit", view=top.view),
 }
 
 # Signals that stand for a command: the master runs the command as if mpdctl had sent it.
