@@ -141,13 +141,13 @@ class Master(Stopping, Messages):
                 lambda uid, gid: access.why_denied(self.config, uid, gid))
         if self.agent_sock is not None:
             self.agent = AgentServer(self.agent_sock, self.selector, self.agent_line)
-        self.observers.start(self.selector)
         if adopt is not None:
             self.upgrades.adopt(adopt)
         else:
             log.info("mpd.started", version=__version__, config=self.config.path,
                      listen=self.config.listen, port=self.port, workers=self.target,
                      control=self.config.socket_path if self.control else None)
+        self.observers.start(self.selector)  # after adopt: it counts from the old totals
         self.set_max_clients()
         self.manage_workers()
 

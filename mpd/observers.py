@@ -101,13 +101,14 @@ class Observers:
         if not any(counts.values()):
             return
         handoffs = latency.minus(buckets_now, buckets) if buckets else buckets_now
-        p50, p99 = (latency.quantile(handoffs, q) for q in (0.5, 0.99))
+        percentiles = {f"handoff_p{round(q * 100)}_us": round(value)
+                       for q in (0.5, 0.99) if (value := latency.quantile(handoffs, q))
+                       is not None}  # none without a hand-off: no field, not a null
+        if percentiles:
+            percentiles["handoff_max_us"] = peak
         log.info("mpd.stats", seconds=round(now - before, 1), **counts,
                  clients=sum(w["stats"].get("clients", 0) for w in snapshot["workers"]),
-                 workers=snapshot["master"]["ready"],
-                 handoff_p50_us=None if p50 is None else round(p50),
-                 handoff_p99_us=None if p99 is None else round(p99),
-                 handoff_max_us=peak if counts["handoffs"] else None)
+                 workers=snapshot["master"]["ready"], **percentiles)
 
     def forget_in_child(self) -> None:
         """In a forked worker: the port is the master's (its selector is closed already)."""

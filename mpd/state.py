@@ -59,7 +59,7 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
         workers.append({"pid": w.pid, "slot": w.slot, "channel_fd": w.channel.fileno(),
                         "state": w.state, "started": w.started, "stats": w.stats,
                         "generation": w.generation, "version": w.version,
-                        "config_generation": w.config_generation,
+                        "config_generation": w.config_generation, "latency": w.latency,
                         "channel_version": w.channel.version,
                         "serving": master.slots.serving.get(w.slot) is w, "queued": queued})
     held = [{"fd": h.fd, "meta": h.meta, "raw": _b64(h.raw), "since": h.since}
@@ -75,6 +75,7 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
         "listener_fd": master.listener.fileno(), "control_fd": master.control.sock.fileno(),
         "agent_fd": agent_fd, "metrics_fd": metrics_fd, "tally": master.tally.dump(),
         "table": master.slots.target, "workers": workers, "held": held,
+        "retired_restarts": master.slots.retired_restarts,
         "history": {str(slot): dataclasses.asdict(h) for slot, h in master.slots.history.items()},
         "pidfile": master.pidfile, "listener_shared": master.listener_shared,
     }
@@ -128,6 +129,7 @@ def restore(master: Master, state: dict[str, Any]) -> None:
     master.pidfile = state.get("pidfile")
     master.tally.restore(state.get("tally"))  # none from a release without metrics
     master.slots.resize(state["table"])
+    master.slots.retired_restarts = state.get("retired_restarts", 0)
     now = time.monotonic()
     known = {f.name for f in dataclasses.fields(SlotHistory)}  # an older master's too
     for slot, history in state["history"].items():
@@ -143,6 +145,7 @@ def restore(master: Master, state: dict[str, Any]) -> None:
                             started=w["started"], last_seen=now, state=w["state"],
                             stats=w["stats"], generation=w["generation"], version=w["version"],
                             config_generation=w.get("config_generation", 1))
+        master.tally.heard_before(worker, w.get("latency"))
         master.slots.add(worker, serving=w["serving"])
     for h in state["held"]:
         master.broker.held.append(HeldClient(h["meta"], base64.b64decode(h["raw"]), h["fd"],

@@ -96,6 +96,14 @@ class Tally:
             worker.latency = (buckets, sum_us)
             self.peak_us = max(self.peak_us, peak_us)
 
+    def heard_before(self, worker: WorkerProc, saved: Any) -> None:
+        """The histogram an old master had heard (state.py), until the next heartbeat."""
+        if isinstance(saved, list) and len(saved) == 2:
+            found = latency.counts({"bounds": len(latency.BOUNDS_US), "buckets": saved[0],
+                                    "sum_us": saved[1], "peak_us": 0})
+            if found is not None:
+                worker.latency = (found[0], found[1])
+
     def bury(self, worker: WorkerProc, cpu_seconds: float) -> None:
         """A reaped worker's last counts go to its slot's dead totals."""
         self.dead.setdefault(worker.slot, Totals()).add_worker(worker, cpu_seconds)
