@@ -40,8 +40,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                   "anything was counted: the interval's seconds, accepted, requests, handoffs "
                   "(adopted), spilled, refused, protocol_errors, overflows, timeouts, lost, "
                   "proxy_rejected, restarts, log_dropped; clients and workers (ready) now; "
-                  "handoff_p50_us and handoff_p99_us (estimated within the latency "
-                  "histogram's buckets) and handoff_max_us (exact)"),
+                  "when the interval had hand-offs, handoff_p50_us and handoff_p99_us "
+                  "(estimated within the latency histogram's buckets) and handoff_max_us "
+                  "(exact)"),
     "mpd.signal_refused": ("warning", "master", "a signal's command could not be done (SIGTTIN "
                            "at max_workers, SIGTTOU at one worker): signal, command, error"),
     "upgrade.started": ("info", "master", "mpdctl upgrade or SIGUSR2: the pre-flight check of "
