@@ -46,22 +46,24 @@ class Sample:
 
 def rate(now: Sample, before: Sample | None, pid: int, key: str, scale: float = 1.0) -> str:
     """The per-second change of a worker's figure between two samples, or "-"."""
-    old = before.by_pid.get(pid) if before is not None else None
-    if old is None or key not in old or now.at <= before.at:  # type: ignore[union-attr]
+    if before is None or now.at <= before.at or key not in before.by_pid.get(pid, {}):
         return "-"
-    delta = now.by_pid[pid].get(key, 0) - old[key]
-    per_second = max(0.0, delta / (now.at - before.at)) * scale  # type: ignore[union-attr]
+    delta = now.by_pid[pid].get(key, 0) - before.by_pid[pid][key]
+    per_second = max(0.0, delta / (now.at - before.at)) * scale
     return f"{per_second:.1f}" if scale != 1.0 else f"{per_second:.0f}"
 
 
 def size(rss: int | None) -> str:
     if rss is None:
         return "-"
-    for unit in ("B", "KiB", "MiB"):
-        if rss < 1024:
-            return f"{rss:.0f} {unit}" if unit == "B" else f"{rss:.1f} {unit}"
-        rss = rss / 1024  # type: ignore[assignment]
-    return f"{rss:.1f} GiB"
+    if rss < 1024:
+        return f"{rss} B"
+    value = float(rss)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f} {unit}"
 
 
 def frame(now: Sample, before: Sample | None) -> list[str]:

@@ -25,7 +25,9 @@ from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
 from prometheus_client.parser import text_string_to_metric_families
 
+from mpd import config as configmod
 from mpd import httpmetrics, latency, tally
+from mpd.config import ConfigError
 
 # --- the pieces -----------------------------------------------------------------------------
 
@@ -305,3 +307,28 @@ def test_a_port_in_use_is_a_clear_error_at_start(tmp_path):
     assert result.returncode == 69
     assert "metrics.failed" in result.stdout and "for metrics" in result.stdout
     assert not (tmp_path / "s").exists()  # the control socket was cleaned up
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ('[server]\nport = 1990\n[metrics]\nlisten = "0.0.0.0:1990"\n', "other than server.port"),
+    ('[agent]\nlisten = "127.0.0.1:9190"\n[metrics]\nlisten = "127.0.0.1:9190"\n',
+     "other than agent.listen"),
+    ('[workers]\nworkers = 0\n[metrics]\nlisten = "127.0.0.1:9190"\n', "single-process"),
+    ('[metrics]\nlisten = "localhost:9190"\n', "address:port"),
+    ('[log]\nstats_interval = -1\n', "log.stats_interval"),
+])
+def test_a_metrics_setting_that_cannot_work_is_a_config_error(text, error):
+    with pytest.raises(ConfigError) as caught:
+        configmod.parse(text, "mpd.toml")
+    assert error in str(caught.value)
+
+
+def test_the_metrics_port_needs_a_restart_and_the_stats_interval_does_not(tmp_path):
+    path = tmp_path / "mpd.toml"
+    path.write_text('[metrics]\nlisten = "127.0.0.1:9190"\n')
+    current = configmod.load(str(path))
+    path.write_text('[metrics]\nlisten = "127.0.0.1:9191"\n')
+    with pytest.raises(ConfigError, match="metrics_listen"):
+        configmod.reload(current)
+    path.write_text('[metrics]\nlisten = "127.0.0.1:9190"\n[log]\nstats_interval = 5\n')
+    assert configmod.reload(current).log_stats_interval == 5
