@@ -185,7 +185,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if command.view is not None:
         def send(name: str, **more: Any) -> dict[str, Any]:
             client.deadline = time.monotonic() + args.timeout  # each request its own
-            return client.request(name, **more)
+            try:
+                return client.request(name, **more)
+            except CtlError as e:  # an upgrade's exec closes every control connection
+                if e.code != EXIT_NOT_RUNNING:
+                    raise
+                client.reconnect()  # the new master answers on the same socket
+                return client.request(name, **more)
         return command.view(send, args)
     reply = client.request(args.command, **fields)
     if command.done is not None:

@@ -415,3 +415,18 @@ def test_an_upgrade_keeps_the_metrics_port_and_every_counter(mpd_factory, instal
                        what="a scrape of the new master")
     assert after == before
     assert not server.events("metrics.failed")
+
+
+def test_mpdctl_top_goes_on_across_an_upgrade(mpd_factory, installed):
+    server = mpd_factory({"workers": {"workers": 2}}, cwd=installed)
+    top = subprocess.Popen([sys.executable, "-m", "mpd.ctl", "--socket",
+                            str(server.tmp / "mpd.sock"), "top", "--frames", "12",
+                            "--interval", "0.5"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    set_version(installed, "99.0.6")
+    result = mpdctl(server, "upgrade")
+    assert result.returncode == 0, result.stderr
+    out, err = top.communicate(timeout=60)
+    assert top.returncode == 0, err
+    versions = [line.split()[1] for line in out.splitlines() if line.startswith("mpd ")]
+    assert len(versions) == 12 and versions[-1] == "99.0.6", out
