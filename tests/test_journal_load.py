@@ -44,6 +44,13 @@ ps = [multiprocessing.Process(target=run, args=(total,)) for _ in range(procs)]
 print(total.value)
 """
 
+SCRAPE = """
+import urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+text = urllib.request.urlopen("http://127.0.0.1:9190/metrics", timeout=10).read().decode()
+print(next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+           if s.name == "mpd_handoffs_in_total"))
+"""
 
 @needs_box
 def test_sustained_hand_offs_lose_no_line_under_journalds_default_rate_limit(box,
@@ -51,7 +58,8 @@ def test_sustained_hand_offs_lose_no_line_under_journalds_default_rate_limit(box
     box.run("mkdir", "-p", "/etc/systemd/journald.conf.d", check=True)
     box.copy(JOURNALD_DEFAULTS, "/etc/systemd/journald.conf.d/60-mpd-test-defaults.conf")
     box.run("systemctl", "restart", "systemd-journald", check=True)
-    install(box, system_venv, {**BASE, "log": {"stats_interval": 2}})
+    install(box, system_venv, {**BASE, "log": {"stats_interval": 2},
+                               "metrics": {"listen": "127.0.0.1:9190"}})
     box.run("systemctl", "start", "mpd", check=True)
     result = box.run(f"{system_venv}/bin/python", "-c", REKEY, "1990", str(SECONDS), "2",
                      timeout=SECONDS + 60)
@@ -75,5 +83,8 @@ def test_sustained_hand_offs_lose_no_line_under_journalds_default_rate_limit(box
     assert all(e["handoff_p99_us"] >= e["handoff_p50_us"] > 0 for e in stats if e["handoffs"])
     assert sum(e["requests"] for e in stats) == status["totals"]["requests"]
     assert box.events("fd.dispatched") == []
+    # The metrics endpoint under the unit's sandbox says the same.
+    scraped = box.run(f"{system_venv}/bin/python", "-c", SCRAPE, check=True).stdout
+    assert float(scraped) == adopted
     # Every line mpd logged since the start is there: the workers' and the master's.
     assert len(box.events("worker.serving")) == 2 and box.events("mpd.ready")
