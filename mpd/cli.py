@@ -165,10 +165,11 @@ def serve(config: configmod.Config, detach: bool) -> int:
         except PidFileError as e:
             raise StartError("mpd.already_running", str(e)) from None
     control_sock, listener, agent_sock, activated = open_sockets(config)
+    metrics_sock = open_metrics(config, control_sock, [listener, agent_sock])
     if pidfile is not None:
         from mpd.daemonize import detach as enter_daemon
 
-        enter_daemon(pidfile, [s for s in (listener, control_sock, agent_sock)
+        enter_daemon(pidfile, [s for s in (listener, control_sock, agent_sock, metrics_sock)
                                if s is not None])
         logmod.set_role("master" if control_sock is not None else "single")
         logmod.forget_writer()  # python-daemon closed the old log fds
@@ -183,7 +184,8 @@ def serve(config: configmod.Config, detach: bool) -> int:
     from mpd.master import Master
 
     proctitle.master(config)
-    master = Master(config, listener, control_sock, agent_sock, listener_shared=activated)
+    master = Master(config, listener, control_sock, agent_sock, listener_shared=activated,
+                    metrics_sock=metrics_sock)
     master.pidfile = pidfile.path if pidfile is not None else None
     return master.run()
 
@@ -225,6 +227,25 @@ def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket
     return control_sock, listener, agent_sock, activated
 
 
+def open_metrics(config: configmod.Config, control_sock: socket.socket | None,
+                 others: list[socket.socket | None]) -> socket.socket | None:
+    """The metrics port (metrics.listen; none in single-process mode). Raises StartError,
+    with the other sockets closed, when it cannot be opened."""
+    if control_sock is None or not config.metrics_listen:
+        return None
+    from mpd.httpmetrics import MetricsError
+    from mpd.httpmetrics import open_socket as open_http
+
+    try:
+        return open_http(*configmod.host_port(config.metrics_listen))
+    except MetricsError as e:
+        for sock in others:
+            if sock is not None:
+                sock.close()
+        close_control(config, control_sock)
+        raise StartError("metrics.failed", str(e)) from None
+
+
 def close_control(config: configmod.Config, control_sock: socket.socket | None) -> None:
     if control_sock is not None:
         control_sock.close()
@@ -264,7 +285,8 @@ def resume(state_fd: int) -> int:
     # A state from a master that did not record it: assume systemd may hold the socket, and
     # never shut its listening down at a stop (only close ours).
     code = Master(config, listener, control, resumed_agent(config, state),
-                  listener_shared=state.get("listener_shared", True)).run(adopt=state)
+                  listener_shared=state.get("listener_shared", True),
+                  metrics_sock=resumed_metrics(config, state)).run(adopt=state)
     if state.get("pidfile"):  # --daemon's: the old image's context cannot remove it now
         PidFile(state["pidfile"]).__exit__(None, None, None)
     return code
@@ -284,6 +306,22 @@ def resumed_agent(config: configmod.Config, state: dict) -> socket.socket | None
             sock = open_agent(*configmod.host_port(config.agent_listen))
         except AgentError as e:
             logmod.get_logger().error("agent.failed", error=str(e))
+    return sock
+
+
+def resumed_metrics(config: configmod.Config, state: dict) -> socket.socket | None:
+    """The metrics socket the old master had; from a release without it, a new one (or,
+    if it cannot be opened now, none: mpd serves on)."""
+    from mpd import state as statemod
+    from mpd.httpmetrics import MetricsError
+    from mpd.httpmetrics import open_socket as open_http
+
+    sock = statemod.inherited_socket(state, "metrics_fd")
+    if sock is None and config.metrics_listen:
+        try:
+            sock = open_http(*configmod.host_port(config.metrics_listen))
+        except MetricsError as e:
+            logmod.get_logger().error("metrics.failed", error=str(e))
     return sock
 
 

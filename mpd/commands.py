@@ -11,7 +11,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
-from mpd import __version__, humane
+from mpd import __version__, humane, top
 
 Reply = dict[str, Any]
 
@@ -22,7 +22,7 @@ class Daemon(Protocol):
     @property
     def target(self) -> int: ...
 
-    def snapshot(self) -> dict[str, Any]: ...
+    def snapshot(self, usage: bool = False) -> dict[str, Any]: ...
 
     def scale(self, count: int) -> str | None: ...  # each returns why not, or None
 
@@ -47,16 +47,30 @@ STAT_FIELDS = ("clients", "accepted", "requests", "handoffs_out", "adopted", "re
                "log_dropped", "proxy_rejected")
 
 
-def status(daemon: Daemon, _request: dict[str, Any]) -> Reply:
-    snapshot = daemon.snapshot()
+def status(daemon: Daemon, request: dict[str, Any]) -> Reply:
+    """Each worker's own counters; `slots` and `totals` count since mpd started, reaped
+    workers included (tally.py), as the metrics do. {"usage": true} adds CPU seconds and
+    resident bytes of each process."""
+    snapshot = daemon.snapshot(usage=request.get("usage") is True)
     workers = [{"slot": w["slot"], "pid": w["pid"], "state": w["state"],
                 **{k: w["stats"].get(k, 0) for k in STAT_FIELDS},
                 "max_clients": w["stats"].get("max_clients", snapshot["master"]["max_clients"]),
                 **{k: w[k] for k in ("restarts", "uptime", "heartbeat_age", "generation",
-                                     "version", "config_generation")}}
+                                     "version", "config_generation", "cpu_seconds", "rss")
+                   if k in w}}
                for w in snapshot["workers"]]
-    totals = {k: sum(w[k] for w in workers) for k in STAT_FIELDS}
-    return {"ok": True, "master": snapshot["master"], "workers": workers, "totals": totals}
+    totals = {**snapshot["totals"], "clients": sum(w["clients"] for w in workers)}
+    return {"ok": True, "master": snapshot["master"], "workers": workers,
+            "slots": snapshot["slots"], "totals": totals}
+
+
+def metrics(daemon: Daemon, request: dict[str, Any]) -> Reply:
+    """The Prometheus text format of what `status` counts (metrics.py); the same text
+    that the metrics endpoint serves."""
+    from mpd.metrics import render  # its prometheus_client is imported on first use
+
+    body, content_type = render(daemon.snapshot(usage=True))
+    return {"ok": True, "content_type": content_type, "text": body.decode()}
 
 
 def scale(daemon: Daemon, request: dict[str, Any]) -> Reply:
@@ -185,13 +199,16 @@ def cell(worker: dict[str, Any], name: str) -> str:
 @dataclass(frozen=True)
 class Command:
     """One control command: what it does in the daemon, and how mpdctl speaks it."""
-    run: Callable[[Daemon, dict[str, Any]], Reply]  # in the daemon: request -> reply
+    run: Callable[[Daemon, dict[str, Any]], Reply] | None  # in the daemon: request -> reply
     usage: str  # as `mpdctl --help` shows it
     summary: str
     argument: Callable[[str | None], dict[str, Any]] = no_argument  # mpdctl's arg -> fields
     show: Callable[[Reply], str] = lambda reply: "ok"  # what mpdctl prints of the reply
     # mpdctl polls status until this says True (done) or a string (failed: why)
     done: Callable[[Reply, Reply], bool | str] | None = None
+    # mpdctl's own view over other commands (run is None): (a way to send a request,
+    # mpdctl's options) -> exit code
+    view: Callable[[Callable[..., Reply], Any], int] | None = None
 
 
 COMMANDS: dict[str, Command] = {
@@ -212,6 +229,12 @@ COMMANDS: dict[str, Command] = {
                        show=show_upgrade),
     "ping": Command(ping, "ping", "check that mpd answers",
                     show=lambda r: f"mpd {r['version']} (pid {r['pid']}) answers"),
+    "metrics": Command(metrics, "metrics", "the counters and gauges in the Prometheus text "
+                       "format (as the [metrics] listen endpoint serves them)",
+                       show=lambda r: r["text"].rstrip("\n")),
+    "top": Command(None, "top", "a live view of every slot (over status), refreshed every "
+                   "--interval; q or Ctrl-C quits. Not on a terminal: --frames frames (1), "
+                   "then exit", view=top.view),
 }
 
 # Signals that stand for a command: the master runs the command as if mpdctl had sent it.
@@ -228,7 +251,7 @@ SIGNALS: dict[signal.Signals, dict[str, Any]] = {
 
 def handle(daemon: Daemon, request: dict[str, Any]) -> Reply:
     command = COMMANDS.get(request["command"])
-    if command is None:
+    if command is None or command.run is None:
         return error(f"unknown command {request['command']!r}; expected one of "
-                     + ", ".join(COMMANDS))
+                     + ", ".join(name for name, c in COMMANDS.items() if c.run is not None))
     return command.run(daemon, request)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from mpd import checks
+from mpd.tomllines import key_line
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -55,8 +56,9 @@ LIVE_SETTINGS = ("max_clients", "max_output_buffer", "idle_timeout", "first_fram
                  "log_buffer", "proxy_from", "proxy_timeout")
 # Settings bound to the listening socket or the control socket: changing them needs a restart.
 RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "user", "group", "socket", "mode",
-                    "allow_group", "pidfile", "proxy_protocol", "agent_listen")
-PREFIXED_SECTIONS = ("log", "agent")  # their keys are Config fields named section_key
+                    "allow_group", "pidfile", "proxy_protocol", "agent_listen",
+                    "metrics_listen")
+PREFIXED_SECTIONS = ("log", "agent", "metrics")  # their keys are Config fields named section_key
 
 
 def live_settings(config: Config) -> dict[str, Any]:
@@ -174,6 +176,11 @@ SCHEMA: tuple[Key, ...] = (
         "Bytes of log lines each process holds for a sink that does not keep up (a full\n"
         "pipe, a busy journald); past it lines are dropped, counted and reported\n"
         "(log.dropped) once the sink drains."),
+    Key("log", "stats_interval", 60.0, checks.float_range(0, 86400),
+        "Seconds between two mpd.stats lines from the master: the counts of the interval\n"
+        "(requests, hand-offs, refusals, errors, restarts), clients, and hand-off latency\n"
+        "p50/p99/max; only when something was counted. 0 = none. Per hand-off lines\n"
+        "(fd.dispatched) are at debug."),
     Key("agent", "listen", "", checks.listen_or_empty,
         "HAProxy agent-check port, as \"address:port\" (\"[::1]:1991\" for IPv6); \"\" = off.\n"
         "Each connection gets one line: \"up ready N%\" (N = free share of capacity),\n"
@@ -183,6 +190,11 @@ SCHEMA: tuple[Key, ...] = (
         "\"drain\", so HAProxy (which asks every agent-inter: 2 s in the shipped config)\n"
         "sends no new client before the listeners close. Keep it above agent-inter.\n"
         "0 = no delay. Used when agent.listen is set."),
+    Key("metrics", "listen", "", checks.listen_or_empty,
+        "Prometheus metrics over HTTP, as \"address:port\" (\"[::1]:9190\" for IPv6); \"\" =\n"
+        "off (`mpdctl metrics` prints them either way). GET /metrics, served by the master's\n"
+        "own loop: bounded requests, deadlines and at most 16 connections. No access\n"
+        "control of its own: listen on loopback or a private address."),
     Key("daemon", "pidfile", "auto", checks.socket_path,
         "Pidfile written by `mpd --daemon`. \"auto\" = /run/mpd/mpd.pid for root, else\n"
         "next to the control socket."),
@@ -219,9 +231,11 @@ class Config:
     log_target: str = "stdout"
     log_file: str = ""
     log_buffer: int = 1048576
+    log_stats_interval: float = 60.0
     pidfile: str = "auto"
     agent_listen: str = ""
     agent_drain_delay: float = 3.0
+    metrics_listen: str = ""
     path: str | None = None  # the file it came from; None = embedded defaults
     generation: int = 1  # the config's number: one more with each reload the master applies
     # Settings from the command line (mpd --log-format, --daemon): they win over the
@@ -269,44 +283,6 @@ def fd_soft_limit() -> int:
     return MAX_CLIENTS + FD_HEADROOM if soft == resource.RLIM_INFINITY else soft
 
 
-def _dotted(path: str) -> str:
-    """A TOML key path with quotes and spaces around the dots removed."""
-    return ".".join(part.strip().strip("\"'") for part in path.split("."))
-
-
-def _key_line(text: str, section: str, name: str | None) -> int | None:
-    """Line (1-based) that sets section.name (or opens section when name is None), whether
-    by a key under a [table] header, a dotted key, or a [section.name] sub-table header."""
-    target = ".".join(p for p in (section, name) if p)
-    current = ""
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        header = re.match(r"^\[\[?([^\]]+)\]", stripped)
-        if header:
-            current = _dotted(header.group(1))
-            full = current
-        else:
-            assignment = re.match(r"^([A-Za-z0-9_.\"' -]+?)\s*=", stripped)
-            if not assignment:
-                continue
-            key = _dotted(assignment.group(1))
-            full = f"{current}.{key}" if current else key
-        if full == target or full.startswith(target + "."):
-            return number
-    return None
-
-
-def line_of(path: str | None, section: str, name: str) -> int | None:
-    """The line of `path` that sets section.name, for an error found after parsing."""
-    if path is None:
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return _key_line(f.read(), section, name)
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
 def parse(text: str, path: str) -> Config:
     """Check TOML text against SCHEMA; raise ConfigError naming the first problem."""
     try:
@@ -323,56 +299,61 @@ def parse(text: str, path: str) -> Config:
         if section not in by_section:
             expected = ", ".join(f"[{s}]" for s in by_section)
             raise ConfigError(path, f"unknown section; expected one of {expected}",
-                              line=_key_line(text, section, None),
+                              line=key_line(text, section, None),
                               key=section)
         if not isinstance(table, dict):
             raise ConfigError(path, "expected a [section] table",
-                              line=_key_line(text, section, None), key=section)
+                              line=key_line(text, section, None), key=section)
         for name, value in table.items():
             key = by_section[section].get(name)
             if key is None:
                 known = ", ".join(by_section[section])
                 raise ConfigError(path, f"unknown key; [{section}] takes {known}",
-                                  line=_key_line(text, section, name), key=f"{section}.{name}")
+                                  line=key_line(text, section, name), key=f"{section}.{name}")
             try:
                 values[key.attr] = key.check(value)
             except ValueError as e:
                 raise ConfigError(path, f"expected {e}, got {value!r}",
-                                  line=_key_line(text, section, name), key=key.dotted) from None
+                                  line=key_line(text, section, name), key=key.dotted) from None
     config = Config(path=path, **values)
     if config.log_target == "file" and not config.log_file:
         raise ConfigError(path, 'expected log.file to be set when log.target = "file"',
-                          line=_key_line(text, "log", "target"), key="log.file")
+                          line=key_line(text, "log", "target"), key="log.file")
     if config.group and not config.user:
         raise ConfigError(path, "expected server.user to be set when server.group is",
-                          line=_key_line(text, "server", "group"), key="server.group")
+                          line=key_line(text, "server", "group"), key="server.group")
     if isinstance(config.workers, int) and config.workers > config.max_workers:
         raise ConfigError(path, f"expected at most workers.max_workers ({config.max_workers}), "
-                          f"got {config.workers}", line=_key_line(text, "workers", "workers"),
+                          f"got {config.workers}", line=key_line(text, "workers", "workers"),
                           key="workers.workers")
-    _check_proxy_and_agent(config, text, path)
+    _check_proxy_and_ports(config, text, path)
     return config
 
 
-def _check_proxy_and_agent(config: Config, text: str, path: str) -> None:
+def _check_proxy_and_ports(config: Config, text: str, path: str) -> None:
     """Settings that are valid alone but not together."""
     if config.proxy_protocol and not config.proxy_from:
         raise ConfigError(path, "expected at least one address when server.proxy_protocol = "
                           "true (else no client could connect)",
-                          line=_key_line(text, "server", "proxy_from"), key="server.proxy_from")
-    if config.agent_listen and config.workers == 0:
-        raise ConfigError(path, "expected workers.workers of 1 or more (or \"auto\") with "
-                          "agent.listen: the master serves the agent check, and "
-                          "single-process mode (workers = 0) has none",
-                          line=_key_line(text, "agent", "listen"), key="agent.listen")
-    if config.agent_listen:
-        host, port = host_port(config.agent_listen)
-        anywhere = ("0.0.0.0", "::")
-        if port == config.port and (host == config.listen or host in anywhere
-                                    or config.listen in anywhere):
-            raise ConfigError(path, f"expected a port other than server.port ({config.port}); "
-                              "the agent check needs its own",
-                              line=_key_line(text, "agent", "listen"), key="agent.listen")
+                          line=key_line(text, "server", "proxy_from"), key="server.proxy_from")
+    taken = {"server.port": (config.listen, config.port)}
+    for section, what in (("agent", "the agent check"), ("metrics", "the metrics endpoint")):
+        listen = getattr(config, f"{section}_listen")
+        if not listen:
+            continue
+        line = key_line(text, section, "listen")
+        if config.workers == 0:
+            raise ConfigError(path, f"expected workers.workers of 1 or more (or \"auto\") "
+                              f"with {section}.listen: the master serves {what}, and "
+                              "single-process mode (workers = 0) has none",
+                              line=line, key=f"{section}.listen")
+        host, port = host_port(listen)
+        for name, (other_host, other_port) in taken.items():
+            if port == other_port and (host == other_host or "0.0.0.0" in (host, other_host)
+                                       or "::" in (host, other_host)):
+                raise ConfigError(path, f"expected a port other than {name} ({port}); "
+                                  f"{what} needs its own", line=line, key=f"{section}.listen")
+        taken[f"{section}.listen"] = (host, port)
 
 
 def load(path: str | None) -> Config:

@@ -31,7 +31,7 @@ ACCEPT_RETRY = 0.1  # seconds to stop accepting after EMFILE/ENFILE/ENOBUFS/ENOM
 LOG_EVERY = 10.0  # seconds between two log lines about accept pauses, at least
 MAX_DEPTH = 4  # nesting of a request's JSON: requests are flat objects
 UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-QUIET_COMMANDS = frozenset(("status", "ping"))  # logged at debug: they change nothing
+QUIET_COMMANDS = frozenset(("status", "ping", "metrics"))  # logged at debug: they change nothing
 
 log = logmod.get_logger()
 

@@ -57,9 +57,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
     p.add_argument("command", choices=list(COMMANDS))  # the daemon's own table
     p.add_argument("argument", nargs="?", help="for scale: N, +N or -N")
+    p.add_argument("--interval", type=positive, default=1.0, metavar="SECONDS",
+                   help="for top: seconds between two frames (default 1)")
+    p.add_argument("--frames", type=int, default=1, metavar="N",
+                   help="for top not on a terminal: frames to print, then exit (default 1)")
     shtab.add_argument_to(p, ["--print-completion"], help="print a completion script for "
                           "that shell, and exit")
     return p
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 3600, got {text}")
+    return value
 
 
 class Client:
@@ -171,6 +182,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ValueError as e:
         parser.error(f"{args.command}: {e}")
     client = Client(socket_path(args), args.timeout)
+    if command.view is not None:
+        def send(name: str, **more: Any) -> dict[str, Any]:
+            client.deadline = time.monotonic() + args.timeout  # each request its own
+            try:
+                return client.request(name, **more)
+            except CtlError as e:  # an upgrade's exec closes every control connection
+                if e.code != EXIT_NOT_RUNNING:
+                    raise
+                client.reconnect()  # the new master answers on the same socket
+                return client.request(name, **more)
+        return command.view(send, args)
     reply = client.request(args.command, **fields)
     if command.done is not None:
         wait_done(client, command, reply, args.timeout)

@@ -36,6 +36,13 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "mpd.max_clients_capped": ("warning", "master", "workers.max_clients is more than the fd "
                                "limit allows (the limit less 128); each worker serves at most "
                                "max_clients: configured, max_clients, fd_limit"),
+    "mpd.stats": ("info", "master", "every log.stats_interval seconds (default 60), when "
+                  "anything was counted: the interval's seconds, accepted, requests, handoffs "
+                  "(adopted), spilled, refused, protocol_errors, overflows, timeouts, lost, "
+                  "proxy_rejected, restarts, log_dropped; clients and workers (ready) now; "
+                  "when the interval had hand-offs, handoff_p50_us and handoff_p99_us "
+                  "(estimated within the latency histogram's buckets) and handoff_max_us "
+                  "(exact)"),
     "mpd.signal_refused": ("warning", "master", "a signal's command could not be done (SIGTTIN "
                            "at max_workers, SIGTTOU at one worker): signal, command, error"),
     "upgrade.started": ("info", "master", "mpdctl upgrade or SIGUSR2: the pre-flight check of "
@@ -107,7 +114,7 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "client.proxy_rejected": ("warning", "worker", "server.proxy_protocol: a client was closed "
                               "before its first byte was served: fd, peer, reason (untrusted: "
                               "not in server.proxy_from; malformed; timeout), error"),
-    "fd.dispatched": ("info", "worker", "a handed-off client was adopted by its key's owner: "
+    "fd.dispatched": ("debug", "worker", "a handed-off client was adopted by its key's owner: "
                       "key, from_slot, from_pid, to_slot, to_pid, carried (bytes), latency_us "
                       "(HANDOFF sent to ADOPT taken), client (the real client, carried along "
                       "with the hand-off; null without server.proxy_protocol)"),
@@ -156,6 +163,15 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "agent.failed": ("error", "master", "cannot open the agent-check port (at start: exit 69; "
                      "after an upgrade from a release without it: mpd serves on without the "
                      "agent): error"),
+    "metrics.failed": ("error", "master", "cannot open the metrics port (metrics.listen; at "
+                       "start: exit 69; after an upgrade from a release without it: mpd serves "
+                       "on without it): error"),
+    "metrics.accept_failed": ("warning", "master", "accept on the metrics port failed (out of "
+                              "fds or memory); it pauses: error, retry_in"),
+    "metrics.bad_request": ("debug", "master", "a request to the metrics port other than GET "
+                            "/metrics, or malformed; it got an HTTP error: status, error"),
+    "metrics.error": ("error", "master", "rendering the metrics, or handling a scraper, raised "
+                      "(a bug); that scrape fails: error, traceback"),
     "log.dropped": ("warning", "both", "the log sink (stdout, journald, syslog, file) did not "
                     "keep up and this process's queue was full: dropped (lines lost since the "
                     "last report), total (since the process started); logged once the queue "

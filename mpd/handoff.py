@@ -121,16 +121,17 @@ class Handover:
             conn.inbuf += message.raw
             self.hand_off(conn)
             return
-        client = format_peer(conn.client)
-        if self.debug:
-            log.debug("client.bound", fd=conn.fd, key=conn.key, client=client)
         self.stats["adopted"] += 1
         sent_ns = meta.get("sent_ns")
-        log.info("fd.dispatched", key=conn.key, from_slot=meta.get("from_slot"),
-                 from_pid=meta.get("from_pid"), to_slot=self.slot, to_pid=self.pid,
-                 carried=len(message.raw),
-                 latency_us=(time.monotonic_ns() - sent_ns) // 1000 if sent_ns else None,
-                 client=client)
+        latency_us = (time.monotonic_ns() - sent_ns) // 1000 if sent_ns else None
+        if latency_us is not None:
+            self.link.latency.observe(latency_us)  # the heartbeat carries it (latency.py)
+        if self.debug:  # per hand-off lines are for debugging; mpd.stats sums them up
+            client = format_peer(conn.client)
+            log.debug("client.bound", fd=conn.fd, key=conn.key, client=client)
+            log.debug("fd.dispatched", key=conn.key, from_slot=meta.get("from_slot"),
+                      from_pid=meta.get("from_pid"), to_slot=self.slot, to_pid=self.pid,
+                      carried=len(message.raw), latency_us=latency_us, client=client)
         self.consume(conn, message.raw)
 
     def pass_on(self, fd: int, raw: bytes, meta: dict[str, Any]) -> bool:

@@ -16,6 +16,7 @@ from mpd import __version__
 from mpd import config as configmod
 from mpd import log as logmod
 from mpd.channel import Channel, ChannelClosed, Kind, Message
+from mpd.latency import Histogram
 from mpd.reloading import reload_config
 from mpd.signals import SignalQueue
 from mpd.systemd import Notifier
@@ -43,6 +44,7 @@ class MasterLink:
 
     def __init__(self, sock: socket.socket):
         self.channel = Channel(sock, "master")
+        self.latency = Histogram()  # of the hand-offs adopted, sent with each heartbeat
 
     def fileno(self) -> int:
         return self.channel.fileno()
@@ -72,7 +74,10 @@ class MasterLink:
 
     def report(self, counters: dict[str, int]) -> None:
         """The heartbeat: counters to the master. Raises ChannelClosed."""
-        self.channel.send(Kind.STATS, {**counters, "log_dropped": logmod.dropped_total()})
+        self.channel.send(Kind.STATS, self.stats(counters))
+
+    def stats(self, counters: dict[str, int]) -> dict[str, object]:
+        return {**counters, "log_dropped": logmod.dropped_total(), **self.latency.report()}
 
     def hand_off(self, meta: dict[str, Any], raw: bytes, fd: int) -> None:
         """HANDOFF the client's fd; the channel owns it from here. Raises ValueError or
@@ -89,7 +94,7 @@ class MasterLink:
     def close(self, counters: dict[str, int]) -> None:
         """The last STATS, bounded: the master counts what this worker did to the end."""
         with contextlib.suppress(ChannelClosed, OSError):
-            self.channel.send(Kind.STATS, counters)
+            self.channel.send(Kind.STATS, self.stats(counters))
             self.channel.sock.setblocking(True)
             self.channel.sock.settimeout(FINAL_FLUSH)
             self.channel.flush()
@@ -103,6 +108,7 @@ class StandaloneLink:
 
     def __init__(self) -> None:
         self.notifier = Notifier()
+        self.latency = Histogram()  # kept for the worker's sake: no hand-off comes here
 
     def fileno(self) -> int:
         return -1

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import structlog
 
 from mpd import jsonline, logsink, logtext, systemd
-from mpd.config import ConfigError, line_of
+from mpd.config import ConfigError
 from mpd.logwriters import (  # noqa: F401 - json_line and PRIORITIES: mpd.log's API too
     IDENTITY,
     PRIORITIES,
@@ -34,6 +34,7 @@ from mpd.logwriters import (  # noqa: F401 - json_line and PRIORITIES: mpd.log's
     Writer,
     json_line,
 )
+from mpd.tomllines import line_of
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}

@@ -17,7 +17,7 @@ import socket
 import time
 from typing import Any, Callable
 
-from mpd import __version__, access, commands
+from mpd import __version__, access, commands, tally
 from mpd import log as logmod
 from mpd import testhooks as hooks
 from mpd.agent import AgentServer, agent_line
@@ -26,6 +26,7 @@ from mpd.channel import Kind, Message, close_fds
 from mpd.config import Config, live_settings
 from mpd.control import ControlServer
 from mpd.messages import Messages
+from mpd.observers import Observers
 from mpd.reloading import reload_config
 from mpd.signals import SignalQueue
 from mpd.slots import Slots, WorkerProc
@@ -43,7 +44,8 @@ log = logmod.get_logger()
 class Master(Stopping, Messages):
     def __init__(self, config: Config, listener: socket.socket,
                  control_sock: socket.socket | None = None,
-                 agent_sock: socket.socket | None = None, listener_shared: bool = False):
+                 agent_sock: socket.socket | None = None, listener_shared: bool = False,
+                 metrics_sock: socket.socket | None = None):
         """Only state: signal handlers, selector, notifier, control and agent servers come
         in run(). `listener_shared`: another process (systemd, for socket activation) holds
         the listening socket too, and it must go on listening after we stop."""
@@ -53,6 +55,9 @@ class Master(Stopping, Messages):
         self.control_sock = control_sock
         self.agent_sock = agent_sock  # the HAProxy agent-check port, when agent.listen is set
         self.agent: AgentServer | None = None  # its server, from run() on
+        self.tally = tally.Tally()  # what the workers did, never going backwards
+        # mpd.stats lines, and the metrics endpoint (metrics.listen) from run() on
+        self.observers = Observers(self, metrics_sock)
         self.slots = Slots(config.worker_count)
         self.broker = Broker(self.slots, self.send)
         # starting -> running -> (draining ->) stopping -> stopped
@@ -103,6 +108,7 @@ class Master(Stopping, Messages):
                 self.control.expire()
             if self.agent is not None:
                 self.agent.tick()
+            self.observers.tick(time.monotonic())
             self.notifier.tick(self.status_line if self.state == "running" else None)
         except Exception as e:  # noqa: BLE001 - at most once a turn, and turns wait
             log.exception("loop.error", where="duties", error=repr(e))
@@ -141,6 +147,7 @@ class Master(Stopping, Messages):
             log.info("mpd.started", version=__version__, config=self.config.path,
                      listen=self.config.listen, port=self.port, workers=self.target,
                      control=self.config.socket_path if self.control else None)
+        self.observers.start(self.selector)  # after adopt: it counts from the old totals
         self.set_max_clients()
         self.manage_workers()
 
@@ -150,6 +157,7 @@ class Master(Stopping, Messages):
             self.control.close()
         if self.agent is not None:
             self.agent.close()
+        self.observers.close()
         self.selector.close()
         self.signals.close(signal.SIG_IGN)  # stopped: a late SIGTERM must not turn exit 0 to -15
         self.notifier.close()
@@ -164,6 +172,7 @@ class Master(Stopping, Messages):
                self.agent.paused_until if self.agent is not None else None,
                self.notifier.deadline(),
                self.control.next_deadline() if self.control is not None else None,
+               self.observers.deadline(),
                self.upgrades.deadline()]
         return max(0.0, min(d for d in due if d) - now)
 
@@ -240,6 +249,7 @@ class Master(Stopping, Messages):
             self.control.close(unlink=False)
         if self.agent is not None:
             self.agent.sock.close()  # its selector is closed already
+        self.observers.forget_in_child()
         for other in self.slots.workers.values():
             other.channel.close()  # else a sibling never sees EOF when the master dies
         close_fds(self.broker.held_fds())  # the master's to deliver, not ours
@@ -249,8 +259,8 @@ class Master(Stopping, Messages):
     def reap_workers(self) -> None:
         """Collect every child that ended (several may end at once) and schedule respawns."""
         while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+            try:  # wait4: with the child's CPU seconds, for the metrics
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -260,14 +270,15 @@ class Master(Stopping, Messages):
                 if worker is None:
                     self.upgrades.reaped(pid, status)
                 else:
-                    self.worker_exited(worker, status)
+                    self.worker_exited(worker, status, rusage.ru_utime + rusage.ru_stime)
             except Exception as e:  # noqa: BLE001 - the other children are reaped still
                 log.exception("loop.error", where="reap", worker_pid=pid, error=repr(e))
 
-    def worker_exited(self, worker: WorkerProc, status: int) -> None:
+    def worker_exited(self, worker: WorkerProc, status: int, cpu_seconds: float = 0.0) -> None:
         self.forget_channel(worker)
         self.read_last_words(worker)
         worker.channel.close()
+        self.tally.bury(worker, cpu_seconds)  # its last counts, kept for the totals
         uptime = time.monotonic() - worker.started
         how: dict[str, Any] = {}
         if os.WIFSIGNALED(status):
@@ -326,14 +337,17 @@ class Master(Stopping, Messages):
 
     # --- what control commands do (commands.Daemon) -------------------------------------
 
-    def snapshot(self) -> dict[str, Any]:
-        """The master and every worker, for `status`."""
+    def snapshot(self, usage: bool = False) -> dict[str, Any]:
+        """The master and every worker, for `status` and `metrics`; with `usage`, CPU
+        seconds and resident memory of each process (from /proc)."""
         now = time.monotonic()
+        figures = tally.figures(self.tally, self.slots, usage)
         workers = [{
             "slot": w.slot, "pid": w.pid, "state": w.state, "stats": dict(w.stats),
             "restarts": self.slots.restarts(w.slot), "uptime": round(now - w.started, 3),
             "heartbeat_age": round(now - w.last_seen, 3), "generation": w.generation,
             "version": w.version, "config_generation": w.config_generation,
+            **figures["usage"].get(w.pid, {}),
         } for w in sorted(self.slots.workers.values(), key=lambda w: (w.slot, w.started))]
         return {"master": {
             "pid": os.getpid(), "uid": os.geteuid(), "version": __version__,
@@ -345,7 +359,8 @@ class Master(Stopping, Messages):
             "generation": self.generation, "upgrade": dict(self.upgrades.status),
             "log_dropped": logmod.dropped_total(),
             "config_generation": self.config.generation,
-        }, "workers": workers}
+            **(dict(zip(("cpu_seconds", "rss"), tally.usage(os.getpid()))) if usage else {}),
+        }, "workers": workers, **{k: figures[k] for k in ("slots", "totals", "latency")}}
 
     def scale(self, count: int) -> str | None:
         """Set the worker count; why not, when it cannot be done."""

@@ -19,6 +19,7 @@ from mpd.channel import ChannelClosed, Kind, Message, close_fds
 from mpd.config import Config, fd_soft_limit
 from mpd.slots import Slots, WorkerProc
 from mpd.systemd import Notifier
+from mpd.tally import Tally
 from mpd.upgrade import Upgrades
 
 log = logmod.get_logger()
@@ -37,6 +38,7 @@ class Messages:
     status_line: Callable[[], str]
     scale: Callable[[int], str | None]
     upgrades: Upgrades
+    tally: Tally
 
     def on_channel_event(self, worker: WorkerProc, events: int) -> None:
         try:
@@ -116,6 +118,7 @@ class Messages:
         hooks.fault("master.stats")
         worker.config_generation = message.meta.pop("config_generation",
                                                     worker.config_generation)
+        self.tally.heard(worker, message.meta.pop("latency", None))
         worker.stats = {k: v for k, v in message.meta.items() if isinstance(v, int)}
         if self.config.autoscale:
             self.autoscale()

@@ -30,6 +30,7 @@ class WorkerProc:
     generation: int = 1  # the master's generation (upgrades) that started it
     version: str = ""  # mpd's version in the worker, from its HELLO
     config_generation: int = 1  # the number of the config it runs, from its STATS
+    latency: tuple[list[int], int] | None = None  # hand-off latency: buckets, sum (tally.py)
 
     @property
     def clients(self) -> int:
@@ -52,6 +53,7 @@ class Slots:
         self.serving: dict[int, WorkerProc] = {}  # by slot: the workers that take clients
         self.history: dict[int, SlotHistory] = {}  # by slot
         self.table: tuple[int, ...] = tuple(range(count))  # always 0..N-1: see resize()
+        self.retired_restarts = 0  # restarts of slots that a scale-down removed
 
     @property
     def target(self) -> int:
@@ -87,7 +89,7 @@ class Slots:
         for worker in gone:
             self.retire(worker)
         for slot in [s for s in self.history if s >= count]:
-            del self.history[slot]
+            self.retired_restarts += self.history.pop(slot).restarts
         return gone
 
     def ready_count(self) -> int:
@@ -99,6 +101,10 @@ class Slots:
     def restarts(self, slot: int) -> int:
         history = self.history.get(slot)
         return history.restarts if history else 0
+
+    def total_restarts(self) -> int:
+        """Restarts of every slot since mpd started, removed slots included."""
+        return self.retired_restarts + sum(h.restarts for h in self.history.values())
 
     def backing_off(self, slot: int, now: float) -> bool:
         history = self.history.get(slot)

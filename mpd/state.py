@@ -3,10 +3,11 @@
 carries STATE_VERSION (upgrade.py) so that a master can tell state it cannot read.
 
 Every fd named here stays open across the exec: the listening socket, the control
-socket, the agent-check socket, each worker's channel (with what is still queued on it,
-and the channel version its worker speaks) and each held client. State written by a
-release before these two existed has neither: then the workers speak channel version 1,
-and the new master opens the agent socket itself (cli.resume)."""
+socket, the agent-check socket, the metrics socket, each worker's channel (with what is
+still queued on it, and the channel version its worker speaks) and each held client. State
+written by a release before these existed lacks them: then the workers speak channel
+version 1, the new master opens the agent and metrics sockets itself (cli.resume), and
+the totals of reaped workers (tally.py) start from zero."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from mpd.broker import Broker, HeldClient
 from mpd.channel import Channel
 from mpd.config import Config
 from mpd.control import ControlServer
+from mpd.observers import Observers
 from mpd.slots import SlotHistory, Slots, WorkerProc
+from mpd.tally import Tally
 
 STATE_VERSION = 1  # the layout below; a master refuses to exec code that cannot read it
 
@@ -40,6 +43,8 @@ class Master(Protocol):
     port: int
     pidfile: str | None
     listener_shared: bool
+    observers: Observers
+    tally: Tally
 
 
 def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
@@ -54,22 +59,23 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
         workers.append({"pid": w.pid, "slot": w.slot, "channel_fd": w.channel.fileno(),
                         "state": w.state, "started": w.started, "stats": w.stats,
                         "generation": w.generation, "version": w.version,
-                        "config_generation": w.config_generation,
+                        "config_generation": w.config_generation, "latency": w.latency,
                         "channel_version": w.channel.version,
                         "serving": master.slots.serving.get(w.slot) is w, "queued": queued})
     held = [{"fd": h.fd, "meta": h.meta, "raw": _b64(h.raw), "since": h.since}
             for h in master.broker.held]
     fds += [h.fd for h in master.broker.held]
     agent_fd = master.agent.sock.fileno() if master.agent is not None else None
-    if agent_fd is not None:
-        fds.append(agent_fd)
+    metrics_fd = master.observers.sock.fileno() if master.observers.sock is not None else None
+    fds += [fd for fd in (agent_fd, metrics_fd) if fd is not None]
     state = {
         "state_version": STATE_VERSION, "from_version": __version__,
         "generation": master.generation, "started": master.started, "port": master.port,
         "config": {k: v for k, v in dataclasses.asdict(master.config).items()},
         "listener_fd": master.listener.fileno(), "control_fd": master.control.sock.fileno(),
-        "agent_fd": agent_fd,
+        "agent_fd": agent_fd, "metrics_fd": metrics_fd, "tally": master.tally.dump(),
         "table": master.slots.target, "workers": workers, "held": held,
+        "retired_restarts": master.slots.retired_restarts,
         "history": {str(slot): dataclasses.asdict(h) for slot, h in master.slots.history.items()},
         "pidfile": master.pidfile, "listener_shared": master.listener_shared,
     }
@@ -102,9 +108,15 @@ def sockets_of(state: dict[str, Any]) -> tuple[socket.socket, socket.socket]:
 
 def agent_socket_of(state: dict[str, Any]) -> socket.socket | None:
     """The inherited agent-check socket; None when the old master had none."""
-    if state.get("agent_fd") is None:
+    return inherited_socket(state, "agent_fd")
+
+
+def inherited_socket(state: dict[str, Any], name: str) -> socket.socket | None:
+    """An inherited listening socket (agent_fd, metrics_fd); None when the old master had
+    none (or was of a release without it)."""
+    if state.get(name) is None:
         return None
-    sock = socket.socket(fileno=state["agent_fd"])
+    sock = socket.socket(fileno=state[name])
     sock.set_inheritable(False)
     sock.setblocking(False)
     return sock
@@ -115,7 +127,9 @@ def restore(master: Master, state: dict[str, Any]) -> None:
     master.generation = state["generation"] + 1  # this code is the next generation
     master.started = state["started"]
     master.pidfile = state.get("pidfile")
+    master.tally.restore(state.get("tally"))  # none from a release without metrics
     master.slots.resize(state["table"])
+    master.slots.retired_restarts = state.get("retired_restarts", 0)
     now = time.monotonic()
     known = {f.name for f in dataclasses.fields(SlotHistory)}  # an older master's too
     for slot, history in state["history"].items():
@@ -131,6 +145,7 @@ def restore(master: Master, state: dict[str, Any]) -> None:
                             started=w["started"], last_seen=now, state=w["state"],
                             stats=w["stats"], generation=w["generation"], version=w["version"],
                             config_generation=w.get("config_generation", 1))
+        master.tally.heard_before(worker, w.get("latency"))
         master.slots.add(worker, serving=w["serving"])
     for h in state["held"]:
         master.broker.held.append(HeldClient(h["meta"], base64.b64decode(h["raw"]), h["fd"],

@@ -80,7 +80,7 @@ def test_every_client_is_served_by_the_owner_of_its_key(mpd_factory):
 
 
 def test_pings_sent_with_the_key_frame_survive_the_hand_off_in_order(mpd_factory):
-    server = mpd_factory({"workers": {"workers": 4}})
+    server = mpd_factory({"workers": {"workers": 4}, "log": {"level": "debug"}})
     rng = random.Random(3)
     for _ in range(40):
         key = rng.randint(-2**31, 2**31 - 1)
@@ -124,7 +124,7 @@ def test_a_hand_off_waits_until_the_replies_already_due_are_read(mpd_factory):
 
 def test_keyless_clients_of_a_retiring_worker_move_on_a_scale_down(mpd_factory):
     # Three clients fill a worker: six keyless clients are three on each slot.
-    server = mpd_factory({"workers": {"workers": 2, "max_clients": 3}})
+    server = mpd_factory({"workers": {"workers": 2, "max_clients": 3}, "log": {"level": "debug"}})
     clients: list[socket.socket] = []
     for _ in range(6):
         sock = server.connect()
@@ -146,7 +146,7 @@ def test_keyless_clients_of_a_retiring_worker_move_on_a_scale_down(mpd_factory):
 
 
 def test_ten_thousand_hand_offs_leak_no_fd(mpd_factory):
-    server = mpd_factory({"workers": {"workers": 2}})
+    server = mpd_factory({"workers": {"workers": 2}, "log": {"level": "debug"}})
     workers = server.wait_workers(2)
     slots = (0, 1)
     keys = keys_owned_by(0, slots, 50) + keys_owned_by(1, slots, 50)
@@ -180,7 +180,8 @@ def test_ten_thousand_hand_offs_leak_no_fd(mpd_factory):
 
 
 def test_a_stalled_worker_does_not_block_the_master_and_gets_its_clients_later(mpd_factory):
-    server = mpd_factory({"workers": {"workers": 2, "worker_timeout": 120}})
+    server = mpd_factory({"workers": {"workers": 2, "worker_timeout": 120},
+                          "log": {"level": "debug"}})
     server.wait_workers(2)
     pids = slot_pids(server)
     slots = (0, 1)
@@ -210,7 +211,7 @@ def test_a_stalled_worker_does_not_block_the_master_and_gets_its_clients_later(m
 
 
 def test_a_hot_key_that_fills_its_slot_does_not_lock_that_slots_other_keys_out(mpd_factory):
-    server = mpd_factory({"workers": {"workers": 3, "max_clients": 10}})
+    server = mpd_factory({"workers": {"workers": 3, "max_clients": 10}, "log": {"level": "debug"}})
     server.wait_workers(3)
     slots = (0, 1, 2)
     hot = keys_owned_by(1, slots, 1, seed=21)[0]
@@ -246,7 +247,7 @@ def test_a_hot_key_that_fills_its_slot_does_not_lock_that_slots_other_keys_out(m
 
 
 def test_handoff_to_a_respawning_slot_waits_for_it(mpd_factory):
-    server = mpd_factory({"workers": {"workers": 2}})
+    server = mpd_factory({"workers": {"workers": 2}, "log": {"level": "debug"}})
     server.wait_workers(2)
     pids = slot_pids(server)
     key = keys_owned_by(1, (0, 1), 1, seed=5)[0]
@@ -263,7 +264,7 @@ def test_handoff_to_a_respawning_slot_waits_for_it(mpd_factory):
 
 def test_the_seeds_mpclient2_with_100_clients_against_4_workers(mpd_factory, tmp_path):
     mpclient2 = build_seed_client("mpclient2", tmp_path)
-    server = mpd_factory({"workers": {"workers": 4}})
+    server = mpd_factory({"workers": {"workers": 4}, "log": {"level": "debug"}})
     # 100 clients, each `C` + rand() key, then `M` pings in turn, 1 ms apart. One round
     # of 100 replies means every client was answered; two rounds, that they go on.
     output = run_seed_client([str(mpclient2), "127.0.0.1", str(server.port), "100", "1"],

@@ -127,7 +127,8 @@ def test_only_workers_that_never_served_back_off_and_never_below_a_floor():
 
 def test_a_backing_off_slot_does_not_hold_its_keys_clients(mpd_factory, tmp_path):
     crash = tmp_path / "crash"
-    server = mpd_factory({"workers": {"workers": 2}}, env={"MPD_TEST_CRASH_FILE": str(crash)})
+    server = mpd_factory({"workers": {"workers": 2}, "log": {"level": "debug"}},
+                         env={"MPD_TEST_CRASH_FILE": str(crash)})
     server.wait_workers(2)
     victim = slot_pids(server)[1]
     crash.touch()

@@ -24,6 +24,7 @@ from conftest import (
     pid_alive,
     random_keys,
     recv_exact,
+    slot_pids,
     wait_until,
 )
 
@@ -384,3 +385,48 @@ def upgrade_from_the_previous_release(server: Mpd, installed: Path, agent: int) 
     assert stream.stop() == [] and stream.done > 0
     assert ask_agent(agent).startswith("up ready ")  # the clients count until they are gone
     assert len(server.events("upgrade.slot_replaced")) == 3
+
+
+def test_an_upgrade_keeps_the_metrics_port_and_every_counter(mpd_factory, installed):
+    """The dead workers' totals, the restarts of a slot a scale-down removed and the
+    latency histogram cross the exec: no counter goes backwards."""
+    from haproxy_support import free_port
+    from test_metrics import samples, scrape, traffic
+
+    port = free_port()
+    server = mpd_factory({"workers": {"workers": 2, "max_workers": 3},
+                          "metrics": {"listen": f"127.0.0.1:{port}"}}, cwd=installed)
+    inode = listening_inode(port)
+    traffic(server, handoffs=30, pings=20)
+    wait_until(lambda: status(server)["totals"]["requests"] == 50, what="50 requests")
+    os.kill(slot_pids(server)[1], signal.SIGKILL)  # a restart, and a dead worker's counts
+    wait_until(lambda: status(server)["master"]["ready"] == 2, what="slot 1 respawned")
+    assert mpdctl(server, "scale", "1").returncode == 0  # slot 1's restart is retired
+    counters = ("mpd_requests_total", "mpd_handoffs_in_total", "mpd_restarts_total",
+                "mpd_accepted_connections_total", "mpd_handoff_latency_seconds_count")
+    before = {k: samples(scrape(port)[2])[(k, ())] for k in counters}
+    assert before["mpd_requests_total"] == 50 and before["mpd_restarts_total"] == 1
+    set_version(installed, "99.0.5")
+    result = mpdctl(server, "upgrade")
+    assert result.returncode == 0, result.stderr
+    assert listening_inode(port) == inode  # the same socket: never closed, never rebound
+    after = wait_until(lambda: (s := samples(scrape(port)[2])) and {k: s[(k, ())]
+                                                                   for k in counters},
+                       what="a scrape of the new master")
+    assert after == before
+    assert not server.events("metrics.failed")
+
+
+def test_mpdctl_top_goes_on_across_an_upgrade(mpd_factory, installed):
+    server = mpd_factory({"workers": {"workers": 2}}, cwd=installed)
+    top = subprocess.Popen([sys.executable, "-m", "mpd.ctl", "--socket",
+                            str(server.tmp / "mpd.sock"), "top", "--frames", "12",
+                            "--interval", "0.5"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    set_version(installed, "99.0.6")
+    result = mpdctl(server, "upgrade")
+    assert result.returncode == 0, result.stderr
+    out, err = top.communicate(timeout=60)
+    assert top.returncode == 0, err
+    versions = [line.split()[1] for line in out.splitlines() if line.startswith("mpd ")]
+    assert len(versions) == 12 and versions[-1] == "99.0.6", out

@@ -33,7 +33,9 @@ class Harness:
 
     def __init__(self, tmp_path: Path, settings: str = ""):
         self.log_path = tmp_path / "worker.log"
+        # At debug: fd.dispatched, one line per hand-off, is a debug line.
         config = configmod.parse(f"[log]\ntarget = \"file\"\nfile = \"{self.log_path}\"\n"
+                                 "level = \"debug\"\n"
                                  + settings, str(tmp_path / "mpd.toml"))
         logmod.configure_from(config)
         self.listener = socket.create_server(("127.0.0.1", 0))

@@ -9,8 +9,9 @@ every ratio is the median of per-round ratios against the first version given.
 
 A version is a directory holding an mpd/ package (`.` is this checkout, uncommitted
 changes included) or a git revision, exported with `git archive` into the results
-directory. Servers, the load generator, CPU accounting and the `fd.dispatched` collection
-are scripts/bench/run.py's; results go to bench-results/ab-<time>.json.
+directory. Servers, the load generator, CPU accounting and the hand-off counts
+(`fd.dispatched` lines, or mpd's counters where the level hides them) are
+scripts/bench/run.py's; results go to bench-results/ab-<time>.json.
 """
 
 from __future__ import annotations

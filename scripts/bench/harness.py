@@ -18,6 +18,8 @@ from typing import Any, Callable
 from common import ALL_CPUS, HERE, NPROC, ROOT, Report, fmt, procfs, progress
 from tools import Tools
 
+HEARTBEAT_SETTLE = 1.3  # seconds: a worker's heartbeat interval, and some
+
 
 def run_as(tree: Path) -> str:
     """`user = "root"` when run as root and the tree knows server.user: mpd refuses a root
@@ -323,6 +325,35 @@ class Bench:
             result.pop("hist_us", None)
         return result
 
+    # hand-offs from mpd's counters ----------------------------------------------------------
+
+    def adopted(self, server: Server) -> int | None:
+        """The hand-offs mpd's workers adopted so far (status totals; they arrive with the
+        heartbeats), or None for a server without a control socket."""
+        path = getattr(server, "control_path", None)  # a cluster's mpd names its own
+        if path is None and getattr(server, "kind", "") == "mpd" and server.config_path:
+            path = self.control_socket(server.config_path)
+        if path is None:
+            return None
+        from lifecycle import control_request  # lifecycle imports this module
+
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            reply = control_request(str(path), {"command": "status"})
+            return int(reply["totals"]["adopted"])
+        return None
+
+    def counted_handoffs(self, server: Server, before: int, res: dict[str, Any]
+                         ) -> dict[str, Any]:
+        """Without fd.dispatched lines (at info since issue 14) the hand-offs of a run
+        come from the counters, once every worker's next heartbeat (1 s) is in."""
+        time.sleep(HEARTBEAT_SETTLE)
+        after = self.adopted(server)
+        if after is None:
+            return {}
+        handoffs = after - before
+        per_s = res["rate"] * handoffs / res["completed"] if res.get("completed") else 0.0
+        return {"handoffs": handoffs, "handoffs_per_s": per_s}
+
     # cases: several servers, several rounds, interleaved ---------------------------------
 
     def run_cases(self, label: str, cases: list[dict[str, Any]], mode_conns: int,
@@ -335,12 +366,15 @@ class Bench:
             for case in order:
                 server = case["server"]
                 mark = server.tail.mark()
+                before = self.adopted(server) if case.get("collect") else None
                 res = self.loadgen(case["mode"], server, case.get("conns", mode_conns),
                                    duration, warmup, case["cpus"])
                 server.check_alive(f"{label} round {r + 1} {case['name']}")
                 res["round"] = r
                 if case.get("collect"):
                     res.update(case["collect"](server.tail.since(mark)))
+                    if not res.get("handoffs") and before is not None:
+                        res.update(self.counted_handoffs(server, before, res))
                 results[case["name"]].append(res)
                 progress(f"{label} round {r + 1}/{rounds} {case['name']}"
                          + (f" (c={case['conns']})" if "conns" in case else "") + ": "

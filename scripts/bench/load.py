@@ -191,7 +191,9 @@ def scenario_handoff(b: Bench) -> dict[str, Any]:
     b.report.note("Server CPU per conn includes the master (it forwards every hand-off). "
                   "The baselines do no routing: they show what the same traffic costs "
                   "without it. Server latency_us is HANDOFF sent -> ADOPT taken, from "
-                  "fd.dispatched.")
+                  "fd.dispatched, a debug line since issue 14: at info the hand-offs come "
+                  "from mpd's counters and the latency columns stay empty (see "
+                  "mpd_handoff_latency_seconds in `mpdctl metrics`).")
     return {"workers": w, "conns": conns, "runs": results, "summary": summary}
 
 
