@@ -6,12 +6,15 @@ every ratio is the median of per-round ratios against the first version given.
     python scripts/bench/ab.py HEAD~1 .                      # the hand-off load, pinned
     python scripts/bench/ab.py --spread --rounds 5 main .   # spread over every CPU
     python scripts/bench/ab.py --mode connrate --workers 1 v1 v2 v3
+    python scripts/bench/ab.py --mode ping --workers 1 baseline:rawfd main .   # and a floor
 
 A version is a directory holding an mpd/ package (`.` is this checkout, uncommitted
 changes included) or a git revision, exported with `git archive` into the results
-directory. Servers, the load generator, CPU accounting and the hand-off counts
-(`fd.dispatched` lines, or mpd's counters where the level hides them) are
-scripts/bench/run.py's; results go to bench-results/ab-<time>.json.
+directory; or one of the baselines, run on the same load beside them: `baseline:rawfd`
+(the Python floor), `baseline:c`, `baseline:py` (one process each). Servers, the load
+generator, CPU accounting and the hand-off counts (`fd.dispatched` lines, or mpd's
+counters where the level hides them) are scripts/bench/run.py's; results go to
+bench-results/ab-<time>.json.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ import common
 import harness
 import load
 import run
+
+BASELINES = ("baseline:rawfd", "baseline:c", "baseline:py")
 
 
 def resolve(version: str, into: Path) -> Path:
@@ -80,15 +85,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stamp, out, workdir, _nofile, tools = run.prepare(args.out, "ab", args.mpd_python)
-    trees = {version: resolve(version, workdir) for version in args.versions}
+    trees = {version: resolve(version, workdir) for version in args.versions
+             if version not in BASELINES}
     cpus = None if args.spread else common.PINNED
     bench = harness.Bench(args, tools, workdir, common.Report())
     try:
         cases = [{"name": version, "mode": args.mode, "cpus": cpus,
-                  "server": bench.mpd(f"ab-{i}", args.workers, cpus, args.log_level,
-                                      tree=tree).start(),
-                  "collect": load.dispatched if args.mode == "handoff" else None}
-                 for i, (version, tree) in enumerate(trees.items())]
+                  "server": server(bench, args, i, version, trees.get(version), cpus).start(),
+                  "collect": load.dispatched if args.mode == "handoff"
+                  and version not in BASELINES else None}
+                 for i, version in enumerate(args.versions)]
         results = bench.run_cases("ab", cases, args.conns, args.rounds, args.duration,
                                   args.warmup)
     finally:
@@ -101,6 +107,22 @@ def main(argv: list[str] | None = None) -> int:
                                 "runs": results}, indent=1, default=str))
     common.progress(f"results: {path}")
     return 0
+
+
+def server(bench: harness.Bench, args: argparse.Namespace, i: int, version: str,
+           tree: Path | None, cpus: list[int] | None) -> harness.Server:
+    """mpd from `tree`, or the baseline that `version` names."""
+    if version == "baseline:rawfd":
+        return bench.rawfd_baseline(f"ab-{i}-rawfd", cpus)
+    if version == "baseline:py":
+        return bench.py_baseline(f"ab-{i}-py", 0, cpus)
+    if version == "baseline:c":
+        c = bench.c_baseline(f"ab-{i}-c", 0, cpus)
+        if c is None:
+            raise SystemExit("ab.py: baseline:c needs a C compiler")
+        return c
+    assert tree is not None
+    return bench.mpd(f"ab-{i}", args.workers, cpus, args.log_level, tree=tree)
 
 
 def report(args: argparse.Namespace, trees: dict[str, Path],
@@ -126,7 +148,7 @@ def report(args: argparse.Namespace, trees: dict[str, Path],
     if args.mode == "handoff":
         print("\nhand-offs/s (medians): " + ", ".join(
             f"{v} {common.fmt(common.median([r['rate'] * r['handoffs'] / r['completed'] for r in results[v] if r.get('completed')]))}"  # noqa: E501
-            for v in args.versions))
+            for v in args.versions if v not in BASELINES))
     print(f"\nratios: median of per-round ratios against {base}; "
           f"CPU/op per round: " + "; ".join(
               f"{v} " + " ".join(common.fmt(common.ratio(common.cpu_of(r), common.cpu_of(b)))
