@@ -211,6 +211,36 @@ def test_a_client_that_never_reads_does_not_slow_the_others(mpd_factory):
     flooder.close()
 
 
+def test_frames_are_answered_however_the_reads_cut_them(mpd_factory):
+    """The loop answers a read that is one whole frame inline; every other cut goes through
+    the protocol: a frame across reads, several frames in one read, a whole frame after a
+    partial one, a key frame, an EOF. Each piece is sent only once mpd has read the one
+    before, so each is a read of its own."""
+    server = mpd_factory({"workers": {"workers": 1}})
+    sock = server.connect()
+
+    def send_read(piece: bytes) -> None:
+        sock.sendall(piece)
+        wait_until(lambda: not unread_by_mpd(server.port, sock), what="mpd read the piece")
+
+    ping(sock)  # one whole frame: the inline case
+    for cut in (1, 5, len(PING) - 1):  # one frame over two reads
+        send_read(PING[:cut])
+        ping(sock, PING[cut:])
+    send_read(PING[:3])  # the end of one frame and a whole one in the second read
+    ping(sock, PING[3:] + PING)
+    assert recv_exact(sock, len(REPLY)) == REPLY
+    sock.sendall(PING * 3)  # several frames in one read: three replies
+    assert recv_exact(sock, 3 * len(REPLY)) == REPLY * 3
+    ping(sock, b"C" + (7).to_bytes(4, "little") + PING)  # a key frame (ours: one worker)
+    send_read(b"\0")  # an empty frame, just its NUL
+    assert recv_exact(sock, len(REPLY)) == REPLY
+    ping(sock)  # and inline again
+    sock.shutdown(socket.SHUT_WR)
+    assert sees_eof(sock)
+    sock.close()
+
+
 # --- half-close and timeouts ---------------------------------------------------------------
 
 def read_to_eof(sock: socket.socket, timeout: float = 60) -> int:
