@@ -10,7 +10,9 @@ handoff.py is; it works on the worker's connections, epoll and stats."""
 
 from __future__ import annotations
 
+import contextlib
 import select
+import socket
 from typing import Callable
 
 from mpd import log as logmod
@@ -120,7 +122,9 @@ class Serving:
             conn.seen = self.now
             self.stats["requests"] += frames
             self.write(conn, replies)
-        if self.stopping and conn.idle and conn.fd in self.conns:
+        if conn.inbuf:
+            quick_ack(conn.sock)
+        elif self.stopping and not conn.outbuf and conn.fd in self.conns:
             self.close(conn, "stopping")
 
     def write(self, conn: Connection, data: bytes) -> None:
@@ -180,3 +184,13 @@ class Serving:
         if not self.accepting:
             self.resume_accepting()
 
+
+def quick_ack(sock: socket.socket) -> None:
+    """ACK what the client sent now, not after the delayed-ACK timer (40 ms or more): a
+    client that sends one frame in two writes with Nagle's algorithm on (the seed's
+    mpclient2 sends `M`, then its text) holds the second until the first is acknowledged,
+    and a server that has no reply to piggyback the ACK on delays it. Only a read that
+    leaves a frame incomplete pays this call. The kernel clears quick-ACK mode again on
+    its own, so it is set each time."""
+    with contextlib.suppress(OSError):  # a socket that write() just closed
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)

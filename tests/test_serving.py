@@ -241,6 +241,33 @@ def test_frames_are_answered_however_the_reads_cut_them(mpd_factory):
     sock.close()
 
 
+def test_a_client_that_sends_each_frame_in_two_writes_is_answered(mpd_factory):
+    """As the seed's mpclient2 does, with Nagle's algorithm on: `C` then its key, `M` then
+    its text. Each first piece is read alone (the next is sent once mpd has read it), so
+    each read leaves a frame incomplete: the path that sets TCP_QUICKACK. (What the
+    quick-ACK buys, no 40 ms wait per message, is measured by scripts/bench, not here.)
+    Two workers: about half the keys are handed off after their split key frame."""
+    server = mpd_factory({"workers": {"workers": 2}})
+    clients = [server.connect() for _ in range(16)]
+
+    def send_read(sock: socket.socket, piece: bytes) -> None:
+        sock.sendall(piece)
+        wait_until(lambda: not unread_by_mpd(server.port, sock), what="mpd read the piece")
+
+    for key, sock in enumerate(clients):
+        assert not sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # Nagle on
+        send_read(sock, b"C")
+        sock.sendall(key.to_bytes(4, "little"))
+    for _ in range(5):
+        for sock in clients:
+            send_read(sock, b"M")
+            ping(sock, b"essage from client\0")
+    wait_until(lambda: len(server.events("fd.dispatched")) >= 1, what="a hand-off")
+    for sock in clients:
+        ping(sock)
+        sock.close()
+
+
 # --- half-close and timeouts ---------------------------------------------------------------
 
 def read_to_eof(sock: socket.socket, timeout: float = 60) -> int:
