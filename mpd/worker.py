@@ -110,9 +110,7 @@ class Worker(Serving, Handover, Orders, Upkeep, ProxyPhase):
 
     def serve(self) -> None:
         """The loop. Its common case is served right here, with locals: a client with nothing
-        pending whose read is one stateless frame (protocols/base.py); the rest, in methods
-        (serving.py). The common case needs no stop test: stop() closes every idle client
-        at once, so a client left while stopping has bytes pending and goes to consume()."""
+        pending whose read is one stateless frame; the rest in serving.py (README: design)."""
         conns, poll, monotonic, stats = self.conns, self.epoll.poll, time.monotonic, self.stats
         readv, write, inbox = os.readv, os.write, bytearray(RECV_SIZE)
         into, view, (end, keyed, reply, size) = (inbox,), memoryview(inbox), self.fast_path()
