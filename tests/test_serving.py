@@ -247,7 +247,7 @@ def test_a_client_that_sends_each_frame_in_two_writes_is_answered(mpd_factory):
     each read leaves a frame incomplete: the path that sets TCP_QUICKACK. (What the
     quick-ACK buys, no 40 ms wait per message, is measured by scripts/bench, not here.)
     Two workers: about half the keys are handed off after their split key frame."""
-    server = mpd_factory({"workers": {"workers": 2}})
+    server = mpd_factory({"workers": {"workers": 2}, "log": {"level": "debug"}})  # fd.dispatched
     clients = [server.connect() for _ in range(16)]
 
     def send_read(sock: socket.socket, piece: bytes) -> None:
