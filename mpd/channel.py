@@ -162,8 +162,11 @@ def decode(data: bytes, fds: list[int]) -> Message:
 
 def close_fds(fds: list[int]) -> None:
     for fd in fds:
-        with contextlib.suppress(OSError):
+        # Not contextlib.suppress: 0.3 us more a call, and a hand-off closes its fd twice.
+        try:  # noqa: SIM105
             os.close(fd)
+        except OSError:
+            pass
 
 
 class Channel:

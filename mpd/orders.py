@@ -162,6 +162,8 @@ class Orders:
                 # Take what the client already sent: a frame it started is finished and
                 # answered before its connection is closed.
                 self.on_readable(conn)
+            # Every client left has bytes pending, so the loop's inline path (which has no
+            # stop test) never serves it: consume() and flush() close it when it is done.
             if conn.fd in self.conns and conn.idle:
                 self.close(conn, "stopping")
 

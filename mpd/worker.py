@@ -21,12 +21,11 @@ from mpd.connection import WAITING, Connection
 from mpd.handoff import Handover
 from mpd.link import Link, MasterLink, StandaloneLink
 from mpd.orders import EXIT_BOOT_ERROR, EXIT_CRASH, EXIT_OK, Orders
-from mpd.protocols import PROTOCOLS, ProtocolError
-from mpd.proxygate import format_peer
+from mpd.protocols import PROTOCOLS
 from mpd.proxyphase import ProxyPhase
+from mpd.serving import RECV_SIZE, Serving
 from mpd.upkeep import Upkeep
 
-RECV_SIZE = 32768
 ACCEPT_BATCH = 32  # accepts per wake-up, so a burst spreads over the workers
 ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
 
@@ -47,7 +46,7 @@ def run_single(config: Config, listener: socket.socket) -> int:
     return Worker(config, listener, StandaloneLink()).run()
 
 
-class Worker(Handover, Orders, Upkeep, ProxyPhase):
+class Worker(Serving, Handover, Orders, Upkeep, ProxyPhase):
     def __init__(self, config: Config, listener: socket.socket, link: Link,
                  slot: int | None = None, slots: tuple[int, ...] = ()):
         self.config = config
@@ -110,42 +109,69 @@ class Worker(Handover, Orders, Upkeep, ProxyPhase):
         log.info("worker.serving", max_clients=self.max_clients)
 
     def serve(self) -> None:
-        lfd, sfd, mfd = self.listener.fileno(), self.signals.fileno(), self.link.fileno()
-        conns = self.conns
-        poll = self.epoll.poll
-        monotonic = time.monotonic
-        log_fd = -1  # LOG-HOOK: the log sink's fd while lines wait for it, else -1
+        """The loop. Its common case is served right here, with locals: a client with nothing
+        pending whose read is one stateless frame; the rest in serving.py (README: design)."""
+        conns, poll, monotonic, stats = self.conns, self.epoll.poll, time.monotonic, self.stats
+        readv, write, inbox = os.readv, os.write, bytearray(RECV_SIZE)
+        into, view, (end, keyed, reply, size) = (inbox,), memoryview(inbox), self.fast_path()
+        requests, log_fd = 0, -1  # stats at the heartbeat; LOG-HOOK: the sink's fd if behind
         now = self.now = monotonic()
-        while self.running:
+        while self.running and not (self.stopping and not conns):
             fd = -1  # the fd whose event is handled: a bug there ends that one peer only
             try:
                 if now >= self.next_timer:
+                    stats["requests"], requests = stats["requests"] + requests, 0
                     self.on_timers(now)
                 log_fd = logmod.watch_epoll(self.epoll)  # LOG-HOOK
                 ready = poll(self.next_timer - now if self.next_timer < INF else -1)
-                # The loop's clock, read once a turn: what clients are stamped with (their
-                # timeouts need no clock reading per request).
-                now = self.now = monotonic()
+                now = self.now = monotonic()  # the clients' stamp: no clock read per request
                 for fd, events in ready:
                     conn = conns.get(fd)
-                    if conn is not None:
-                        if events & OUT:
-                            self.flush(conn)
-                        if events & ~OUT and fd in conns:
-                            self.on_readable(conn)
-                    elif fd == lfd:
-                        self.accept()
-                    elif fd == mfd:
-                        self.on_link(events)
-                    elif fd == sfd:
-                        self.signals.dispatch()
-                    elif fd == log_fd:  # the log sink can take queued lines again
-                        logmod.flush()
+                    if conn is None:
+                        self.on_other(fd, events, log_fd)
+                    elif events != IN or conn.handoff >= WAITING or conn.inbuf or conn.outbuf:
+                        self.on_event(conn, events)
+                    else:  # the common case: one read, the protocol's test inline, one write
+                        try:
+                            n = readv(fd, into)
+                        except OSError as e:
+                            self.read_failed(conn, e)
+                            continue
+                        if n and inbox[n - 1] == end and inbox[0] != keyed \
+                                and inbox.find(end, 0, n) == n - 1:
+                            conn.seen = now
+                            requests += 1
+                            try:
+                                sent = write(fd, reply)
+                            except OSError:  # full (EAGAIN) or failed: write() tries again
+                                sent = 0
+                            if sent != size:
+                                self.write(conn, reply[sent:])
+                        else:  # EOF, part of a frame, several frames, a key frame
+                            self.received(conn, view[:n].tobytes())
             except Exception as e:  # noqa: BLE001 - the rest of the turn's events come again
                 self.contain(fd, e)  # (level-triggered) at the next poll
                 now = self.now = monotonic()
-            if self.stopping and not conns:
-                self.running = False
+        stats["requests"] += requests
+
+    def fast_path(self) -> tuple[int, int, bytes, int]:
+        """The protocol's fast path for the loop: (end, keyed, reply, len(reply)). Without
+        one, `end` is -1, which no byte equals: every read then goes to feed()."""
+        offer = getattr(self.protocol, "stateless", None)
+        if offer is None or offer.max_frame < RECV_SIZE:
+            return -1, -1, b"", 0
+        return offer.end, offer.keyed, offer.reply, len(offer.reply)
+
+    def on_other(self, fd: int, events: int, log_fd: int) -> None:
+        """An event on something other than a client."""
+        if fd == self.listener.fileno():
+            self.accept()
+        elif fd == self.link.fileno():
+            self.on_link(events)
+        elif fd == self.signals.fileno():
+            self.signals.dispatch()
+        elif fd == log_fd:  # the log sink can take queued lines again
+            logmod.flush()
 
     def contain(self, fd: int, error: Exception) -> None:
         """A bug met in handling one event: log it with what it was about, end that one
@@ -276,128 +302,6 @@ class Worker(Handover, Orders, Upkeep, ProxyPhase):
     def add(self, conn: Connection) -> None:
         self.epoll.register(conn.fd, IN)  # first: an fd epoll refuses is never a client
         self.conns[conn.fd] = conn
-
-    # --- serving ------------------------------------------------------------------------
-
-    def on_readable(self, conn: Connection) -> None:
-        if conn.handoff >= WAITING:  # not read as a client now (connection.py)
-            if conn.handoff == WAITING:  # its unread bytes belong to the next owner
-                self.flush(conn)
-            else:  # HEADER: its PROXY header comes first (proxyphase.py)
-                self.read_header(conn)
-            return
-        try:
-            data = conn.sock.recv(RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self.close(conn, e.strerror or "error")
-            return
-        if not data:
-            if conn.outbuf and not conn.eof:
-                self.half_closed(conn)
-            else:  # nothing due, or a second EOF: a hang-up
-                self.close(conn, "eof")
-            return
-        self.consume(conn, data)
-
-    def half_closed(self, conn: Connection) -> None:
-        """The client half-closed (shutdown SHUT_WR) with replies still due: stop reading,
-        write them, then close (flush() does); bounded by max_output_buffer and, for a
-        client that stops reading, by idle_timeout."""
-        conn.eof = True
-        self.epoll.modify(conn.fd, OUT)
-
-    def consume(self, conn: Connection, data: bytes) -> None:
-        """Feed bytes to the protocol, write back its replies, and hand the client off
-        when it names a key that another slot owns."""
-        try:
-            replies, frames, key = self.protocol.feed(conn.inbuf, data)
-            while key is not None:
-                conn.bind(key, self.owner_of(conn, key), len(self.slots))
-                if conn.owner != self.slot:
-                    if frames:
-                        self.stats["requests"] += frames
-                        self.write(conn, replies)
-                    if conn.fd in self.conns:
-                        self.hand_off(conn)
-                    return
-                if self.debug:
-                    log.debug("client.bound", fd=conn.fd, key=key,
-                              client=format_peer(conn.client))
-                conn.seen = self.now
-                more, more_frames, key = self.protocol.feed(conn.inbuf, b"")
-                replies += more
-                frames += more_frames
-        except ProtocolError as e:
-            self.stats["protocol_errors"] += 1
-            log.warning("client.protocol_error", fd=conn.fd, error=str(e),
-                        client=format_peer(conn.client))
-            self.close(conn, "protocol_error")
-            return
-        if frames:
-            conn.seen = self.now
-            self.stats["requests"] += frames
-            self.write(conn, replies)
-        if self.stopping and conn.idle and conn.fd in self.conns:
-            self.close(conn, "stopping")
-
-    def write(self, conn: Connection, data: bytes) -> None:
-        if conn.outbuf:  # earlier replies still wait: keep the order
-            conn.outbuf += data
-        else:
-            try:
-                sent = conn.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as e:
-                self.close(conn, e.strerror or "error")
-                return
-            if sent == len(data):
-                return
-            conn.outbuf += data[sent:]
-            self.epoll.modify(conn.fd, IN | OUT)
-        if len(conn.outbuf) > self.config.max_output_buffer:
-            self.stats["overflows"] += 1
-            log.warning("client.overflow", fd=conn.fd, buffered=len(conn.outbuf),
-                        max_output_buffer=self.config.max_output_buffer)
-            self.close(conn, "overflow")
-
-    def flush(self, conn: Connection) -> None:
-        try:
-            sent = conn.sock.send(conn.outbuf)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            self.close(conn, e.strerror or "error")
-            return
-        del conn.outbuf[:sent]
-        conn.seen = self.now  # it reads: not idle
-        if not conn.outbuf:
-            if conn.handoff == WAITING:
-                self.hand_off(conn)
-                return
-            if conn.eof:
-                self.close(conn, "eof")
-                return
-            self.epoll.modify(conn.fd, IN)
-            if self.stopping and conn.idle:
-                self.close(conn, "stopping")
-
-    def close(self, conn: Connection, reason: str) -> None:
-        del self.conns[conn.fd]
-        self.newcomers.pop(conn.fd, None)
-        # Unregister first: close() alone leaves the epoll entry live while another copy
-        # of the socket exists, and the master's copy of a handed-off fd can outlive this
-        # whole exchange (waking us may preempt it just before it closes that copy); a
-        # dead client's level-triggered HUP would then spin this loop until it does.
-        self.epoll.unregister(conn.fd)
-        conn.sock.close()
-        if self.debug:
-            log.debug("client.closed", fd=conn.fd, reason=reason, clients=len(self.conns),
-                      client=format_peer(conn.client))
-        if not self.accepting:
-            self.resume_accepting()
 
 
 def _peer(addr: Any) -> str:

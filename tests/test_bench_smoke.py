@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 HEADINGS = ("### ping", "### connrate", "### handoff", "### splitsend", "### respawn",
@@ -47,6 +48,21 @@ def test_ab_compares_a_git_revision_with_the_working_tree(tmp_path):
     (saved,) = tmp_path.glob("ab-*.json")
     runs = json.loads(saved.read_text())["runs"]
     assert all(r[0]["handoffs"] > 0 for r in runs.values())
+
+
+def test_ab_runs_the_seeds_split_sender_against_a_baseline_and_the_working_tree(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench" / "ab.py"), "--mode", "splitsend",
+         "--rounds", "1", "--duration", "1", "--workers", "2", "--spread", "--out",
+         str(tmp_path), "baseline:rawfd", "."],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if "splitsend needs mpclient2" in result.stderr:
+        pytest.skip(result.stderr.strip().splitlines()[-1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| baseline:rawfd |" in result.stdout and "| . |" in result.stdout, result.stdout
+    (saved,) = tmp_path.glob("ab-*.json")
+    runs = json.loads(saved.read_text())["runs"]
+    assert runs["."][0] > 0 and runs["baseline:rawfd"][0] > 0  # both answered
 
 
 def test_the_haproxy_comparison_runs_and_prints_its_figures(tmp_path):

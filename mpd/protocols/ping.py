@@ -5,7 +5,7 @@ anything else runs up to and including a NUL and gets REPLY."""
 
 from __future__ import annotations
 
-from mpd.protocols.base import ProtocolError
+from mpd.protocols.base import ProtocolError, StatelessFrame
 
 REPLY = b"hello, server ping!\0"
 REFUSAL = b"busy, server full!\0"
@@ -17,6 +17,8 @@ MAX_FRAME = 65536  # bytes without a NUL before the client is cut off
 class PingProtocol:
     name = "ping"
     refusal = REFUSAL
+    # A plain ping read whole: the worker loop answers it without calling feed().
+    stateless = StatelessFrame(end=0, keyed=KEY_FRAME, reply=REPLY, max_frame=MAX_FRAME)
 
     def feed(self, buf: bytearray, data: bytes) -> tuple[bytes, int, int | None]:
         # Fast path: nothing pending and `data` is exactly one plain frame (the usual ping).
