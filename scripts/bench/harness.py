@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -31,6 +32,22 @@ def run_as(tree: Path) -> str:
 
 
 # --- servers -------------------------------------------------------------------------------------
+
+
+def control_request(path: str, request: dict[str, Any]) -> dict[str, Any]:
+    """One request on mpd's control socket, as mpdctl sends it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(path)
+        sock.sendall(json.dumps({"version": 1, **request}).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
 
 class LogTail:
     """Reads a JSON-lines log file as it grows."""
@@ -335,8 +352,6 @@ class Bench:
             path = self.control_socket(server.config_path)
         if path is None:
             return None
-        from lifecycle import control_request  # lifecycle imports this module
-
         with contextlib.suppress(OSError, ValueError, KeyError):
             reply = control_request(str(path), {"command": "status"})
             return int(reply["totals"]["adopted"])

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from typing import Any
 
 from common import NPROC, fmt, median, procfs, progress, ratio
-from harness import Bench, Server
+from harness import Bench, Server, control_request
 
 
 def scenario_respawn(b: Bench) -> dict[str, Any]:
@@ -144,21 +143,6 @@ def memory_tables(b: Bench, out: dict[str, Any], conns: int) -> None:
                   "state in user space, so its bytes/conn is 0 and that ratio is undefined; "
                   "the raw-fd floor keeps none either for a connection with no frame "
                   "pending, so its bytes/conn is what its epoll and fd bookkeeping cost.")
-
-
-def control_request(path: str, request: dict[str, Any]) -> dict[str, Any]:
-    """One request on mpd's control socket, as mpdctl sends it."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(30)
-        sock.connect(path)
-        sock.sendall(json.dumps({"version": 1, **request}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
 
 
 def scenario_scale(b: Bench) -> dict[str, Any]:
