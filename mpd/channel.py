@@ -52,12 +52,18 @@ MAX_QUEUE = 100_000  # queued messages before the peer counts as gone
 HANDOFF_META_V1 = struct.Struct("<?iiiQii")
 HANDOFF_META = struct.Struct("<?iiiQii19s")
 TABLE_BITS, RANK_BITS = 16, 14  # table | rank << 16 | last << 30: a positive int32
+LAST_SHIFT = TABLE_BITS + RANK_BITS
+# The header and a HANDOFF/ADOPT meta in one struct ("<": no padding, so it is the two
+# side by side): one pack or unpack a message instead of two and a concatenation.
+FRAME_V1 = struct.Struct(HEADER.format + HANDOFF_META_V1.format[1:])
+FRAME = struct.Struct(HEADER.format + HANDOFF_META.format[1:])
 FD_SIZE = array.array("i").itemsize
 # Plain ints, looked up once: socket's flags are IntFlag enums, and `flags & (MSG_CTRUNC |
 # MSG_TRUNC)` on enums cost 1-1.8 us a message, a tenth of a hand-off's master time.
 RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
 DATA_TRUNCATED = int(socket.MSG_TRUNC)
+SOL_SOCKET, SCM_RIGHTS = int(socket.SOL_SOCKET), int(socket.SCM_RIGHTS)
 ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * FD_SIZE)
 
 log = get_logger()
@@ -96,22 +102,22 @@ def encode(kind: Kind, meta: dict[str, Any] | None = None, raw: bytes = b"",
     """One datagram, in the layout of `version` (a version-1 peer does not get the client's
     address: it could not read it)."""
     meta = meta or {}
-    if kind is Kind.HANDOFF or kind is Kind.ADOPT:
-        key = meta.get("key")
-        from_slot = meta.get("from_slot")
-        owner = meta.get("owner")
+    if kind is Kind.HANDOFF or kind is Kind.ADOPT:  # once per hand-off: kept lean
+        get = meta.get
+        key, from_slot, owner = get("key"), get("from_slot"), get("owner")
         fields = (key is not None, key or 0, -1 if from_slot is None else from_slot,
-                  meta.get("from_pid") or 0, meta.get("sent_ns") or 0,
-                  -1 if owner is None else owner,
-                  (meta.get("table") or 0) | (meta.get("rank") or 0) << TABLE_BITS
-                  | bool(meta.get("last")) << (TABLE_BITS + RANK_BITS))
+                  get("from_pid") or 0, get("sent_ns") or 0, -1 if owner is None else owner,
+                  (get("table") or 0) | (get("rank") or 0) << TABLE_BITS
+                  | bool(get("last")) << LAST_SHIFT)
         if version == 1:
-            body = HANDOFF_META_V1.pack(*fields)
+            data = FRAME_V1.pack(version, kind, HANDOFF_META_V1.size, *fields) + raw
         else:
-            body = HANDOFF_META.pack(*fields, pack_peer(meta.get("peer")))
+            peer = get("peer")
+            data = FRAME.pack(version, kind, HANDOFF_META.size, *fields,
+                              NO_PEER if peer is None else pack_peer(peer)) + raw
     else:
         body = json.dumps(meta, separators=(",", ":")).encode()
-    data = HEADER.pack(version, kind, len(body)) + body + raw
+        data = HEADER.pack(version, kind, len(body)) + body + raw
     if len(data) > MAX_MESSAGE:
         raise ValueError(f"channel message of {len(data)} bytes is over {MAX_MESSAGE}")
     return data
@@ -137,13 +143,13 @@ def decode(data: bytes, fds: list[int]) -> Message:
                              f"(version {version})")
         if version == 1:
             peer = NO_PEER
-            has_key, key, from_slot, from_pid, sent_ns, owner, packed = layout.unpack_from(
-                data, HEADER.size)
+            _, _, _, has_key, key, from_slot, from_pid, sent_ns, owner, packed = \
+                FRAME_V1.unpack_from(data)
         else:
-            has_key, key, from_slot, from_pid, sent_ns, owner, packed, peer = \
-                layout.unpack_from(data, HEADER.size)
+            _, _, _, has_key, key, from_slot, from_pid, sent_ns, owner, packed, peer = \
+                FRAME.unpack_from(data)
         table = packed & 0xFFFF
-        rank, last = packed >> TABLE_BITS & 0x3FFF, bool(packed >> (TABLE_BITS + RANK_BITS) & 1)
+        rank, last = packed >> TABLE_BITS & 0x3FFF, bool(packed >> LAST_SHIFT & 1)
         meta = {"key": key if has_key else None,
                 "from_slot": None if from_slot < 0 else from_slot,
                 "from_pid": from_pid or None, "sent_ns": sent_ns or None,
@@ -221,8 +227,8 @@ class Channel:
     def _send_one(self, data: bytes, fds: list[int]) -> bool:
         """True when sent (fds then closed), False on EAGAIN."""
         try:
-            if fds:
-                socket.send_fds(self.sock, [data], fds)
+            if fds:  # socket.send_fds(), without its Python frame and enum lookups
+                self.sock.sendmsg([data], [(SOL_SOCKET, SCM_RIGHTS, array.array("i", fds))])
             else:
                 self.sock.send(data)
         except (BlockingIOError, InterruptedError):
@@ -268,10 +274,8 @@ class Channel:
             data = bytes(self.view[:size])
             fds: list[int] = []
             for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds_array = array.array("i")
-                    fds_array.frombytes(payload[:len(payload) - len(payload) % FD_SIZE])
-                    fds += fds_array
+                if level == SOL_SOCKET and kind == SCM_RIGHTS:
+                    fds += array.array("i", payload[:len(payload) - len(payload) % FD_SIZE])
             if not data and not fds:
                 if out:  # deliver what came before the EOF; the next call reports it
                     break

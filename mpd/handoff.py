@@ -23,6 +23,7 @@ from mpd.proxygate import format_peer
 from mpd.routing import owner
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
+NONBLOCK = int(socket.SOCK_NONBLOCK)
 
 log = logmod.get_logger()
 
@@ -105,13 +106,15 @@ class Handover:
                 self.refuse(fd, meta)
             return
         try:
-            # Family and type given: no getsockopt() calls to detect them.
-            sock = socket.socket(self.family, self.kind, 0, fd)
+            # Family and type given: no getsockopt() calls to detect them. SOCK_NONBLOCK
+            # makes the object non-blocking without the ioctl of setblocking(): the file
+            # is O_NONBLOCK already, a flag of the open file that the fd shares with the
+            # sender's (its accept() set it), so a hand-off costs one system call fewer.
+            sock = socket.socket(self.family, self.kind | NONBLOCK, 0, fd)
         except OSError as e:
             close_fds([fd])
             log.error("channel.error", kind="ADOPT", error=f"fd unusable: {e.strerror}")
             return
-        sock.setblocking(False)
         conn = Connection(sock, self.now)
         conn.seen = self.now  # it sent its key frame
         conn.key = meta.get("key")
