@@ -19,6 +19,7 @@ import time
 from typing import Callable
 
 from mpd import log as logmod
+from mpd import tcp
 
 ACCEPT_BATCH = 64  # connections served per wake-up; the rest wait for the next turn
 PAUSE = 0.5  # seconds accepting stops after EMFILE/ENFILE/ENOBUFS/ENOMEM (no busy loop)
@@ -35,19 +36,11 @@ class AgentError(Exception):
 
 def open_socket(host: str, port: int, backlog: int = 64) -> socket.socket:
     """Bind the agent port: open_socket(*config.host_port(config.agent_listen))."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
+        return tcp.listen(host, port, backlog)
     except OSError as e:
-        sock.close()
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise AgentError(f"cannot listen on {where} for the agent check: {e.strerror}") \
-            from None
-    sock.setblocking(False)
-    return sock
+        raise AgentError(f"cannot listen on {tcp.where(host, port)} for the agent check: "
+                         f"{e.strerror}") from None
 
 
 def agent_line(state: str, ready: int, clients: int, capacity: int) -> str:

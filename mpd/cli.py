@@ -9,7 +9,7 @@ import resource
 import socket
 import sys
 
-from mpd import __version__, access, manual, privileges, proctitle
+from mpd import __version__, access, manual, privileges, proctitle, tcp
 from mpd import config as configmod
 from mpd import log as logmod
 
@@ -53,13 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def bind(config: configmod.Config) -> socket.socket:
-    family = socket.AF_INET6 if ":" in config.listen else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.listen, config.port))
-    sock.listen(config.backlog)
-    sock.setblocking(False)
-    return sock
+    return tcp.listen(config.listen, config.port, config.backlog)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import time
 from typing import Callable
 
 from mpd import log as logmod
+from mpd import tcp
 
 MAX_REQUEST = 8192  # bytes of request line and headers
 REQUEST_TIMEOUT = 5.0  # seconds from accept to a whole request
@@ -41,18 +42,11 @@ class MetricsError(Exception):
 
 def open_socket(host: str, port: int, backlog: int = 64) -> socket.socket:
     """Bind the metrics port: open_socket(*config.host_port(config.metrics_listen))."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
+        return tcp.listen(host, port, backlog)
     except OSError as e:
-        sock.close()
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise MetricsError(f"cannot listen on {where} for metrics: {e.strerror}") from None
-    sock.setblocking(False)
-    return sock
+        raise MetricsError(f"cannot listen on {tcp.where(host, port)} for metrics: "
+                         f"{e.strerror}") from None
 
 
 class Scraper:

@@ -1,0 +1,27 @@
+"""Listening TCP sockets: mpd's own port, the agent check's and the metrics endpoint's are
+opened the same way."""
+
+from __future__ import annotations
+
+import socket
+
+
+def listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A non-blocking listening socket on host:port (IPv6 when the host has a colon), with
+    SO_REUSEADDR so that a restart binds at once. Raises OSError, with nothing left open."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def where(host: str, port: int) -> str:
+    """host:port as people write it ([::1]:9100 for IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
