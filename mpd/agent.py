@@ -12,7 +12,6 @@ master's state; HAProxy asks every `agent-inter` (2 s by default)."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import selectors
 import socket
 import time
@@ -23,7 +22,6 @@ from mpd import tcp
 
 ACCEPT_BATCH = 64  # connections served per wake-up; the rest wait for the next turn
 PAUSE = 0.5  # seconds accepting stops after EMFILE/ENFILE/ENOBUFS/ENOMEM (no busy loop)
-SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 MIN_WEIGHT = 1  # percent: a full host still counts, so HAProxy never sees a zero weight
                 # (a zero weight is a drain) from load alone
 
@@ -85,7 +83,7 @@ class AgentServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                if e.errno in SHORTAGE:
+                if e.errno in tcp.SHORTAGE:
                     self.pause(e)
                     return
                 continue  # ECONNABORTED and kin: that client gave up

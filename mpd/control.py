@@ -5,7 +5,6 @@ bounded in size and time, so no client, slow or hostile, can stall the master.""
 from __future__ import annotations
 
 import contextlib
-import errno
 import grp
 import json
 import os
@@ -17,6 +16,7 @@ import time
 from typing import Any, Callable
 
 from mpd import log as logmod
+from mpd import tcp
 
 VERSION = 1
 MAX_REQUEST = 64 * 1024  # bytes in one request line
@@ -185,7 +185,7 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if e.errno in tcp.SHORTAGE:
                     self.pause_accepting(e)
                     return
                 continue

@@ -12,7 +12,6 @@ until someone else needs it). Out of fds, accepting pauses instead of spinning."
 from __future__ import annotations
 
 import contextlib
-import errno
 import selectors
 import socket
 import time
@@ -28,7 +27,6 @@ LINGER = 1.0  # seconds to read a peer's leftovers after the answer, so the clos
 MAX_CONNECTIONS = 16
 ACCEPT_BATCH = 64
 PAUSE = 0.5  # seconds accepting stops after EMFILE/ENFILE/ENOBUFS/ENOMEM
-SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 # The Accept header -> (body, content type)
 Render = Callable[[str], "tuple[bytes, str]"]
@@ -112,7 +110,7 @@ class MetricsServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                if e.errno in SHORTAGE:
+                if e.errno in tcp.SHORTAGE:
                     self.pause(e)
                     return
                 continue  # ECONNABORTED and kin: that peer gave up

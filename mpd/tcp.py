@@ -3,7 +3,12 @@ opened the same way."""
 
 from __future__ import annotations
 
+import errno
 import socket
+
+# accept() errors that say the process or system is short of fds or memory: accepting
+# again at once would fail the same way, so the listener pauses instead of spinning.
+SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def listen(host: str, port: int, backlog: int) -> socket.socket:

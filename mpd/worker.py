@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable
 
 from mpd import log as logmod
+from mpd import tcp
 from mpd import testhooks as hooks
 from mpd.channel import Kind, Message
 from mpd.config import Config
@@ -31,7 +32,6 @@ ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE/ENFILE/ENOBUFS/ENO
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 INF = float("inf")
-ACCEPT_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 log = logmod.get_logger()
 
@@ -276,7 +276,7 @@ class Worker(Serving, Handover, Orders, Upkeep, ProxyPhase):
             except ConnectionAbortedError:
                 continue  # the client gave up while queued
             except OSError as e:
-                if e.errno in ACCEPT_SHORTAGE:  # out of fds or memory: back off, no spin
+                if e.errno in tcp.SHORTAGE:  # out of fds or memory: back off, no spin
                     self.pause_accepting(errno.errorcode[e.errno], retry=True)
                     self.refresh_limits()  # prlimit may have cut our fd limit
                     return
