@@ -39,7 +39,7 @@ class UpkeepState:
     object's first 30 attributes, and past that every `self.x` of the hot path costs more
     (a worker with 35 attributes served a ping 3% slower). tests/test_structure.py counts."""
     __slots__ = ("next_upkeep", "next_idle_sweep", "fd_limit", "fds_base", "pause_reason",
-                 "paused_since", "pauses")
+                 "paused_since", "last_pause", "pauses")
 
     def __init__(self) -> None:
         self.next_upkeep = 0.0
@@ -48,6 +48,7 @@ class UpkeepState:
         self.fds_base = 0  # fds held besides clients: counted at boot
         self.pause_reason = ""  # why accepting stopped, while a pause lasts ("": none)
         self.paused_since = 0.0
+        self.last_pause = 0.0  # when accepting last stopped (a pause's retries included)
         self.pauses = 0  # times accepting stopped since the pause began
 
 
@@ -72,7 +73,9 @@ class Upkeep:
     def upkeep(self, now: float) -> None:
         self.up.next_upkeep = now + UPKEEP_EVERY
         self.refresh_limits()
-        if self.up.pause_reason and self.accepting:
+        # Over only when accepting went on for a whole round: a retry after EMFILE turns
+        # accepting on in this very turn, before any accept() could fail again.
+        if self.up.pause_reason and self.accepting and now - self.up.last_pause >= UPKEEP_EVERY:
             self.end_pause(now)
         first_frame = self.expire_newcomers(now)
         idle = 0
@@ -154,6 +157,7 @@ class Upkeep:
         """Accepting stopped. Log it when a pause begins; while it lasts (a retry after
         EMFILE every 0.1 s, a full worker that frees and fills a place), only count."""
         self.up.pauses += 1
+        self.up.last_pause = now
         if self.up.pause_reason:
             return
         self.up.pause_reason, self.up.paused_since = reason, now

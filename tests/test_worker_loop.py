@@ -22,6 +22,7 @@ from mpd import log as logmod
 from mpd.channel import Channel, ChannelClosed, Kind, Message, close_fds
 from mpd.link import MasterLink
 from mpd.protocols.ping import REFUSAL, PingProtocol
+from mpd.upkeep import UPKEEP_EVERY
 from mpd.worker import EXIT_OK, Worker
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
@@ -312,3 +313,28 @@ def test_a_bug_met_with_one_client_or_message_ends_that_one_only(harness):
     (error,) = h.events("channel.error")
     assert error["kind"] == "ROUTES" and "a bug in a message's handler" in error["error"]
     assert "Traceback" in error["exception"]
+
+
+def test_a_retry_after_emfile_is_no_end_of_the_pause_until_a_round_passes(harness):
+    # The retry turns accepting on; when the upkeep round falls in the same turn, it must
+    # not take that for a pause that is over (accept() has not even been tried yet).
+    h = harness()
+    worker = h.worker
+    worker.epoll = select.epoll()  # what boot() makes: the loop is not run here
+    worker.init_upkeep()
+    worker.resume_accepting()
+    worker.pause_accepting("EMFILE", retry=True)
+    retry = worker.accept_retry_at
+    worker.up.next_upkeep = retry  # the upkeep round is due in the retry's turn
+    worker.on_timers(retry)
+    assert worker.accepting  # the retry happened
+    assert worker.up.pause_reason == "EMFILE"  # and the pause goes on
+    worker.pause_accepting("EMFILE", retry=True)  # that accept() met EMFILE again
+    worker.accept_retry_at = 0.0
+    worker.resume_accepting()  # ... and the next goes through, and lasts a whole round:
+    worker.on_timers(max(worker.up.next_upkeep, worker.up.last_pause + UPKEEP_EVERY))
+    assert worker.up.pause_reason == ""
+    resumed = [json.loads(line) for line in h.log_path.read_text().splitlines()
+               if '"worker.accept_resumed"' in line]
+    assert len(resumed) == 1 and resumed[0]["reason"] == "EMFILE"
+    assert resumed[0]["pauses"] == 2
