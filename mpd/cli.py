@@ -9,9 +9,11 @@ import resource
 import socket
 import sys
 
-from mpd import __version__, access, manual, privileges, proctitle, tcp
-from mpd import config as configmod
-from mpd import log as logmod
+from mpd import __version__
+from mpd.config import schema as configmod
+from mpd.logs import log as logmod
+from mpd.ops import access, manual
+from mpd.system import privileges, proctitle, tcp
 
 EX_UNAVAILABLE = 69  # sysexits.h: the address cannot be bound
 LOG_DRAIN = 1.0  # seconds the master may wait at exit for its last log lines to go out
@@ -151,7 +153,7 @@ def serve(config: configmod.Config, detach: bool) -> int:
         raise StartError("mpd.privileges_failed", str(e), configmod.EX_CONFIG) from None
     pidfile = None
     if detach:
-        from mpd.daemonize import PidFile, PidFileError
+        from mpd.system.daemonize import PidFile, PidFileError
 
         pidfile = PidFile(config.pidfile_path)
         try:
@@ -161,7 +163,7 @@ def serve(config: configmod.Config, detach: bool) -> int:
     control_sock, listener, agent_sock, activated = open_sockets(config)
     metrics_sock = open_metrics(config, control_sock, [listener, agent_sock])
     if pidfile is not None:
-        from mpd.daemonize import detach as enter_daemon
+        from mpd.system.daemonize import detach as enter_daemon
 
         enter_daemon(pidfile, [s for s in (listener, control_sock, agent_sock, metrics_sock)
                                if s is not None])
@@ -175,7 +177,7 @@ def serve(config: configmod.Config, detach: bool) -> int:
                               (config.log_file if config.log_target == "file" else "", False)])
     if control_sock is None:
         return serve_single_process(config, listener)
-    from mpd.master import Master
+    from mpd.master.master import Master
 
     proctitle.master(config)
     master = Master(config, listener, control_sock, agent_sock, listener_shared=activated,
@@ -192,7 +194,7 @@ def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket
     them left open."""
     control_sock = None
     if config.worker_count > 0:  # single-process mode has no master, so no control socket
-        from mpd.control import ControlError, open_socket
+        from mpd.ops.control import ControlError, open_socket
 
         unseen = access.unseen(config)
         if unseen is not None:
@@ -209,8 +211,8 @@ def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket
                          f"{config.port}: {e.strerror}") from None
     agent_sock = None
     if control_sock is not None and config.agent_listen:
-        from mpd.agent import AgentError
-        from mpd.agent import open_socket as open_agent
+        from mpd.ops.agent import AgentError
+        from mpd.ops.agent import open_socket as open_agent
 
         try:
             agent_sock = open_agent(*configmod.host_port(config.agent_listen))
@@ -227,8 +229,8 @@ def open_metrics(config: configmod.Config, control_sock: socket.socket | None,
     with the other sockets closed, when it cannot be opened."""
     if control_sock is None or not config.metrics_listen:
         return None
-    from mpd.httpmetrics import MetricsError
-    from mpd.httpmetrics import open_socket as open_http
+    from mpd.ops.httpmetrics import MetricsError
+    from mpd.ops.httpmetrics import open_socket as open_http
 
     try:
         return open_http(*configmod.host_port(config.metrics_listen))
@@ -254,7 +256,7 @@ def preflight() -> int:
     import pkgutil
 
     import mpd
-    from mpd.upgrade import preflight_report
+    from mpd.master.upgrade import preflight_report
 
     proctitle.preflight()
     for module in pkgutil.walk_packages(mpd.__path__, "mpd."):
@@ -265,10 +267,10 @@ def preflight() -> int:
 
 def resume(state_fd: int) -> int:
     """After an upgrade's exec: take the old master's state and carry on as the master."""
-    from mpd import state as statemod
-    from mpd.daemonize import PidFile
-    from mpd.master import Master
-    from mpd.upgrade import read_state
+    from mpd.master import state as statemod
+    from mpd.master.master import Master
+    from mpd.master.upgrade import read_state
+    from mpd.system.daemonize import PidFile
 
     state = read_state(state_fd)
     config = statemod.config_of(state)
@@ -290,9 +292,9 @@ def resumed_agent(config: configmod.Config, state: dict) -> socket.socket | None
     """The agent-check socket the old master had; from a release that did not serve the
     agent (agent.listen was set but unused), a new one. If it cannot be opened now, mpd
     serves on without it: it is already serving clients."""
-    from mpd import state as statemod
-    from mpd.agent import AgentError
-    from mpd.agent import open_socket as open_agent
+    from mpd.master import state as statemod
+    from mpd.ops.agent import AgentError
+    from mpd.ops.agent import open_socket as open_agent
 
     sock = statemod.agent_socket_of(state)
     if sock is None and config.agent_listen:
@@ -306,9 +308,9 @@ def resumed_agent(config: configmod.Config, state: dict) -> socket.socket | None
 def resumed_metrics(config: configmod.Config, state: dict) -> socket.socket | None:
     """The metrics socket the old master had; from a release without it, a new one (or,
     if it cannot be opened now, none: mpd serves on)."""
-    from mpd import state as statemod
-    from mpd.httpmetrics import MetricsError
-    from mpd.httpmetrics import open_socket as open_http
+    from mpd.master import state as statemod
+    from mpd.ops.httpmetrics import MetricsError
+    from mpd.ops.httpmetrics import open_socket as open_http
 
     sock = statemod.inherited_socket(state, "metrics_fd")
     if sock is None and config.metrics_listen:
@@ -322,7 +324,7 @@ def resumed_metrics(config: configmod.Config, state: dict) -> socket.socket | No
 def listening_socket(config: configmod.Config) -> tuple[socket.socket, bool]:
     """The socket systemd passed (socket activation; True: systemd holds it too), else a
     freshly bound one."""
-    from mpd import systemd
+    from mpd.system import systemd
 
     log = logmod.get_logger()
     for sock in systemd.listen_fds():
@@ -347,7 +349,7 @@ def raise_fd_limit() -> None:
 
 
 def serve_single_process(config: configmod.Config, listener: socket.socket) -> int:
-    from mpd.worker import run_single
+    from mpd.worker.worker import run_single
 
     log = logmod.get_logger()
     logmod.set_role("single")

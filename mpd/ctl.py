@@ -15,9 +15,9 @@ from typing import Any
 
 import shtab
 
-from mpd import config as configmod
-from mpd import locate, manual
-from mpd.commands import COMMANDS, Command
+from mpd.config import schema as configmod
+from mpd.ops import locate, manual
+from mpd.ops.commands import COMMANDS, Command
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # the daemon answered with an error

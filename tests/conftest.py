@@ -23,11 +23,11 @@ from typing import Any, Callable
 
 import pytest
 
-from mpd import routing
-from mpd.procfs import alive as pid_alive
-from mpd.procfs import children
-from mpd.procfs import cpu_seconds as cpu_seconds  # re-exported for the tests
-from mpd.procfs import fd_count as fd_count
+from mpd.system.procfs import alive as pid_alive
+from mpd.system.procfs import children
+from mpd.system.procfs import cpu_seconds as cpu_seconds  # re-exported for the tests
+from mpd.system.procfs import fd_count as fd_count
+from mpd.wire import routing
 
 REPLY = b"hello, server ping!\0"
 PING = b"hello, client ping!\0"  # what the seed's mpclient sends

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import struct
 
-from mpd.proxy import crc32c
+from mpd.worker.proxy import crc32c
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 LOCAL, PROXY = 0x20, 0x21  # version 2 with each command

@@ -68,8 +68,15 @@ def build_system_venv() -> Path:
         old_umask = os.umask(0o022)  # the service's DynamicUser must read it
         try:
             subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True)
-            subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "--no-cache-dir",
-                            str(ROOT)], check=True, cwd="/")
+            # From a copy of the package's sources: setuptools builds in the tree (build/),
+            # and a stale build/lib of an older layout would be installed along.
+            with tempfile.TemporaryDirectory() as source:
+                shutil.copytree(ROOT / "mpd", Path(source) / "mpd",
+                                ignore=shutil.ignore_patterns("__pycache__"))
+                for name in ("pyproject.toml", "README.md"):
+                    shutil.copy(ROOT / name, source)
+                subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet",
+                                "--no-cache-dir", source], check=True, cwd="/")
         finally:
             os.umask(old_umask)
         done.touch()

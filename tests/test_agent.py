@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import ROOT, wait_until
 
-from mpd.agent import AgentError, AgentServer, agent_line, open_socket
+from mpd.ops.agent import AgentError, AgentServer, agent_line, open_socket
 
 # --- the line ------------------------------------------------------------------------------
 
@@ -160,8 +160,8 @@ def test_a_port_in_use_is_a_clear_error():
 
 OUT_OF_FDS = r"""
 import json, os, resource, selectors, socket, time
-from mpd import log as logmod
-from mpd.agent import AgentServer, open_socket
+from mpd.logs import log as logmod
+from mpd.ops.agent import AgentServer, open_socket
 logmod.configure("info")
 selector = selectors.DefaultSelector()
 server = AgentServer(open_socket("127.0.0.1", 0), selector, lambda: "up ready 50%")

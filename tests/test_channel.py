@@ -10,8 +10,8 @@ import socket
 
 import pytest
 
-from mpd import log as logmod
-from mpd.channel import (
+from mpd.logs import log as logmod
+from mpd.wire.channel import (
     HANDOFF_META,
     HANDOFF_META_V1,
     HEADER,

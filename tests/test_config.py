@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, ping
 
-from mpd import config as configmod
+from mpd.config import schema as configmod
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -138,8 +138,8 @@ def test_no_file_means_the_embedded_defaults():
 
 def test_auto_workers_follow_the_cpu_affinity_of_the_process():
     cpu = min(os.sched_getaffinity(0))
-    code = (f"import os; os.sched_setaffinity(0, {{{cpu}}}); from mpd import config; "
-            "print(config.load(None).worker_count)")
+    code = (f"import os; os.sched_setaffinity(0, {{{cpu}}}); "
+            "from mpd.config import schema; print(schema.load(None).worker_count)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True, timeout=20).stdout
     assert out == "1\n"

@@ -30,7 +30,7 @@ from conftest import (
 )
 
 from mpd import ctl
-from mpd.config import FD_HEADROOM, MAX_CLIENTS
+from mpd.config.schema import FD_HEADROOM, MAX_CLIENTS
 
 NOBODY = 65534
 

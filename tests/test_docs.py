@@ -7,7 +7,8 @@ import re
 
 from conftest import ROOT
 
-from mpd import config, events
+from mpd.config import schema as config
+from mpd.logs import events
 
 README = (ROOT / "README.md").read_text()
 

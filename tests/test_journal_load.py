@@ -20,7 +20,7 @@ NOMINAL_BURST = 10_000
 # keys with a ping, as fast as mpd answers; each re-key is a hand-off. Prints the total.
 REKEY = f"""
 import multiprocessing, socket, struct, sys, time
-from mpd import routing
+from mpd.wire import routing
 port, seconds, procs = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 keys = [next(k for k in range(10**6) if routing.owner(k, (0, 1)) == s) for s in (0, 1)]
 frames = [b"C" + struct.pack("<i", k) + {M_PING!r} for k in keys]

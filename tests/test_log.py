@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 
-from mpd import jsonline, logsink, logtext
-from mpd import log as logmod
+from mpd.logs import jsonline
+from mpd.logs import log as logmod
+from mpd.logs import sinks as logsink
+from mpd.logs import text as logtext
 
 ODD_FIELDS: list[dict[str, Any]] = [
     {},

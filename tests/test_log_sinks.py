@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from mpd import log as logmod
-from mpd import logsink
+from mpd.logs import log as logmod
+from mpd.logs import sinks as logsink
 
 LINES = 5000
 

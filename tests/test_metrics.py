@@ -25,9 +25,11 @@ from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
 from prometheus_client.parser import text_string_to_metric_families
 
-from mpd import config as configmod
-from mpd import httpmetrics, latency, tally
-from mpd.config import ConfigError
+from mpd.config import schema as configmod
+from mpd.config.schema import ConfigError
+from mpd.master import tally
+from mpd.ops import httpmetrics
+from mpd.wire import latency
 
 # --- the pieces -----------------------------------------------------------------------------
 

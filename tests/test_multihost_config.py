@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from mpd import config as configmod
-from mpd.config import Config, ConfigError
+from mpd.config import schema as configmod
+from mpd.config.schema import Config, ConfigError
 
 BAD = {
     "proxy_protocol not a bool": ('[server]\nproxy_protocol = "yes"\n', 2,

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from mpd import config as configmod
-from mpd.commands import COMMANDS, SIGNALS
+from mpd.config import schema as configmod
+from mpd.ops.commands import COMMANDS, SIGNALS
 
 
 def mpdctl(*args: str, env: dict[str, str] | None = None,

@@ -13,7 +13,7 @@ import time
 import pytest
 from conftest import ROOT, wait_until
 
-from mpd import procfs
+from mpd.system import procfs
 
 
 @pytest.fixture
@@ -98,10 +98,10 @@ def test_fd_count_follows_open_and_close():
 
 def test_it_imports_with_the_bare_standard_library():
     """The benchmark driver imports it without mpd's dependencies: no site-packages (-S)."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import mpd.procfs; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import mpd.system.procfs; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('mpd', 'structlog', 'daemon')))")
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(ROOT)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "['mpd', 'mpd.procfs']"
+    assert out.stdout.strip() == "['mpd', 'mpd.system', 'mpd.system.procfs']"

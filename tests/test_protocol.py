@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpd.protocols import PROTOCOLS, ProtocolError
-from mpd.protocols.ping import MAX_FRAME, REPLY, PingProtocol
+from mpd.apps import PROTOCOLS, ProtocolError
+from mpd.apps.ping import MAX_FRAME, REPLY, PingProtocol
 
 Token = tuple  # ("reply",) or ("key", k)
 

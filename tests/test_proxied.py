@@ -25,8 +25,8 @@ from conftest import (
 from proxy_headers import v1, v2
 from test_worker_loop import harness  # noqa: F401 - the fixture
 
-from mpd.channel import Kind
-from mpd.worker import EXIT_OK
+from mpd.wire.channel import Kind
+from mpd.worker.worker import EXIT_OK
 
 PROXIED = {"server": {"proxy_protocol": True}, "log": {"level": "debug"}}
 REAL = ("203.0.113.9", 41000)  # the client a proxy speaks for (TEST-NET-3)

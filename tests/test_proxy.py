@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from proxy_headers import LOCAL, PROXY, SIGNATURE, TCP4, tlv, v1, v1_unknown, v2
 
-from mpd.proxy import MAX_HEADER, V1_MAX, ProxyError, ProxyHeader, crc32c, parse
+from mpd.worker.proxy import MAX_HEADER, V1_MAX, ProxyError, ProxyHeader, crc32c, parse
 
 CLIENT_BYTES = b"C\x01\x00\x00\x00Mhello\0"  # what follows the header: the client's own
 
@@ -304,7 +304,7 @@ def test_the_fast_path_for_haproxys_tcp4_header_answers_as_the_general_one(
         source: str, source_port: int, destination: str, destination_port: int, rest: bytes):
     """parse() takes a short cut for a v2 TCP4 header without TLVs (what HAProxy sends for
     an IPv4 client); the long way round must give the very same header."""
-    from mpd.proxy import _parse_v2
+    from mpd.worker.proxy import _parse_v2
 
     data = v2((source, source_port), (destination, destination_port)) + rest
     fast = parse(data)

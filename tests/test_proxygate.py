@@ -12,10 +12,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpd import log as logmod
-from mpd.config import Config
-from mpd.proxy import ProxyError, ProxyHeader
-from mpd.proxygate import PEER, ProxyGate, Sources, format_peer, network, pack_peer, unpack_peer
+from mpd.config.schema import Config
+from mpd.logs import log as logmod
+from mpd.worker.proxy import ProxyError, ProxyHeader
+from mpd.worker.proxygate import (
+    PEER,
+    ProxyGate,
+    Sources,
+    format_peer,
+    network,
+    pack_peer,
+    unpack_peer,
+)
 
 
 @dataclass(eq=False)

@@ -28,11 +28,11 @@ from conftest import (
     wait_until,
 )
 
-from mpd import log as logmod
-from mpd import routing
-from mpd.broker import Broker
-from mpd.channel import Channel, Kind, Message, close_fds
-from mpd.slots import Slots, WorkerProc
+from mpd.logs import log as logmod
+from mpd.master.broker import Broker
+from mpd.master.slots import Slots, WorkerProc
+from mpd.wire import routing
+from mpd.wire.channel import Channel, Kind, Message, close_fds
 
 # --- rendezvous hashing ---------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from conftest import (
     wait_until,
 )
 
-from mpd.protocols.ping import MAX_FRAME
+from mpd.apps.ping import MAX_FRAME
 
 CLOSED = (ConnectionResetError, BrokenPipeError)
 

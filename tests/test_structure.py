@@ -57,7 +57,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_circle_in_mpd():
     graph = import_graph()
-    assert "mpd.master" in graph and "mpd.broker" in graph["mpd.master"]  # it reads imports
+    assert "mpd.master.broker" in graph["mpd.master.master"]  # it reads imports
     assert cycles(graph) == []
 
 
@@ -91,7 +91,7 @@ def test_a_worker_has_at_most_30_attributes():
     `self.x` on the worker's hot path costs more (35 attributes: a ping cost 3% more)."""
     names: set[str] = set()
     for module in WORKER_MODULES:
-        tree = ast.parse((PACKAGE / module).read_text())
+        tree = ast.parse((PACKAGE / "worker" / module).read_text())
         for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)
                     and n.name in ("Worker", "Serving", "Handover", "Orders", "Upkeep",
                                    "ProxyPhase")):

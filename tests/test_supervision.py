@@ -30,8 +30,8 @@ from conftest import (
     wait_until,
 )
 
-from mpd.procfs import zombies_of
-from mpd.slots import FLOOR_WAIT, Slots, WorkerProc
+from mpd.master.slots import FLOOR_WAIT, Slots, WorkerProc
+from mpd.system.procfs import zombies_of
 
 
 def ts(event: dict) -> float:

@@ -206,14 +206,14 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     (the memfd), restore() into another; every fd is the same open socket after."""
     import selectors as selectors_mod
 
-    from mpd import config as configmod
-    from mpd import state as statemod
-    from mpd.agent import AgentServer, open_socket
-    from mpd.broker import HeldClient
-    from mpd.channel import Channel
-    from mpd.control import ControlServer
-    from mpd.master import Master
-    from mpd.slots import WorkerProc
+    from mpd.config import schema as configmod
+    from mpd.master import state as statemod
+    from mpd.master.broker import HeldClient
+    from mpd.master.master import Master
+    from mpd.master.slots import WorkerProc
+    from mpd.ops.agent import AgentServer, open_socket
+    from mpd.ops.control import ControlServer
+    from mpd.wire.channel import Channel
 
     config = configmod.parse("[workers]\nworkers = 2\n", str(tmp_path / "mpd.toml"))
     listener = socket.create_server(("127.0.0.1", 0))

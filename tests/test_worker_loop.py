@@ -17,13 +17,13 @@ from typing import Any, Callable
 import pytest
 from conftest import M_PING, REPLY, key_frame, keys_owned_by, recv_exact
 
-from mpd import config as configmod
-from mpd import log as logmod
-from mpd.channel import Channel, ChannelClosed, Kind, Message, close_fds
-from mpd.link import MasterLink
-from mpd.protocols.ping import REFUSAL, PingProtocol
-from mpd.upkeep import UPKEEP_EVERY
-from mpd.worker import EXIT_OK, Worker
+from mpd.apps.ping import REFUSAL, PingProtocol
+from mpd.config import schema as configmod
+from mpd.logs import log as logmod
+from mpd.wire.channel import Channel, ChannelClosed, Kind, Message, close_fds
+from mpd.worker.link import MasterLink
+from mpd.worker.upkeep import UPKEEP_EVERY
+from mpd.worker.worker import EXIT_OK, Worker
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
            signal.SIGTTOU)

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
     # another worktree, say); it imports nothing beyond the standard library.
     sys.path.insert(1, str(ROOT))
 
-from mpd import procfs as procfs  # noqa: E402 - re-exported: the driver's /proc helpers
+from mpd.system import procfs as procfs  # noqa: E402 - re-exported: the driver's /proc helpers
 
 T0 = time.monotonic()
 ALL_CPUS = sorted(os.sched_getaffinity(0))  # before the driver moves off the pinned CPU

@@ -25,8 +25,10 @@ HEARTBEAT_SETTLE = 1.3  # seconds: a worker's heartbeat interval, and some
 def run_as(tree: Path) -> str:
     """`user = "root"` when run as root and the tree knows server.user: mpd refuses a root
     start without it, and older trees (ab.py) would refuse the unknown key."""
-    if os.geteuid() != 0 or "Key(\"server\", \"user\"" not in (
-            tree / "mpd" / "config.py").read_text():
+    schema = tree / "mpd" / "config" / "schema.py"  # mpd/config.py before the subpackages
+    if not schema.exists():
+        schema = tree / "mpd" / "config.py"
+    if os.geteuid() != 0 or "Key(\"server\", \"user\"" not in schema.read_text():
         return ""
     return "user = \"root\"\n"
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from mpd import log as logmod  # noqa: E402
-from mpd import systemd  # noqa: E402
+from mpd.logs import log as logmod  # noqa: E402
+from mpd.system import systemd  # noqa: E402
 
 NUMBER = 200_000
 FIELDS = {"key": 123456789, "from_slot": 0, "from_pid": 4242, "to_slot": 1, "to_pid": 4343,

@@ -15,7 +15,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from mpd import latency, metrics, tally  # noqa: E402
+from mpd.master import tally  # noqa: E402
+from mpd.ops import metrics  # noqa: E402
+from mpd.wire import latency  # noqa: E402
 
 
 def best_of(fn: Any, number: int, repeat: int = 5) -> float:

@@ -1,5 +1,5 @@
 """The ping protocol's framing for the Python baselines that speak it in full (the raw-fd
-floor and the asyncio servers), as mpd/protocols/ping.py defines it: `C` + a 4-byte key
+floor and the asyncio servers), as mpd/apps/ping.py defines it: `C` + a 4-byte key
 binds a connection (no reply; its bytes may hold NULs), any other frame runs up to a NUL
 and gets REPLY. A frame may arrive in pieces, so a connection carries a state between
 reads. Standard library only (nothing at all, in fact): each baseline imports it as a

@@ -1,0 +1,1 @@
+"""The configuration: its schema (one table), the checks of its values, reload."""

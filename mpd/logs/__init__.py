@@ -1,0 +1,1 @@
+"""Structured logs that never stall a loop."""

@@ -1,0 +1,1 @@
+"""The master process: supervision, routing of hand-offs, upgrade in place."""

@@ -1,0 +1,60 @@
+"""Forking a worker: a channel pair, fork(), and in the child PR_SET_PDEATHSIG then the
+worker loop. The child never returns into the master's code, whatever happens in it."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+from typing import Callable
+
+from mpd.config.schema import Config
+from mpd.logs import log as logmod
+from mpd.system import proctitle
+from mpd.wire.channel import Channel
+from mpd.worker.worker import EXIT_BOOT_ERROR, run_worker
+
+PR_SET_PDEATHSIG = 1
+
+log = logmod.get_logger()
+
+
+def fork_worker(slot: int, config: Config, listener: socket.socket, table: tuple[int, ...],
+                forget_master: Callable[[], None]) -> tuple[int, Channel]:
+    """Start a worker for `slot`: its pid and the master's end of its channel. In the
+    child, `forget_master` first drops what is the master's (its signal handlers, selector,
+    the other workers' channels, held clients). Raises OSError (EAGAIN, ENOMEM, EMFILE)
+    with nothing left open."""
+    master_end, worker_end = Channel.pair()
+    try:
+        pid = os.fork()
+    except OSError:
+        master_end.close()
+        worker_end.close()
+        raise
+    if pid == 0:
+        code = EXIT_BOOT_ERROR
+        try:
+            master_end.close()
+            code = become_worker(slot, config, listener, worker_end, table, forget_master)
+        except BaseException as e:  # noqa: BLE001 - anything here must end the child
+            log.exception("worker.crashed", error=repr(e))
+        finally:
+            os._exit(code)
+    worker_end.close()
+    return pid, Channel(master_end, f"slot {slot}")
+
+
+def become_worker(slot: int, config: Config, listener: socket.socket, channel: socket.socket,
+                  table: tuple[int, ...], forget_master: Callable[[], None]) -> int:
+    """In the forked child: die with the master, drop its state, run the worker loop."""
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the master died between fork and prctl
+        return EXIT_BOOT_ERROR
+    logmod.set_role("worker", slot)
+    proctitle.worker(slot)
+    forget_master()
+    return run_worker(config, listener, channel, slot, table)

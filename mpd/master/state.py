@@ -1,0 +1,156 @@
+"""The master's state across an upgrade's exec, both ways: what the old master writes
+(capture) and what the new one takes back (restore). One module knows the layout, which
+carries STATE_VERSION (upgrade.py) so that a master can tell state it cannot read.
+
+Every fd named here stays open across the exec: the listening socket, the control
+socket, the agent-check socket, the metrics socket, each worker's channel (with what is
+still queued on it, and the channel version its worker speaks) and each held client. State
+written by a release before these existed lacks them: then the workers speak channel
+version 1, the new master opens the agent and metrics sockets itself (cli.resume), and
+the totals of reaped workers (tally.py) start from zero."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import socket
+import time
+from typing import Any, Protocol
+
+from mpd import __version__
+from mpd.config.schema import Config
+from mpd.master.broker import Broker, HeldClient
+from mpd.master.slots import SlotHistory, Slots, WorkerProc
+from mpd.master.tally import Tally
+from mpd.ops.agent import AgentServer
+from mpd.ops.control import ControlServer
+from mpd.ops.observers import Observers
+from mpd.wire.channel import Channel
+
+STATE_VERSION = 1  # the layout below; a master refuses to exec code that cannot read it
+
+
+class Master(Protocol):
+    """What of the master its state is made of."""
+    config: Config
+    listener: socket.socket
+    control: ControlServer | None
+    agent: AgentServer | None
+    slots: Slots
+    broker: Broker
+    generation: int
+    started: float
+    port: int
+    pidfile: str | None
+    listener_shared: bool
+    observers: Observers
+    tally: Tally
+
+
+def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
+    """The state and the fds it names (to keep open across the exec)."""
+    assert master.control is not None  # single-process mode does not upgrade in place
+    fds = [master.listener.fileno(), master.control.sock.fileno()]
+    workers = []
+    for w in master.slots.workers.values():
+        fds.append(w.channel.fileno())
+        queued = [{"data": _b64(data), "fds": list(qfds)} for data, qfds in w.channel.queue]
+        fds += [fd for item in queued for fd in item["fds"]]
+        workers.append({"pid": w.pid, "slot": w.slot, "channel_fd": w.channel.fileno(),
+                        "state": w.state, "started": w.started, "stats": w.stats,
+                        "generation": w.generation, "version": w.version,
+                        "config_generation": w.config_generation, "latency": w.latency,
+                        "channel_version": w.channel.version,
+                        "serving": master.slots.serving.get(w.slot) is w, "queued": queued})
+    held = [{"fd": h.fd, "meta": h.meta, "raw": _b64(h.raw), "since": h.since}
+            for h in master.broker.held]
+    fds += [h.fd for h in master.broker.held]
+    agent_fd = master.agent.sock.fileno() if master.agent is not None else None
+    metrics_fd = master.observers.sock.fileno() if master.observers.sock is not None else None
+    fds += [fd for fd in (agent_fd, metrics_fd) if fd is not None]
+    state = {
+        "state_version": STATE_VERSION, "from_version": __version__,
+        "generation": master.generation, "started": master.started, "port": master.port,
+        "config": {k: v for k, v in dataclasses.asdict(master.config).items()},
+        "listener_fd": master.listener.fileno(), "control_fd": master.control.sock.fileno(),
+        "agent_fd": agent_fd, "metrics_fd": metrics_fd, "tally": master.tally.dump(),
+        "table": master.slots.target, "workers": workers, "held": held,
+        "retired_restarts": master.slots.retired_restarts,
+        "history": {str(slot): dataclasses.asdict(h) for slot, h in master.slots.history.items()},
+        "pidfile": master.pidfile, "listener_shared": master.listener_shared,
+    }
+    return state, fds
+
+
+def config_of(state: dict[str, Any]) -> Config:
+    """The running config, as the old master had it (an upgrade changes code, not config:
+    a reload reads the file). Fields this code does not know are left out; new ones take
+    their defaults."""
+    known = {f.name: f for f in dataclasses.fields(Config)}
+    values = {k: _tuples(v) for k, v in state["config"].items() if k in known}
+    return Config(**values)
+
+
+def _tuples(value: Any) -> Any:
+    """JSON's lists back to the tuples a Config holds (allow_uids, overrides)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def sockets_of(state: dict[str, Any]) -> tuple[socket.socket, socket.socket]:
+    """The inherited listening socket and control socket."""
+    listener = socket.socket(fileno=state["listener_fd"])
+    control = socket.socket(fileno=state["control_fd"])
+    for sock in (listener, control):
+        sock.set_inheritable(False)
+        sock.setblocking(False)
+    return listener, control
+
+
+def agent_socket_of(state: dict[str, Any]) -> socket.socket | None:
+    """The inherited agent-check socket; None when the old master had none."""
+    return inherited_socket(state, "agent_fd")
+
+
+def inherited_socket(state: dict[str, Any], name: str) -> socket.socket | None:
+    """An inherited listening socket (agent_fd, metrics_fd); None when the old master had
+    none (or was of a release without it)."""
+    if state.get(name) is None:
+        return None
+    sock = socket.socket(fileno=state[name])
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    return sock
+
+
+def restore(master: Master, state: dict[str, Any]) -> None:
+    """Put the old master's workers, histories and held clients into this master."""
+    master.generation = state["generation"] + 1  # this code is the next generation
+    master.started = state["started"]
+    master.pidfile = state.get("pidfile")
+    master.tally.restore(state.get("tally"))  # none from a release without metrics
+    master.slots.resize(state["table"])
+    master.slots.retired_restarts = state.get("retired_restarts", 0)
+    now = time.monotonic()
+    known = {f.name for f in dataclasses.fields(SlotHistory)}  # an older master's too
+    for slot, history in state["history"].items():
+        master.slots.history[int(slot)] = SlotHistory(
+            **{k: v for k, v in history.items() if k in known})
+    for w in state["workers"]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, w["channel_fd"])
+        sock.set_inheritable(False)
+        channel = Channel(sock, f"slot {w['slot']}", w.get("channel_version", 1))
+        for item in w["queued"]:
+            channel.queue.append((base64.b64decode(item["data"]), item["fds"]))
+        worker = WorkerProc(slot=w["slot"], pid=w["pid"], channel=channel,
+                            started=w["started"], last_seen=now, state=w["state"],
+                            stats=w["stats"], generation=w["generation"], version=w["version"],
+                            config_generation=w.get("config_generation", 1))
+        master.tally.heard_before(worker, w.get("latency"))
+        master.slots.add(worker, serving=w["serving"])
+    for h in state["held"]:
+        master.broker.held.append(HeldClient(h["meta"], base64.b64decode(h["raw"]), h["fd"],
+                                             h["since"]))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()

@@ -1,0 +1,1 @@
+"""Operator interfaces: the control socket, mpdctl's commands, metrics, the agent."""

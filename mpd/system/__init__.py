@@ -1,0 +1,1 @@
+"""The operating system's side: systemd, signals, privileges, sockets, /proc."""

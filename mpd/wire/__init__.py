@@ -1,0 +1,1 @@
+"""The wire between master and workers: the channel, its messages, routing."""

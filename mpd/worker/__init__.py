@@ -1,0 +1,1 @@
+"""A worker process: its epoll loop and the parts that serve clients."""
