@@ -291,7 +291,7 @@ def keys_owned_by(slot: int, slots: tuple[int, ...], count: int, seed: int = 1) 
     keys: list[int] = []
     while len(keys) < count:
         key = rng.randint(-2**31, 2**31 - 1)
-        if routing.owner(key, slots) == slot:
+        if routing.owner(routing.key_hash(key), slots) == slot:
             keys.append(key)
     return keys
 

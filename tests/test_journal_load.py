@@ -22,7 +22,8 @@ REKEY = f"""
 import multiprocessing, socket, struct, sys, time
 from mpd.wire import routing
 port, seconds, procs = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-keys = [next(k for k in range(10**6) if routing.owner(k, (0, 1)) == s) for s in (0, 1)]
+keys = [next(k for k in range(10**6) if routing.owner(routing.key_hash(k), (0, 1)) == s)
+        for s in (0, 1)]
 frames = [b"C" + struct.pack("<i", k) + {M_PING!r} for k in keys]
 def run(total):
     s = socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -1,11 +1,21 @@
-"""Client protocols, by the name `server.protocol` gives in the config. The worker loop
-knows only their interface (base.py): bytes in, replies out, an optional routing key."""
+"""Applications on mpd: the interface an application is written against (interface.py),
+how `server.protocol` finds one (loader.py), and the applications mpd ships: ping (the
+seed's protocol), rooms (a chat) and relay (a stream's publisher and its players).
+
+    from mpd.apps import Application, Group, Protocol, ProtocolError
+"""
 
 from __future__ import annotations
 
-from mpd.apps.base import ClientProtocol, ProtocolError
-from mpd.apps.ping import PingProtocol
+from mpd.apps.interface import (
+    Application,
+    Group,
+    Protocol,
+    ProtocolError,
+    StatelessFrame,
+    Timer,
+    Transport,
+)
 
-PROTOCOLS: dict[str, ClientProtocol] = {"ping": PingProtocol()}
-
-__all__ = ["PROTOCOLS", "ClientProtocol", "ProtocolError"]
+__all__ = ["Application", "Group", "Protocol", "ProtocolError", "StatelessFrame", "Timer",
+           "Transport"]

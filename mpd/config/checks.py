@@ -162,8 +162,9 @@ def user(v: Any) -> str:
 
 
 def protocol(v: Any) -> str:
-    from mpd.apps import PROTOCOLS
-
-    if v not in PROTOCOLS:
-        raise ValueError("one of " + ", ".join(f'"{p}"' for p in sorted(PROTOCOLS)))
+    """An application's name: built-in, an entry point's, or package.module:factory (the
+    config's check loads it: schema.application())."""
+    if not isinstance(v, str) or not v.strip() or any(c.isspace() for c in v):
+        raise ValueError('an application: "ping", "rooms", "relay", an entry point\'s name, '
+                         'or "package.module:factory"')
     return v

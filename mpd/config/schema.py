@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from mpd.apps import loader
+from mpd.apps.interface import Application
 from mpd.config import checks
 from mpd.config.tomllines import key_line
 
@@ -51,13 +53,17 @@ def default_socket_path() -> str:
 
 
 # Settings a reload may change in running workers (the master sends them in CONFIG).
-LIVE_SETTINGS = ("max_clients", "max_output_buffer", "idle_timeout", "first_frame_timeout",
+LIVE_SETTINGS = ("max_clients", "max_output_buffer", "max_group_state", "idle_timeout",
+                 "first_frame_timeout",
                  "graceful_timeout", "log_level", "log_format", "log_target", "log_file",
                  "log_buffer", "proxy_from", "proxy_timeout")
 # Settings bound to the listening socket or the control socket: changing them needs a restart.
-RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "user", "group", "socket", "mode",
-                    "allow_group", "pidfile", "proxy_protocol", "agent_listen",
+RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "app", "user", "group", "socket",
+                    "mode", "allow_group", "pidfile", "proxy_protocol", "agent_listen",
                     "metrics_listen")
+APP_SECTION = "app"  # free-form: the application's options, passed to its factory
+APP_DOC = ("The application's own options (any keys), given to its factory as keyword\n"
+           "arguments; the application says what it takes. A restart applies a change.")
 PREFIXED_SECTIONS = ("log", "agent", "metrics")  # their keys are Config fields named section_key
 
 
@@ -96,7 +102,9 @@ SCHEMA: tuple[Key, ...] = (
     Key("server", "backlog", 1024, checks.int_range(1, 65535),
         "listen(2) backlog: connections the kernel queues before a worker accepts them."),
     Key("server", "protocol", "ping", checks.protocol,
-        "Client protocol module spoken by the workers (see mpd/protocols)."),
+        "The application the workers serve: \"ping\" (the seed's), \"rooms\" (a chat),\n"
+        "\"relay\" (one publisher, many players), the name of an entry point in the group\n"
+        "mpd.protocols, or \"package.module:factory\". Its options are the [app] table."),
     Key("server", "user", "", checks.user,
         "The user mpd runs as once its sockets and files are open, when started as root\n"
         "(master and workers alike). \"\" = stay as started, but a start as root is then\n"
@@ -128,6 +136,11 @@ SCHEMA: tuple[Key, ...] = (
     Key("workers", "max_output_buffer", 262144, checks.int_range(1024, 1 << 30),
         "Bytes of replies a worker holds for a client that does not read; past it the client\n"
         "is closed (client.overflow), so a stuck client never blocks the others."),
+    Key("workers", "max_group_state", 16 * 1024 * 1024, checks.int_range(0, 1 << 31),
+        "Bytes of state a key group may export (the group's and its members' together)\n"
+        "when it moves to another worker; a bigger one is refused (group.move_failed,\n"
+        "naming the key) and the group stays where it is.",
+        toml_default="16777216"),
     Key("workers", "idle_timeout", 300.0, checks.float_range(0, 86400),
         "Seconds a client may go without sending a whole frame or taking any of its replies\n"
         "before it is closed (client.timed_out); 0 = never. A client that half-closed (sent\n"
@@ -216,6 +229,7 @@ class Config:
     max_workers: int = 64
     max_clients: int | str = "auto"
     max_output_buffer: int = 262144
+    max_group_state: int = 16 * 1024 * 1024
     idle_timeout: float = 300.0
     first_frame_timeout: float = 10.0
     autoscale: bool = False
@@ -236,6 +250,7 @@ class Config:
     agent_listen: str = ""
     agent_drain_delay: float = 3.0
     metrics_listen: str = ""
+    app: tuple[tuple[str, Any], ...] = ()  # the [app] table: the application's options
     path: str | None = None  # the file it came from; None = embedded defaults
     generation: int = 1  # the config's number: one more with each reload the master applies
     # Settings from the command line (mpd --log-format, --daemon): they win over the
@@ -296,6 +311,9 @@ def parse(text: str, path: str) -> Config:
         by_section.setdefault(key.section, {})[key.name] = key
     values: dict[str, Any] = {}
     for section, table in data.items():
+        if section == APP_SECTION and isinstance(table, dict):
+            values["app"] = tuple(table.items())  # the application checks its own options
+            continue
         if section not in by_section:
             expected = ", ".join(f"[{s}]" for s in by_section)
             raise ConfigError(path, f"unknown section; expected one of {expected}",
@@ -356,6 +374,23 @@ def _check_proxy_and_ports(config: Config, text: str, path: str) -> None:
         taken[f"{section}.listen"] = (host, port)
 
 
+def application(config: Config) -> Application:
+    """The application server.protocol names, made with the [app] options; a ConfigError
+    in one line (file, line, key, why) when it cannot be."""
+    try:
+        return loader.load(config.protocol, dict(config.app))
+    except loader.AppError as e:
+        line = None
+        if config.path is not None:
+            try:
+                with open(config.path, encoding="utf-8") as f:
+                    line = key_line(f.read(), "server", "protocol")
+            except OSError:
+                pass
+        raise ConfigError(config.path or "(embedded defaults)", f"cannot load the "
+                          f"application: {e}", line=line, key="server.protocol") from None
+
+
 def load(path: str | None) -> Config:
     """The config from `path`, or the embedded defaults when path is None."""
     if path is None:
@@ -412,6 +447,8 @@ def render(config: Config | None = None) -> str:
             out += ["", f"[{section}]"]
         out += [f"# {line}" for line in key.doc.splitlines()]
         out.append(f"{key.name} = {_toml_value(key, getattr(config, key.attr))}")
+    out += ["", f"[{APP_SECTION}]", *(f"# {line}" for line in APP_DOC.splitlines())]
+    out += [f"{name} = {_toml_value(SCHEMA[0], value)}" for name, value in config.app]
     return "\n".join(out) + "\n"
 
 
@@ -421,6 +458,7 @@ def markdown() -> str:
     for key in SCHEMA:
         default = _toml_value(key, key.default)
         rows.append(f"| `{key.dotted}` | `{default}` | {' '.join(key.doc.splitlines())} |")
+    rows.append(f"| `[{APP_SECTION}]` | | {' '.join(APP_DOC.splitlines())} |")
     return "\n".join(rows) + "\n"
 
 

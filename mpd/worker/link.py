@@ -1,13 +1,15 @@
 """How a worker talks to its master. Under a master, a MasterLink over the worker's
-channel: HELLO, heartbeats (STATS) and HANDOFF out; ADOPT, ROUTES, CONFIG, DRAIN and STOP
-in. In single-process mode (`workers = 0`) there is no master: a StandaloneLink takes the
-master's part of the signals (reload on SIGHUP) and the worker serves every key itself.
-The worker loop is the same in both modes; only the link differs."""
+channel: HELLO, heartbeats (STATS), HANDOFF, and a group's move out; the master's
+messages in. In single-process mode (`workers = 0`) there is no master: a StandaloneLink
+takes the master's part of the signals (reload on SIGHUP, reopen on SIGUSR1), and the
+worker serves every key itself. The worker loop is the same in both modes; only the
+link differs."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 from typing import Any, Protocol, Union
@@ -18,14 +20,16 @@ from mpd.config.reloading import reload_config
 from mpd.logs import log as logmod
 from mpd.system.signals import SignalQueue
 from mpd.system.systemd import Notifier
-from mpd.wire.channel import Channel, ChannelClosed, Kind, Message
+from mpd.wire.channel import Channel, ChannelClosed
 from mpd.wire.latency import Histogram
+from mpd.wire.messages import Hello, Message, Stats
 
 log = logmod.get_logger()
 
 HEARTBEAT = 1.0  # seconds between STATS messages (the master's liveness check)
 FINAL_FLUSH = 1.0  # seconds a stopping worker may block to get its last STATS out
 INF = float("inf")
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
 
 
 class Worker(Protocol):
@@ -36,7 +40,9 @@ class Worker(Protocol):
 
     def quit(self) -> None: ...
 
-    def apply(self, settings: dict[str, Any]) -> None: ...
+    def reconfigure(self, settings: dict[str, Any]) -> None: ...
+
+    def reopen_logs(self) -> None: ...
 
 
 class MasterLink:
@@ -45,19 +51,21 @@ class MasterLink:
     def __init__(self, sock: socket.socket):
         self.channel = Channel(sock, "master")
         self.latency = Histogram()  # of the hand-offs adopted, sent with each heartbeat
+        self.epoll: Any = None
+        self.writable_wanted = False  # the channel is in epoll for OUT too
 
     def fileno(self) -> int:
         return self.channel.fileno()
+
+    def boot(self, epoll: Any) -> None:
+        self.epoll = epoll
+        epoll.register(self.fileno(), IN)
 
     def signals(self, worker: Worker) -> SignalQueue:
         # The master coordinates INT (Ctrl-C hits the whole process group), HUP, TTIN, TTOU.
         return SignalQueue({signal.SIGTERM: worker.stop, signal.SIGQUIT: worker.quit},
                            ignore=[signal.SIGINT, signal.SIGHUP, signal.SIGTTIN,
-                                   signal.SIGTTOU, signal.SIGUSR2])
-
-    @property
-    def wants_write(self) -> bool:
-        return self.channel.wants_write
+                                   signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2])
 
     @property
     def lost(self) -> int:
@@ -69,32 +77,48 @@ class MasterLink:
         """Messages waiting to be sent (each HANDOFF holds its client's fd until then)."""
         return len(self.channel.queue)
 
-    def hello(self, slot: int | None) -> None:
-        self.channel.send(Kind.HELLO, {"slot": slot, "pid": os.getpid(), "version": __version__})
+    @property
+    def wants_write(self) -> bool:
+        return self.channel.wants_write
 
-    def report(self, counters: dict[str, int]) -> None:
-        """The heartbeat: counters to the master. Raises ChannelClosed."""
-        self.channel.send(Kind.STATS, self.stats(counters))
+    def hello(self, slot: int | None, state_version: int) -> None:
+        self.channel.send(Hello(slot=slot, pid=os.getpid(), version=__version__,
+                                state_version=state_version))
 
-    def stats(self, counters: dict[str, int]) -> dict[str, object]:
-        return {**counters, "log_dropped": logmod.dropped_total(), **self.latency.report()}
+    def report(self, values: dict[str, Any]) -> None:
+        """The heartbeat. Raises ChannelClosed."""
+        self.channel.send(Stats(values=self.stats(values)))
+        self.watch()
 
-    def hand_off(self, meta: dict[str, Any], raw: bytes, fd: int) -> None:
-        """HANDOFF the client's fd; the channel owns it from here. Raises ValueError or
-        ChannelClosed, and the fd stays the caller's then."""
-        self.channel.send(Kind.HANDOFF, meta, raw, [fd])
+    def stats(self, values: dict[str, Any]) -> dict[str, Any]:
+        return {**values, "log_dropped": logmod.dropped_total(),
+                "latency": self.latency.report()}
+
+    def send(self, message: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
+        """Send (or queue) a message; the channel owns `fds` once this returns. Raises
+        ValueError or ChannelClosed, and the fds stay the caller's then."""
+        self.channel.send(message, fds)
+
+    def watch(self) -> None:
+        """Wait for the channel to be writable only while something is queued for it."""
+        wanted = self.channel.wants_write
+        if wanted != self.writable_wanted and self.epoll is not None:
+            self.writable_wanted = wanted
+            self.epoll.modify(self.fileno(), IN | OUT if wanted else IN)
 
     def receive(self, writable: bool, limit: int) -> list[Message]:
         """Flush what is queued when writable, then take up to `limit` messages that
         arrived. Raises ChannelClosed when the master is gone."""
         if writable:
             self.channel.flush()
-        return self.channel.receive(limit)
+        messages = self.channel.receive(limit)
+        self.watch()
+        return messages
 
-    def close(self, counters: dict[str, int]) -> None:
+    def close(self, values: dict[str, Any]) -> None:
         """The last STATS, bounded: the master counts what this worker did to the end."""
-        with contextlib.suppress(ChannelClosed, OSError):
-            self.channel.send(Kind.STATS, self.stats(counters))
+        with contextlib.suppress(ChannelClosed, OSError, ValueError):
+            self.channel.send(Stats(values=self.stats(values)))
             self.channel.sock.setblocking(True)
             self.channel.sock.settimeout(FINAL_FLUSH)
             self.channel.flush()
@@ -113,10 +137,14 @@ class StandaloneLink:
     def fileno(self) -> int:
         return -1
 
+    def boot(self, _epoll: Any) -> None:
+        pass
+
     def signals(self, worker: Worker) -> SignalQueue:
         return SignalQueue({signal.SIGTERM: worker.stop, signal.SIGINT: worker.stop,
                             signal.SIGQUIT: worker.quit,
                             signal.SIGHUP: lambda: self.reload(worker),
+                            signal.SIGUSR1: worker.reopen_logs,
                             signal.SIGUSR2: self.refuse_upgrade})
 
     @staticmethod
@@ -130,24 +158,27 @@ class StandaloneLink:
         self.notifier.reloading()
         new = reload_config(worker.config)
         if not isinstance(new, str):
-            worker.apply(configmod.live_settings(new))
+            worker.reconfigure(configmod.live_settings(new))
         self.notifier.ready("serving")
 
-    def hello(self, _slot: int | None) -> None:
+    def hello(self, _slot: int | None, _state_version: int) -> None:
         """The loop serves, its signal handlers in place: only now may a signal come."""
         log.info("mpd.ready", workers=0)
         self.notifier.ready("serving")
 
-    def report(self, _counters: dict[str, int]) -> None:
+    def report(self, _values: dict[str, Any]) -> None:
         pass
 
-    def hand_off(self, _meta: dict[str, Any], _raw: bytes, _fd: int) -> None:
-        raise ChannelClosed("single-process mode has no master to hand off to")
+    def send(self, _message: Message, _fds: list[int] | tuple[int, ...] = ()) -> None:
+        raise ChannelClosed("single-process mode has no master to send to")
+
+    def watch(self) -> None:
+        pass
 
     def receive(self, _writable: bool, _limit: int) -> list[Message]:
         return []
 
-    def close(self, _counters: dict[str, int]) -> None:
+    def close(self, _values: dict[str, Any]) -> None:
         self.notifier.stopping()
         self.notifier.close()
 

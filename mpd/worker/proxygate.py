@@ -1,7 +1,7 @@
 """The worker's side of `server.proxy_protocol`: who may send a PROXY header (the
 addresses in `server.proxy_from`), how long it may take (`server.proxy_timeout`), the log
-line and counter for every client turned away, and the real client's address packed into
-a fixed 19 bytes so a hand-off can carry it. Parsing the header is mpd.proxy's job.
+line and counter for every client turned away. Parsing the header is proxy.py's job; the
+real client's address rides hand-offs in wire/peer.py's layout.
 
 The gate holds no sockets: the worker keeps a connection's bytes in its own buffer until
 proxy.parse() has a header, and closes what the gate says to reject."""
@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import socket
-import struct
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from mpd.logs import log as logmod
+from mpd.wire.peer import format_peer
 from mpd.worker.proxy import Address, ProxyError, ProxyHeader, network
-
-# The real client's address in a HANDOFF/ADOPT meta: family (0 = none, 4, 6), the packed
-# address (IPv4 in the first 4 bytes), the port.
-PEER = struct.Struct("!B16sH")
-NO_PEER = PEER.pack(0, b"", 0)
 
 log = logmod.get_logger()
 
@@ -116,35 +110,3 @@ class ProxyGate:
         self.rejected += 1
         log.warning("client.proxy_rejected", fd=fd, peer=format_peer(peer), reason=reason,
                     error=error)
-
-
-def format_peer(peer: Any) -> str | None:
-    """host:port, [v6host]:port; None stays None."""
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = str(peer[0])
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-    return None if peer is None else str(peer)
-
-
-def pack_peer(peer: Address | None) -> bytes:
-    """The fixed PEER bytes for (host, port), or for None."""
-    if peer is None:
-        return NO_PEER
-    host, port = peer
-    if ":" in host:
-        return PEER.pack(6, socket.inet_pton(socket.AF_INET6, host), port)
-    return PEER.pack(4, socket.inet_pton(socket.AF_INET, host), port)
-
-
-def unpack_peer(data: bytes) -> Address | None:
-    """Inverse of pack_peer(); raises ValueError on bytes it cannot have made."""
-    if len(data) != PEER.size:
-        raise ValueError(f"peer of {len(data)} bytes, expected {PEER.size}")
-    family, packed, port = PEER.unpack(data)
-    if family == 0:
-        return None
-    if family == 4:
-        return socket.inet_ntop(socket.AF_INET, packed[:4]), port
-    if family == 6:
-        return str(ipaddress.IPv6Address(packed)), port
-    raise ValueError(f"peer with family {family}; expected 0, 4 or 6")

@@ -1,85 +1,114 @@
 """A worker: one level-triggered epoll loop over the shared listening socket, its link to
-the master, its clients and its signals. It knows the client protocol only through the
-ClientProtocol interface, and its master only through the link (link.py): under a master
-a channel, in single-process mode (`workers = 0`) a stand-in, with the same loop."""
+the master, its clients and its signals, and the parts it owns:
+
+    clients   the client table: a connection comes and goes, is read and written
+    acceptor  taking new clients (pauses, batches, the fd limit)
+    proxy     server.proxy_protocol's header phase (None without it)
+    handoff   a client joining a key: here, or handed to the key's worker; adopting one
+    groups    the key groups whose members are here
+    moves     a whole group leaving for another worker, or arriving
+    timers    the application's call_later()
+    timeouts  first-frame and idle timeouts
+
+The loop answers the common case itself: a readable client with nothing pending whose
+read is one stateless frame (the application's offer: ping's). Everything else goes to
+the client table. What the master says comes through the link (link.py), each message
+to its reaction by one table; under a master the link is a channel, in single-process
+mode (`workers = 0`) a stand-in, with the same loop."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import select
 import socket
 import time
 from typing import Any, Callable
 
-from mpd.apps import PROTOCOLS
-from mpd.config.schema import Config
+from mpd.apps.interface import STOP, Application
+from mpd.config import schema as configmod
+from mpd.config.schema import Config, ConfigError
 from mpd.logs import log as logmod
-from mpd.system import tcp
 from mpd.system import testhooks as hooks
-from mpd.wire.channel import Kind, Message
-from mpd.worker.connection import WAITING, Connection
-from mpd.worker.handoff import Handover
+from mpd.wire import messages as msg
+from mpd.wire.channel import ChannelClosed, close_fds
+from mpd.wire.exits import EXIT_BOOT_ERROR, EXIT_CRASH, EXIT_OK
+from mpd.wire.routing import Routes
+from mpd.worker.acceptor import Acceptor
+from mpd.worker.clients import RECV_SIZE, Clients
+from mpd.worker.connection import HEADER, LEAVING
+from mpd.worker.groups import Groups
+from mpd.worker.handoff import HandOff
 from mpd.worker.link import Link, MasterLink, StandaloneLink
-from mpd.worker.orders import EXIT_BOOT_ERROR, EXIT_CRASH, EXIT_OK, Orders
+from mpd.worker.moves import Moves
 from mpd.worker.proxyphase import ProxyPhase
-from mpd.worker.serving import RECV_SIZE, Serving
-from mpd.worker.upkeep import Upkeep
-
-ACCEPT_BATCH = 32  # accepts per wake-up, so a burst spreads over the workers
-ACCEPT_RETRY = 0.1  # seconds to pause accepting after EMFILE/ENFILE/ENOBUFS/ENOMEM
+from mpd.worker.timeouts import ROUND, Timeouts
+from mpd.worker.timers import Timers
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 INF = float("inf")
+NO_ROUTES = Routes(0, ())  # single-process mode: every key is ours
+LOG_DRAIN = 0.5  # seconds an exiting worker may wait for its last log lines
+# What a worker counts (its heartbeat carries them; the master keeps the totals).
+COUNTERS = ("accepted", "requests", "handoffs_out", "adopted", "spilled", "refused",
+            "protocol_errors", "overflows", "idle_timeouts", "first_frame_timeouts",
+            "proxy_rejected", "app_errors", "groups_made", "groups_moved_in",
+            "groups_moved_out", "moves_failed")
 
 log = logmod.get_logger()
 
-def run_worker(config: Config, listener: socket.socket, channel: socket.socket, slot: int,
-               slots: tuple[int, ...]) -> int:
+
+def run_worker(config: Config, app: Application, listener: socket.socket,
+               channel: socket.socket, slot: int, routes: Routes) -> int:
     """A forked worker's life, under its master."""
-    return Worker(config, listener, MasterLink(channel), slot, slots).run()
+    return Worker(config, app, listener, MasterLink(channel), slot, routes).run()
 
 
-def run_single(config: Config, listener: socket.socket) -> int:
+def run_single(config: Config, app: Application, listener: socket.socket) -> int:
     """Single-process mode: this process serves, with no master."""
-    return Worker(config, listener, StandaloneLink()).run()
+    return Worker(config, app, listener, StandaloneLink()).run()
 
 
-class Worker(Serving, Handover, Orders, Upkeep, ProxyPhase):
-    def __init__(self, config: Config, listener: socket.socket, link: Link,
-                 slot: int | None = None, slots: tuple[int, ...] = ()):
+class Worker:
+    def __init__(self, config: Config, app: Application, listener: socket.socket, link: Link,
+                 slot: int | None = None, routes: Routes = NO_ROUTES):
         self.config = config
-        self.slots = slots  # the slot table: who owns which key (ROUTES updates it)
-        self.listener = listener
+        self.app = app
         self.link = link
         self.slot = slot
-        self.protocol = PROTOCOLS[config.protocol]
-        # The listener's family and type as ints: the properties convert to enums per call.
-        self.family, self.kind = int(listener.family), int(listener.type)
-        self.pid = os.getpid()
-        self.conns: dict[int, Connection] = {}
-        self.max_clients = config.clients_per_worker()  # and the fd limit: upkeep.py
-        self.accepting = False
-        self.listening = True  # our copy of the listening socket is open and listens
-        self.accept_retry_at = 0.0  # monotonic time to retry accepting after a shortage
-        self.stopping = False  # graceful: no new clients; close each at a frame boundary
-        self.draining = False  # retiring: hand every client to its new owner, then exit
-        self.stop_deadline = 0.0  # when stopping: close whatever is left at this time
+        self.stats: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        clients = self.clients = Clients(app, config.max_output_buffer, self.stats,
+                                         {"slot": slot, "pid": os.getpid()})
+        self.proxy = ProxyPhase(config, clients, self.stats) if config.proxy_protocol else None
+        self.acceptor = Acceptor(config, listener, clients)
+        self.handoff = HandOff(app, clients, link, self.stats, slot, routes,
+                               self.acceptor.family, self.acceptor.kind)
+        self.groups = Groups(app, clients, link, self.stats)
+        self.timers = Timers(clients, self.groups)
+        self.moves = Moves(config, app, clients, self.groups, self.timers, link, self.stats,
+                           self.acceptor.family, self.acceptor.kind)
+        self.timeouts = Timeouts(config, clients, self.stats)
+        clients.groups, clients.handoff, clients.acceptor = self.groups, self.handoff, \
+            self.acceptor
+        clients.timers, clients.proxy = self.timers, self.proxy
+        self.handoff.groups, self.handoff.acceptor = self.groups, self.acceptor
+        self.groups.timers = self.timers
+        self.timers.wake = self.wake
+        if self.proxy is not None:
+            self.proxy.handoff = self.handoff
+        self.acceptor.on_full = self.report
         self.running = True
+        self.stop_deadline = 0.0  # stopping: close whatever is left at this time
         self.next_heartbeat = 0.0
-        self.next_timer = 0.0  # the earliest of the times above: one check per turn
-        self.now = 0.0  # the loop's clock, read once a turn
-        self.link_writable_wanted = False  # the link's fd is in epoll for OUT too
-        self.debug = logmod.enabled("debug")
-        self.stats = {"accepted": 0, "requests": 0, "handoffs_out": 0, "adopted": 0,
-                      "spilled": 0, "refused": 0, "protocol_errors": 0, "overflows": 0}
-        self.init_upkeep()
-        self.init_proxy()  # server.proxy_protocol: the PROXY header phase (proxyphase.py)
+        self.next_round = 0.0
+        self.next_timer = 0.0  # the earliest of the times the loop looks at: one test a turn
         # What the master may tell us: one table, as nginx keeps one switch.
-        self.on_message_kind: dict[Kind, Callable[[Message], None]] = {
-            Kind.ADOPT: self.adopt, Kind.ROUTES: self.on_routes, Kind.CONFIG: self.on_config,
-            Kind.DRAIN: self.on_drain, Kind.STOP: lambda _message: self.stop()}
+        self.reactions: dict[int, Callable[[Any], None]] = {
+            msg.Kind.ADOPT: self.handoff.adopt, msg.Kind.ROUTES: self.on_routes,
+            msg.Kind.CONFIG: self.on_config, msg.Kind.RETIRE: self.retire,
+            msg.Kind.STOP: lambda _m: self.stop(),
+            msg.Kind.MOVE_OUT: self.moves.move_out, msg.Kind.MOVE_CHUNK: self.moves.chunk,
+            msg.Kind.MOVE_DONE: self.moves.done, msg.Kind.MOVE_ABORT: self.moves.abort,
+            msg.Kind.REOPEN_LOGS: lambda _m: self.reopen_logs()}
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -99,43 +128,44 @@ class Worker(Serving, Handover, Orders, Upkeep, ProxyPhase):
         return EXIT_OK
 
     def boot(self) -> None:
-        self.epoll = select.epoll()
+        self.epoll = self.clients.epoll = select.epoll()
         self.signals = self.link.signals(self)
         self.epoll.register(self.signals.fileno(), IN)
-        if self.link.fileno() >= 0:
-            self.epoll.register(self.link.fileno(), IN)
-        self.init_limits()  # and start accepting
-        self.link.hello(self.slot)
-        log.info("worker.serving", max_clients=self.max_clients)
+        self.link.boot(self.epoll)
+        self.acceptor.boot(self.epoll)  # and accept
+        self.link.hello(self.slot, self.app.state_version)
+        log.info("worker.serving", max_clients=self.acceptor.max_clients,
+                 protocol=self.app.name)
 
     def serve(self) -> None:
-        """The loop. Its common case is served right here, with locals: a client with nothing
-        pending whose read is one stateless frame; the rest in serving.py (README: design)."""
-        conns, poll, monotonic, stats = self.conns, self.epoll.poll, time.monotonic, self.stats
+        """The loop. Its common case is served right here, with locals: a client with
+        nothing pending whose read is one stateless frame (README: design notes)."""
+        clients, conns, stats = self.clients, self.clients.conns, self.stats
+        poll, monotonic = self.epoll.poll, time.monotonic
         readv, write, inbox = os.readv, os.write, bytearray(RECV_SIZE)
         into, view, (end, keyed, reply, size) = (inbox,), memoryview(inbox), self.fast_path()
-        requests, log_fd = 0, -1  # stats at the heartbeat; LOG-HOOK: the sink's fd if behind
-        now = self.now = monotonic()
-        while self.running and not (self.stopping and not conns):
+        requests, log_fd = 0, -1  # requests: published at the timer turn
+        now = clients.now = monotonic()
+        while self.running and not (clients.stopping and not conns and not self.moves.busy):
             fd = -1  # the fd whose event is handled: a bug there ends that one peer only
             try:
                 if now >= self.next_timer:
                     stats["requests"], requests = stats["requests"] + requests, 0
                     self.on_timers(now)
-                log_fd = logmod.watch_epoll(self.epoll)  # LOG-HOOK
+                log_fd = logmod.watch_epoll(self.epoll)
                 ready = poll(self.next_timer - now if self.next_timer < INF else -1)
-                now = self.now = monotonic()  # the clients' stamp: no clock read per request
+                now = clients.now = monotonic()  # the clients' stamp: no clock read per read
                 for fd, events in ready:
                     conn = conns.get(fd)
                     if conn is None:
                         self.on_other(fd, events, log_fd)
-                    elif events != IN or conn.handoff >= WAITING or conn.inbuf or conn.outbuf:
-                        self.on_event(conn, events)
-                    else:  # the common case: one read, the protocol's test inline, one write
+                    elif events != IN or conn.phase or conn.held or conn.outq:
+                        clients.on_event(conn, events)
+                    else:  # the common case: one read, the offer's test inline, one write
                         try:
                             n = readv(fd, into)
                         except OSError as e:
-                            self.read_failed(conn, e)
+                            clients.read_failed(conn, e)
                             continue
                         if n and inbox[n - 1] == end and inbox[0] != keyed \
                                 and inbox.find(end, 0, n) == n - 1:
@@ -143,29 +173,32 @@ class Worker(Serving, Handover, Orders, Upkeep, ProxyPhase):
                             requests += 1
                             try:
                                 sent = write(fd, reply)
-                            except OSError:  # full (EAGAIN) or failed: write() tries again
+                            except OSError:  # full (EAGAIN) or failed: the queue tries again
                                 sent = 0
                             if sent != size:
-                                self.write(conn, reply[sent:])
+                                conn.write(reply[sent:])
                         else:  # EOF, part of a frame, several frames, a key frame
-                            self.received(conn, view[:n].tobytes())
+                            clients.received(conn, view[:n].tobytes())
+                fd = -1
+                if clients.dirty:
+                    clients.flush_dirty()
             except Exception as e:  # noqa: BLE001 - the rest of the turn's events come again
                 self.contain(fd, e)  # (level-triggered) at the next poll
-                now = self.now = monotonic()
+                now = clients.now = monotonic()
         stats["requests"] += requests
 
     def fast_path(self) -> tuple[int, int, bytes, int]:
-        """The protocol's fast path for the loop: (end, keyed, reply, len(reply)). Without
-        one, `end` is -1, which no byte equals: every read then goes to feed()."""
-        offer = getattr(self.protocol, "stateless", None)
+        """The application's stateless offer for the loop: (end, keyed, reply, its size).
+        Without one `end` is -1, which no byte equals: every read goes to the protocol."""
+        offer = self.app.stateless
         if offer is None or offer.max_frame < RECV_SIZE:
             return -1, -1, b"", 0
         return offer.end, offer.keyed, offer.reply, len(offer.reply)
 
     def on_other(self, fd: int, events: int, log_fd: int) -> None:
         """An event on something other than a client."""
-        if fd == self.listener.fileno():
-            self.accept()
+        if fd == self.acceptor.fd:
+            self.acceptor.accept(self.clients.now)
         elif fd == self.link.fileno():
             self.on_link(events)
         elif fd == self.signals.fileno():
@@ -177,134 +210,227 @@ class Worker(Serving, Handover, Orders, Upkeep, ProxyPhase):
         """A bug met in handling one event: log it with what it was about, end that one
         peer, and go on. A client is closed; accepting pauses as after EMFILE; the timers
         wait a second; a failing channel to the master is a lost master."""
-        conn = self.conns.get(fd)
+        conn = self.clients.conns.get(fd)
         if conn is not None:
             log.exception("client.error", fd=fd, key=conn.key, error=repr(error))
-            self.discard(conn)
+            self.clients.discard(conn)
             return
-        where = {self.listener.fileno(): "accept", self.link.fileno(): "channel",
+        where = {self.acceptor.fd: "accept", self.link.fileno(): "channel",
                  self.signals.fileno(): "signals"}.get(fd, "timers") if fd >= 0 else "timers"
         log.exception("loop.error", where=where, fd=fd, error=repr(error))
+        now = time.monotonic()
         if where == "accept":
-            self.pause_accepting("error", retry=True)
+            self.acceptor.pause("error", now, retry=True)
         elif where == "channel":
             self.orphaned()
         elif where == "timers":
-            self.next_heartbeat = max(self.next_heartbeat, self.now + 1)
-            self.up.next_upkeep = max(self.up.next_upkeep, self.now + 1)
-            self.stop_deadline = self.stop_deadline and max(self.stop_deadline, self.now + 1)
-            self.accept_retry_at = self.accept_retry_at and max(self.accept_retry_at,
-                                                                self.now + 1)
-            self.rearm()
+            self.clients.dirty.clear()  # what a failing flush left: written on OUT or never
+            self.next_heartbeat = max(self.next_heartbeat, now + 1)
+            self.next_round = max(self.next_round, now + 1)
+            self.stop_deadline = self.stop_deadline and max(self.stop_deadline, now + 1)
+        self.rearm()
 
-    def discard(self, conn: Connection) -> None:
-        """Close a client whose state a bug may have left half-changed."""
-        if self.conns.get(conn.fd) is conn:
-            del self.conns[conn.fd]
-            with contextlib.suppress(OSError, ValueError):
-                self.epoll.unregister(conn.fd)
-        self.newcomers.pop(conn.fd, None)
-        conn.sock.close()
-        self.resume_accepting()
+    def wake(self, when: float) -> None:
+        """Something timed was set for `when` (an application's timer)."""
+        if when < self.next_timer:
+            self.next_timer = when
 
     def rearm(self) -> None:
-        """Recompute the next time the loop has timed work (heartbeat, retry, deadline,
-        upkeep)."""
-        self.next_timer = min(self.accept_retry_at or INF, self.stop_deadline or INF,
-                              self.next_heartbeat, self.up.next_upkeep,
-                              self.header_timer() if self.gate is not None else INF)
+        """The next time the loop has timed work."""
+        self.next_timer = min(self.acceptor.retry_at or INF, self.stop_deadline or INF,
+                              self.next_heartbeat, self.next_round, self.timers.next_due(),
+                              self.proxy.next_due() if self.proxy is not None else INF,
+                              self.moves.deadline())
 
     def on_timers(self, now: float) -> None:
-        if self.accept_retry_at and now >= self.accept_retry_at:
-            self.accept_retry_at = 0.0
-            self.resume_accepting()
+        self.acceptor.retry(now)
         if now >= self.next_heartbeat:
             self.next_heartbeat = now + self.link.heartbeat
             if hooks.hang_requested():
                 hooks.hang()
             self.report()
-        if now >= self.up.next_upkeep:
-            self.upkeep(now)
-        if self.gate is not None and now >= self.header_timer():
-            self.expire_headers(now)
-        if self.stopping and (not self.conns or now >= self.stop_deadline):
+        if now >= self.next_round:
+            self.next_round = now + ROUND
+            self.acceptor.upkeep(now, ROUND)
+            self.timeouts.sweep(now)
+        if self.proxy is not None and now >= self.proxy.next_due():
+            self.proxy.expire(now)
+        self.timers.run_due(now)
+        self.moves.tick(now)
+        if self.clients.stopping and (not self.clients.conns or now >= self.stop_deadline):
             self.running = False
         self.rearm()
 
-    # --- accepting ----------------------------------------------------------------------
+    # --- the master: messages through the link ------------------------------------------
 
-    def resume_accepting(self) -> None:
-        if self.accepting or self.stopping or self.accept_retry_at or not self.listening:
-            return
-        if len(self.conns) >= self.max_clients:
-            return
-        # EPOLLEXCLUSIVE: a new client wakes one worker, not all (no thundering herd).
-        self.epoll.register(self.listener.fileno(), IN | select.EPOLLEXCLUSIVE)
-        self.accepting = True
+    def on_link(self, events: int) -> None:
+        """What the master sent, each message inside a boundary: a bug in handling one is
+        logged with its kind, its fds are closed (those its handler did not take), and the
+        next one is handled. Full (or near the fd limit), the worker reads only as far as
+        it has free fds for the clients that messages may carry."""
+        try:
+            limit = self.acceptor.receive_room(self.link.queued)
+            messages = self.link.receive(bool(events & OUT), limit)
+            if not self.link.wants_write:
+                self.moves.link_flushed()
+            for message in messages:
+                self.on_message(message)
+        except ChannelClosed:
+            self.orphaned()
 
-    def pause_accepting(self, reason: str, retry: bool = False) -> None:
-        if self.accepting:
-            self.epoll.unregister(self.listener.fileno())
-            self.accepting = False
-            if reason == "max_clients":
-                self.report()  # tell the master now: it may auto-scale
-        now = time.monotonic()
-        if retry:
-            self.accept_retry_at = now + ACCEPT_RETRY
-            self.rearm()
-        self.note_pause(reason, now)
-
-    def accept(self) -> None:
-        if not self.accepting:  # an event of this turn, from before we stopped accepting
+    def on_message(self, message: msg.Message) -> None:
+        if self.clients.debug:
+            log.debug("channel.message", kind=msg.Kind(message.kind).name)
+        react = self.reactions.get(message.kind)
+        if react is None:
+            close_fds(message.fds)
+            log.warning("channel.error", error=f"unexpected {msg.Kind(message.kind).name} "
+                        "from master")
             return
-        conns, register = self.conns, self.epoll.register
-        raw_accept = self.listener._accept  # (fd, address): see the note below
-        family, kind = self.family, self.kind
-        max_clients = self.max_clients
-        gate = self.gate
-        for _ in range(ACCEPT_BATCH):
-            if len(conns) >= max_clients:
-                self.pause_accepting("max_clients")
-                return
+        try:
+            react(message)
+        except ChannelClosed:
+            raise
+        except Exception as e:  # noqa: BLE001 - one message must not end the worker
+            log.exception("channel.error", kind=msg.Kind(message.kind).name,
+                          fds=len(message.fds), error=repr(e))
+        close_fds(message.fds)  # what its reaction did not take
+        message.fds = []
+
+    def orphaned(self) -> None:
+        # The master is gone: no one would route, supervise or reap us. Leave now.
+        log.warning("worker.orphaned", reason="channel closed")
+        self.running = False
+
+    def report(self) -> None:
+        """The heartbeat: counters and gauges (wire/counters.py) to the master."""
+        try:
+            self.link.report({
+                **self.stats, "clients": len(self.clients.conns),
+                "max_clients": self.acceptor.max_clients, "lost": self.link.lost,
+                "groups": len(self.groups.groups), "members": self.groups.members(),
+                "config_generation": self.config.generation})
+        except ChannelClosed:
+            self.orphaned()
+
+    def on_routes(self, message: msg.Routes) -> None:
+        routes = slot_table(message)
+        if routes is not None:
+            self.handoff.routes = routes
+
+    def on_config(self, message: msg.Config) -> None:
+        try:
+            settings = check_live(message.settings)
+        except ValueError as e:
+            log.error("channel.error", kind="CONFIG", error=f"refused, nothing changed: {e}")
+            return
+        self.reconfigure(settings)
+        self.report()  # at once: the master counts who runs the new config
+
+    def reconfigure(self, settings: dict[str, Any]) -> None:
+        """Take changed limits and log settings from a reload."""
+        self.config = self.config.replace(**settings)
+        for part in (self.acceptor, self.timeouts, self.moves):
+            part.config = self.config
+        self.clients.max_output = self.config.max_output_buffer
+        if self.proxy is not None:
+            self.proxy.apply(self.config)
+        try:
+            logmod.configure_from(self.config)
+        except ConfigError as e:  # the master could open the log and we cannot: keep ours
+            log.error("config.reload_failed", error=str(e))
+        self.clients.debug = logmod.enabled("debug")
+        self.acceptor.set_limits(self.acceptor.fd_limit)
+
+    def reopen_logs(self) -> None:
+        """Reopen the log file (logrotate renamed it)."""
+        try:
+            logmod.configure_from(self.config)
+        except ConfigError as e:
+            log.error("log.reopen_failed", error=str(e))
+
+    # --- stopping -----------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Graceful: no new clients; each client is closed once it is idle (whatever it
+        already sent answered, whatever is due to it written)."""
+        clients = self.clients
+        if clients.stopping:
+            return
+        clients.stopping = True
+        self.stop_deadline = time.monotonic() + self.config.graceful_timeout
+        self.rearm()
+        self.acceptor.stop_listening()
+        if self.handoff.retiring:
+            return
+        log.info("worker.stopping", clients=len(clients.conns))
+        for conn in list(clients.conns.values()):
+            if conn.idle and conn.phase == 0:
+                clients.readable(conn)  # a frame it started is finished and answered first
+            if conn.idle and conn.phase == 0:
+                clients.close(conn, STOP)
+            # The others close once they are idle (clients.py: after_input, written).
+
+    def quit(self) -> None:
+        log.info("worker.quit")
+        os._exit(EXIT_OK)
+
+    def retire(self, message: msg.Retire) -> None:
+        """Stop accepting and hand every client that is in no group to its key's owner
+        under the new slot table (or to any worker when it has no key); the master moves
+        the groups (MOVE_OUT), then the worker exits."""
+        if self.handoff.retiring:
+            return
+        routes = slot_table(message)
+        if routes is None:
+            return
+        self.handoff.routes = routes
+        log.info("worker.retiring", clients=len(self.clients.conns),
+                 groups=len(self.groups.groups))
+        self.handoff.retiring = True
+        self.stop()
+        for conn in list(self.clients.conns.values()):
+            if conn.group is None and conn.phase != HEADER:  # a header comes first
+                conn.phase = LEAVING
+                self.handoff.give(conn)
+
+    def shutdown(self) -> None:
+        self.moves.close()
+        for conn in list(self.clients.conns.values()):
+            self.clients.close(conn, STOP)
+        self.link.close({**self.stats, "clients": 0})
+        self.signals.close()
+        self.epoll.close()
+        log.info("worker.stopped", **self.stats)
+        logmod.drain(LOG_DRAIN)  # its last lines, if the sink is slow; bounded
+
+
+def slot_table(message: msg.Routes) -> Routes | None:
+    """The routes a ROUTES or RETIRE carries: slots of a table. None (logged) if they are
+    not: a table of anything else would fail later, on every keyed client."""
+    table = message.table
+    if table and all(type(s) is int and s >= 0 for s in table) and len(set(table)) == len(table):
+        return Routes(message.epoch, tuple(table))
+    log.error("channel.error", kind=msg.Kind(message.kind).name,
+              error=f"not a slot table: {table!r}")
+    return None
+
+
+def check_live(settings: dict[str, Any]) -> dict[str, Any]:
+    """The live settings of a CONFIG message (configmod.live_settings), each checked as
+    the schema checks it in a file; ValueError says what is wrong. A setting this code
+    does not know (a newer master's, during an upgrade in place) is left out."""
+    keys = {key.attr: key for key in configmod.SCHEMA if key.attr in configmod.LIVE_SETTINGS}
+    checked: dict[str, Any] = {}
+    for name, value in settings.items():
+        if name == "generation":
+            if type(value) is not int:
+                raise ValueError(f"generation: expected an integer, got {value!r}")
+            checked[name] = value
+        elif name in keys:
             try:
-                # socket.accept() is _accept() plus a socket() built from the listener's
-                # family and type properties, which convert to enums on every call:
-                # about 2 us a client, a fifth of a connection's whole cost here.
-                fd, addr = raw_accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue  # the client gave up while queued
-            except OSError as e:
-                if e.errno in tcp.SHORTAGE:  # out of fds or memory: back off, no spin
-                    self.pause_accepting(errno.errorcode[e.errno], retry=True)
-                    self.refresh_limits()  # prlimit may have cut our fd limit
-                    return
-                if e.errno in (errno.EPROTO, errno.EPERM, errno.ENETDOWN, errno.EHOSTUNREACH):
-                    continue
-                if e.errno == errno.EINVAL:  # the master shut the listening down: a stop
-                    self.stop_listening()
-                    return
-                raise
-            sock = socket.socket(family, kind, 0, fd)
-            sock.setblocking(False)
-            conn = Connection(sock, self.now)
-            if gate is not None and not self.expect_header(conn, addr):
-                continue  # server.proxy_protocol, and not from server.proxy_from: closed
-            conns[fd] = conn  # add(), inlined: this is the connection-rate path
-            self.newcomers[fd] = conn  # until its first frame (upkeep.py)
-            register(fd, IN)
-            self.stats["accepted"] += 1
-            if self.debug:
-                log.debug("client.accepted", fd=sock.fileno(), peer=_peer(addr),
-                          clients=len(self.conns))
+                checked[name] = keys[name].check(value)
+            except ValueError as e:
+                raise ValueError(f"{keys[name].dotted}: expected {e}, got {value!r}") from None
+    return checked
 
-    def add(self, conn: Connection) -> None:
-        self.epoll.register(conn.fd, IN)  # first: an fd epoll refuses is never a client
-        self.conns[conn.fd] = conn
-
-
-def _peer(addr: Any) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
-    return str(addr)
