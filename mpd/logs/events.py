@@ -136,8 +136,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                       "message, or one whose handling raised (a bug: with kind and traceback); "
                       "its fds are closed: error, peer, kind, fds"),
     "loop.error": ("error", "both", "reacting to an event raised (a bug) and the loop goes on: "
-                   "where (signal SIGHUP, timers, duties, accept, channel, reap), error, "
-                   "traceback; a worker whose channel fails so is killed and replaced"),
+                   "where (signal SIGHUP, timers, duties with the duty, accept, channel, "
+                   "reap), error, traceback; a worker whose channel fails so is killed and "
+                   "replaced"),
     "control.command": ("info/debug", "master", "a control request (debug for status and "
                         "ping, which change nothing): command, peer_uid, peer_pid"),
     "control.denied": ("warning", "master", "a control peer not on the allow-list: peer_uid, "

@@ -1,10 +1,13 @@
 """The master: forks workers into numbered slots and keeps them serving.
 
 One single-threaded event loop over the signal wake-up fd, every worker's channel and the
-control socket. It never blocks and never parses the client protocol. Each turn, as in
-gunicorn's arbiter: react to what happened, kill the hung, top up the slots, retry held
-hand-offs. Who owns what lives in slots.py, routing of handed-off clients in handoff.py,
-what control commands (and the signals that stand for them) do in commands.py."""
+fds of its services. It never blocks and never parses the client protocol. Each turn, as
+in gunicorn's arbiter: react to what happened, kill the hung, top up the slots, then each
+service's timed duties. The master owns its parts, each a class in a file of its own:
+the slot table (slots.py), its end of the channels (channels.py), the stop (stopping.py),
+the hand-off broker (broker.py), upgrades (upgrade.py); and its services, which the loop
+iterates as one list (services.py). What control commands (and the signals that stand
+for them) do is commands.py."""
 
 from __future__ import annotations
 
@@ -19,14 +22,15 @@ from typing import Any, Callable
 
 from mpd import __version__
 from mpd.config.reloading import reload_config
-from mpd.config.schema import Config, live_settings
+from mpd.config.schema import Config, fd_soft_limit, live_settings
 from mpd.logs import log as logmod
 from mpd.master import tally
 from mpd.master.broker import Broker
-from mpd.master.messages import Messages
+from mpd.master.channels import Channels
+from mpd.master.services import HeldClients, Service
 from mpd.master.slots import Slots, WorkerProc
 from mpd.master.spawn import fork_worker
-from mpd.master.stopping import Stopping
+from mpd.master.stopping import Shutdown
 from mpd.master.upgrade import Upgrades
 from mpd.ops import access, commands
 from mpd.ops.agent import AgentServer, agent_line
@@ -35,38 +39,35 @@ from mpd.ops.observers import Observers
 from mpd.system import testhooks as hooks
 from mpd.system.signals import SignalQueue
 from mpd.system.systemd import Notifier
-from mpd.wire.channel import Kind, Message, close_fds
+from mpd.wire.channel import Kind, Message
 from mpd.worker.worker import EXIT_BOOT_ERROR
 
 SPAWN_BATCH = 8  # forks per loop turn (each costs a few ms of the master's time)
+TURN_AT_LEAST = 1.0  # seconds: the loop turns at least this often (heartbeats, slots)
 
 log = logmod.get_logger()
 
 
-class Master(Stopping, Messages):
+class Master:
     def __init__(self, config: Config, listener: socket.socket,
                  control_sock: socket.socket | None = None,
                  agent_sock: socket.socket | None = None, listener_shared: bool = False,
                  metrics_sock: socket.socket | None = None):
-        """Only state: signal handlers, selector, notifier, control and agent servers come
-        in run(). `listener_shared`: another process (systemd, for socket activation) holds
-        the listening socket too, and it must go on listening after we stop."""
+        """Only state: signal handlers, selector, notifier and the services come in run().
+        `listener_shared`: another process (systemd, for socket activation) holds the
+        listening socket too, and it must go on listening after we stop."""
         self.config = config
         self.listener = listener
-        self.listener_shared = listener_shared
         self.control_sock = control_sock
         self.agent_sock = agent_sock  # the HAProxy agent-check port, when agent.listen is set
-        self.agent: AgentServer | None = None  # its server, from run() on
         self.tally = tally.Tally()  # what the workers did, never going backwards
         # mpd.stats lines, and the metrics endpoint (metrics.listen) from run() on
         self.observers = Observers(self, metrics_sock)
         self.slots = Slots(config.worker_count)
         self.broker = Broker(self.slots, self.send)
-        # starting -> running -> (draining ->) stopping -> stopped
+        # starting -> running -> (draining ->) stopping -> stopped: see stopping.py
         self.state = "starting"
-        self.drain_deadline = 0.0  # draining: the graceful stop proper begins at this time
-        self.stop_deadline = 0.0
-        self.kill_deadline = 0.0
+        self.shutdown = Shutdown(self, listener, listener_shared, drains=agent_sock is not None)
         self.started = time.monotonic()
         self.port: int = listener.getsockname()[1]
         self.spawn_pending = False  # more slots to fill than one turn spawned
@@ -74,9 +75,6 @@ class Master(Stopping, Messages):
         self.pidfile: str | None = None  # --daemon's, removed by whoever exits last
         self.upgrades = Upgrades(self)  # upgrade in place: its pre-flight, exec and roll
         self.max_clients = config.clients_per_worker()
-        self.on_message_kind: dict[Kind, Callable[[WorkerProc, Message], None]] = {
-            Kind.HANDOFF: self.broker.dispatch, Kind.STATS: self.on_stats,
-            Kind.HELLO: self.on_hello}
 
     @property
     def target(self) -> int:
@@ -94,26 +92,32 @@ class Master(Stopping, Messages):
         return 0
 
     def turn(self) -> None:
-        """React to what happened, each fd inside a boundary; then the timed duties."""
+        """Each fd that is ready runs the reaction it was registered with, inside a
+        boundary: the signal wake-up fd runs the signal table (signal_table), a worker's
+        channel the table of message reactions (start), each service's fds its own. Then
+        the timed duties: kill the hung, top up the slots, each service's tick."""
         logmod.watch(self.selector)  # wait writable on a log sink that fell behind
         for key, events in self.selector.select(self.timeout()):
             try:
-                key.data(events)  # each fd was registered with its reaction
+                key.data(events)
             except Exception as e:  # noqa: BLE001 - the master exits only on purpose
                 self.contain(key.data, e)
-        try:
-            self.murder_workers()
-            self.manage_workers()
-            self.broker.retry_held()
-            self.upgrades.tick(time.monotonic())
-            if self.control is not None:
-                self.control.expire()
-            if self.agent is not None:
-                self.agent.tick()
-            self.observers.tick(time.monotonic())
-            self.notifier.tick(self.status_line if self.state == "running" else None)
-        except Exception as e:  # noqa: BLE001 - at most once a turn, and turns wait
-            log.exception("loop.error", where="duties", error=repr(e))
+        now = time.monotonic()
+        for duty in self.duties:
+            try:
+                duty(now)
+            except Exception as e:  # noqa: BLE001 - the other duties run still
+                log.exception("loop.error", where="duties", duty=duty.__qualname__,
+                              error=repr(e))
+
+    def timeout(self) -> float:
+        """Seconds until the next timed duty: a respawn, a service's deadline."""
+        if self.spawn_pending:
+            return 0.0
+        now = time.monotonic()
+        due = [now + TURN_AT_LEAST, self.slots.next_respawn(),
+               *(service.deadline() for service in self.services)]
+        return max(0.0, min(d for d in due if d) - now)
 
     def contain(self, reaction: Callable[[int], Any], error: Exception) -> None:
         """A bug met in reacting to one fd: log it with what it was about and end that one
@@ -124,7 +128,7 @@ class Master(Stopping, Messages):
         if isinstance(worker, WorkerProc):
             log.exception("loop.error", where="channel", worker_pid=worker.pid,
                           worker_slot=worker.slot, error=repr(error))
-            self.forget_channel(worker)
+            self.channels.forget(worker)
             self.kill(worker)
         else:
             log.exception("loop.error", where=getattr(reaction, "__name__", repr(reaction)),
@@ -134,15 +138,24 @@ class Master(Stopping, Messages):
         self.selector = selectors.DefaultSelector()
         self.signals = SignalQueue(self.signal_table())
         self.selector.register(self.signals, selectors.EVENT_READ, self.on_signals)
-        self.notifier = Notifier()
+        self.channels = Channels(self.selector, self.slots, {
+            Kind.HANDOFF: self.broker.dispatch, Kind.STATS: self.on_stats,
+            Kind.HELLO: self.on_hello})
+        self.notifier = Notifier(lambda: self.status_line() if self.state == "running" else None)
         self.control: ControlServer | None = None
         if self.control_sock is not None:
             self.control = ControlServer(
                 self.control_sock, self.config.socket_path, self.selector,
                 functools.partial(commands.handle, self),
                 lambda uid, gid: access.why_denied(self.config, uid, gid))
+        self.agent: AgentServer | None = None
         if self.agent_sock is not None:
             self.agent = AgentServer(self.agent_sock, self.selector, self.agent_line)
+        servers = [s for s in (self.control, self.agent) if s is not None]
+        self.services: list[Service] = [self.shutdown, HeldClients(self.broker), self.upgrades,
+                                        self.observers, *servers, self.notifier]
+        self.duties = [self.murder_workers, self.manage_workers,
+                       *(service.tick for service in self.services)]
         if adopt is not None:
             self.upgrades.adopt(adopt)
         else:
@@ -151,32 +164,19 @@ class Master(Stopping, Messages):
                      control=self.config.socket_path if self.control else None)
         self.observers.start(self.selector)  # after adopt: it counts from the old totals
         self.set_max_clients()
-        self.manage_workers()
+        self.manage_workers(time.monotonic())
 
     def close(self) -> None:
-        self.broker.drop_held("stopping")
-        if self.control is not None:
-            self.control.close()
-        if self.agent is not None:
-            self.agent.close()
-        self.observers.close()
+        for service in self.services:
+            service.close()
         self.selector.close()
         self.signals.close(signal.SIG_IGN)  # stopped: a late SIGTERM must not turn exit 0 to -15
-        self.notifier.close()
 
-    def timeout(self) -> float:
-        """Seconds until the next timed duty: a respawn, a heartbeat check, a deadline."""
-        if self.spawn_pending:
-            return 0.0
-        now = time.monotonic()
-        due = [now + 1.0, self.slots.next_respawn(), self.broker.next_deadline(now),
-               self.drain_deadline, self.stop_deadline, self.kill_deadline,
-               self.agent.paused_until if self.agent is not None else None,
-               self.notifier.deadline(),
-               self.control.next_deadline() if self.control is not None else None,
-               self.observers.deadline(),
-               self.upgrades.deadline()]
-        return max(0.0, min(d for d in due if d) - now)
+    def closed_in_child(self) -> list[Callable[[], None]]:
+        """What a forked worker must close first, of what is the master's: the signal
+        handlers, the selector, the other workers' channels, each service's fds."""
+        return [self.signals.close, self.selector.close, self.channels.in_child,
+                *(service.in_child for service in self.services)]
 
     def status_line(self) -> str:
         return (f"{self.slots.ready_count()}/{self.target} workers ready, "
@@ -186,7 +186,7 @@ class Master(Stopping, Messages):
         """What HAProxy's agent check hears (agent.py): the state, and the load against
         the capacity (with autoscale, what max_workers could take)."""
         state = self.state
-        if self.kill_deadline:
+        if self.shutdown.halting:
             state = "halting"
         elif state in ("starting", "running") and self.upgrades.job is not None:
             state = "upgrading"
@@ -213,13 +213,42 @@ class Master(Stopping, Messages):
             log.warning("mpd.signal_refused", signal=sig.name, command=request["command"],
                         error=reply.get("error"))
 
+    # --- channel messages: the master's reactions (channels.py reads and sends) -----------
+
+    def send(self, worker: WorkerProc, kind: Kind, meta: dict[str, Any] | None = None,
+             raw: bytes = b"", fds: list[int] | None = None) -> bool:
+        """Send or queue; False if the worker's channel is gone (fds stay the caller's)."""
+        return self.channels.send(worker, kind, meta, raw, fds)
+
+    def on_stats(self, worker: WorkerProc, message: Message) -> None:
+        """The heartbeat: counters, and the number of the config the worker runs."""
+        hooks.fault("master.stats")
+        worker.config_generation = message.meta.pop("config_generation",
+                                                    worker.config_generation)
+        self.tally.heard(worker, message.meta.pop("latency", None))
+        worker.stats = {k: v for k, v in message.meta.items() if isinstance(v, int)}
+        if self.config.autoscale:
+            self.autoscale()
+
+    def on_hello(self, worker: WorkerProc, message: Message) -> None:
+        worker.version = str(message.meta.get("version", ""))
+        if worker.state == "starting":
+            worker.state = "ready"
+        self.upgrades.on_ready(worker)
+        log.info("worker.ready", worker_pid=worker.pid, worker_slot=worker.slot,
+                 boot_ms=round((worker.last_seen - worker.started) * 1000, 1))
+        if self.state == "starting" and self.slots.ready_count() >= self.target:
+            self.state = "running"
+            log.info("mpd.ready", workers=self.slots.ready_count())
+            self.notifier.ready(self.status_line())
+
     # --- workers ----------------------------------------------------------------------------
 
     def spawn_worker(self, slot: int, serving: bool = True) -> WorkerProc | None:
         """A new worker for `slot`: it takes the slot now, or (an upgrade's) once ready."""
         try:
             pid, channel = fork_worker(slot, self.config, self.listener, self.slots.table,
-                                       self.forget_in_child)
+                                       self.closed_in_child())
         except OSError as e:  # out of processes, memory or fds: try again later
             log.error("worker.spawn_failed", worker_slot=slot, error=e.strerror)
             if serving:
@@ -228,33 +257,10 @@ class Master(Stopping, Messages):
         worker = WorkerProc(slot=slot, pid=pid, channel=channel, generation=self.generation,
                             config_generation=self.config.generation)
         history = self.slots.add(worker, serving)
-        self.watch(worker)
+        self.channels.watch(worker)
         log.info("worker.spawned", worker_pid=pid, worker_slot=slot, restarts=history.restarts,
                  generation=self.generation)
         return worker
-
-    def watch(self, worker: WorkerProc) -> None:
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if worker.channel.wants_write
-                                         else 0)
-        # A partial, not a closure: a closure that re-registers itself refers to itself, and
-        # that cycle kept every dead worker's channel alive until a full garbage collection
-        # (the master grew 25 -> 52 MB over 1,500 respawns).
-        self.selector.register(worker.channel, events,
-                               functools.partial(self.on_channel_event, worker))
-
-    def forget_in_child(self) -> None:
-        """In a forked worker: close what is the master's."""
-        self.signals.close()
-        self.selector.close()
-        self.notifier.close()
-        if self.control is not None:
-            self.control.close(unlink=False)
-        if self.agent is not None:
-            self.agent.sock.close()  # its selector is closed already
-        self.observers.forget_in_child()
-        for other in self.slots.workers.values():
-            other.channel.close()  # else a sibling never sees EOF when the master dies
-        close_fds(self.broker.held_fds())  # the master's to deliver, not ours
 
     # --- supervision: reap, respawn, kill the hung, top up -------------------------------
 
@@ -277,8 +283,8 @@ class Master(Stopping, Messages):
                 log.exception("loop.error", where="reap", worker_pid=pid, error=repr(e))
 
     def worker_exited(self, worker: WorkerProc, status: int, cpu_seconds: float = 0.0) -> None:
-        self.forget_channel(worker)
-        self.read_last_words(worker)
+        self.channels.forget(worker)
+        self.channels.read_last_words(worker)
         worker.channel.close()
         self.tally.bury(worker, cpu_seconds)  # its last counts, kept for the totals
         uptime = time.monotonic() - worker.started
@@ -303,11 +309,8 @@ class Master(Stopping, Messages):
             log.warning("worker.backoff", worker_slot=slot,
                         failures=self.slots.history[slot].failures, delay=delay)
 
-    def murder_workers(self) -> None:
-        """SIGKILL workers whose heartbeat stopped; reap_workers() respawns them. Also the
-        stop's deadlines (stopping.py): the drain, the graceful stop, the wait for the
-        killed."""
-        now = time.monotonic()
+    def murder_workers(self, now: float) -> None:
+        """SIGKILL workers whose heartbeat stopped; reap_workers() respawns them."""
         for worker in list(self.slots.workers.values()):
             if worker.state != "stopping" and now - worker.last_seen > self.config.worker_timeout:
                 log.error("worker.timeout", worker_pid=worker.pid, worker_slot=worker.slot,
@@ -315,9 +318,8 @@ class Master(Stopping, Messages):
                 self.slots.retire(worker)  # killed on purpose: its slot is refilled at once
                 self.kill(worker)
                 self.slots.respawn_now(worker.slot)
-        self.check_stop_deadlines(now)
 
-    def manage_workers(self) -> None:
+    def manage_workers(self, now: float) -> None:
         """Top up: spawn wanted slots that have no worker and whose back-off is over, at
         most SPAWN_BATCH per turn, so that a big scale-up never stalls hand-offs."""
         self.spawn_pending = False
@@ -325,7 +327,7 @@ class Master(Stopping, Messages):
             if not self.slots.workers:
                 self.state = "stopped"
             return
-        empty = self.slots.empty_slots(time.monotonic())
+        empty = self.slots.empty_slots(now)
         for slot in empty[:SPAWN_BATCH]:
             restarts = self.slots.restarts(slot)
             if restarts:
@@ -336,6 +338,25 @@ class Master(Stopping, Messages):
     def kill(self, worker: WorkerProc) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signal.SIGKILL)
+
+    def set_max_clients(self) -> None:
+        """What one worker serves at most: max_clients, "auto" resolved by the fd limit
+        (which workers inherit); say so when the fd limit cuts a configured number."""
+        self.max_clients = self.config.clients_per_worker()
+        if self.config.max_clients not in ("auto", self.max_clients):
+            log.warning("mpd.max_clients_capped", configured=self.config.max_clients,
+                        max_clients=self.max_clients, fd_limit=fd_soft_limit())
+
+    def autoscale(self) -> None:
+        """Add a worker when every worker is full, one at a time (the last must be ready)."""
+        serving = list(self.slots.serving.values())
+        if (self.state != "running" or self.target >= self.config.max_workers
+                or len(serving) < self.target or any(w.state != "ready" for w in serving)):
+            return
+        if all(w.clients >= w.stats.get("max_clients", self.max_clients) for w in serving):
+            log.info("worker.autoscaled", previous=self.target, workers=self.target + 1,
+                     max_clients=self.max_clients)
+            self.scale(self.target + 1)
 
     # --- what control commands do (commands.Daemon) -------------------------------------
 
@@ -376,7 +397,7 @@ class Master(Stopping, Messages):
         log.info("worker.scaled", previous=self.target, workers=count)
         for worker in self.slots.resize(count):  # it hands its clients to their new owners
             self.send(worker, Kind.DRAIN, {"slots": list(self.slots.table)})
-        self.broadcast(Kind.ROUTES, {"slots": list(self.slots.table)})
+        self.channels.broadcast(Kind.ROUTES, {"slots": list(self.slots.table)})
         return None
 
     def reload(self) -> str | None:
@@ -389,10 +410,13 @@ class Master(Stopping, Messages):
                 return new
             self.config = new
             self.set_max_clients()
-            self.broadcast(Kind.CONFIG, live_settings(new))
+            self.channels.broadcast(Kind.CONFIG, live_settings(new))
             return self.scale(new.worker_count)
         finally:
             self.notifier.ready(self.status_line())
+
+    def stop(self, graceful: bool = True) -> str | None:
+        return self.shutdown.stop(graceful)
 
     def upgrade(self) -> str | None:
         return self.upgrades.start()

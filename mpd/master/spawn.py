@@ -7,7 +7,7 @@ import ctypes
 import os
 import signal
 import socket
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 from mpd.config.schema import Config
 from mpd.logs import log as logmod
@@ -21,11 +21,11 @@ log = logmod.get_logger()
 
 
 def fork_worker(slot: int, config: Config, listener: socket.socket, table: tuple[int, ...],
-                forget_master: Callable[[], None]) -> tuple[int, Channel]:
+                close_masters: Sequence[Callable[[], None]]) -> tuple[int, Channel]:
     """Start a worker for `slot`: its pid and the master's end of its channel. In the
-    child, `forget_master` first drops what is the master's (its signal handlers, selector,
-    the other workers' channels, held clients). Raises OSError (EAGAIN, ENOMEM, EMFILE)
-    with nothing left open."""
+    child, each of `close_masters` first closes something that is the master's (its signal
+    handlers, selector, the other workers' channels, each service's fds). Raises OSError
+    (EAGAIN, ENOMEM, EMFILE) with nothing left open."""
     master_end, worker_end = Channel.pair()
     try:
         pid = os.fork()
@@ -37,7 +37,7 @@ def fork_worker(slot: int, config: Config, listener: socket.socket, table: tuple
         code = EXIT_BOOT_ERROR
         try:
             master_end.close()
-            code = become_worker(slot, config, listener, worker_end, table, forget_master)
+            code = become_worker(slot, config, listener, worker_end, table, close_masters)
         except BaseException as e:  # noqa: BLE001 - anything here must end the child
             log.exception("worker.crashed", error=repr(e))
         finally:
@@ -47,7 +47,7 @@ def fork_worker(slot: int, config: Config, listener: socket.socket, table: tuple
 
 
 def become_worker(slot: int, config: Config, listener: socket.socket, channel: socket.socket,
-                  table: tuple[int, ...], forget_master: Callable[[], None]) -> int:
+                  table: tuple[int, ...], close_masters: Sequence[Callable[[], None]]) -> int:
     """In the forked child: die with the master, drop its state, run the worker loop."""
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
@@ -56,5 +56,6 @@ def become_worker(slot: int, config: Config, listener: socket.socket, channel: s
         return EXIT_BOOT_ERROR
     logmod.set_role("worker", slot)
     proctitle.worker(slot)
-    forget_master()
+    for close in close_masters:
+        close()
     return run_worker(config, listener, channel, slot, table)

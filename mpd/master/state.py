@@ -21,6 +21,7 @@ from mpd import __version__
 from mpd.config.schema import Config
 from mpd.master.broker import Broker, HeldClient
 from mpd.master.slots import SlotHistory, Slots, WorkerProc
+from mpd.master.stopping import Shutdown
 from mpd.master.tally import Tally
 from mpd.ops.agent import AgentServer
 from mpd.ops.control import ControlServer
@@ -42,7 +43,7 @@ class Master(Protocol):
     started: float
     port: int
     pidfile: str | None
-    listener_shared: bool
+    shutdown: Shutdown
     observers: Observers
     tally: Tally
 
@@ -77,7 +78,7 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
         "table": master.slots.target, "workers": workers, "held": held,
         "retired_restarts": master.slots.retired_restarts,
         "history": {str(slot): dataclasses.asdict(h) for slot, h in master.slots.history.items()},
-        "pidfile": master.pidfile, "listener_shared": master.listener_shared,
+        "pidfile": master.pidfile, "listener_shared": master.shutdown.listener_shared,
     }
     return state, fds
 

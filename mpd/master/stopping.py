@@ -7,21 +7,19 @@ serves and accepts as before, so HAProxy sends no new client before the listener
     running -> draining (agent on) -> stopping -> stopped
           any of them -> halting (SIGKILL, then reap) -> stopped
 
-The master's loop checks the deadlines each turn (check_stop_deadlines). Stopping is a part of the
-Master class (master.py), kept in a file of its own as upgrade.py is; it works on the
-master's state, slots and workers."""
+Shutdown is a part the master owns (master.shutdown): it keeps the stop's deadlines, moves the
+master's state along them, and is one of the master's services (its deadline and tick)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import time
-from typing import Any, Callable
+from typing import Any, Protocol
 
 from mpd.config.schema import Config
 from mpd.logs import log as logmod
 from mpd.master.slots import Slots, WorkerProc
-from mpd.ops.agent import AgentServer
 from mpd.system.systemd import Notifier
 from mpd.wire.channel import Kind
 
@@ -30,31 +28,47 @@ KILL_WAIT = 5.0  # seconds to reap SIGKILLed workers before exiting regardless
 log = logmod.get_logger()
 
 
-class Stopping:
-    # The master's state it works on (master.py sets it up).
+class Master(Protocol):
+    """What the stop needs of the master."""
     config: Config
     state: str
-    listener: socket.socket
-    listener_shared: bool
     slots: Slots
     notifier: Notifier
     upgrades: Any  # upgrade.Upgrades: cancel()
-    agent: AgentServer | None
-    drain_deadline: float
-    stop_deadline: float
-    kill_deadline: float
-    send: Callable[[WorkerProc, Kind], bool]
-    kill: Callable[[WorkerProc], None]
+
+    def send(self, worker: WorkerProc, kind: Kind, meta: dict[str, Any] | None = None,
+             raw: bytes = b"", fds: list[int] | None = None) -> bool: ...
+
+    def kill(self, worker: WorkerProc) -> None: ...
+
+
+class Shutdown:
+    def __init__(self, master: Master, listener: socket.socket, listener_shared: bool,
+                 drains: bool):
+        """`listener_shared`: systemd holds the listening socket too (socket activation),
+        and it must go on listening after we stop. `drains`: the agent is on, so a graceful
+        stop tells HAProxy first (agent.drain_delay)."""
+        self.master = master
+        self.listener = listener
+        self.listener_shared = listener_shared
+        self.drains = drains
+        self.drain_deadline = 0.0  # draining: the graceful stop proper begins at this time
+        self.stop_deadline = 0.0  # stopping: SIGKILL what is left at this time
+        self.kill_deadline = 0.0  # halting: exit at this time, reaped or not
+
+    @property
+    def halting(self) -> bool:
+        return bool(self.kill_deadline)
 
     def stop(self, graceful: bool = True) -> str | None:
         """Graceful: workers finish their clients; a second stop (or graceful=False) stops
         at once. With the agent on, HAProxy is told to drain first (agent.drain_delay)."""
-        if not graceful or self.state in ("draining", "stopping"):
+        if not graceful or self.master.state in ("draining", "stopping"):
             self.halt("quit")
             return None
-        self.upgrades.cancel()
-        self.notifier.stopping()
-        if self.agent is not None and self.config.agent_drain_delay > 0:
+        self.master.upgrades.cancel()
+        self.master.notifier.stopping()
+        if self.drains and self.master.config.agent_drain_delay > 0:
             self.drain()
         else:
             self.stop_serving()
@@ -64,21 +78,22 @@ class Stopping:
         """The agent says drain, while everything else goes on as before: workers serve and
         accept (HAProxy may still send a client until its next agent check) and are
         respawned. Once agent.drain_delay is over, HAProxy sends no more: then stop."""
-        delay = self.config.agent_drain_delay
+        delay = self.master.config.agent_drain_delay
         log.info("mpd.draining", drain_delay=delay)
-        self.state = "draining"
+        self.master.state = "draining"
         self.drain_deadline = time.monotonic() + delay
 
     def stop_serving(self) -> None:
         """The graceful stop proper: stop listening; workers finish their clients."""
-        log.info("mpd.stopping", workers=len(self.slots.workers),
-                 graceful_timeout=self.config.graceful_timeout)
-        self.state = "stopping"
+        master = self.master
+        log.info("mpd.stopping", workers=len(master.slots.workers),
+                 graceful_timeout=master.config.graceful_timeout)
+        master.state = "stopping"
         self.stop_listening()
-        self.stop_deadline = time.monotonic() + self.config.graceful_timeout
-        for worker in self.slots.workers.values():
-            self.slots.retire(worker)
-            self.send(worker, Kind.STOP)
+        self.stop_deadline = time.monotonic() + master.config.graceful_timeout
+        for worker in master.slots.workers.values():
+            master.slots.retire(worker)
+            master.send(worker, Kind.STOP)
 
     def stop_listening(self) -> None:
         """New clients are refused from now on, in every process at once: shutdown() of a
@@ -97,23 +112,36 @@ class Stopping:
         """Stop now: SIGKILL every worker, then exit once they are reaped (bounded)."""
         if self.kill_deadline:
             return
-        self.upgrades.cancel()
-        log.warning("mpd.halting", reason=reason, workers=len(self.slots.workers))
-        self.notifier.stopping()
-        self.state = "stopping"
+        master = self.master
+        master.upgrades.cancel()
+        log.warning("mpd.halting", reason=reason, workers=len(master.slots.workers))
+        master.notifier.stopping()
+        master.state = "stopping"
         self.stop_listening()
         self.drain_deadline = self.stop_deadline = 0.0
         self.kill_deadline = time.monotonic() + KILL_WAIT
-        for worker in self.slots.workers.values():
-            self.slots.retire(worker)
-            self.kill(worker)
+        for worker in master.slots.workers.values():
+            master.slots.retire(worker)
+            master.kill(worker)
 
-    def check_stop_deadlines(self, now: float) -> None:
+    # --- a service of the master's loop ----------------------------------------------------
+
+    def deadline(self) -> float | None:
+        return min((d for d in (self.drain_deadline, self.stop_deadline, self.kill_deadline)
+                    if d), default=None)
+
+    def tick(self, now: float) -> None:
         if self.drain_deadline and now >= self.drain_deadline:
             self.drain_deadline = 0.0
             self.stop_serving()
         if self.stop_deadline and now >= self.stop_deadline:
             self.halt("graceful_timeout")
         if self.kill_deadline and now >= self.kill_deadline:
-            log.error("mpd.stop_incomplete", workers=list(self.slots.workers))
-            self.state = "stopped"
+            log.error("mpd.stop_incomplete", workers=list(self.master.slots.workers))
+            self.master.state = "stopped"
+
+    def close(self) -> None:
+        pass
+
+    def in_child(self) -> None:
+        pass  # the listening socket is the worker's too

@@ -1,8 +1,8 @@
 """Upgrade in place, the running master's part: check the code now on disk (pre-flight),
 write the master's state to a memfd, and execv() the new code in this same process with
 every socket, channel and held client inherited. Same PID, so systemd and pidfiles see no
-restart. The new master's part is resume.py (adopt the state) and roll.py (replace the
-workers slot by slot).
+restart. The new master's part is Upgrades.adopt() below (take the state back) and roll.py
+(replace the workers slot by slot).
 
 Why in place rather than a second master (gunicorn's USR2): systemd knows one main PID,
 and a second master would need MAINPID juggling and a hand-over of the listening socket
@@ -25,6 +25,7 @@ from mpd import __version__
 from mpd.logs import log as logmod
 from mpd.master import roll
 from mpd.master import state as statemod
+from mpd.master.channels import Channels
 from mpd.master.slots import WorkerProc
 from mpd.master.state import STATE_VERSION
 from mpd.system.signals import SignalQueue
@@ -166,10 +167,9 @@ class Master(statemod.Master, roll.Master, Protocol):
     selector: selectors.BaseSelector
     notifier: Notifier
     signals: SignalQueue
+    channels: Channels
 
     def signal_table(self) -> dict[signal.Signals, Any]: ...
-
-    def watch(self, worker: WorkerProc) -> None: ...
 
     def reap_workers(self) -> None: ...
 
@@ -272,7 +272,7 @@ class Upgrades:
         master = self.master
         statemod.restore(master, state)
         for worker in master.slots.workers.values():
-            master.watch(worker)
+            master.channels.watch(worker)
         # Blocked across the exec (exec_master); the handlers are in place now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, master.signals.handlers)
         master.reap_workers()  # those that ended meanwhile
@@ -318,3 +318,11 @@ class Upgrades:
 
     def deadline(self) -> float | None:
         return self.job.deadline() if self.job is not None else None
+
+    def close(self) -> None:
+        self.cancel()
+
+    def in_child(self) -> None:
+        """The pre-flight's output is the master's to read."""
+        if isinstance(self.job, Upgrade):
+            self.job.preflight.close()

@@ -114,6 +114,12 @@ class AgentServer:
             self.paused_until = 0.0
             self.selector.register(self.sock, selectors.EVENT_READ, self.on_accept)
 
+    def deadline(self) -> float | None:
+        return self.paused_until or None
+
+    def in_child(self) -> None:
+        self.sock.close()  # the master's selector is closed already
+
     def close(self) -> None:
         if not self.paused_until:
             with contextlib.suppress(KeyError, ValueError):

@@ -378,14 +378,13 @@ class ControlServer:
         self.selector.unregister(peer.sock)
         peer.sock.close()
 
-    def next_deadline(self) -> float | None:
-        """When expire() next has work that the clock alone brings (an accept pause ends)."""
+    def deadline(self) -> float | None:
+        """When tick() next has work that the clock alone brings (an accept pause ends)."""
         return self.accept_paused_until or None
 
-    def expire(self) -> None:
+    def tick(self, now: float) -> None:
         """Resume accepting after a pause; close peers whose line stalled past
         REQUEST_TIMEOUT, that idled too long, or that lingered past LINGER."""
-        now = time.monotonic()
         if self.accept_paused_until and now >= self.accept_paused_until:
             self.accept_paused_until = 0.0
             self.selector.register(self.sock, selectors.EVENT_READ, self.on_accept)
@@ -399,6 +398,9 @@ class ControlServer:
                 self.drop(peer)
             elif not peer.closing and now - peer.since > LINGER + REQUEST_TIMEOUT:
                 self.drop(peer)  # its last reply never left: it does not read
+
+    def in_child(self) -> None:
+        self.close(unlink=False)
 
     def close(self, unlink: bool = True) -> None:
         """Close everything; the master also unlinks the path (a forked worker must not)."""

@@ -111,7 +111,7 @@ class Observers:
                  clients=sum(w["stats"].get("clients", 0) for w in snapshot["workers"]),
                  workers=snapshot["master"]["ready"], **percentiles)
 
-    def forget_in_child(self) -> None:
+    def in_child(self) -> None:
         """In a forked worker: the port is the master's (its selector is closed already)."""
         if self.http is not None:
             for peer in self.http.peers.values():

@@ -24,7 +24,10 @@ def _address(name: str) -> str | bytes:
 class Notifier:
     """sd_notify(3) from the master. Without NOTIFY_SOCKET every call does nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, describe: Callable[[], str | None] = lambda: None) -> None:
+        """`describe`: the STATUS= line to send now, or None while there is nothing to
+        tell (the master's loop sends it from tick())."""
+        self.describe = describe
         self.path = os.environ.get("NOTIFY_SOCKET") or ""
         self.sock: socket.socket | None = None
         if self.path:
@@ -71,17 +74,17 @@ class Notifier:
     def watchdog(self) -> None:
         self.notify("WATCHDOG=1")
 
-    def tick(self, status: Callable[[], str] | None) -> None:
+    def tick(self, now: float) -> None:
         """The loop's periodic duties: WATCHDOG=1 at its interval, from the loop itself (a
-        stuck loop stops it); STATUS= when it changed, at most every STATUS_EVERY seconds
-        (`status` None: nothing to tell yet)."""
-        now = time.monotonic()
+        stuck loop stops it); STATUS= when it changed, at most every STATUS_EVERY seconds."""
         if self.watchdog_interval and now >= self.next_watchdog:
             self.next_watchdog = now + self.watchdog_interval
             self.watchdog()
-        if status is not None and now >= self.next_status:
-            self.next_status = now + STATUS_EVERY
-            self.status(status())
+        if now >= self.next_status:
+            status = self.describe()
+            if status is not None:
+                self.next_status = now + STATUS_EVERY
+                self.status(status)
 
     def deadline(self) -> float | None:
         """When tick() must run next for the watchdog."""
@@ -91,6 +94,9 @@ class Notifier:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+    def in_child(self) -> None:
+        self.close()  # a worker is not the service's main process
 
 
 def listen_fds() -> list[socket.socket]:
