@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol
 
 from mpd import __version__
 from mpd.ops import humane, top
+from mpd.wire import counters
 
 Reply = dict[str, Any]
 
@@ -44,17 +45,14 @@ def done(why_not: str | None, **fields: Any) -> Reply:
 
 # --- what each command does in the daemon -------------------------------------------------
 
-STAT_FIELDS = ("clients", "accepted", "requests", "handoffs_out", "adopted", "refused",
-               "log_dropped", "proxy_rejected")
-
-
 def status(daemon: Daemon, request: dict[str, Any]) -> Reply:
     """Each worker's own counters; `slots` and `totals` count since mpd started, reaped
     workers included (tally.py), as the metrics do. {"usage": true} adds CPU seconds and
     resident bytes of each process."""
     snapshot = daemon.snapshot(usage=request.get("usage") is True)
     workers = [{"slot": w["slot"], "pid": w["pid"], "state": w["state"],
-                **{k: w["stats"].get(k, 0) for k in STAT_FIELDS},
+                **{k: w["stats"].get(k, 0) for k in counters.reported()},
+                # before its first heartbeat, the master's figure
                 "max_clients": w["stats"].get("max_clients", snapshot["master"]["max_clients"]),
                 **{k: w[k] for k in ("restarts", "uptime", "heartbeat_age", "generation",
                                      "version", "config_generation", "cpu_seconds", "rss")
@@ -163,12 +161,9 @@ def reload_done(reply: Reply, status: Reply) -> bool:
             and all(w["config_generation"] >= reply["config_generation"] for w in workers))
 
 
-STATUS_COLUMNS = (("slot", "SLOT"), ("pid", "PID"), ("state", "STATE"),
-                  ("clients", "CLIENTS"), ("max_clients", "MAX"), ("accepted", "ACCEPTED"),
-                  ("requests", "REQUESTS"), ("handoffs_out", "HANDOFF"),
-                  ("adopted", "ADOPTED"), ("refused", "REFUSED"), ("restarts", "RESTARTS"),
-                  ("uptime", "UPTIME"), ("heartbeat_age", "HEARTBEAT"), ("generation", "GEN"),
-                  ("config_generation", "CONFIG"))
+STATUS_COLUMNS = (("slot", "SLOT"), ("pid", "PID"), ("state", "STATE"), *counters.columns(),
+                  ("restarts", "RESTARTS"), ("uptime", "UPTIME"), ("heartbeat_age", "HEARTBEAT"),
+                  ("generation", "GEN"), ("config_generation", "CONFIG"))
 
 
 def show_status(reply: Reply) -> str:

@@ -43,7 +43,6 @@ class ProxyPhase:
         self.gate: ProxyGate | None = None
         if self.config.proxy_protocol:
             self.gate = ProxyGate(self.config)
-            self.stats["proxy_rejected"] = 0
 
     def expect_header(self, conn: Connection, peer: Any) -> bool:
         """A client just accepted: from a trusted address, it enters the header phase

@@ -18,6 +18,7 @@ from mpd.config.schema import Config
 from mpd.logs import log as logmod
 from mpd.system import tcp
 from mpd.system import testhooks as hooks
+from mpd.wire import counters
 from mpd.wire.channel import Kind, Message
 from mpd.worker.connection import WAITING, Connection
 from mpd.worker.handoff import Handover
@@ -72,8 +73,7 @@ class Worker(Serving, Handover, Orders, Upkeep, ProxyPhase):
         self.now = 0.0  # the loop's clock, read once a turn
         self.link_writable_wanted = False  # the link's fd is in epoll for OUT too
         self.debug = logmod.enabled("debug")
-        self.stats = {"accepted": 0, "requests": 0, "handoffs_out": 0, "adopted": 0,
-                      "spilled": 0, "refused": 0, "protocol_errors": 0, "overflows": 0}
+        self.stats = counters.zeroed()  # what the heartbeat reports (mpd/wire/counters.py)
         self.init_upkeep()
         self.init_proxy()  # server.proxy_protocol: the PROXY header phase (proxyphase.py)
         # What the master may tell us: one table, as nginx keeps one switch.
