@@ -59,7 +59,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                        "generation, error"),
     "config.invalid": ("error", "master", "the config file is invalid at start: path, line, "
                        "key, error (exit 78)"),
-    "config.reloaded": ("info", "master", "SIGHUP or mpdctl reload applied: path, workers"),
+    "config.reloaded": ("info", "master", "SIGHUP or mpdctl reload applied: path, workers, "
+                        "changed (the keys whose value changed: the workers or the master "
+                        "apply each, as the config reference says)"),
     "config.reload_failed": ("error", "master", "reload refused, nothing changed: error"),
     "worker.spawned": ("info", "master", "forked a worker: worker_pid, worker_slot, restarts"),
     "worker.spawn_failed": ("error", "master", "fork or socketpair failed (EAGAIN, ENOMEM, "
