@@ -78,6 +78,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "worker.timeout": ("error", "master", "no heartbeat for worker_timeout; SIGKILL: "
                        "worker_pid, worker_slot, silent_for"),
     "worker.scaled": ("info", "master", "the worker count changed: previous, workers"),
+    "worker.scale_queued": ("info", "master", "a scale (mpdctl scale, SIGTTIN/SIGTTOU, a "
+                            "reload, autoscale) during an upgrade's roll waits for the roll to "
+                            "end: previous, workers"),
     "worker.autoscaled": ("info", "master", "every worker was full; one added: previous, "
                           "workers, max_clients"),
     "worker.accept_paused": ("warning", "worker", "the worker stopped accepting (logged when "

@@ -80,7 +80,9 @@ class Master(Stopping, Messages):
 
     @property
     def target(self) -> int:
-        return self.slots.target
+        """The worker count wanted: the slot table's, or a scale's that waits for a roll."""
+        queued = self.upgrades.queued_count
+        return self.slots.target if queued is None else queued
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -371,6 +373,8 @@ class Master(Stopping, Messages):
             return f"worker count {count} out of range: 1 to {limit} (workers.max_workers)"
         if self.state == "stopping":
             return "mpd is stopping"
+        if self.upgrades.rolling:  # slots change only between rolls (README: upgrading)
+            return self.upgrades.queue_scale(count)
         if count == self.target:
             return None
         log.info("worker.scaled", previous=self.target, workers=count)

@@ -12,6 +12,7 @@ from typing import Callable
 from mpd.config.schema import Config
 from mpd.logs import log as logmod
 from mpd.system import proctitle
+from mpd.system import testhooks as hooks
 from mpd.wire.channel import Channel
 from mpd.worker.worker import EXIT_BOOT_ERROR, run_worker
 
@@ -57,4 +58,5 @@ def become_worker(slot: int, config: Config, listener: socket.socket, channel: s
     logmod.set_role("worker", slot)
     proctitle.worker(slot)
     forget_master()
+    hooks.hold()  # MPD_TEST_HOLD_FILE: a worker slow to start (tests only)
     return run_worker(config, listener, channel, slot, table)

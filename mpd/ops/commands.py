@@ -161,6 +161,51 @@ def reload_done(reply: Reply, status: Reply) -> bool:
             and all(w["config_generation"] >= reply["config_generation"] for w in workers))
 
 
+# --- what mpdctl says it waits for, while it waits and when it gives up ---------------------
+
+def rolling(status: Reply) -> list[str]:
+    upgrade = status["master"].get("upgrade", {})
+    if upgrade.get("state") != "rolling":
+        return []
+    return [f"an upgrade's roll onto generation {upgrade.get('generation')} (a scale waits "
+            "for its end)"]
+
+
+def workers_ready(status: Reply, wanted: int) -> list[str]:
+    m, workers = status["master"], status["workers"]
+    if m["ready"] == wanted == len(workers):
+        return []
+    return [f"{m['ready']} of {wanted} workers ready ({len(workers)} running)"]
+
+
+def behind(status: Reply, field: str, wanted: int, label: Callable[[Any], str]) -> list[str]:
+    """The workers whose `field` (a number) is below `wanted`, each with its own."""
+    workers = status["workers"]
+    late = [w for w in workers if w.get(field, 0) < wanted]
+    if not late:
+        return []
+    return [f"{label(wanted)} runs on {len(workers) - len(late)} of {len(workers)} workers; "
+            + ", ".join(f"pid {w['pid']} (slot {w['slot']}) runs {label(w.get(field))}"
+                        for w in late)]
+
+
+def reload_waiting(reply: Reply, status: Reply) -> str:
+    return "; ".join([*behind(status, "config_generation", reply["config_generation"],
+                              lambda n: f"config #{n}"),
+                      *workers_ready(status, status["master"]["workers"]), *rolling(status)])
+
+
+def scale_waiting(reply: Reply, status: Reply) -> str:
+    return "; ".join([*workers_ready(status, reply["workers"]), *rolling(status)])
+
+
+def upgrade_waiting(reply: Reply, status: Reply) -> str:
+    upgrade = status["master"].get("upgrade", {})
+    return "; ".join([f"the upgrade is at {upgrade.get('state')}",
+                      *behind(status, "generation", reply["generation"],
+                              lambda n: f"generation {n}")])
+
+
 STATUS_COLUMNS = (("slot", "SLOT"), ("pid", "PID"), ("state", "STATE"), *counters.columns(),
                   ("restarts", "RESTARTS"), ("uptime", "UPTIME"), ("heartbeat_age", "HEARTBEAT"),
                   ("generation", "GEN"), ("config_generation", "CONFIG"))
@@ -202,6 +247,8 @@ class Command:
     show: Callable[[Reply], str] = lambda reply: "ok"  # what mpdctl prints of the reply
     # mpdctl polls status until this says True (done) or a string (failed: why)
     done: Callable[[Reply, Reply], bool | str] | None = None
+    # meanwhile, what it still waits for (said while it waits, and when it gives up)
+    waiting: Callable[[Reply, Reply], str] = lambda reply, status: ""
     # mpdctl's own view over other commands (run is None): (a way to send a request,
     # mpdctl's options) -> exit code
     view: Callable[[Callable[..., Reply], Any], int] | None = None
@@ -212,16 +259,19 @@ COMMANDS: dict[str, Command] = {
                       "reply)", show=show_status),
     "scale": Command(scale, "scale N|+N|-N", "set or change the worker count; waits until "
                      "that many are ready", argument=scale_argument, done=scale_done,
+                     waiting=scale_waiting,
                      show=lambda r: f"mpd: {r['workers']} workers ready (was {r['previous']})"),
     "reload": Command(reload, "reload", "re-read the config (as SIGHUP); an invalid file, or "
                       "a change that needs a restart, changes nothing and fails; waits until "
                       "every worker runs the new config", done=reload_done,
+                      waiting=reload_waiting,
                       show=lambda r: f"mpd: config #{r['config_generation']} reloaded, "
                       f"{r['workers']} workers run it"),
     "stop": Command(stop, "stop", "graceful stop (as SIGTERM); a second stop is immediate",
                     show=lambda r: "mpd: stopping"),
     "upgrade": Command(upgrade, "upgrade", "run the mpd now installed, moving every client "
                        "to new workers (as SIGUSR2); waits until done", done=upgrade_done,
+                       waiting=upgrade_waiting,
                        show=show_upgrade),
     "ping": Command(ping, "ping", "check that mpd answers",
                     show=lambda r: f"mpd {r['version']} (pid {r['pid']}) answers"),
