@@ -26,6 +26,7 @@ EXIT_NOT_RUNNING = 3  # no mpd answers on the socket
 EXIT_DENIED = 4  # the socket or the daemon refused us
 EXIT_TIMEOUT = 5  # no answer, or scale not done, within --timeout
 EXIT_CONFIG = configmod.EX_CONFIG  # the config that names the socket is invalid
+WAIT_SAID_AFTER = 1.0  # seconds between two lines that say what mpdctl waits for
 
 EXIT_CODES = ((EXIT_OK, "done"), (EXIT_ERROR, "mpd answered with an error (a refused reload "
                                              "or scale, a failed upgrade)"),
@@ -201,10 +202,13 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def wait_done(client: Client, command: Command, reply: dict[str, Any], timeout: float) -> None:
-    """Poll status until the command's effect is complete, or fail at the deadline. An
-    upgrade's exec closes every control connection: then connect again."""
+    """Poll status until the command's effect is complete, or fail at the deadline, saying
+    what it still waits for (on stderr after a second, then when that changed, once a
+    second at most).
+    An upgrade's exec closes every control connection: then connect again."""
     assert command.done is not None
     name = command.usage.split()[0]
+    said, said_at = "", time.monotonic()  # what it said last, and when
     while True:
         try:
             status = client.request("status")
@@ -219,10 +223,13 @@ def wait_done(client: Client, command: Command, reply: dict[str, Any], timeout: 
             raise CtlError(EXIT_ERROR, result)
         if result:
             return
+        waiting = command.waiting(reply, status)
         if time.monotonic() > client.deadline:
-            m = status["master"]
-            raise CtlError(EXIT_TIMEOUT, f"{name}: not done after {timeout:g} s "
-                           f"({m['ready']} of {m['workers']} workers ready)")
+            raise CtlError(EXIT_TIMEOUT, f"{name}: not done after {timeout:g} s"
+                           + (f": waiting for {waiting}" if waiting else ""))
+        if waiting and waiting != said and time.monotonic() - said_at >= WAIT_SAID_AFTER:
+            print(f"mpdctl: {name}: waiting for {waiting}", file=sys.stderr)
+            said, said_at = waiting, time.monotonic()
         time.sleep(0.02)  # a poll interval against the daemon, bounded by the deadline
 
 

@@ -26,5 +26,7 @@ def reload_config(current: configmod.Config) -> configmod.Config | str:
     if unseen is not None:
         log.error("config.reload_failed", error=unseen)
         return unseen
-    log.info("config.reloaded", path=new.path, workers=new.worker_count)
+    changed = [key.dotted for key in configmod.SCHEMA
+               if getattr(new, key.attr) != getattr(current, key.attr)]
+    log.info("config.reloaded", path=new.path, workers=new.worker_count, changed=changed)
     return new

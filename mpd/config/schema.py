@@ -52,19 +52,21 @@ def default_socket_path() -> str:
     return os.path.join(runtime, "mpd", "mpd.sock")
 
 
-# Settings a reload may change in running workers (the master sends them in CONFIG).
-LIVE_SETTINGS = ("max_clients", "max_output_buffer", "max_group_state", "idle_timeout",
-                 "first_frame_timeout",
-                 "graceful_timeout", "log_level", "log_format", "log_target", "log_file",
-                 "log_buffer", "proxy_from", "proxy_timeout")
-# Settings bound to the listening socket or the control socket: changing them needs a restart.
-RESTART_SETTINGS = ("listen", "port", "backlog", "protocol", "app", "user", "group", "socket",
-                    "mode", "allow_group", "pidfile", "proxy_protocol", "agent_listen",
-                    "metrics_listen")
 APP_SECTION = "app"  # free-form: the application's options, passed to its factory
 APP_DOC = ("The application's own options (any keys), given to its factory as keyword\n"
            "arguments; the application says what it takes. A restart applies a change.")
+# What a reload does with each key (Key.applies): every key is one of these.
+LIVE = "live"  # the master sends it to running workers in CONFIG (and keeps its own copy)
+MASTER = "master"  # only the master reads it: its copy is all there is to change
+RESTART = "restart"  # bound to a socket, a file or the start: a reload that changes it fails
+# How the config reference says each (README: Configuration).
+APPLIES = {LIVE: "workers", MASTER: "master", RESTART: "restart"}
 PREFIXED_SECTIONS = ("log", "agent", "metrics")  # their keys are Config fields named section_key
+
+
+def settings(applies: str) -> tuple[str, ...]:
+    """The Config attributes of the keys that a reload applies so."""
+    return tuple(key.attr for key in SCHEMA if key.applies == applies)
 
 
 def live_settings(config: Config) -> dict[str, Any]:
@@ -79,6 +81,7 @@ class Key:
     name: str
     default: Any
     check: Callable[[Any], Any]
+    applies: str  # LIVE, MASTER or RESTART: what a reload does with it
     doc: str
     toml_default: str = ""  # how the default is written in the example file, when repr() won't do
 
@@ -95,123 +98,125 @@ class Key:
 
 # The one place that defines every config key, its default, its check and its documentation.
 SCHEMA: tuple[Key, ...] = (
-    Key("server", "listen", "127.0.0.1", checks.address,
+    Key("server", "listen", "127.0.0.1", checks.address, RESTART,
         "Address to listen on: IPv4 or IPv6 (\"0.0.0.0\" or \"::\" for every interface)."),
-    Key("server", "port", 1990, checks.int_range(0, 65535),
+    Key("server", "port", 1990, checks.int_range(0, 65535), RESTART,
         "TCP port. 0 lets the kernel pick a free one; the chosen port is logged in mpd.started."),
-    Key("server", "backlog", 1024, checks.int_range(1, 65535),
+    Key("server", "backlog", 1024, checks.int_range(1, 65535), RESTART,
         "listen(2) backlog: connections the kernel queues before a worker accepts them."),
-    Key("server", "protocol", "ping", checks.protocol,
+    Key("server", "protocol", "ping", checks.protocol, RESTART,
         "The application the workers serve: \"ping\" (the seed's), \"rooms\" (a chat),\n"
         "\"relay\" (one publisher, many players), the name of an entry point in the group\n"
         "mpd.protocols, or \"package.module:factory\". Its options are the [app] table."),
-    Key("server", "user", "", checks.user,
+    Key("server", "user", "", checks.user, RESTART,
         "The user mpd runs as once its sockets and files are open, when started as root\n"
         "(master and workers alike). \"\" = stay as started, but a start as root is then\n"
         "refused: say \"root\" to serve as root knowingly. Under systemd leave it \"\":\n"
         "the unit's DynamicUser= or User= decides. `mpd --user` overrides it."),
-    Key("server", "group", "", checks.group,
+    Key("server", "group", "", checks.group, RESTART,
         "The group for server.user. \"\" = that user's primary group."),
-    Key("server", "proxy_protocol", False, checks.boolean,
+    Key("server", "proxy_protocol", False, checks.boolean, RESTART,
         "Expect a PROXY protocol header (v1 or v2, as HAProxy's send-proxy-v2 writes it)\n"
         "before each client's bytes, and log the real client it names. Clients from\n"
         "elsewhere, or with a malformed or late header, are closed (client.proxy_rejected)."),
-    Key("server", "proxy_from", ("127.0.0.0/8", "::1"), checks.networks,
+    Key("server", "proxy_from", ("127.0.0.0/8", "::1"), checks.networks, LIVE,
         "Addresses or networks that may send a PROXY header (the proxies), e.g.\n"
         "[\"10.0.0.5\", \"192.168.1.0/24\"]. Used when proxy_protocol = true.",
         toml_default='["127.0.0.0/8", "::1"]'),
-    Key("server", "proxy_timeout", 3.0, checks.float_range(0.1, 60),
+    Key("server", "proxy_timeout", 3.0, checks.float_range(0.1, 60), LIVE,
         "Seconds a client may take to send its whole PROXY header before it is closed."),
-    Key("workers", "workers", "auto", checks.workers,
+    Key("workers", "workers", "auto", checks.workers, MASTER,
         "Number of worker processes. \"auto\" = one per CPU this process may run on;\n"
         "0 = single-process mode: the master serves clients itself."),
-    Key("workers", "max_workers", 64, checks.int_range(1, 1024),
+    Key("workers", "max_workers", 64, checks.int_range(1, 1024), MASTER,
         "Upper bound for the worker count (auto-scale, SIGTTIN and mpdctl scale stop here)."),
-    Key("workers", "max_clients", "auto", checks.max_clients,
+    Key("workers", "max_clients", "auto", checks.max_clients, LIVE,
         "Connections one worker serves at once; at the limit it stops accepting until one\n"
         "leaves, and a client handed over to it goes on to its key's next slot. \"auto\" = what\n"
         "the fd limit allows: RLIMIT_NOFILE (mpd lifts it to the hard limit) minus 128 for the\n"
         "worker's own fds and hand-offs in flight, up to 1000000. A number above that is\n"
         "capped the same way (mpd.max_clients_capped)."),
-    Key("workers", "max_output_buffer", 262144, checks.int_range(1024, 1 << 30),
+    Key("workers", "max_output_buffer", 262144, checks.int_range(1024, 1 << 30), LIVE,
         "Bytes of replies a worker holds for a client that does not read; past it the client\n"
         "is closed (client.overflow), so a stuck client never blocks the others."),
-    Key("workers", "max_group_state", 16 * 1024 * 1024, checks.int_range(0, 1 << 31),
+    Key("workers", "max_group_state", 16 * 1024 * 1024, checks.int_range(0, 1 << 31), LIVE,
         "Bytes of state a key group may export (the group's and its members' together)\n"
         "when it moves to another worker; a bigger one is refused (group.move_failed,\n"
         "naming the key) and the group stays where it is.",
         toml_default="16777216"),
-    Key("workers", "idle_timeout", 300.0, checks.float_range(0, 86400),
+    Key("workers", "idle_timeout", 300.0, checks.float_range(0, 86400), LIVE,
         "Seconds a client may go without sending a whole frame or taking any of its replies\n"
         "before it is closed (client.timed_out); 0 = never. A client that half-closed (sent\n"
         "EOF) gets its replies first, unless it stops reading them for this long."),
-    Key("workers", "first_frame_timeout", 10.0, checks.float_range(0, 86400),
+    Key("workers", "first_frame_timeout", 10.0, checks.float_range(0, 86400), LIVE,
         "Seconds a new client has to send its first whole frame before it is closed, so that\n"
         "connections that send nothing, or a byte now and then (slowloris), cannot hold the\n"
         "places of real clients; 0 = never."),
-    Key("workers", "autoscale", False, checks.boolean,
+    Key("workers", "autoscale", False, checks.boolean, MASTER,
         "Add a worker (up to max_workers) whenever every worker is at max_clients."),
-    Key("workers", "graceful_timeout", 10.0, checks.float_range(0, 3600),
+    Key("workers", "graceful_timeout", 10.0, checks.float_range(0, 3600), LIVE,
         "Seconds that workers get to finish their clients on SIGTERM before SIGKILL."),
-    Key("workers", "worker_timeout", 30.0, checks.float_range(1, 3600),
+    Key("workers", "worker_timeout", 30.0, checks.float_range(1, 3600), MASTER,
         "Seconds without a heartbeat after which a worker counts as hung and is replaced."),
-    Key("workers", "backoff_max", 30.0, checks.float_range(0.1, 3600),
+    Key("workers", "backoff_max", 30.0, checks.float_range(0.1, 3600), MASTER,
         "Longest wait, in seconds, before respawning a slot whose workers keep failing before\n"
         "they serve (the wait doubles from 0.1 s with each; a worker that served is replaced\n"
         "at once, and while no other slot serves the wait is 1 s at most)."),
-    Key("control", "socket", "auto", checks.socket_path,
+    Key("control", "socket", "auto", checks.socket_path, RESTART,
         "Control socket for mpdctl. \"auto\" = mpd.sock in systemd's RuntimeDirectory\n"
         "(/run/mpd), else /run/mpd/mpd.sock for root, else $XDG_RUNTIME_DIR/mpd/mpd.sock.\n"
         "With \"auto\", mpdctl tries /run/mpd/mpd.sock first, whoever runs it."),
-    Key("control", "mode", 0o660, checks.mode,
+    Key("control", "mode", 0o660, checks.mode, RESTART,
         "File mode of the control socket.", toml_default="0o660"),
-    Key("control", "allow_uids", (), checks.uids,
+    Key("control", "allow_uids", (), checks.uids, MASTER,
         "User ids allowed to use the control socket besides root and mpd's own user\n"
         "(checked with SO_PEERCRED on every connection).", toml_default="[]"),
-    Key("control", "allow_group", "", checks.group,
+    Key("control", "allow_group", "", checks.group, RESTART,
         "A group whose members may use the control socket; the socket is made\n"
         "group-owned by it. \"\" = none."),
-    Key("log", "level", "info", checks.choice("debug", "info", "warning", "error"),
+    Key("log", "level", "info", checks.choice("debug", "info", "warning", "error"), LIVE,
         "Least severe level written: debug also logs every client connect and close."),
-    Key("log", "format", "auto", checks.choice("auto", "json", "console"),
+    Key("log", "format", "auto", checks.choice("auto", "json", "console"), LIVE,
         "json = one JSON object per line; console = a line for people (the time first);\n"
         "auto = console when stdout is a terminal, else json. Under journald the fields go\n"
         "to the journal either way; MESSAGE is then the JSON line only with \"json\".\n"
         "`mpd --log-format` overrides it."),
-    Key("log", "target", "stdout", checks.choice("stdout", "file", "syslog"),
+    Key("log", "target", "stdout", checks.choice("stdout", "file", "syslog"), LIVE,
         "Where logs go. stdout: under systemd, each event goes to journald with its fields\n"
         "(MPD_EVENT, MPD_SLOT, ...); file: append to log.file (reopened on reload; a file\n"
         "that cannot be opened is a config error); syslog: /dev/log, facility daemon.\n"
         "Writes never block: a sink that falls behind gets a bounded queue, then drops."),
-    Key("log", "file", "", checks.path_or_empty,
+    Key("log", "file", "", checks.path_or_empty, LIVE,
         "The log file for target = \"file\"."),
-    Key("log", "buffer", 1048576, checks.int_range(4096, 1 << 30),
+    Key("log", "buffer", 1048576, checks.int_range(4096, 1 << 30), LIVE,
         "Bytes of log lines each process holds for a sink that does not keep up (a full\n"
         "pipe, a busy journald); past it lines are dropped, counted and reported\n"
         "(log.dropped) once the sink drains."),
-    Key("log", "stats_interval", 60.0, checks.float_range(0, 86400),
+    Key("log", "stats_interval", 60.0, checks.float_range(0, 86400), MASTER,
         "Seconds between two mpd.stats lines from the master: the counts of the interval\n"
         "(requests, hand-offs, refusals, errors, restarts), clients, and hand-off latency\n"
         "p50/p99/max; only when something was counted. 0 = none. Per hand-off lines\n"
         "(fd.dispatched) are at debug."),
-    Key("agent", "listen", "", checks.listen_or_empty,
+    Key("agent", "listen", "", checks.listen_or_empty, RESTART,
         "HAProxy agent-check port, as \"address:port\" (\"[::1]:1991\" for IPv6); \"\" = off.\n"
         "Each connection gets one line: \"up ready N%\" (N = free share of capacity),\n"
         "\"drain\" while stopping, upgrading or with no ready worker, \"down\" when halting."),
-    Key("agent", "drain_delay", 3.0, checks.float_range(0, 600),
+    Key("agent", "drain_delay", 3.0, checks.float_range(0, 600), MASTER,
         "Seconds a graceful stop first goes on serving and accepting while the agent says\n"
         "\"drain\", so HAProxy (which asks every agent-inter: 2 s in the shipped config)\n"
         "sends no new client before the listeners close. Keep it above agent-inter.\n"
         "0 = no delay. Used when agent.listen is set."),
-    Key("metrics", "listen", "", checks.listen_or_empty,
+    Key("metrics", "listen", "", checks.listen_or_empty, RESTART,
         "Prometheus metrics over HTTP, as \"address:port\" (\"[::1]:9190\" for IPv6); \"\" =\n"
         "off (`mpdctl metrics` prints them either way). GET /metrics, served by the master's\n"
         "own loop: bounded requests, deadlines and at most 16 connections. No access\n"
         "control of its own: listen on loopback or a private address."),
-    Key("daemon", "pidfile", "auto", checks.socket_path,
+    Key("daemon", "pidfile", "auto", checks.socket_path, RESTART,
         "Pidfile written by `mpd --daemon`. \"auto\" = /run/mpd/mpd.pid for root, else\n"
         "next to the control socket."),
 )
+LIVE_SETTINGS = settings(LIVE)  # what a CONFIG message carries (and a worker checks)
+RESTART_SETTINGS = settings(RESTART)
 
 
 @dataclass(frozen=True)
@@ -414,6 +419,8 @@ def reload(current: Config) -> Config:
     if current.overrides:
         new = new.override(**dict(current.overrides))
     fixed = [k for k in RESTART_SETTINGS if getattr(new, k) != getattr(current, k)]
+    if new.app != current.app:
+        fixed.append(f"[{APP_SECTION}]")
     if (new.worker_count == 0) != (current.worker_count == 0):
         fixed.append("workers (single-process mode)")
     if fixed:
@@ -446,6 +453,8 @@ def render(config: Config | None = None) -> str:
             section = key.section
             out += ["", f"[{section}]"]
         out += [f"# {line}" for line in key.doc.splitlines()]
+        if key.applies == RESTART:
+            out.append("# Needs a restart: a reload that changes it is refused.")
         out.append(f"{key.name} = {_toml_value(key, getattr(config, key.attr))}")
     out += ["", f"[{APP_SECTION}]", *(f"# {line}" for line in APP_DOC.splitlines())]
     out += [f"{name} = {_toml_value(SCHEMA[0], value)}" for name, value in config.app]
@@ -454,11 +463,12 @@ def render(config: Config | None = None) -> str:
 
 def markdown() -> str:
     """The config reference table for the README, from the same schema."""
-    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    rows = ["| key | default | on reload | meaning |", "| --- | --- | --- | --- |"]
     for key in SCHEMA:
         default = _toml_value(key, key.default)
-        rows.append(f"| `{key.dotted}` | `{default}` | {' '.join(key.doc.splitlines())} |")
-    rows.append(f"| `[{APP_SECTION}]` | | {' '.join(APP_DOC.splitlines())} |")
+        rows.append(f"| `{key.dotted}` | `{default}` | {APPLIES[key.applies]} | "
+                    f"{' '.join(key.doc.splitlines())} |")
+    rows.append(f"| `[{APP_SECTION}]` | | restart | {' '.join(APP_DOC.splitlines())} |")
     return "\n".join(rows) + "\n"
 
 

@@ -59,7 +59,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                        "generation, error"),
     "config.invalid": ("error", "master", "the config file is invalid at start: path, line, "
                        "key, error (exit 78)"),
-    "config.reloaded": ("info", "master", "SIGHUP or mpdctl reload applied: path, workers"),
+    "config.reloaded": ("info", "master", "SIGHUP or mpdctl reload applied: path, workers, "
+                        "changed (the keys whose value changed: the workers or the master "
+                        "apply each, as the config reference says)"),
     "config.reload_failed": ("error", "master", "reload refused, nothing changed: error"),
     "worker.spawned": ("info", "master", "forked a worker: worker_pid, worker_slot, restarts"),
     "worker.spawn_failed": ("error", "master", "fork or socketpair failed (EAGAIN, ENOMEM, "
@@ -76,6 +78,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "worker.timeout": ("error", "master", "no heartbeat for worker_timeout; SIGKILL: "
                        "worker_pid, worker_slot, silent_for"),
     "worker.scaled": ("info", "master", "the worker count changed: previous, workers"),
+    "worker.scale_queued": ("info", "master", "a scale (mpdctl scale, SIGTTIN/SIGTTOU, a "
+                            "reload, autoscale) during an upgrade's roll waits for the roll to "
+                            "end: previous, workers"),
     "worker.autoscaled": ("info", "master", "every worker was full; one added: previous, "
                           "workers, max_clients"),
     "worker.accept_paused": ("warning", "worker", "the worker stopped accepting (logged when "

@@ -85,9 +85,12 @@ class Channels:
         return True
 
     def broadcast(self, kind: Kind, meta: dict[str, Any]) -> None:
-        """To every serving worker: the retiring ones got what they need with DRAIN."""
-        for worker in list(self.slots.serving.values()):
-            self.send(worker, kind, meta)
+        """To every worker that is not retiring (they got what they need with DRAIN): the
+        serving ones, and an upgrade's new worker that is not ready yet, which will serve
+        (sent to the serving ones only, a reload during a roll left it on the old config)."""
+        for worker in list(self.slots.workers.values()):
+            if worker.state != "stopping":
+                self.send(worker, kind, meta)
 
     def on_message(self, worker: WorkerProc, message: Message) -> None:
         """React to one message, inside a boundary: a bug in handling it is logged with the

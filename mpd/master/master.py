@@ -78,7 +78,9 @@ class Master:
 
     @property
     def target(self) -> int:
-        return self.slots.target
+        """The worker count wanted: the slot table's, or a scale's that waits for a roll."""
+        queued = self.upgrades.queued_count
+        return self.slots.target if queued is None else queued
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -392,6 +394,8 @@ class Master:
             return f"worker count {count} out of range: 1 to {limit} (workers.max_workers)"
         if self.state == "stopping":
             return "mpd is stopping"
+        if self.upgrades.rolling:  # slots change only between rolls (README: upgrading)
+            return self.upgrades.queue_scale(count)
         if count == self.target:
             return None
         log.info("worker.scaled", previous=self.target, workers=count)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from mpd.config.schema import Config
 from mpd.logs import log as logmod
 from mpd.system import proctitle
+from mpd.system import testhooks as hooks
 from mpd.wire.channel import Channel
 from mpd.worker.worker import EXIT_BOOT_ERROR, run_worker
 
@@ -58,4 +59,5 @@ def become_worker(slot: int, config: Config, listener: socket.socket, channel: s
     proctitle.worker(slot)
     for close in close_masters:
         close()
+    hooks.hold()  # MPD_TEST_HOLD_FILE: a worker slow to start (tests only)
     return run_worker(config, listener, channel, slot, table)

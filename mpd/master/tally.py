@@ -20,12 +20,9 @@ from typing import Any
 
 from mpd.master.slots import Slots, WorkerProc
 from mpd.system import procfs
-from mpd.wire import latency
+from mpd.wire import counters, latency
 
-# What a worker counts (in STATS): each only grows over a worker's life.
-COUNTERS = ("accepted", "requests", "handoffs_out", "adopted", "spilled", "refused",
-            "protocol_errors", "overflows", "idle_timeouts", "first_frame_timeouts", "lost",
-            "proxy_rejected", "log_dropped")
+COUNTERS = counters.totalled()  # what only grows: the workers' counts and the master's
 
 
 @dataclass

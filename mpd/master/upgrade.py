@@ -253,13 +253,26 @@ class Upgrades:
         self.master = master
         self.job: Upgrade | roll.Roll | None = None
         self.status: dict[str, Any] = {"state": "none"}  # for `status`
+        self.queued_count: int | None = None  # a scale asked for during the roll
+
+    @property
+    def rolling(self) -> bool:
+        return isinstance(self.job, roll.Roll)
+
+    def queue_scale(self, count: int) -> None:
+        """A scale (mpdctl, a signal, a reload, autoscale) during the roll: the roll goes
+        slot by slot over the table, so the table changes once it is over (done or not)."""
+        if count != self.master.target:
+            log.info("worker.scale_queued", previous=self.master.target, workers=count)
+        self.queued_count = count
 
     def start(self) -> str | None:
         """`mpdctl upgrade`, SIGUSR2: why not, or None once the pre-flight runs."""
         if self.master.state != "running":
             return f"mpd is {self.master.state}"
         if self.job is not None:
-            return f"an upgrade is already running ({self.status['state']})"
+            return (f"an upgrade is already running ({self.status['state']}, generation "
+                    f"{self.status.get('generation')}); `mpdctl status` shows when it is done")
         self.status = {"state": "preflight", "generation": self.master.generation + 1}
         try:
             self.job = Upgrade(self.master, self)
@@ -285,19 +298,22 @@ class Upgrades:
         self.job = roll.Roll(master, self.ended)
         self.job.step()
 
-    def ended(self, error: str | None) -> None:
+    def ended(self, error: str | None, stopping: bool = False) -> None:
         self.job = None
         self.status = {**self.status, "state": "done" if error is None else "failed",
                        "error": error}
         if error is not None:
             log.error("upgrade.failed", generation=self.status.get("generation"), error=error)
+        count, self.queued_count = self.queued_count, None
+        if count is not None and not stopping:
+            self.master.scale(count)  # what waited for the roll (queue_scale)
 
     def cancel(self) -> None:
         """mpd is stopping."""
         if isinstance(self.job, Upgrade):
             self.job.cancel()
         if self.job is not None:
-            self.ended("mpd is stopping")
+            self.ended("mpd is stopping", stopping=True)
 
     def on_ready(self, worker: WorkerProc) -> None:
         if self.job is not None:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol
 
 from mpd import __version__
 from mpd.ops import humane, top
+from mpd.wire import counters
 
 Reply = dict[str, Any]
 
@@ -44,17 +45,14 @@ def done(why_not: str | None, **fields: Any) -> Reply:
 
 # --- what each command does in the daemon -------------------------------------------------
 
-STAT_FIELDS = ("clients", "accepted", "requests", "handoffs_out", "adopted", "refused",
-               "log_dropped", "proxy_rejected")
-
-
 def status(daemon: Daemon, request: dict[str, Any]) -> Reply:
     """Each worker's own counters; `slots` and `totals` count since mpd started, reaped
     workers included (tally.py), as the metrics do. {"usage": true} adds CPU seconds and
     resident bytes of each process."""
     snapshot = daemon.snapshot(usage=request.get("usage") is True)
     workers = [{"slot": w["slot"], "pid": w["pid"], "state": w["state"],
-                **{k: w["stats"].get(k, 0) for k in STAT_FIELDS},
+                **{k: w["stats"].get(k, 0) for k in counters.reported()},
+                # before its first heartbeat, the master's figure
                 "max_clients": w["stats"].get("max_clients", snapshot["master"]["max_clients"]),
                 **{k: w[k] for k in ("restarts", "uptime", "heartbeat_age", "generation",
                                      "version", "config_generation", "cpu_seconds", "rss")
@@ -163,12 +161,54 @@ def reload_done(reply: Reply, status: Reply) -> bool:
             and all(w["config_generation"] >= reply["config_generation"] for w in workers))
 
 
-STATUS_COLUMNS = (("slot", "SLOT"), ("pid", "PID"), ("state", "STATE"),
-                  ("clients", "CLIENTS"), ("max_clients", "MAX"), ("accepted", "ACCEPTED"),
-                  ("requests", "REQUESTS"), ("handoffs_out", "HANDOFF"),
-                  ("adopted", "ADOPTED"), ("refused", "REFUSED"), ("restarts", "RESTARTS"),
-                  ("uptime", "UPTIME"), ("heartbeat_age", "HEARTBEAT"), ("generation", "GEN"),
-                  ("config_generation", "CONFIG"))
+# --- what mpdctl says it waits for, while it waits and when it gives up ---------------------
+
+def rolling(status: Reply) -> list[str]:
+    upgrade = status["master"].get("upgrade", {})
+    if upgrade.get("state") != "rolling":
+        return []
+    return [f"an upgrade's roll onto generation {upgrade.get('generation')} (a scale waits "
+            "for its end)"]
+
+
+def workers_ready(status: Reply, wanted: int) -> list[str]:
+    m, workers = status["master"], status["workers"]
+    if m["ready"] == wanted == len(workers):
+        return []
+    return [f"{m['ready']} of {wanted} workers ready ({len(workers)} running)"]
+
+
+def behind(status: Reply, field: str, wanted: int, label: Callable[[Any], str]) -> list[str]:
+    """The workers whose `field` (a number) is below `wanted`, each with its own."""
+    workers = status["workers"]
+    late = [w for w in workers if w.get(field, 0) < wanted]
+    if not late:
+        return []
+    return [f"{label(wanted)} runs on {len(workers) - len(late)} of {len(workers)} workers; "
+            + ", ".join(f"pid {w['pid']} (slot {w['slot']}) runs {label(w.get(field))}"
+                        for w in late)]
+
+
+def reload_waiting(reply: Reply, status: Reply) -> str:
+    return "; ".join([*behind(status, "config_generation", reply["config_generation"],
+                              lambda n: f"config #{n}"),
+                      *workers_ready(status, status["master"]["workers"]), *rolling(status)])
+
+
+def scale_waiting(reply: Reply, status: Reply) -> str:
+    return "; ".join([*workers_ready(status, reply["workers"]), *rolling(status)])
+
+
+def upgrade_waiting(reply: Reply, status: Reply) -> str:
+    upgrade = status["master"].get("upgrade", {})
+    return "; ".join([f"the upgrade is at {upgrade.get('state')}",
+                      *behind(status, "generation", reply["generation"],
+                              lambda n: f"generation {n}")])
+
+
+STATUS_COLUMNS = (("slot", "SLOT"), ("pid", "PID"), ("state", "STATE"), *counters.columns(),
+                  ("restarts", "RESTARTS"), ("uptime", "UPTIME"), ("heartbeat_age", "HEARTBEAT"),
+                  ("generation", "GEN"), ("config_generation", "CONFIG"))
 
 
 def show_status(reply: Reply) -> str:
@@ -207,6 +247,8 @@ class Command:
     show: Callable[[Reply], str] = lambda reply: "ok"  # what mpdctl prints of the reply
     # mpdctl polls status until this says True (done) or a string (failed: why)
     done: Callable[[Reply, Reply], bool | str] | None = None
+    # meanwhile, what it still waits for (said while it waits, and when it gives up)
+    waiting: Callable[[Reply, Reply], str] = lambda reply, status: ""
     # mpdctl's own view over other commands (run is None): (a way to send a request,
     # mpdctl's options) -> exit code
     view: Callable[[Callable[..., Reply], Any], int] | None = None
@@ -217,16 +259,19 @@ COMMANDS: dict[str, Command] = {
                       "reply)", show=show_status),
     "scale": Command(scale, "scale N|+N|-N", "set or change the worker count; waits until "
                      "that many are ready", argument=scale_argument, done=scale_done,
+                     waiting=scale_waiting,
                      show=lambda r: f"mpd: {r['workers']} workers ready (was {r['previous']})"),
     "reload": Command(reload, "reload", "re-read the config (as SIGHUP); an invalid file, or "
                       "a change that needs a restart, changes nothing and fails; waits until "
                       "every worker runs the new config", done=reload_done,
+                      waiting=reload_waiting,
                       show=lambda r: f"mpd: config #{r['config_generation']} reloaded, "
                       f"{r['workers']} workers run it"),
     "stop": Command(stop, "stop", "graceful stop (as SIGTERM); a second stop is immediate",
                     show=lambda r: "mpd: stopping"),
     "upgrade": Command(upgrade, "upgrade", "run the mpd now installed, moving every client "
                        "to new workers (as SIGUSR2); waits until done", done=upgrade_done,
+                       waiting=upgrade_waiting,
                        show=show_upgrade),
     "ping": Command(ping, "ping", "check that mpd answers",
                     show=lambda r: f"mpd {r['version']} (pid {r['pid']}) answers"),

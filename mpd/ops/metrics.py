@@ -21,27 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-# Worker counter -> (metric name without mpd_ and _total, help text). The timeouts are
-# one family with a `kind` label.
-COUNTERS: dict[str, tuple[str, str]] = {
-    "accepted": ("accepted_connections", "Client connections accepted by the workers."),
-    "requests": ("requests", "Requests (protocol frames) answered."),
-    "handoffs_out": ("handoffs_out", "Clients handed to another slot through the master "
-                     "(HANDOFF sent)."),
-    "adopted": ("handoffs_in", "Handed-off clients adopted by their key's slot (ADOPT "
-                "taken)."),
-    "spilled": ("spilled", "Handed-off clients passed on to the next slot because this one "
-                "was full."),
-    "refused": ("refused", "Clients refused because every slot that could take them was "
-                "full."),
-    "protocol_errors": ("protocol_errors", "Clients closed for breaking the protocol."),
-    "overflows": ("overflows", "Clients closed for leaving more than max_output_buffer of "
-                  "replies unread."),
-    "lost": ("lost_fds", "Clients lost because a worker had no free fd to receive them "
-             "(fd.lost)."),
-    "proxy_rejected": ("proxy_rejected", "Clients closed for want of a valid PROXY header."),
-}
-TIMEOUTS = {"idle_timeouts": "idle", "first_frame_timeouts": "first_frame"}
+from mpd.wire import counters
 
 
 def render(snapshot: dict[str, Any], accept: str = "") -> tuple[bytes, str]:
@@ -75,27 +55,21 @@ def daemon_families(snap: dict[str, Any]) -> Iterator[Any]:
 
     m, totals, workers = snap["master"], snap["totals"], snap["workers"]
     yield InfoMetricFamily("mpd", "The running mpd.", value={"version": m["version"]})
-    for key, (name, text) in COUNTERS.items():
-        yield CounterMetricFamily(f"mpd_{name}", text, value=totals[key])
-    timeouts = CounterMetricFamily("mpd_timeouts", "Clients closed by a timeout: idle "
-                                   "(idle_timeout), first_frame (first_frame_timeout).",
-                                   labels=["kind"])
-    for key, kind in TIMEOUTS.items():
-        timeouts.add_metric([kind], totals[key])
-    yield timeouts
+    # The daemon's figure adds the master's own count of the same thing (its log lines).
+    yield from counter_families("mpd_", [], [([], {name: totals[name] + m.get(name, 0)
+                                                   for name in counters.totalled()})])
     yield CounterMetricFamily("mpd_restarts", "Workers replaced after they died or hung.",
                               value=totals["restarts"])
-    yield CounterMetricFamily("mpd_log_dropped_lines", "Log lines dropped because the log "
-                              "sink fell behind (master and workers).",
-                              value=m["log_dropped"] + totals["log_dropped"])
     yield CounterMetricFamily("mpd_master_cpu_seconds", "CPU seconds of the master "
                               "(user and system).", value=m["cpu_seconds"])
     yield CounterMetricFamily("mpd_workers_cpu_seconds", "CPU seconds of every worker that "
                               "ran, the living and the reaped.",
                               value=totals["cpu_seconds"])
+    for name, (c, *_) in counters.families(counters.GAUGE).items():
+        if c.adds_up:
+            yield GaugeMetricFamily(f"mpd_{name}", c.help,
+                                    value=sum(w["stats"].get(c.name, 0) for w in workers))
     gauges = (
-        ("mpd_clients", "Clients connected now.", sum(w["stats"].get("clients", 0)
-                                                        for w in workers)),
         ("mpd_workers", "Workers configured (the slot count).", m["workers"]),
         ("mpd_workers_ready", "Workers serving now.", m["ready"]),
         ("mpd_held_handoffs", "Hand-offs the master holds while their slot respawns.",
@@ -112,57 +86,62 @@ def daemon_families(snap: dict[str, Any]) -> Iterator[Any]:
         yield GaugeMetricFamily(name, text, value=value)
 
 
+def counter_families(prefix: str, labels: list[str],
+                     rows: list[tuple[list[str], dict[str, Any]]]) -> Iterator[Any]:
+    """A family per counter metric of the table (counters.py), with a sample per row (its
+    label values, its figures); counters that share a family add their `kind` label."""
+    from prometheus_client.core import CounterMetricFamily
+
+    for name, members in counters.families(counters.COUNTER).items():
+        kind = ["kind"] if members[0].label else []
+        family = CounterMetricFamily(f"{prefix}{name}", members[0].help,
+                                     labels=[*labels, *kind])
+        for values, figures in rows:
+            for c in members:
+                family.add_metric([*values, *([c.label] if c.label else [])], figures[c.name])
+        yield family
+
+
 def slot_families(snap: dict[str, Any]) -> Iterator[Any]:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     slots = snap["slots"]
     labels = ["slot"]
-    for key, (name, text) in COUNTERS.items():
-        family = CounterMetricFamily(f"mpd_slot_{name}", text, labels=labels)
-        for s in slots:
-            family.add_metric([str(s["slot"])], s[key])
-        yield family
-    timeouts = CounterMetricFamily("mpd_slot_timeouts", "Clients closed by a timeout.",
-                                   labels=["slot", "kind"])
+    yield from counter_families("mpd_slot_", labels, [([str(s["slot"])], s) for s in slots])
     restarts = CounterMetricFamily("mpd_slot_restarts", "Workers of this slot replaced.",
                                    labels=labels)
-    dropped = CounterMetricFamily("mpd_slot_log_dropped_lines", "Log lines the slot's "
-                                  "workers dropped.", labels=labels)
     cpu = CounterMetricFamily("mpd_slot_cpu_seconds", "CPU seconds of the slot's workers, "
                               "the living and the reaped.", labels=labels)
     for s in slots:
-        slot = str(s["slot"])
-        for key, kind in TIMEOUTS.items():
-            timeouts.add_metric([slot, kind], s[key])
-        restarts.add_metric([slot], s["restarts"])
-        dropped.add_metric([slot], s["log_dropped"])
-        cpu.add_metric([slot], s.get("cpu_seconds", 0.0))
-    yield from (timeouts, restarts, dropped, cpu)
+        restarts.add_metric([str(s["slot"])], s["restarts"])
+        cpu.add_metric([str(s["slot"])], s.get("cpu_seconds", 0.0))
+    yield from (restarts, cpu)
+    table = counters.families(counters.GAUGE)
     gauges = {name: GaugeMetricFamily(f"mpd_slot_{name}", text, labels=labels) for name, text in (
-        ("clients", "Clients the slot's workers serve now."),
-        ("max_clients", "Clients one worker of the slot serves at most."),
+        *((name, c.help) for name, (c, *_) in table.items()),
         ("worker_pid", "The pid of the slot's newest worker."),
         ("worker_uptime_seconds", "Seconds since the slot's newest worker started."),
         ("resident_memory_bytes", "Resident memory of the slot's workers."))}
-    for slot, newest, clients, rss in per_slot_workers(snap["workers"]):
-        for name, value in (("clients", clients), ("max_clients",
-                                                   newest["stats"].get("max_clients", 0)),
-                            ("worker_pid", newest["pid"]),
+    for slot, ws in per_slot_workers(snap["workers"]):
+        newest = ws[-1]
+        for name, (c, *_) in table.items():  # a limit is the newest worker's; a level adds up
+            value = sum(w["stats"].get(c.name, 0) for w in ws) if c.adds_up else \
+                newest["stats"].get(c.name, 0)
+            gauges[name].add_metric([str(slot)], value)
+        for name, value in (("worker_pid", newest["pid"]),
                             ("worker_uptime_seconds", newest["uptime"]),
-                            ("resident_memory_bytes", rss)):
+                            ("resident_memory_bytes", sum(w.get("rss", 0) for w in ws))):
             gauges[name].add_metric([str(slot)], value)
     yield from gauges.values()
 
 
-def per_slot_workers(workers: list[dict[str, Any]]) -> Iterator[tuple[int, dict, int, int]]:
-    """(slot, its newest worker, clients of all its workers, their resident bytes): two
-    workers share a slot during an upgrade's roll."""
+def per_slot_workers(workers: list[dict[str, Any]]) -> Iterator[tuple[int, list[dict]]]:
+    """(slot, its workers, the newest last): two workers share a slot during an upgrade's
+    roll."""
     by_slot: dict[int, list[dict[str, Any]]] = {}
     for w in workers:  # in order of (slot, start)
         by_slot.setdefault(w["slot"], []).append(w)
-    for slot, ws in sorted(by_slot.items()):
-        yield (slot, ws[-1], sum(w["stats"].get("clients", 0) for w in ws),
-               sum(w.get("rss", 0) for w in ws))
+    yield from sorted(by_slot.items())
 
 
 def latency_family(lat: dict[str, Any]) -> Any:

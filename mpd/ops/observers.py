@@ -21,17 +21,12 @@ from mpd.logs import log as logmod
 from mpd.master.tally import Tally
 from mpd.ops import metrics
 from mpd.ops.httpmetrics import MetricsServer
-from mpd.wire import latency
+from mpd.wire import counters, latency
 
 CACHE = 0.25  # seconds a rendering serves further scrapes: a flood of them costs no more
 
 # The interval's counts in mpd.stats: field -> the counter(s) of the snapshot's totals
-SUMMED = {"accepted": ("accepted",), "requests": ("requests",), "handoffs": ("adopted",),
-          "spilled": ("spilled",), "refused": ("refused",),
-          "protocol_errors": ("protocol_errors",), "overflows": ("overflows",),
-          "timeouts": ("idle_timeouts", "first_frame_timeouts"), "lost": ("lost",),
-          "proxy_rejected": ("proxy_rejected",), "restarts": ("restarts",),
-          "log_dropped": ("log_dropped",)}
+SUMMED = {**counters.summed(), "restarts": ("restarts",)}
 
 log = logmod.get_logger()
 
@@ -87,8 +82,10 @@ class Observers:
     def mark(self, now: float, snapshot: dict[str, Any] | None = None
              ) -> tuple[float, dict[str, int], list[int]]:
         snapshot = snapshot or self.master.snapshot()
-        totals = {**snapshot["totals"], "log_dropped": snapshot["totals"]["log_dropped"]
-                  + snapshot["master"]["log_dropped"]}
+        # The master's own count of a thing (its dropped log lines) adds to the workers'.
+        master = snapshot["master"]
+        totals = {k: v + master.get(k, 0) if k in counters.BY_NAME else v
+                  for k, v in snapshot["totals"].items()}
         return now, totals, list(snapshot["latency"]["buckets"])
 
     def summarise(self, now: float) -> None:

@@ -5,6 +5,9 @@ MPD_TEST_CRASH_FILE  while this file exists, a starting worker exits at once (co
                      as a worker with a broken build would: a crash loop.
 MPD_TEST_HANG_FILE   when this file appears, the next worker to notice it deletes it
                      and stops its loop for good, as a deadlocked worker would.
+MPD_TEST_HOLD_FILE   while this file exists, a new worker waits before it starts (up to
+                     HOLD_MAX seconds), as a slow one would: an upgrade's roll stays on
+                     its slot meanwhile.
 MPD_TEST_FAULT       comma-separated places where a bug is simulated (an exception
                      raised): master.stats (each STATS the master handles),
                      master.reload (each reload, by SIGHUP or mpdctl)."""
@@ -16,6 +19,8 @@ import time
 
 CRASH_FILE = os.environ.get("MPD_TEST_CRASH_FILE")
 HANG_FILE = os.environ.get("MPD_TEST_HANG_FILE")
+HOLD_FILE = os.environ.get("MPD_TEST_HOLD_FILE")
+HOLD_MAX = 60.0  # seconds: a test that forgets the file does not leave a worker for good
 FAULTS = frozenset(filter(None, os.environ.get("MPD_TEST_FAULT", "").split(",")))
 
 
@@ -45,3 +50,10 @@ def hang_requested() -> bool:
 def hang() -> None:
     while True:
         time.sleep(3600)
+
+
+def hold() -> None:
+    """Wait while MPD_TEST_HOLD_FILE exists (bounded): a worker that is slow to start."""
+    deadline = time.monotonic() + HOLD_MAX
+    while HOLD_FILE and os.path.exists(HOLD_FILE) and time.monotonic() < deadline:
+        time.sleep(0.01)

@@ -68,7 +68,6 @@ class Upkeep:
     def init_upkeep(self) -> None:
         self.newcomers: dict[int, Connection] = {}  # by fd: no whole frame from them yet
         self.up = UpkeepState()
-        self.stats["idle_timeouts"] = self.stats["first_frame_timeouts"] = 0
 
     def upkeep(self, now: float) -> None:
         self.up.next_upkeep = now + UPKEEP_EVERY
