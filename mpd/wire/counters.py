@@ -62,6 +62,19 @@ COUNTERS: tuple[Counter, ...] = (
             CHANNEL, summed="lost", metric="lost_fds"),
     Counter("proxy_rejected", "Clients closed for want of a valid PROXY header.",
             summed="proxy_rejected", metric="proxy_rejected"),
+    Counter("app_errors", "Connections or groups the application's code ended by raising "
+            "(app.error).", column="APPERR", summed="app_errors", metric="app_errors"),
+    Counter("groups", "Key groups in the workers now.", STATE, GAUGE, "GROUPS",
+            metric="groups"),
+    Counter("members", "Connections that are members of a key group now.", STATE, GAUGE,
+            "MEMBERS", metric="group_members"),
+    Counter("groups_made", "Key groups begun.", summed="groups", metric="groups_made"),
+    Counter("groups_moved_in", "Key groups that moved here whole, with their members and "
+            "state.", summed="moves", metric="groups_moved_in"),
+    Counter("groups_moved_out", "Key groups that moved away whole.",
+            metric="groups_moved_out"),
+    Counter("moves_failed", "Moves of a key group refused or given up by a worker.",
+            summed="moves_failed", metric="moves_failed"),
     Counter("log_dropped", "Log lines dropped because the log sink fell behind (the master's "
             "own in the total).", LOG, summed="log_dropped", metric="log_dropped_lines"),
 )

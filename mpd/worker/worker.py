@@ -29,6 +29,7 @@ from mpd.config import schema as configmod
 from mpd.config.schema import Config, ConfigError
 from mpd.logs import log as logmod
 from mpd.system import testhooks as hooks
+from mpd.wire import counters
 from mpd.wire import messages as msg
 from mpd.wire.channel import ChannelClosed, close_fds
 from mpd.wire.exits import EXIT_BOOT_ERROR, EXIT_CRASH, EXIT_OK
@@ -48,11 +49,6 @@ IN, OUT = select.EPOLLIN, select.EPOLLOUT
 INF = float("inf")
 NO_ROUTES = Routes(0, ())  # single-process mode: every key is ours
 LOG_DRAIN = 0.5  # seconds an exiting worker may wait for its last log lines
-# What a worker counts (its heartbeat carries them; the master keeps the totals).
-COUNTERS = ("accepted", "requests", "handoffs_out", "adopted", "spilled", "refused",
-            "protocol_errors", "overflows", "idle_timeouts", "first_frame_timeouts",
-            "proxy_rejected", "app_errors", "groups_made", "groups_moved_in",
-            "groups_moved_out", "moves_failed")
 
 log = logmod.get_logger()
 
@@ -75,7 +71,7 @@ class Worker:
         self.app = app
         self.link = link
         self.slot = slot
-        self.stats: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.stats = counters.zeroed()
         clients = self.clients = Clients(app, config.max_output_buffer, self.stats,
                                          {"slot": slot, "pid": os.getpid()})
         self.proxy = ProxyPhase(config, clients, self.stats) if config.proxy_protocol else None
