@@ -10,6 +10,7 @@ import socket
 import sys
 
 from mpd import __version__
+from mpd.apps.interface import Application
 from mpd.config import schema as configmod
 from mpd.logs import log as logmod
 from mpd.ops import access, manual
@@ -69,13 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(path, args)
         if args.check_config or args.preflight:
             logmod.check_from(config)
+            app = configmod.application(config)
         if args.check_config:
             print(f"mpd: config {path or '(embedded defaults)'} is valid")
             for note in notes(config):
                 print(f"mpd: note: {note}")
             return 0
         if args.preflight:
-            return preflight()
+            return preflight(app)
         if args.print_config:
             sys.stdout.write(configmod.render(config))
             return 0
@@ -175,12 +177,17 @@ def serve(config: configmod.Config, detach: bool) -> int:
                                bool(config.allow_group)),
                               (pidfile.path if pidfile else "", False),
                               (config.log_file if config.log_target == "file" else "", False)])
+    try:  # after the drop: the application's code never runs as root unless it must
+        app = configmod.application(config)
+    except configmod.ConfigError as e:
+        close_control(config, control_sock)
+        raise StartError("config.invalid", f"invalid config: {e}", configmod.EX_CONFIG) from None
     if control_sock is None:
-        return serve_single_process(config, listener)
+        return serve_single_process(config, app, listener)
     from mpd.master.master import Master
 
     proctitle.master(config)
-    master = Master(config, listener, control_sock, agent_sock, listener_shared=activated,
+    master = Master(config, app, listener, control_sock, agent_sock, listener_shared=activated,
                     metrics_sock=metrics_sock)
     master.pidfile = pidfile.path if pidfile is not None else None
     return master.run()
@@ -248,9 +255,10 @@ def close_control(config: configmod.Config, control_sock: socket.socket | None) 
         os.unlink(config.socket_path)
 
 
-def preflight() -> int:
-    """`--preflight`: every module of this mpd imports (the config was checked already);
-    print what this code can take over, for the running master deciding on an upgrade."""
+def preflight(app: Application) -> int:
+    """`--preflight`: every module of this mpd imports, and the application loads (the
+    config was checked already); print what this code can take over, for the running
+    master deciding on an upgrade."""
     import importlib
     import json
     import pkgutil
@@ -261,7 +269,7 @@ def preflight() -> int:
     proctitle.preflight()
     for module in pkgutil.walk_packages(mpd.__path__, "mpd."):
         importlib.import_module(module.name)
-    print(json.dumps(preflight_report()))
+    print(json.dumps(preflight_report(app)))
     return 0
 
 
@@ -278,9 +286,10 @@ def resume(state_fd: int) -> int:
     logmod.configure_from(config)
     listener, control = statemod.sockets_of(state)
     proctitle.master(config)
+    app = configmod.application(config)  # it loaded in the pre-flight
     # A state from a master that did not record it: assume systemd may hold the socket, and
     # never shut its listening down at a stop (only close ours).
-    code = Master(config, listener, control, resumed_agent(config, state),
+    code = Master(config, app, listener, control, resumed_agent(config, state),
                   listener_shared=state.get("listener_shared", True),
                   metrics_sock=resumed_metrics(config, state)).run(adopt=state)
     if state.get("pidfile"):  # --daemon's: the old image's context cannot remove it now
@@ -348,7 +357,8 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def serve_single_process(config: configmod.Config, listener: socket.socket) -> int:
+def serve_single_process(config: configmod.Config, app: Application,
+                         listener: socket.socket) -> int:
     from mpd.worker.worker import run_single
 
     log = logmod.get_logger()
@@ -356,7 +366,7 @@ def serve_single_process(config: configmod.Config, listener: socket.socket) -> i
     proctitle.single(config)
     log.info("mpd.started", version=__version__, config=config.path, listen=config.listen,
              port=listener.getsockname()[1], workers=0)
-    code = run_single(config, listener)  # mpd.ready once its signal handlers are in place
+    code = run_single(config, app, listener)  # mpd.ready once its signal handlers are in place
     log.info("mpd.stopped")
     return code
 

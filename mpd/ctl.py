@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to wait for an answer, or for scale to finish (default 10)")
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
     p.add_argument("command", choices=list(COMMANDS))  # the daemon's own table
-    p.add_argument("argument", nargs="?", help="for scale: N, +N or -N")
+    p.add_argument("argument", nargs="*", help="for scale: N, +N or -N; for where: KEY; for "
+                   "move: KEY SLOT; for drain and undrain: SLOT")
     p.add_argument("--interval", type=positive, default=1.0, metavar="SECONDS",
                    help="for top: seconds between two frames (default 1)")
     p.add_argument("--frames", type=int, default=1, metavar="N",
@@ -178,6 +179,7 @@ def socket_path(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     command = COMMANDS[args.command]
+    args.argument = " ".join(args.argument) if args.argument else None
     try:
         fields = command.argument(args.argument)
     except ValueError as e:

@@ -1,5 +1,6 @@
-"""The ping protocol parser on its own: PingProtocol.feed, driven the way the worker drives
-it (feed each chunk; after a key, feed b"" to go on), against a model of the stream."""
+"""The ping protocol on its own: a Ping object driven the way the worker drives it (each
+chunk to data_received(); after a join, the rest it gave back), against a model of the
+stream. The transport here only records what the protocol asked of it."""
 
 from __future__ import annotations
 
@@ -9,31 +10,44 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mpd.apps import PROTOCOLS, ProtocolError
-from mpd.apps.ping import MAX_FRAME, REPLY, PingProtocol
+from mpd.apps import ProtocolError
+from mpd.apps.ping import MAX_FRAME, REPLY, Ping, application
 
 Token = tuple  # ("reply",) or ("key", k)
 
 
+class Recorder:
+    """The transport's side as the worker plays it: what the protocol wrote and joined,
+    in order; a join's rest is fed back as the worker does after a join here."""
+
+    def __init__(self) -> None:
+        self.out: list[Token] = []
+        self.rest = b""
+
+    def write(self, data: bytes) -> None:
+        assert len(data) % len(REPLY) == 0 and data == REPLY * (len(data) // len(REPLY))
+        self.out += [("reply",)] * (len(data) // len(REPLY))
+
+    def count_requests(self, frames: int) -> None:
+        pass
+
+    def join(self, key: int, rest: bytes) -> None:
+        self.out.append(("key", key))
+        self.rest = rest
+
+
 def run(chunks: list[bytes]) -> tuple[list[Token], bytearray]:
     """Feed `chunks` in order as the worker does; return what the server did, in order:
-    one ("reply",) per reply and one ("key", k) per bound key, and the unconsumed bytes."""
-    protocol = PingProtocol()
-    buf = bytearray()
-    out: list[Token] = []
-
-    def take(replies: bytes, frames: int, key: int | None) -> int | None:
-        assert replies == REPLY * frames
-        out.extend([("reply",)] * frames)
-        if key is not None:
-            out.append(("key", key))
-        return key
-
+    one ("reply",) per reply and one ("key", k) per bound key, and the bytes it holds."""
+    protocol = Ping()
+    transport = Recorder()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
     for chunk in chunks:
-        key = take(*protocol.feed(buf, chunk))
-        while key is not None:
-            key = take(*protocol.feed(buf, b""))
-    return out, buf
+        protocol.data_received(chunk)
+        while transport.rest:
+            rest, transport.rest = transport.rest, b""
+            protocol.data_received(rest)
+    return transport.out, protocol.buf
 
 
 def key_frame(key: int) -> bytes:
@@ -109,24 +123,25 @@ def test_a_split_key_frame_binds_the_right_signed_key(key, cut, pings):
 
 @pytest.mark.parametrize("key", [-1, -(2**31), 2**31 - 1, 0, 1, 0x12345678, -0x12345678])
 def test_key_frame_split_in_every_way(key):
-    protocol = PingProtocol()
     frame = key_frame(key)
     for cut in range(1, len(frame)):
-        buf = bytearray()
-        assert protocol.feed(buf, frame[:cut]) == (b"", 0, None)  # incomplete: nothing yet
-        assert buf == frame[:cut]
-        assert protocol.feed(buf, frame[cut:]) == (b"", 0, key)
-        assert buf == b""
+        protocol, transport = Ping(), Recorder()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(frame[:cut])
+        assert transport.out == [] and protocol.buf == frame[:cut]  # incomplete: nothing
+        assert protocol.pending  # the loop must not answer this client inline now
+        protocol.data_received(frame[cut:])
+        assert transport.out == [("key", key)] and protocol.buf == b""
 
 
-def test_feed_stops_after_a_key_and_keeps_the_rest_for_the_new_owner():
-    protocol = PingProtocol()
-    buf = bytearray()
+def test_a_key_frame_gives_the_rest_back_for_the_keys_owner():
+    protocol, transport = Ping(), Recorder()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
     tail = b"Mone\0Mtw"
-    assert protocol.feed(buf, b"ping\0" + key_frame(-7) + tail) == (REPLY, 1, -7)
-    assert buf == tail  # the bytes a hand-off would carry, unconsumed and in order
-    assert protocol.feed(buf, b"") == (REPLY, 1, None)
-    assert buf == b"Mtw"
+    protocol.data_received(b"ping\0" + key_frame(-7) + tail)
+    assert transport.out == [("reply",), ("key", -7)]  # the reply before the join
+    assert transport.rest == tail  # the bytes a hand-off carries, unconsumed and in order
+    assert protocol.buf == b"" and not protocol.pending
 
 
 def test_the_seed_clients_pings():
@@ -134,7 +149,9 @@ def test_the_seed_clients_pings():
     assert run([b"hello, client ping!\0"]) == ([("reply",)], bytearray())
     out, rest = run([key_frame(3) + b"Mhello, client ping!\0"])
     assert out == [("key", 3), ("reply",)] and rest == b""
-    assert PROTOCOLS["ping"].name == "ping"
+    app = application()
+    assert app.name == "ping" and app.group is None and app.stateless is not None
+    assert app.stateless.reply == REPLY
 
 
 # --- the frame bound --------------------------------------------------------------------------
@@ -149,11 +166,8 @@ def test_the_largest_allowed_frame_is_served_however_it_arrives():
 @pytest.mark.parametrize("size", [1, 1000, 32768, MAX_FRAME])
 def test_over_64k_without_a_nul_is_a_protocol_error(size):
     garbage = b"g" * (MAX_FRAME + 1)
-    protocol = PingProtocol()
-    buf = bytearray()
     with pytest.raises(ProtocolError):
-        for i in range(0, len(garbage), size):
-            protocol.feed(buf, garbage[i:i + size])
+        run([garbage[i:i + size] for i in range(0, len(garbage), size)])
 
 
 @pytest.mark.parametrize("prefix", [b"", b"ping\0", key_frame(5)])
@@ -165,6 +179,5 @@ def test_an_oversized_frame_that_ends_in_a_nul_is_a_protocol_error_when_split(pr
 
 
 def test_an_oversized_frame_that_ends_in_a_nul_is_a_protocol_error_in_one_piece():
-    # The fast path (nothing pending, data is one plain frame) must check the bound too.
     with pytest.raises(ProtocolError):
-        PingProtocol().feed(bytearray(), b"g" * MAX_FRAME + b"\0")
+        run([b"g" * MAX_FRAME + b"\0"])

@@ -15,15 +15,8 @@ from hypothesis import strategies as st
 from mpd.config.schema import Config
 from mpd.logs import log as logmod
 from mpd.worker.proxy import ProxyError, ProxyHeader
-from mpd.worker.proxygate import (
-    PEER,
-    ProxyGate,
-    Sources,
-    format_peer,
-    network,
-    pack_peer,
-    unpack_peer,
-)
+from mpd.wire.peer import PEER, format_peer, pack_peer, unpack_peer
+from mpd.worker.proxygate import ProxyGate, Sources, network
 
 
 @dataclass(eq=False)

@@ -31,20 +31,22 @@ from conftest import (
 from mpd.logs import log as logmod
 from mpd.master.broker import Broker
 from mpd.master.slots import Slots, WorkerProc
+from mpd.wire import messages as msg
 from mpd.wire import routing
-from mpd.wire.channel import Channel, Kind, Message, close_fds
+from mpd.wire.channel import Channel, close_fds
 
 # --- rendezvous hashing ---------------------------------------------------------------------
 
 def test_owner_is_stable_and_scaling_moves_few_keys():
     keys = range(-5000, 5000)
-    four = {k: routing.owner(k, (0, 1, 2, 3)) for k in keys}
-    assert four == {k: routing.owner(k, (0, 1, 2, 3)) for k in keys}
-    assert {routing.ranking(k, (0, 1, 2, 3))[0] for k in keys[:100]} <= {0, 1, 2, 3}
-    assert all(routing.ranking(k, (0, 1, 2, 3))[0] == four[k] for k in keys)
+    h = routing.key_hash
+    four = {k: routing.owner(h(k), (0, 1, 2, 3)) for k in keys}
+    assert four == {k: routing.owner(h(k), (0, 1, 2, 3)) for k in keys}
+    assert {routing.ranking(h(k), (0, 1, 2, 3))[0] for k in keys[:100]} <= {0, 1, 2, 3}
+    assert all(routing.ranking(h(k), (0, 1, 2, 3))[0] == four[k] for k in keys)
     spread = [list(four.values()).count(s) for s in range(4)]
     assert min(spread) > 2000, spread  # 2500 each if even
-    five = {k: routing.owner(k, (0, 1, 2, 3, 4)) for k in keys}
+    five = {k: routing.owner(h(k), (0, 1, 2, 3, 4)) for k in keys}
     moved = [k for k in keys if four[k] != five[k]]
     assert all(five[k] == 4 for k in moved)  # only the new slot takes keys
     assert 0.15 < len(moved) / len(keys) < 0.25, len(moved)  # about 1/5
@@ -70,12 +72,13 @@ def test_every_client_is_served_by_the_owner_of_its_key(mpd_factory):
                        server.events("client.bound"), what="400 client.bound events")
     served_by = {e["key"]: e["pid"] for e in bound}
     assert set(served_by) == set(keys)
-    wrong = [k for k in keys if served_by[k] != pids[routing.owner(k, slots)]]
+    wrong = [k for k in keys if served_by[k] != pids[routing.owner(routing.key_hash(k), slots)]]
     assert wrong == []
     dispatched = server.events("fd.dispatched")
     # About 3 in 4 clients were accepted by a worker that does not own their key.
     assert 200 < len(dispatched) < 400
-    assert all(e["to_slot"] == routing.owner(e["key"], slots) for e in dispatched)
+    assert all(e["to_slot"] == routing.owner(routing.key_hash(e["key"]), slots)
+               for e in dispatched)
     assert all(e["from_slot"] != e["to_slot"] and e["latency_us"] >= 0 for e in dispatched)
 
 
@@ -240,7 +243,7 @@ def test_a_hot_key_that_fills_its_slot_does_not_lock_that_slots_other_keys_out(m
     for key in theirs:
         (dispatched,) = [e for e in server.events("fd.dispatched", key=key)
                          if e["to_slot"] != 1]
-        assert dispatched["to_slot"] == routing.ranking(key, slots)[1]
+        assert dispatched["to_slot"] == routing.ranking(routing.key_hash(key), slots)[1]
     assert server.events("fd.refused") == []
     for sock in crowd + ordinary:
         sock.close()
@@ -273,7 +276,8 @@ def test_the_seeds_mpclient2_with_100_clients_against_4_workers(mpd_factory, tmp
     replies = [line for line in output if line.startswith("recv from server:")]
     assert set(replies) == {"recv from server: hello, server ping!"}
     dispatched = server.wait_event("fd.dispatched", count=50)  # about 3 in 4 are handed off
-    assert dispatched["to_slot"] == routing.owner(dispatched["key"], (0, 1, 2, 3))
+    assert dispatched["to_slot"] == routing.owner(routing.key_hash(dispatched["key"]),
+                                                  (0, 1, 2, 3))
     assert all(e["key"] >= 0 for e in server.events("fd.dispatched"))  # glibc rand()
 
 
@@ -281,8 +285,43 @@ def test_the_inlined_owner_agrees_with_the_ranking():
     rng = random.Random(12)
     for slots in [(0,), (0, 1), (0, 1, 2, 3), tuple(range(30))]:
         for _ in range(2000):
+            h = routing.key_hash(rng.randint(-2**31, 2**31 - 1))
+            assert routing.owner(h, slots) == routing.ranking(h, slots)[0]
+            h = routing.key_hash(rng.randbytes(8) if hasattr(rng, "randbytes") else
+                                 bytes(rng.randrange(256) for _ in range(8)))
+            assert routing.owner(h, slots) == routing.ranking(h, slots)[0]
+
+
+def old_owner(key: int, slots: tuple[int, ...]) -> int:
+    """How mpd routed an int32 key before keys were 64 bits (splitmix64 of key << 32 | slot)."""
+    mask = (1 << 64) - 1
+    best_score, best = -1, slots[0]
+    for slot in slots:
+        z = (((key & 0xFFFFFFFF) << 32) | slot) + 0x9E3779B97F4A7C15 & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        if z > best_score:
+            best_score, best = z, slot
+    return best
+
+
+def test_int32_keys_route_exactly_as_before_and_other_keys_spread():
+    rng = random.Random(5)
+    for slots in [(0, 1), (0, 1, 2, 3), tuple(range(30))]:
+        for _ in range(3000):
             key = rng.randint(-2**31, 2**31 - 1)
-            assert routing.owner(key, slots) == routing.ranking(key, slots)[0]
+            assert routing.owner(routing.key_hash(key), slots) == old_owner(key, slots)
+    for keys in (range(10_000), [b"room-%d" % n for n in range(10_000)],
+                 [f"stream {n}" for n in range(10_000)], range(2**40, 2**40 + 10_000)):
+        owners = [routing.owner(routing.key_hash(routing.normalize(k)), (0, 1, 2, 3))
+                  for k in keys]
+        assert min(owners.count(s) for s in range(4)) > 2000  # 2500 each if even
+    # A str key is its UTF-8 bytes; anything else is refused with a reason.
+    assert routing.normalize("caf\u00e9") == "caf\u00e9".encode()
+    for bad in (True, 2**64, b"x" * 1025, 1.5, None):
+        with pytest.raises((TypeError, ValueError)):
+            routing.normalize(bad)
 
 
 # --- the master's routing of one HANDOFF, on real socketpairs -------------------------------
@@ -301,8 +340,8 @@ def broker_of_four():
         slots.add(worker)
         ends[slot] = Channel(theirs, "master")
 
-    def send(worker: WorkerProc, kind: Kind, meta: dict, raw: bytes, fds: list[int]) -> bool:
-        worker.channel.send(kind, meta, raw, fds)
+    def send(worker: WorkerProc, message: msg.Message, fds: list[int]) -> bool:
+        worker.channel.send(message, fds)
         return True
     try:
         yield Broker(slots, send), slots, ends
@@ -314,29 +353,36 @@ def broker_of_four():
         logmod.configure("info")
 
 
-@pytest.mark.parametrize("hint, table, goes_to", [
-    ("other", 4, "other"),   # same table: the sender's answer stands, not recomputed
-    ("other", 3, "owner"),   # the sender had another table (a scale in between): recomputed
-    (None, 4, "owner"),      # no answer (a retiring sender): computed
-    (7, 4, "owner"),         # not a slot of the table: computed
-    (-1, 4, "owner"),
+def handoff(key: int, fd: int, **fields) -> msg.Client:
+    client = msg.Client(msg.Kind.HANDOFF, key, routing.key_hash(key), b"M\0", sent_ns=1)
+    for name, value in fields.items():
+        setattr(client, name, value)
+    client.fds = [fd]
+    return client
+
+
+@pytest.mark.parametrize("hint, epoch, goes_to", [
+    ("other", 1, "other"),   # the routes' epoch: the sender's answer stands, not recomputed
+    ("other", 2, "owner"),   # the sender had other routes (a scale in between): recomputed
+    ("other", 0, "owner"),   # no epoch (the release before's worker): computed
+    (None, 1, "owner"),      # no answer (a retiring sender): computed
+    (7, 1, "owner"),         # not a slot of the table: computed
 ])
-def test_the_master_takes_the_senders_owner_only_from_the_same_table(broker_of_four, hint,
-                                                                    table, goes_to):
+def test_the_master_takes_the_senders_owner_only_from_the_same_routes(broker_of_four, hint,
+                                                                     epoch, goes_to):
     broker, slots, ends = broker_of_four
     key = 123456789
-    owner = routing.owner(key, (0, 1, 2, 3))
+    owner = routing.owner(routing.key_hash(key), (0, 1, 2, 3))
     sender, other = [slot for slot in range(4) if slot != owner][:2]
     r, w = os.pipe()
-    meta = {"key": key, "sent_ns": 1, "owner": other if hint == "other" else hint,
-            "table": table, "from_slot": None, "from_pid": None}
-    broker.dispatch(slots.serving[sender], Message(Kind.HANDOFF, meta, b"M\0", [r]))
+    broker.dispatch(slots.serving[sender], handoff(
+        key, r, owner=other if hint == "other" else hint, epoch=epoch))
     received = {slot: end.receive() for slot, end in ends.items()}
     expected = other if goes_to == "other" else owner
     assert [slot for slot, messages in received.items() if messages] == [expected]
     (adopt,) = received[expected]
-    assert adopt.kind is Kind.ADOPT and adopt.raw == b"M\0" and adopt.meta["key"] == key
-    assert (adopt.meta["from_slot"], adopt.meta["from_pid"]) == (sender, 4_000_000 + sender)
+    assert adopt.kind == msg.Kind.ADOPT and adopt.unread == b"M\0" and adopt.key == key
+    assert (adopt.from_slot, adopt.from_pid) == (sender, 4_000_000 + sender)
     os.write(w, b"x")
     assert os.read(adopt.fds[0], 1) == b"x"  # the client's fd came through
     close_fds([*adopt.fds, w])
@@ -355,8 +401,7 @@ def test_held_clients_are_dropped_after_hold_max_and_on_stop(tmp_path):
     def hand_off(key: int) -> socket.socket:
         ours, theirs = socket.socketpair()
         theirs.settimeout(5)
-        broker.dispatch(sender, Message(Kind.HANDOFF, {"key": key, "table": 2}, b"",
-                                        [ours.detach()]))
+        broker.dispatch(sender, handoff(key, ours.detach()))
         return theirs
 
     try:
@@ -384,42 +429,42 @@ def test_held_clients_are_dropped_after_hold_max_and_on_stop(tmp_path):
 def test_a_held_client_goes_to_its_owner_once_the_slot_has_a_worker(broker_of_four):
     broker, slots, ends = broker_of_four
     key = 987654
-    owner = routing.owner(key, (0, 1, 2, 3))
+    owner = routing.owner(routing.key_hash(key), (0, 1, 2, 3))
     away = slots.serving.pop(owner)  # the owner's slot is between two workers
     r, w = os.pipe()
     sender = next(iter(slots.serving.values()))
-    broker.dispatch(sender, Message(Kind.HANDOFF, {"key": key, "table": 4}, b"M\0", [r]))
+    broker.dispatch(sender, handoff(key, r, epoch=1))
     assert len(broker.held) == 1  # held, not given to another slot at once
     assert not any(end.receive() for end in ends.values())
     slots.serving[owner] = away  # the respawned worker
     broker.retry_held()
     (adopt,) = ends[owner].receive()
-    assert adopt.kind is Kind.ADOPT and adopt.meta["key"] == key and not broker.held
+    assert adopt.kind == msg.Kind.ADOPT and adopt.key == key and not broker.held
     close_fds([*adopt.fds, w])
 
 
 def test_a_client_that_a_full_slot_passes_on_goes_down_its_keys_ranking(broker_of_four):
     broker, slots, ends = broker_of_four
     key = 424242
-    ranking = routing.ranking(key, (0, 1, 2, 3))
+    ranking = routing.ranking(routing.key_hash(key), (0, 1, 2, 3))
 
-    def passed_on(by: int, rank: int) -> tuple[int, Message]:
+    def passed_on(by: int, rank: int) -> tuple[int, msg.Client]:
         """`by` was full: its HANDOFF back, with the rank to look from. Who got the ADOPT."""
         r, w = os.pipe()
         os.close(w)
-        meta = {"key": key, "sent_ns": 1, "owner": ranking[0], "table": 4, "rank": rank}
-        broker.dispatch(slots.serving[by], Message(Kind.HANDOFF, meta, b"M\0", [r]))
+        broker.dispatch(slots.serving[by], handoff(key, r, owner=ranking[0], epoch=1,
+                                                   rank=rank, passed_on=True))
         ((slot, adopt),) = [(s, m) for s, end in ends.items() for m in end.receive()]
         close_fds(adopt.fds)
         return slot, adopt
 
     for place in (1, 2, 3):
         slot, adopt = passed_on(ranking[place - 1], place)
-        assert slot == ranking[place] and adopt.meta["from_slot"] == ranking[place - 1]
-        assert adopt.meta["rank"] == place and adopt.meta["last"] == (place == 3)
+        assert slot == ranking[place] and adopt.from_slot == ranking[place - 1]
+        assert adopt.rank == place and adopt.last == (place == 3)
     # The slots after the one that passed it on are gone: back to it, as the last.
     for slot in ranking[2:]:
         slots.serving.pop(slot)
     slot, adopt = passed_on(ranking[1], 2)
-    assert slot == ranking[1] and (adopt.meta["rank"], adopt.meta["last"]) == (1, True)
+    assert slot == ranking[1] and (adopt.rank, adopt.last) == (1, True)
     assert not broker.held

@@ -29,6 +29,7 @@ class Ping(Protocol):
         buf += data
         frames = pos = 0
         end = len(buf)
+        key = None
         try:
             while pos < end:
                 if buf[pos] == KEY_FRAME:
@@ -37,9 +38,6 @@ class Ping(Protocol):
                     key = int.from_bytes(buf[pos + 1:pos + KEY_FRAME_LEN], "little",
                                          signed=True)
                     pos += KEY_FRAME_LEN
-                    rest = bytes(buf[pos:])
-                    pos = end
-                    self.transport.join(key, rest)  # the rest is fed to us after the join
                     break
                 nul = buf.find(0, pos)
                 if nul < 0:
@@ -51,12 +49,18 @@ class Ping(Protocol):
                 frames += 1
                 pos = nul + 1
         finally:
-            if frames:
+            if frames:  # the replies due before a key frame go out before its hand-off
                 self.transport.write(REPLY * frames)
                 self.transport.count_requests(frames)
-            if pos:
-                del buf[:pos]
-            self.pending = bool(buf)
+        if key is not None:
+            rest = bytes(buf[pos:])
+            buf.clear()
+            self.pending = False
+            self.transport.join(key, rest)  # the rest is fed to us (or the owner) after it
+            return
+        if pos:
+            del buf[:pos]
+        self.pending = bool(buf)
 
     def export_state(self) -> bytes | None:
         return bytes(self.buf) or None  # a partial frame (ping moves only at a key frame)

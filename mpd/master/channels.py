@@ -13,16 +13,17 @@ from typing import Any, Callable
 
 from mpd.logs import log as logmod
 from mpd.master.slots import Slots, WorkerProc
-from mpd.wire.channel import ChannelClosed, Kind, Message, close_fds
+from mpd.wire.channel import ChannelClosed, close_fds
+from mpd.wire.messages import Kind, Message
 
 log = logmod.get_logger()
 
-Reaction = Callable[[WorkerProc, Message], None]
+Reaction = Callable[[WorkerProc, Any], None]
 
 
 class Channels:
     def __init__(self, selector: selectors.BaseSelector, slots: Slots,
-                 reactions: dict[Kind, Reaction]):
+                 reactions: dict[int, Reaction]):
         self.selector = selector
         self.slots = slots
         self.reactions = reactions  # what the master does with each kind of message
@@ -69,11 +70,10 @@ class Channels:
             for message in messages:
                 self.on_message(worker, message)
 
-    def send(self, worker: WorkerProc, kind: Kind, meta: dict[str, Any] | None = None,
-             raw: bytes = b"", fds: list[int] | None = None) -> bool:
+    def send(self, worker: WorkerProc, message: Message, fds: list[int] | None = None) -> bool:
         """Send or queue; False if the worker's channel is gone (fds stay the caller's)."""
         try:
-            worker.channel.send(kind, meta, raw, fds or ())
+            worker.channel.send(message, fds or ())
         except (ChannelClosed, ValueError) as e:
             # A retiring worker may end before our last words reach it: that is its
             # expected end, not an error (every scale-down logged a Broken pipe).
@@ -84,13 +84,13 @@ class Channels:
             self.rewatch(worker, selectors.EVENT_READ | selectors.EVENT_WRITE)
         return True
 
-    def broadcast(self, kind: Kind, meta: dict[str, Any]) -> None:
-        """To every worker that is not retiring (they got what they need with DRAIN): the
+    def broadcast(self, message: Message) -> None:
+        """To every worker that is not retiring (they got what they need with RETIRE): the
         serving ones, and an upgrade's new worker that is not ready yet, which will serve
         (sent to the serving ones only, a reload during a roll left it on the old config)."""
         for worker in list(self.slots.workers.values()):
             if worker.state != "stopping":
-                self.send(worker, kind, meta)
+                self.send(worker, message)
 
     def on_message(self, worker: WorkerProc, message: Message) -> None:
         """React to one message, inside a boundary: a bug in handling it is logged with the
@@ -101,13 +101,13 @@ class Channels:
         if react is None:
             close_fds(message.fds)
             log.warning("channel.error", worker_pid=worker.pid, worker_slot=worker.slot,
-                        error=f"unexpected {message.kind.name} from a worker")
+                        error=f"unexpected {Kind(message.kind).name} from a worker")
             return
         try:
             react(worker, message)
         except Exception as e:  # noqa: BLE001 - one message must not end the master
             log.exception("channel.error", worker_pid=worker.pid, worker_slot=worker.slot,
-                          kind=message.kind.name, fds=len(message.fds), error=repr(e))
+                          kind=Kind(message.kind).name, fds=len(message.fds), error=repr(e))
             close_fds(message.fds)
 
     def in_child(self) -> None:

@@ -21,12 +21,15 @@ import time
 from typing import Any, Callable
 
 from mpd import __version__
+from mpd.apps.interface import Application
 from mpd.config.reloading import reload_config
 from mpd.config.schema import Config, fd_soft_limit, live_settings
 from mpd.logs import log as logmod
+from mpd.master import moves as movesmod
 from mpd.master import tally
 from mpd.master.broker import Broker
 from mpd.master.channels import Channels
+from mpd.master.directory import Directory
 from mpd.master.services import HeldClients, Service
 from mpd.master.slots import Slots, WorkerProc
 from mpd.master.spawn import fork_worker
@@ -39,8 +42,9 @@ from mpd.ops.observers import Observers
 from mpd.system import testhooks as hooks
 from mpd.system.signals import SignalQueue
 from mpd.system.systemd import Notifier
-from mpd.wire.channel import Kind, Message
-from mpd.worker.worker import EXIT_BOOT_ERROR
+from mpd.wire import messages as msg
+from mpd.wire.exits import EXIT_BOOT_ERROR
+from mpd.wire.routing import Key
 
 SPAWN_BATCH = 8  # forks per loop turn (each costs a few ms of the master's time)
 TURN_AT_LEAST = 1.0  # seconds: the loop turns at least this often (heartbeats, slots)
@@ -49,7 +53,7 @@ log = logmod.get_logger()
 
 
 class Master:
-    def __init__(self, config: Config, listener: socket.socket,
+    def __init__(self, config: Config, app: Application, listener: socket.socket,
                  control_sock: socket.socket | None = None,
                  agent_sock: socket.socket | None = None, listener_shared: bool = False,
                  metrics_sock: socket.socket | None = None):
@@ -57,6 +61,7 @@ class Master:
         `listener_shared`: another process (systemd, for socket activation) holds the
         listening socket too, and it must go on listening after we stop."""
         self.config = config
+        self.app = app  # forked workers inherit it, loaded
         self.listener = listener
         self.control_sock = control_sock
         self.agent_sock = agent_sock  # the HAProxy agent-check port, when agent.listen is set
@@ -64,7 +69,10 @@ class Master:
         # mpd.stats lines, and the metrics endpoint (metrics.listen) from run() on
         self.observers = Observers(self, metrics_sock)
         self.slots = Slots(config.worker_count)
-        self.broker = Broker(self.slots, self.send)
+        # Where each key group is, and their moves: an application with groups only.
+        self.directory = Directory() if app.group is not None else None
+        self.moves = movesmod.Moves(self.slots, self.directory, self.send, self.routes_changed)
+        self.broker = Broker(self.slots, self.send, self.directory, self.moves)
         # starting -> running -> (draining ->) stopping -> stopped: see stopping.py
         self.state = "starting"
         self.shutdown = Shutdown(self, listener, listener_shared, drains=agent_sock is not None)
@@ -141,8 +149,9 @@ class Master:
         self.signals = SignalQueue(self.signal_table())
         self.selector.register(self.signals, selectors.EVENT_READ, self.on_signals)
         self.channels = Channels(self.selector, self.slots, {
-            Kind.HANDOFF: self.broker.dispatch, Kind.STATS: self.on_stats,
-            Kind.HELLO: self.on_hello})
+            msg.Kind.HANDOFF: self.broker.dispatch, msg.Kind.STATS: self.on_stats,
+            msg.Kind.HELLO: self.on_hello, msg.Kind.GROUP_ENDED: self.on_group_ended,
+            **self.moves.reactions()})
         self.notifier = Notifier(lambda: self.status_line() if self.state == "running" else None)
         self.control: ControlServer | None = None
         if self.control_sock is not None:
@@ -155,7 +164,7 @@ class Master:
             self.agent = AgentServer(self.agent_sock, self.selector, self.agent_line)
         servers = [s for s in (self.control, self.agent) if s is not None]
         self.services: list[Service] = [self.shutdown, HeldClients(self.broker), self.upgrades,
-                                        self.observers, *servers, self.notifier]
+                                        self.observers, *servers, self.notifier, self.moves]
         self.duties = [self.murder_workers, self.manage_workers,
                        *(service.tick for service in self.services)]
         if adopt is not None:
@@ -217,26 +226,27 @@ class Master:
 
     # --- channel messages: the master's reactions (channels.py reads and sends) -----------
 
-    def send(self, worker: WorkerProc, kind: Kind, meta: dict[str, Any] | None = None,
-             raw: bytes = b"", fds: list[int] | None = None) -> bool:
+    def send(self, worker: WorkerProc, message: msg.Message, fds: list[int] | None = None
+             ) -> bool:
         """Send or queue; False if the worker's channel is gone (fds stay the caller's)."""
-        return self.channels.send(worker, kind, meta, raw, fds)
+        return self.channels.send(worker, message, fds)
 
-    def on_stats(self, worker: WorkerProc, message: Message) -> None:
+    def on_stats(self, worker: WorkerProc, message: msg.Stats) -> None:
         """The heartbeat: counters, and the number of the config the worker runs."""
         hooks.fault("master.stats")
-        worker.config_generation = message.meta.pop("config_generation",
-                                                    worker.config_generation)
-        self.tally.heard(worker, message.meta.pop("latency", None))
-        worker.stats = {k: v for k, v in message.meta.items() if isinstance(v, int)}
+        values = dict(message.values)
+        worker.config_generation = values.pop("config_generation", worker.config_generation)
+        self.tally.heard(worker, values.pop("latency", None))
+        worker.stats = {k: v for k, v in values.items() if isinstance(v, int)}
         if self.config.autoscale:
             self.autoscale()
 
-    def on_hello(self, worker: WorkerProc, message: Message) -> None:
-        worker.version = str(message.meta.get("version", ""))
+    def on_hello(self, worker: WorkerProc, message: msg.Hello) -> None:
+        worker.version = message.version
         if worker.state == "starting":
             worker.state = "ready"
         self.upgrades.on_ready(worker)
+        self.moves.plan()  # a new worker (a roll's, a respawn's, a scale's) takes groups
         log.info("worker.ready", worker_pid=worker.pid, worker_slot=worker.slot,
                  boot_ms=round((worker.last_seen - worker.started) * 1000, 1))
         if self.state == "starting" and self.slots.ready_count() >= self.target:
@@ -249,8 +259,8 @@ class Master:
     def spawn_worker(self, slot: int, serving: bool = True) -> WorkerProc | None:
         """A new worker for `slot`: it takes the slot now, or (an upgrade's) once ready."""
         try:
-            pid, channel = fork_worker(slot, self.config, self.listener, self.slots.table,
-                                       self.closed_in_child())
+            pid, channel = fork_worker(slot, self.config, self.app, self.listener,
+                                       self.slots.routes, self.closed_in_child())
         except OSError as e:  # out of processes, memory or fds: try again later
             log.error("worker.spawn_failed", worker_slot=slot, error=e.strerror)
             if serving:
@@ -288,6 +298,8 @@ class Master:
         self.channels.forget(worker)
         self.channels.read_last_words(worker)
         worker.channel.close()
+        if self.directory is not None:  # its groups died with it
+            self.directory.worker_gone(worker, self.moves.worker_gone(worker))
         self.tally.bury(worker, cpu_seconds)  # its last counts, kept for the totals
         uptime = time.monotonic() - worker.started
         how: dict[str, Any] = {}
@@ -383,7 +395,8 @@ class Master:
             "max_workers": self.config.max_workers, "max_clients": self.max_clients,
             "generation": self.generation, "upgrade": dict(self.upgrades.status),
             "log_dropped": logmod.dropped_total(),
-            "config_generation": self.config.generation,
+            "config_generation": self.config.generation, "protocol": self.app.name,
+            "groups": self.moves.status(),
             **(dict(zip(("cpu_seconds", "rss"), tally.usage(os.getpid()))) if usage else {}),
         }, "workers": workers, **{k: figures[k] for k in ("slots", "totals", "latency")}}
 
@@ -399,10 +412,25 @@ class Master:
         if count == self.target:
             return None
         log.info("worker.scaled", previous=self.target, workers=count)
-        for worker in self.slots.resize(count):  # it hands its clients to their new owners
-            self.send(worker, Kind.DRAIN, {"slots": list(self.slots.table)})
-        self.channels.broadcast(Kind.ROUTES, {"slots": list(self.slots.table)})
+        retiring = self.slots.resize(count)
+        self.routes_changed()
+        routes = self.slots.routes
+        for worker in retiring:  # it hands its clients to their new owners
+            self.send(worker, msg.Retire(epoch=routes.epoch, table=list(routes.table)))
         return None
+
+    def routes_changed(self) -> None:
+        """Every worker learns the new routes; groups whose key now belongs elsewhere move
+        (once that worker is ready)."""
+        routes = self.slots.routes
+        self.channels.broadcast(msg.Routes(epoch=routes.epoch, table=list(routes.table)))
+        self.moves.plan()
+
+    def on_group_ended(self, worker: WorkerProc, message: msg.GroupEnded) -> None:
+        if self.directory is not None:
+            key = msg.key_from_json(message.key)
+            if key is not None:
+                self.directory.ended(worker, key, message.gseq)
 
     def reload(self) -> str | None:
         """Re-read the config and apply it; on any problem change nothing and return why."""
@@ -414,13 +442,22 @@ class Master:
                 return new
             self.config = new
             self.set_max_clients()
-            self.channels.broadcast(Kind.CONFIG, live_settings(new))
+            self.channels.broadcast(msg.Config(settings=live_settings(new)))
             return self.scale(new.worker_count)
         finally:
             self.notifier.ready(self.status_line())
 
     def stop(self, graceful: bool = True) -> str | None:
         return self.shutdown.stop(graceful)
+
+    def where(self, key: Key) -> dict[str, Any]:
+        return self.moves.where(key)
+
+    def move(self, key: Key, slot: int) -> str | None:
+        return self.moves.move_key(key, slot)
+
+    def drain(self, slot: int, drained: bool) -> str | None:
+        return self.moves.drain(slot, drained)
 
     def upgrade(self) -> str | None:
         return self.upgrades.start()

@@ -14,11 +14,11 @@ import contextlib
 import os
 import signal
 import time
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 from mpd.logs import log as logmod
 from mpd.master.slots import Slots, WorkerProc
-from mpd.wire.channel import Kind
+from mpd.wire.messages import Message, Retire
 
 READY_TIMEOUT = 10.0  # seconds a new-code worker may take to say HELLO
 
@@ -38,8 +38,8 @@ class Master(Protocol):
 
     def scale(self, count: int) -> str | None: ...
 
-    def send(self, worker: WorkerProc, kind: Kind, meta: dict[str, Any] | None = None,
-             raw: bytes = b"", fds: list[int] | None = None) -> bool: ...
+    def send(self, worker: WorkerProc, message: Message, fds: list[int] | None = None
+             ) -> bool: ...
 
 
 class Roll:
@@ -89,7 +89,7 @@ class Roll:
             return
         slots.retire(old)
         self.retiring = old
-        self.master.send(old, Kind.DRAIN, {"slots": list(slots.table)})
+        self.master.send(old, Retire(epoch=slots.epoch, table=list(slots.table)))
 
     def on_exit(self, worker: WorkerProc) -> bool:
         """A worker was reaped. True when it was the candidate (the roll has failed: the

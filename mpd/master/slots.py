@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from mpd.wire.channel import Channel
+from mpd.wire.routing import Routes
 
 BACKOFF_FIRST = 0.1  # seconds before the second respawn of a failing slot; doubles after each
 FLOOR_WAIT = 1.0  # the longest wait of a failing slot while no other slot serves
@@ -53,11 +54,24 @@ class Slots:
         self.serving: dict[int, WorkerProc] = {}  # by slot: the workers that take clients
         self.history: dict[int, SlotHistory] = {}  # by slot
         self.table: tuple[int, ...] = tuple(range(count))  # always 0..N-1: see resize()
+        self.epoch = 1  # the routes' number: one more with each change (routing.Routes)
+        self.drained: set[int] = set()  # slots that own no key (mpdctl drain SLOT)
         self.retired_restarts = 0  # restarts of slots that a scale-down removed
 
     @property
     def target(self) -> int:
         return len(self.table)
+
+    @property
+    def routes(self) -> Routes:
+        """The slots that own keys: the table's, but the drained ones."""
+        return Routes(self.epoch, tuple(s for s in self.table if s not in self.drained))
+
+    def drain(self, slot: int, drained: bool) -> None:
+        """Take a slot out of the routes (its keys go to their next slots), or back."""
+        if (slot in self.drained) != drained:
+            self.drained ^= {slot}
+            self.epoch += 1
 
     def add(self, worker: WorkerProc, serving: bool = True) -> SlotHistory:
         """A new worker; it takes its slot now, or (an upgrade's) once it is ready."""
@@ -82,9 +96,12 @@ class Slots:
             del self.serving[worker.slot]
 
     def resize(self, count: int) -> list[WorkerProc]:
-        """Make the table slots 0..count-1 (the broker relies on that: a table's size names
-        it). Returns the serving workers whose slot is gone, now retired."""
+        """Make the table slots 0..count-1 (a new epoch of the routes). Returns the serving
+        workers whose slot is gone, now retired."""
+        if len(self.table) != count:
+            self.epoch += 1
         self.table = tuple(range(count))
+        self.drained = {s for s in self.drained if s < count}
         gone = [w for w in self.serving.values() if w.slot >= count]
         for worker in gone:
             self.retire(worker)

@@ -9,20 +9,24 @@ import signal
 import socket
 from collections.abc import Callable, Sequence
 
+from mpd.apps.interface import Application
 from mpd.config.schema import Config
 from mpd.logs import log as logmod
 from mpd.system import proctitle
 from mpd.system import testhooks as hooks
 from mpd.wire.channel import Channel
-from mpd.worker.worker import EXIT_BOOT_ERROR, run_worker
+from mpd.wire.exits import EXIT_BOOT_ERROR
+from mpd.wire.routing import Routes
+from mpd.worker.worker import run_worker
 
 PR_SET_PDEATHSIG = 1
 
 log = logmod.get_logger()
 
 
-def fork_worker(slot: int, config: Config, listener: socket.socket, table: tuple[int, ...],
-                close_masters: Sequence[Callable[[], None]]) -> tuple[int, Channel]:
+def fork_worker(slot: int, config: Config, app: Application, listener: socket.socket,
+                routes: Routes, close_masters: Sequence[Callable[[], None]]
+                ) -> tuple[int, Channel]:
     """Start a worker for `slot`: its pid and the master's end of its channel. In the
     child, each of `close_masters` first closes something that is the master's (its signal
     handlers, selector, the other workers' channels, each service's fds). Raises OSError
@@ -38,7 +42,8 @@ def fork_worker(slot: int, config: Config, listener: socket.socket, table: tuple
         code = EXIT_BOOT_ERROR
         try:
             master_end.close()
-            code = become_worker(slot, config, listener, worker_end, table, close_masters)
+            code = become_worker(slot, config, app, listener, worker_end, routes,
+                                 close_masters)
         except BaseException as e:  # noqa: BLE001 - anything here must end the child
             log.exception("worker.crashed", error=repr(e))
         finally:
@@ -47,8 +52,9 @@ def fork_worker(slot: int, config: Config, listener: socket.socket, table: tuple
     return pid, Channel(master_end, f"slot {slot}")
 
 
-def become_worker(slot: int, config: Config, listener: socket.socket, channel: socket.socket,
-                  table: tuple[int, ...], close_masters: Sequence[Callable[[], None]]) -> int:
+def become_worker(slot: int, config: Config, app: Application, listener: socket.socket,
+                  channel: socket.socket, routes: Routes,
+                  close_masters: Sequence[Callable[[], None]]) -> int:
     """In the forked child: die with the master, drop its state, run the worker loop."""
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
@@ -60,4 +66,4 @@ def become_worker(slot: int, config: Config, listener: socket.socket, channel: s
     for close in close_masters:
         close()
     hooks.hold()  # MPD_TEST_HOLD_FILE: a worker slow to start (tests only)
-    return run_worker(config, listener, channel, slot, table)
+    return run_worker(config, app, listener, channel, slot, routes)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from mpd import __version__
 from mpd.config.schema import Config
 from mpd.master.broker import Broker, HeldClient
+from mpd.master.directory import Directory
 from mpd.master.slots import SlotHistory, Slots, WorkerProc
 from mpd.master.stopping import Shutdown
 from mpd.master.tally import Tally
@@ -27,8 +28,10 @@ from mpd.ops.agent import AgentServer
 from mpd.ops.control import ControlServer
 from mpd.ops.observers import Observers
 from mpd.wire.channel import Channel
+from mpd.wire.messages import Client, Kind, decode
 
-STATE_VERSION = 1  # the layout below; a master refuses to exec code that cannot read it
+STATE_VERSION = 2  # the layout below; a master refuses to exec code that cannot read it
+STATE_VERSIONS = (1, 2)  # what restore() reads: the release before wrote 1
 
 
 class Master(Protocol):
@@ -46,6 +49,7 @@ class Master(Protocol):
     shutdown: Shutdown
     observers: Observers
     tally: Tally
+    directory: Directory | None
 
 
 def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
@@ -63,9 +67,9 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
                         "config_generation": w.config_generation, "latency": w.latency,
                         "channel_version": w.channel.version,
                         "serving": master.slots.serving.get(w.slot) is w, "queued": queued})
-    held = [{"fd": h.fd, "meta": h.meta, "raw": _b64(h.raw), "since": h.since}
+    held = [{"fds": list(h.client.fds), "client": _b64(h.client.encode()), "since": h.since}
             for h in master.broker.held]
-    fds += [h.fd for h in master.broker.held]
+    fds += master.broker.held_fds()
     agent_fd = master.agent.sock.fileno() if master.agent is not None else None
     metrics_fd = master.observers.sock.fileno() if master.observers.sock is not None else None
     fds += [fd for fd in (agent_fd, metrics_fd) if fd is not None]
@@ -75,7 +79,9 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
         "config": {k: v for k, v in dataclasses.asdict(master.config).items()},
         "listener_fd": master.listener.fileno(), "control_fd": master.control.sock.fileno(),
         "agent_fd": agent_fd, "metrics_fd": metrics_fd, "tally": master.tally.dump(),
-        "table": master.slots.target, "workers": workers, "held": held,
+        "table": master.slots.target, "epoch": master.slots.epoch,
+        "drained": sorted(master.slots.drained), "workers": workers, "held": held,
+        "directory": master.directory.dump() if master.directory is not None else [],
         "retired_restarts": master.slots.retired_restarts,
         "history": {str(slot): dataclasses.asdict(h) for slot, h in master.slots.history.items()},
         "pidfile": master.pidfile, "listener_shared": master.shutdown.listener_shared,
@@ -148,9 +154,32 @@ def restore(master: Master, state: dict[str, Any]) -> None:
                             config_generation=w.get("config_generation", 1))
         master.tally.heard_before(worker, w.get("latency"))
         master.slots.add(worker, serving=w["serving"])
+    master.slots.epoch = max(master.slots.epoch, state.get("epoch", 0) + 1)
+    master.slots.drained = set(state.get("drained", [])) & set(master.slots.table)
     for h in state["held"]:
-        master.broker.held.append(HeldClient(h["meta"], base64.b64decode(h["raw"]), h["fd"],
-                                             h["since"]))
+        master.broker.held.append(HeldClient(held_client(h), h["since"]))
+    if master.directory is not None:
+        master.directory.restore(state.get("directory"),
+                                 {w.pid: w for w in master.slots.workers.values()})
+
+
+def held_client(item: dict[str, Any]) -> Client:
+    """A held client as the old master wrote it: an encoded HANDOFF, or (state version 1)
+    the release before's meta, an int key and raw bytes."""
+    if "client" in item:
+        client = decode(base64.b64decode(item["client"]), list(item["fds"]))
+        assert isinstance(client, Client)
+        return client
+    meta = item["meta"]
+    key = meta.get("key")
+    client = Client(Kind.HANDOFF, key, key & 0xFFFFFFFF if key is not None else 0,
+                    base64.b64decode(item["raw"]), b"",
+                    tuple(meta["peer"]) if meta.get("peer") else None,  # type: ignore[arg-type]
+                    meta.get("sent_ns") or 0, None, 0, meta.get("rank") or 0,
+                    bool(meta.get("last")), bool(meta.get("rank")), 0, meta.get("from_slot"),
+                    meta.get("from_pid"))
+    client.fds = [item["fd"]]
+    return client
 
 
 def _b64(data: bytes) -> str:

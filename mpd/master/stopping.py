@@ -21,7 +21,7 @@ from mpd.config.schema import Config
 from mpd.logs import log as logmod
 from mpd.master.slots import Slots, WorkerProc
 from mpd.system.systemd import Notifier
-from mpd.wire.channel import Kind
+from mpd.wire.messages import Message, Stop
 
 KILL_WAIT = 5.0  # seconds to reap SIGKILLed workers before exiting regardless
 
@@ -36,8 +36,8 @@ class Master(Protocol):
     notifier: Notifier
     upgrades: Any  # upgrade.Upgrades: cancel()
 
-    def send(self, worker: WorkerProc, kind: Kind, meta: dict[str, Any] | None = None,
-             raw: bytes = b"", fds: list[int] | None = None) -> bool: ...
+    def send(self, worker: WorkerProc, message: Message, fds: list[int] | None = None
+             ) -> bool: ...
 
     def kill(self, worker: WorkerProc) -> None: ...
 
@@ -93,7 +93,7 @@ class Shutdown:
         self.stop_deadline = time.monotonic() + master.config.graceful_timeout
         for worker in master.slots.workers.values():
             master.slots.retire(worker)
-            master.send(worker, Kind.STOP)
+            master.send(worker, Stop())
 
     def stop_listening(self) -> None:
         """New clients are refused from now on, in every process at once: shutdown() of a

@@ -22,12 +22,14 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from mpd import __version__
+from mpd.apps import loader
+from mpd.apps.interface import Application
 from mpd.logs import log as logmod
 from mpd.master import roll
 from mpd.master import state as statemod
 from mpd.master.channels import Channels
 from mpd.master.slots import WorkerProc
-from mpd.master.state import STATE_VERSION
+from mpd.master.state import STATE_VERSION, STATE_VERSIONS
 from mpd.system.signals import SignalQueue
 from mpd.system.systemd import Notifier
 from mpd.wire.channel import VERSIONS as CHANNEL_VERSIONS
@@ -38,11 +40,12 @@ MAX_PREFLIGHT_OUTPUT = 64 * 1024  # bytes of its output kept for the error messa
 log = logmod.get_logger()
 
 
-def preflight_report() -> dict[str, Any]:
-    """What `mpd --preflight` prints: this code's version and what it can adopt (workers
-    that speak any of its channel versions)."""
-    return {"version": __version__, "state_versions": [STATE_VERSION],
-            "channel_versions": list(CHANNEL_VERSIONS)}
+def preflight_report(app: Application) -> dict[str, Any]:
+    """What `mpd --preflight` prints: this code's version, what it can adopt (a master's
+    state and workers that speak any of its channel versions) and its application (the
+    state versions it reads: a group moves from an old worker to a new one in the roll)."""
+    return {"version": __version__, "state_versions": list(STATE_VERSIONS),
+            "channel_versions": list(CHANNEL_VERSIONS), "app": loader.describe(app)}
 
 
 class Preflight:
@@ -93,9 +96,10 @@ class Preflight:
         assert self.proc.stdout is not None
         self.proc.stdout.close()
 
-    def verdict(self, channel_versions: Iterable[int]) -> dict[str, Any] | str:
+    def verdict(self, channel_versions: Iterable[int], app: Application
+                ) -> dict[str, Any] | str:
         """Its report, or why the new code cannot take over workers that speak
-        `channel_versions`."""
+        `channel_versions` and serve `app`'s groups."""
         text = self.output.decode("utf-8", "replace").strip()
         code = os.waitstatus_to_exitcode(self.status) if self.status is not None else None
         if code != 0:
@@ -112,6 +116,12 @@ class Preflight:
         if unknown:
             return (f"the new code (mpd {report.get('version')}) cannot speak to these "
                     f"workers (channel version {unknown[0]}); restart mpd instead")
+        new = report.get("app") or {}
+        if app.group is not None and app.state_version not in new.get("reads_state", []):
+            return (f"the new code's application {new.get('name')!r} reads state versions "
+                    f"{new.get('reads_state')}, and the running groups' is "
+                    f"{app.state_version}: their state could not move to the new workers; "
+                    "restart mpd instead, or ship an application that reads it")
         return report
 
 
@@ -129,9 +139,9 @@ def write_state(state: dict[str, Any]) -> int:
 def read_state(fd: int) -> dict[str, Any]:
     with os.fdopen(fd, "rb") as f:
         state = json.loads(f.read())
-    if state.get("state_version") != STATE_VERSION:
+    if state.get("state_version") not in STATE_VERSIONS:
         raise ValueError(f"upgrade state version {state.get('state_version')!r}, this mpd "
-                         f"reads {STATE_VERSION}")
+                         f"reads {list(STATE_VERSIONS)}")
     return state
 
 
@@ -168,6 +178,7 @@ class Master(statemod.Master, roll.Master, Protocol):
     notifier: Notifier
     signals: SignalQueue
     channels: Channels
+    app: Application
 
     def signal_table(self) -> dict[signal.Signals, Any]: ...
 
@@ -223,7 +234,7 @@ class Upgrade:
             return
         self.preflight.close()
         verdict = self.preflight.verdict(
-            {w.channel.version for w in self.master.slots.workers.values()})
+            {w.channel.version for w in self.master.slots.workers.values()}, self.master.app)
         if time.monotonic() >= self.preflight.deadline:
             verdict = f"the new code's pre-flight check took over {PREFLIGHT_TIMEOUT:g} s"
         if isinstance(verdict, str):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from mpd import __version__
-from mpd.ops import humane, top
+from mpd.ops import humane, keycommands, top
 from mpd.wire import counters
 
 Reply = dict[str, Any]
@@ -281,6 +281,19 @@ COMMANDS: dict[str, Command] = {
     "top": Command(None, "top", "a live view of every slot (over status), refreshed every "
                    "--interval; q or Ctrl-C quits. Not on a terminal: --frames frames (1), "
                    "then exit", view=top.view),
+    "where": Command(keycommands.where, "where KEY", "the slot and worker that serve KEY, and "
+                     "its group's members (KEY: an int, else text; text:..., hex:...)",
+                     argument=keycommands.key_argument, view=keycommands.where_view),
+    "move": Command(keycommands.move, "move KEY SLOT", "move KEY's group, with its members "
+                    "and state, to SLOT, and keep it there while it lives; waits until done",
+                    argument=keycommands.key_and_slot_argument, view=keycommands.move_view),
+    "drain": Command(keycommands.drain, "drain SLOT", "move every group off SLOT and route "
+                     "no key to it, without scaling; waits until none is left",
+                     argument=keycommands.slot_argument, done=keycommands.drain_done,
+                     show=lambda r: f"mpd: slot {r['slot']} drained: it serves no key group"),
+    "undrain": Command(keycommands.undrain, "undrain SLOT", "route keys to SLOT again (its "
+                       "keys' groups move back)", argument=keycommands.slot_argument,
+                       show=lambda r: f"mpd: slot {r['slot']} takes keys again"),
 }
 
 # Signals that stand for a command: the master runs the command as if mpdctl had sent it.

@@ -37,6 +37,7 @@ class Kind(enum.IntEnum):
     MOVED = 5
     MOVE_FAILED = 6
     MOVE_CHUNK = 7  # worker -> master -> worker: the master relays it
+    GROUP_INFO = 8
     # master -> worker
     ROUTES = 10
     ADOPT = 11
@@ -47,6 +48,7 @@ class Kind(enum.IntEnum):
     MOVE_DONE = 16
     MOVE_ABORT = 17
     REOPEN_LOGS = 18
+    GROUP_QUERY = 19
 
 
 class Message:
@@ -179,6 +181,16 @@ class MoveFailed(JsonMessage):
 
 
 @dataclass
+class GroupInfo(JsonMessage):
+    """The answer to GROUP_QUERY `query`: the group of `key` here, if any."""
+    kind: ClassVar[Kind] = Kind.GROUP_INFO
+    query: int = 0
+    key: Any = None
+    members: int = -1  # -1: no group of that key here
+    moving: bool = False
+
+
+@dataclass
 class Routes(JsonMessage):
     """The slots that own keys (routing.Routes), numbered by epoch."""
     kind: ClassVar[Kind] = Kind.ROUTES
@@ -227,6 +239,14 @@ class MoveAbort(JsonMessage):
     """Move `move` is off: the old owner serves the group on, the new one forgets it."""
     kind: ClassVar[Kind] = Kind.MOVE_ABORT
     move: int = 0
+
+
+@dataclass
+class GroupQuery(JsonMessage):
+    """What is the group of `key` like here (mpdctl where)? The answer is GROUP_INFO."""
+    kind: ClassVar[Kind] = Kind.GROUP_QUERY
+    query: int = 0
+    key: Any = None
 
 
 @dataclass
@@ -350,9 +370,9 @@ class MoveChunk(Message):
 
 
 KINDS: dict[int, type[Message]] = {
-    **{cls.kind: cls for cls in (Hello, Stats, GroupEnded, Moved, MoveFailed, MoveChunk, Routes,
-                                 Config, Retire, Stop, MoveOut, MoveDone, MoveAbort,
-                                 ReopenLogs)},
+    **{cls.kind: cls for cls in (Hello, Stats, GroupEnded, Moved, MoveFailed, MoveChunk,
+                                 GroupInfo, Routes, Config, Retire, Stop, MoveOut, MoveDone,
+                                 MoveAbort, ReopenLogs, GroupQuery)},
     Kind.HANDOFF: Client, Kind.ADOPT: Client}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from mpd.apps.interface import CLOSED, GROUP_ERROR, Application, Group, Timer
 from mpd.logs import log as logmod
 from mpd.wire.channel import ChannelClosed
-from mpd.wire.messages import GroupEnded, key_to_json
+from mpd.wire.messages import GroupEnded, GroupInfo, GroupQuery, key_from_json, key_to_json
 from mpd.wire.routing import Key, show
 from mpd.worker.clients import Clients
 from mpd.worker.connection import Connection
@@ -123,6 +123,18 @@ class Groups:
 
     def members(self) -> int:
         return sum(len(g._members) for g in self.groups.values())
+
+    def query(self, message: GroupQuery) -> None:
+        """mpdctl where KEY: the group of that key here, if any."""
+        try:
+            key = key_from_json(message.key)
+        except ValueError:
+            key = None
+        group = self.groups.get(key) if key is not None else None
+        self.link.send(GroupInfo(query=message.query, key=message.key,
+                                 members=-1 if group is None else len(group._members),
+                                 moving=key in self.moving))
+        self.link.watch()
 
 
 def setup(group: Group, key: Key, host: Groups) -> None:

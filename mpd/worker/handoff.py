@@ -186,8 +186,8 @@ class HandOff:
         if self.clients.debug:
             log.debug("fd.dispatched", key=show(conn.key), from_slot=message.from_slot,
                       from_pid=message.from_pid, to_slot=self.slot,
-                      carried=len(message.unread), latency_us=latency_us,
-                      client=format_peer(conn.peer))
+                      to_pid=self.clients.extra["pid"], carried=len(message.unread),
+                      latency_us=latency_us, client=format_peer(conn.peer))
 
     def pass_on(self, message: Client, count: bool = True) -> bool:
         """Give an offered client back to the master: full, for the next slot in its key's

@@ -104,7 +104,8 @@ class Worker:
             msg.Kind.STOP: lambda _m: self.stop(),
             msg.Kind.MOVE_OUT: self.moves.move_out, msg.Kind.MOVE_CHUNK: self.moves.chunk,
             msg.Kind.MOVE_DONE: self.moves.done, msg.Kind.MOVE_ABORT: self.moves.abort,
-            msg.Kind.REOPEN_LOGS: lambda _m: self.reopen_logs()}
+            msg.Kind.REOPEN_LOGS: lambda _m: self.reopen_logs(),
+            msg.Kind.GROUP_QUERY: self.groups.query}
 
     # --- the loop ---------------------------------------------------------------------
 
