@@ -112,7 +112,7 @@ def test_scale_to_30_and_back_to_2_under_load_drops_nothing(mpd_factory):
     assert len(server.worker_pids()) == 2
     pingers.wait_progress("every client pinging with 2 workers again")
     assert pingers.stop() == [None] * 200
-    assert len(server.events("worker.draining")) == 28
+    assert len(server.events("worker.retiring")) == 28
 
 
 def test_relative_scale_and_limits(mpd_factory):

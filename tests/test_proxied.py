@@ -23,10 +23,11 @@ from conftest import (
     wait_until,
 )
 from proxy_headers import v1, v2
-from test_worker_loop import harness  # noqa: F401 - the fixture
+from test_worker_loop import adopt, harness  # noqa: F401 - the fixture
 
-from mpd.wire.channel import Kind
-from mpd.worker.worker import EXIT_OK
+from mpd.wire import messages as msg
+from mpd.wire.exits import EXIT_OK
+from mpd.wire.messages import Kind
 
 PROXIED = {"server": {"proxy_protocol": True}, "log": {"level": "debug"}}
 REAL = ("203.0.113.9", 41000)  # the client a proxy speaks for (TEST-NET-3)
@@ -207,11 +208,10 @@ def test_the_real_client_rides_a_hand_off_both_ways(harness):  # noqa: F811
         with h.connect() as client:
             client.sendall(v2(REAL, FRONT) + key_frame(theirs) + M_PING)
             handoff = h.receive(Kind.HANDOFF)
-            assert handoff.meta["peer"] == REAL and handoff.raw == M_PING
-            h.master.send(Kind.ADOPT, {**handoff.meta, "from_slot": 1, "from_pid": 9},
-                          handoff.raw, handoff.fds)
+            assert handoff.peer == REAL and handoff.unread == M_PING
+            h.send(adopt(handoff, from_slot=1, from_pid=9), handoff.fds)
             assert recv_exact(client, len(REPLY)) == REPLY
-            h.master.send(Kind.STOP)
+            h.send(msg.Stop())
             assert closed(client)
 
     assert h.run(scenario) == EXIT_OK
@@ -227,15 +227,15 @@ def test_a_retiring_worker_hands_a_client_on_once_its_header_is_in(harness):  # 
     def scenario() -> None:
         h.receive(Kind.HELLO)
         with h.connect() as client:
-            client.sendall(header[:10])  # the header is on its way when DRAIN comes
-            wait_until(lambda: h.worker.conns, what="the client accepted")
-            h.master.send(Kind.DRAIN, {"slots": [0]})
-            wait_until(lambda: h.worker.draining, what="the worker retiring")
+            client.sendall(header[:10])  # the header is on its way when RETIRE comes
+            wait_until(lambda: h.worker.clients.conns, what="the client accepted")
+            h.send(msg.Retire(epoch=2, table=[0]))
+            wait_until(lambda: h.worker.handoff.retiring, what="the worker retiring")
             client.sendall(header[10:] + key_frame(ours) + M_PING)
             handoff = h.receive(Kind.HANDOFF)
             # Its own bytes, not the header's, and who it really is.
-            assert handoff.raw == key_frame(ours) + M_PING
-            assert handoff.meta["peer"] == REAL and handoff.meta["owner"] is None
+            assert handoff.unread == key_frame(ours) + M_PING and handoff.key is None
+            assert handoff.peer == REAL and handoff.owner is None
             for fd in handoff.fds:
                 socket.socket(fileno=fd).close()
 
@@ -250,7 +250,7 @@ def test_every_rejection_is_counted_in_the_heartbeat(harness):  # noqa: F811
         with h.connect() as bad, h.connect() as late:
             bad.sendall(b"GET / HTTP/1.0\r\n\r\n")
             assert closed(bad) and closed(late)
-        wait_until(lambda: h.receive(Kind.STATS).meta["proxy_rejected"] == 2,
+        wait_until(lambda: h.receive(Kind.STATS).values["proxy_rejected"] == 2,
                    what="two rejections in STATS")
 
     assert h.run(scenario) == EXIT_OK

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from mpd.config.schema import Config
 from mpd.logs import log as logmod
-from mpd.worker.proxy import ProxyError, ProxyHeader
 from mpd.wire.peer import PEER, format_peer, pack_peer, unpack_peer
+from mpd.worker.proxy import ProxyError, ProxyHeader
 from mpd.worker.proxygate import ProxyGate, Sources, network
 
 

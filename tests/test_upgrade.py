@@ -213,62 +213,66 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     from mpd.master.slots import WorkerProc
     from mpd.ops.agent import AgentServer, open_socket
     from mpd.ops.control import ControlServer
+    from mpd.wire import messages as msg
     from mpd.wire.channel import Channel
 
     config = configmod.parse("[workers]\nworkers = 2\n", str(tmp_path / "mpd.toml"))
+    app = configmod.application(config)
     listener = socket.create_server(("127.0.0.1", 0))
     control_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     control_sock.bind(str(tmp_path / "mpd.sock"))
     control_sock.listen()
-    old = Master(config, listener, control_sock)
+    old = Master(config, app, listener, control_sock)
     selector = selectors_mod.DefaultSelector()
     old.control = ControlServer(control_sock, str(tmp_path / "mpd.sock"), selector,
                                 lambda r: r, lambda u, g: True)
     agent_sock = open_socket("127.0.0.1", 0)
     old.agent = AgentServer(agent_sock, selector, lambda: "up ready 100%")
     ours, theirs = Channel.pair()
-    # A worker of the release before channel version 2, adopted by an earlier upgrade.
-    worker = WorkerProc(slot=1, pid=4_000_001, channel=Channel(ours, "slot 1", version=1),
+    # A worker of the release before (channel version 2), adopted by an earlier upgrade.
+    worker = WorkerProc(slot=1, pid=4_000_001, channel=Channel(ours, "slot 1", version=2),
                         state="ready", stats={"clients": 3}, version="1.0")
     old.slots.add(worker)
     worker.channel.queue.append((b"queued", []))  # not yet sent when the exec comes
     held_ours, held_theirs = socket.socketpair()
-    old.broker.held.append(HeldClient({"key": 7, "table": 2}, b"M\0", held_ours.detach()))
+    client = msg.Client(msg.Kind.HANDOFF, 7, 7, b"M\0", sent_ns=1, epoch=1)
+    client.fds = [held_ours.detach()]
+    old.broker.held.append(HeldClient(client))
     state, fds = statemod.capture(old)
     state = json.loads(json.dumps(state))  # as the memfd carries it
     assert set(fds) == {listener.fileno(), control_sock.fileno(), ours.fileno(),
-                        old.broker.held[0].fd, agent_sock.fileno()}
+                        *old.broker.held_fds(), agent_sock.fileno()}
     address, agent_address = listener.getsockname(), agent_sock.getsockname()
     # The new image owns these fds now: the old objects must not close them again (by then
     # the numbers may be another socket's).
     for sock in (listener, control_sock, ours, agent_sock):
         sock.detach()
-    new = Master(statemod.config_of(state), *statemod.sockets_of(state),
+    new = Master(statemod.config_of(state), app, *statemod.sockets_of(state),
                  statemod.agent_socket_of(state))
     statemod.restore(new, state)
     assert new.generation == 2 and new.started == old.started
     adopted = new.slots.serving[1]
     assert (adopted.pid, adopted.state, adopted.stats, adopted.version, adopted.generation) \
         == (4_000_001, "ready", {"clients": 3}, "1.0", 1)
-    assert adopted.channel.version == 1  # it is spoken to as it speaks
+    assert adopted.channel.version == 2  # it is spoken to as it speaks
     assert adopted.channel.flush()  # the queued message goes out on the same socket
     assert theirs.recv(100) == b"queued"
     (held,) = new.broker.held
-    assert held.meta == {"key": 7, "table": 2} and held.raw == b"M\0"
-    os.write(held.fd, b"x")  # the held client's fd is the same connection
+    assert (held.client.key, held.client.unread, held.client.epoch) == (7, b"M\0", 1)
+    os.write(held.client.fds[0], b"x")  # the held client's fd is the same connection
     assert held_theirs.recv(1) == b"x"
     assert new.listener.getsockname() == address
     assert new.agent_sock is not None and new.agent_sock.getsockname() == agent_address
     for sock in (theirs, held_theirs, new.listener, new.control_sock, new.agent_sock):
         sock.close()
-    os.close(held.fd)
+    os.close(held.client.fds[0])
     adopted.channel.close()
     selector.close()
 
 
-# --- the agent-check port, and an upgrade from the release before channel version 2 ----------
+# --- the agent-check port, and an upgrade from the release before -----------------------------
 
-PREVIOUS_RELEASE = "d752c6b"  # the last commit whose workers speak channel version 1
+PREVIOUS_RELEASE = "774f03a"  # the release before applications: channel 2, state 1, ping
 
 
 def listening_inode(port: int) -> str:
@@ -315,7 +319,7 @@ def test_the_agent_says_drain_while_an_upgrade_runs(mpd_factory, installed):
     server = mpd_factory({"workers": {"workers": 1},
                           "agent": {"listen": f"127.0.0.1:{agent}"}}, cwd=installed)
     set_version(installed, "99.0.6")
-    with open(installed / "mpd" / "upgrade.py", "a") as slow:  # a pre-flight of 1.5 s at least
+    with open(installed / "mpd" / "master" / "upgrade.py", "a") as slow:  # a 1.5 s pre-flight
         slow.write("\nimport time as _time\n_time.sleep(1.5)\n")
     done: list[subprocess.CompletedProcess] = []
     upgrading = threading.Thread(target=lambda: done.append(mpdctl(server, "upgrade")))
@@ -341,34 +345,25 @@ def previous_release(home: Path) -> None:
     subprocess.run(["tar", "-x", "-C", str(home)], input=archive.stdout, check=True)
 
 
-def test_an_upgrade_from_the_release_before_channel_version_2(tmp_path, installed):
-    """Its workers speak channel version 1 (HANDOFF/ADOPT without the client's address):
-    the new master speaks it to them until the roll has replaced them, every live client
-    moves, and the agent port, which that release did not serve, is opened."""
+def test_an_upgrade_from_the_release_before(tmp_path, installed):
+    """Its workers speak channel version 2 (a flat layout of modules, the ping protocol
+    alone, no client state) and its master writes state version 1: the new master reads
+    that state, speaks version 2 to the old workers until the roll has replaced them, and
+    every live client moves."""
     from haproxy_support import free_port
 
     previous_release(installed)
     agent = free_port()
-    server = PreviousRelease(tmp_path, {"workers": {"workers": 3},
-                                        "agent": {"listen": f"127.0.0.1:{agent}"}},
-                             cwd=installed)
+    server = Mpd(tmp_path, {"workers": {"workers": 3},
+                            "agent": {"listen": f"127.0.0.1:{agent}"}}, cwd=installed)
     try:
         upgrade_from_the_previous_release(server, installed, agent)
     finally:
         server.stop()
 
 
-class PreviousRelease(Mpd):
-    """mpd as that release runs: its config has no server.user (it did not know it)."""
-
-    def write_config(self, settings: dict) -> None:
-        settings["server"].pop("user", None)
-        super().write_config(settings)
-
-
 def upgrade_from_the_previous_release(server: Mpd, installed: Path, agent: int) -> None:
-    with pytest.raises(OSError):
-        ask_agent(agent)  # that release did not serve it
+    assert ask_agent(agent).startswith("up ready ")
     pingers = Pingers(server.port, random_keys(60, seed=25))
     stream = Stream(server.port)
     stream.start()

@@ -363,9 +363,10 @@ def join_frame(room: bytes) -> bytes:
 
 def test_a_room_forms_through_the_master_and_moves_out_and_back_whole(harness):
     """rooms in one worker: the first join goes through the master (the test), which sends
-    the client back (ADOPT); the others find the room here. The room then moves out (MOVE_OUT: the transfer comes in chunks
-    with the members' fds) and, as if this worker were the new owner, back in: the
-    members chat on, the room's state (its count of lines) came along."""
+    the client back (ADOPT); the others find the room here. The room then moves out
+    (MOVE_OUT: the transfer comes in chunks with the members' fds) and, as if this worker
+    were the new owner, back in: the members chat on, the room's state (its count of
+    lines) came along."""
     h = harness("[server]\nprotocol = \"rooms\"\n")
     key = b"lobby"
 

@@ -119,8 +119,9 @@ class Transport(Interface):
         """Meet the connections of `key` (see the module's note). Call it from
         data_received() at a frame boundary, giving the bytes of this read that follow
         the frame that joined as `rest`, and return without consuming more: they are fed
-        to data_received() after the join, here or on the key's owner. A connection
-        joins once."""
+        to data_received() after the join, here or on the key's owner. In an application
+        with groups a connection joins once; without groups a key only routes, and
+        joining another routes the connection again."""
 
     def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Timer: ...
 

@@ -91,14 +91,34 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                               "pauses, paused_for, clients"),
     "worker.fd_limit": ("warning", "worker", "the worker's fd limit changed (prlimit); it "
                         "follows within a second: fd_limit, max_clients, clients"),
-    "worker.draining": ("info", "worker", "retiring on scale-down: hands its clients on: "
-                        "clients"),
+    "worker.retiring": ("info", "worker", "retiring (a scale-down, an upgrade's roll): it "
+                        "hands its clients that are in no group to their keys' owners; the "
+                        "master moves its groups away: clients, groups"),
+    "log.reopen_failed": ("error", "worker", "the log file could not be reopened: error (the "
+                          "old one is kept)"),
     "worker.stopping": ("info", "worker", "graceful stop: finishing its clients: clients"),
     "worker.stopped": ("info", "worker", "the worker exits: its counters"),
     "worker.quit": ("info", "worker", "SIGQUIT: the worker exits at once"),
     "worker.orphaned": ("warning", "worker", "the master is gone (channel closed); exiting"),
     "worker.crashed": ("error", "worker", "an exception ended the worker: error, traceback"),
     "worker.test_crash": ("error", "worker", "test hook MPD_TEST_CRASH_FILE made it exit"),
+    "app.error": ("error", "worker", "the application's code raised: where (data_received, "
+                  "connection_made, eof_received, state_restored, export_state, "
+                  "member_joined, member_left, timer, ...), fd and key (for a connection) or "
+                  "key and members (for a group), error, traceback. That connection or that "
+                  "group ended (connection_lost \"error\" or \"group_error\"); nothing else"),
+    "group.moved": ("info", "worker", "a key group moved here whole from another worker (a "
+                    "scale, an upgrade's roll, mpdctl move or drain): key, move, members, "
+                    "bytes (the transfer), pause_ms (its members neither read nor written: "
+                    "from the freeze on the old worker to the restore here)"),
+    "group.move_started": ("debug", "master", "a key group's move began: key, move, "
+                           "from_slot, from_pid, to_slot, to_pid"),
+    "group.move_failed": ("error/warning", "both", "a key group's move was refused (its state "
+                          "over workers.max_group_state, export_state raised, ...) or called off "
+                          "(the new owner died, a deadline): move, key, error. The group "
+                          "serves on where it was"),
+    "group.move_aborted": ("warning", "worker", "the master called a move off: the group "
+                           "serves on here, as if nothing happened: key, move, members"),
     "client.accepted": ("debug", "worker", "a client connected: fd, peer, clients"),
     "client.bound": ("debug", "worker", "a client named a key this worker owns: fd, key, "
                      "client (with server.proxy_protocol, the real client's address and port; "

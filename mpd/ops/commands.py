@@ -148,9 +148,17 @@ def show_upgrade(reply: Reply) -> str:
 
 
 def scale_done(reply: Reply, status: Reply) -> bool | str:
-    """Exactly the wanted number of workers serve, and the retired are gone."""
+    """Exactly the wanted number of workers serve, the retired are gone, and the key
+    groups that belong to other workers now have moved there."""
     wanted = reply["workers"]
-    return status["master"]["ready"] == wanted and len(status["workers"]) == wanted
+    return status["master"]["ready"] == wanted and len(status["workers"]) == wanted \
+        and not moving(status)
+
+
+def moving(status: Reply) -> int:
+    """Key groups on their way to another worker, or waiting to start."""
+    groups = status["master"].get("groups") or {}
+    return groups.get("under_way", 0) + groups.get("queued", 0)
 
 
 def reload_done(reply: Reply, status: Reply) -> bool:
@@ -196,7 +204,8 @@ def reload_waiting(reply: Reply, status: Reply) -> str:
 
 
 def scale_waiting(reply: Reply, status: Reply) -> str:
-    return "; ".join([*workers_ready(status, reply["workers"]), *rolling(status)])
+    groups = [f"{moving(status)} key groups to move"] if moving(status) else []
+    return "; ".join([*workers_ready(status, reply["workers"]), *rolling(status), *groups])
 
 
 def upgrade_waiting(reply: Reply, status: Reply) -> str:

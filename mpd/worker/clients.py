@@ -217,7 +217,8 @@ class Clients:
         dirty, self.dirty = self.dirty, []
         for conn in dirty:
             if conn.closing == OVERFLOW:
-                self.overflowed(conn)
+                if conn.phase != CLOSED_PHASE:
+                    self.overflowed(conn)
             elif conn.outq and not conn.mask & OUT and conn.phase < FROZEN:
                 self.flush(conn)
 
@@ -243,7 +244,9 @@ class Clients:
                     outq[0] = memoryview(first)[sent:]
                     break
         if outq:
-            if not conn.mask & OUT:
+            if conn.outbytes > self.max_output:
+                self.overflowed(conn)
+            elif not conn.mask & OUT:
                 self.watch(conn, out=True)  # the rest when epoll says it can take it
             return
         if conn.mask & OUT:

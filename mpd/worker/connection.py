@@ -10,15 +10,13 @@ than the connection itself go to the worker's client table (clients.py)."""
 
 from __future__ import annotations
 
+import select
 import socket
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from mpd.apps.interface import CLOSED, OVERFLOW, Group, Timer
 from mpd.wire.peer import Address
 from mpd.wire.routing import Key
-
-if TYPE_CHECKING:
-    from mpd.worker.clients import Clients
 
 # Where a connection stands. The loop's inline path serves only SERVING connections; the
 # others are handled by the client table.
@@ -28,6 +26,7 @@ HEADER = 2  # server.proxy_protocol: its PROXY header is not complete yet (proxy
 FROZEN = 3  # its group is moving: neither read nor written (moves.py)
 CLOSED_PHASE = 4
 NEVER = 0.0  # `seen` of a client that has not completed a frame yet
+OUT = select.EPOLLOUT
 
 
 class Connection:
@@ -35,7 +34,8 @@ class Connection:
                  "key", "key_hash", "group", "gseq", "phase", "pinned", "held", "peer",
                  "header_due", "born", "seen", "eof", "closing", "paused")
 
-    def __init__(self, sock: socket.socket, clients: Clients, now: float):
+    def __init__(self, sock: socket.socket, clients: Any, now: float):
+        """`clients`: the worker's client table (clients.py), which made it."""
         self.sock = sock
         self.fd = sock.fileno()
         self.clients = clients
@@ -72,8 +72,11 @@ class Connection:
             self.clients.dirty.append(self)
         self.outq.append(data)
         self.outbytes += len(data)
-        if self.outbytes > self.clients.max_output:
-            self.closing = OVERFLOW  # closed with a reset at the end of the turn
+        # A client that does not take what it is sent: past the bound, closed with a reset
+        # at the end of the turn (what a flush could not send counts: clients.py).
+        if self.outbytes > self.clients.max_output and self.mask & OUT:
+            self.closing = OVERFLOW
+            self.clients.dirty.append(self)
 
     def writelines(self, chunks: list[bytes]) -> None:
         for chunk in chunks:

@@ -51,8 +51,10 @@ class HandOff:
     # --- a client joins a key ----------------------------------------------------------
 
     def join(self, conn: Connection, key: Any, rest: bytes) -> None:
-        """transport.join(): bind the connection to `key`, here or on the key's worker."""
-        if conn.key is not None:
+        """transport.join(): bind the connection to `key`, here or on the key's worker. In
+        an application with groups a connection joins one key; without groups a key only
+        routes, and a new one routes the connection again (ping's C frames)."""
+        if conn.key is not None and self.app.group is not None:
             raise RuntimeError(f"this connection joined {show(conn.key)!r} already")
         conn.key = normalize(key)
         conn.key_hash = key_hash(conn.key)

@@ -91,8 +91,7 @@ class MasterLink:
         self.watch()
 
     def stats(self, values: dict[str, Any]) -> dict[str, Any]:
-        return {**values, "log_dropped": logmod.dropped_total(),
-                "latency": self.latency.report()}
+        return {**values, "log_dropped": logmod.dropped_total(), **self.latency.report()}
 
     def send(self, message: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send (or queue) a message; the channel owns `fds` once this returns. Raises
