@@ -8,11 +8,13 @@ import os
 import resource
 import socket
 import sys
+from dataclasses import dataclass
 
 from mpd import __version__
 from mpd.config import schema as configmod
 from mpd.logs import log as logmod
 from mpd.ops import access, manual
+from mpd.ops.socketfile import ControlError, SocketFile
 from mpd.system import privileges, proctitle, tcp
 
 EX_UNAVAILABLE = 69  # sysexits.h: the address cannot be bound
@@ -145,8 +147,8 @@ def notes(config: configmod.Config) -> list[str]:
 
 
 def serve(config: configmod.Config, detach: bool) -> int:
-    """Open the sockets (errors still reach the terminal), detach if asked, become
-    server.user, then run."""
+    """Open the sockets (errors still reach the terminal), check what server.user will
+    need, detach if asked, become server.user, then run."""
     try:
         who = privileges.target(config)
     except privileges.PrivilegeError as e:
@@ -160,92 +162,117 @@ def serve(config: configmod.Config, detach: bool) -> int:
             pidfile.check()
         except PidFileError as e:
             raise StartError("mpd.already_running", str(e)) from None
-    control_sock, listener, agent_sock, activated = open_sockets(config)
-    metrics_sock = open_metrics(config, control_sock, [listener, agent_sock])
+    opened = open_all(config)
+    if who is not None:
+        check_needs(config, who, opened)
     if pidfile is not None:
         from mpd.system.daemonize import detach as enter_daemon
 
-        enter_daemon(pidfile, [s for s in (listener, control_sock, agent_sock, metrics_sock)
-                               if s is not None])
-        logmod.set_role("master" if control_sock is not None else "single")
+        enter_daemon(pidfile, opened.sockets())
+        logmod.set_role("master" if opened.control is not None else "single")
         logmod.forget_writer()  # python-daemon closed the old log fds
         logmod.configure_from(config)
     if who is not None:
-        privileges.drop(who, [(config.socket_path if control_sock else "",
-                               bool(config.allow_group)),
-                              (pidfile.path if pidfile else "", False),
-                              (config.log_file if config.log_target == "file" else "", False)])
-    if control_sock is None:
-        return serve_single_process(config, listener)
+        files = opened.files_to_give(config, pidfile.path if pidfile else "")
+        privileges.drop(who, files)
+    if opened.control is None:
+        return serve_single_process(config, opened.listener)
     from mpd.master.master import Master
 
     proctitle.master(config)
-    master = Master(config, listener, control_sock, agent_sock, listener_shared=activated,
-                    metrics_sock=metrics_sock)
+    master = Master(config, opened.listener, opened.control, opened.agent,
+                    listener_shared=opened.activated, metrics_sock=opened.metrics,
+                    control_file=opened.control_file)
     master.pidfile = pidfile.path if pidfile is not None else None
     return master.run()
 
 
-def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket.socket,
-                                                    socket.socket | None, bool]:
-    """The control socket (none in single-process mode), the listening socket, the
-    agent-check port (agent.listen; none in single-process mode), and whether systemd
-    holds the listening socket too (socket activation). Raises StartError with none of
-    them left open."""
-    control_sock = None
-    if config.worker_count > 0:  # single-process mode has no master, so no control socket
-        from mpd.ops.control import ControlError, open_socket
+@dataclass
+class Opened:
+    """What mpd opens as the user it starts as, before any privilege drop: the listening
+    socket (and whether systemd holds it too: socket activation); in a master, the
+    control socket and its file, and the agent-check and metrics ports when set."""
+    listener: socket.socket | None = None
+    activated: bool = False
+    control: socket.socket | None = None
+    control_file: SocketFile | None = None
+    agent: socket.socket | None = None
+    metrics: socket.socket | None = None
 
-        unseen = access.unseen(config)
-        if unseen is not None:
-            raise StartError("control.access_unmapped", unseen, configmod.EX_CONFIG)
-        try:
-            control_sock = open_socket(config.socket_path, config.mode, config.allow_group)
-        except ControlError as e:
-            raise StartError("control.failed", str(e)) from None
+    def sockets(self) -> list[socket.socket]:
+        return [s for s in (self.listener, self.control, self.agent, self.metrics)
+                if s is not None]
+
+    def files_to_give(self, config: configmod.Config, pidfile: str) -> list[tuple[str, bool]]:
+        """What the privilege drop gives to server.user: (path, keep its group)."""
+        files = [(pidfile, False), (config.log_file if config.log_target == "file" else "",
+                                    False)]
+        if self.control_file is not None:  # its group is control.allow_group's, if set
+            files += [(self.control_file.path, bool(config.allow_group)),
+                      (self.control_file.made_directory, True)]
+        return files
+
+    def close(self) -> None:
+        """A start that fails: close it all, and remove the control socket's file."""
+        for sock in self.sockets():
+            sock.close()
+        if self.control_file is not None:
+            self.control_file.unlink()
+
+
+def open_all(config: configmod.Config) -> Opened:
+    """Open the sockets; raises StartError with none of them left open."""
+    opened = Opened()
     try:
-        listener, activated = listening_socket(config)
-    except OSError as e:
-        close_control(config, control_sock)
-        raise StartError("mpd.bind_failed", f"cannot listen on {config.listen} port "
-                         f"{config.port}: {e.strerror}") from None
-    agent_sock = None
-    if control_sock is not None and config.agent_listen:
-        from mpd.ops.agent import AgentError
-        from mpd.ops.agent import open_socket as open_agent
-
+        if config.worker_count > 0:  # single-process mode has no master: no control socket
+            unseen = access.unseen(config)
+            if unseen is not None:
+                raise StartError("control.access_unmapped", unseen, configmod.EX_CONFIG)
+            opened.control_file = SocketFile(config.socket_path, config.mode,
+                                             config.allow_group)
+            try:
+                opened.control = opened.control_file.bind()
+            except ControlError as e:
+                opened.control_file = None  # not ours to remove
+                raise StartError("control.failed", str(e)) from None
         try:
-            agent_sock = open_agent(*configmod.host_port(config.agent_listen))
-        except AgentError as e:
-            listener.close()
-            close_control(config, control_sock)
-            raise StartError("agent.failed", str(e)) from None
-    return control_sock, listener, agent_sock, activated
+            opened.listener, opened.activated = listening_socket(config)
+        except OSError as e:
+            raise StartError("mpd.bind_failed", f"cannot listen on {config.listen} port "
+                             f"{config.port}: {e.strerror}") from None
+        if opened.control is not None:
+            opened.agent, opened.metrics = open_ports(config)
+    except StartError:
+        opened.close()
+        raise
+    return opened
 
 
-def open_metrics(config: configmod.Config, control_sock: socket.socket | None,
-                 others: list[socket.socket | None]) -> socket.socket | None:
-    """The metrics port (metrics.listen; none in single-process mode). Raises StartError,
-    with the other sockets closed, when it cannot be opened."""
-    if control_sock is None or not config.metrics_listen:
-        return None
+def open_ports(config: configmod.Config) -> tuple[socket.socket | None, socket.socket | None]:
+    """The agent-check port (agent.listen) and the metrics port (metrics.listen), each
+    when set; raises StartError with neither left open."""
+    from mpd.ops.agent import AgentError
+    from mpd.ops.agent import open_socket as open_agent
     from mpd.ops.httpmetrics import MetricsError
     from mpd.ops.httpmetrics import open_socket as open_http
 
+    agent = None
     try:
-        return open_http(*configmod.host_port(config.metrics_listen))
+        if config.agent_listen:
+            agent = open_agent(*configmod.host_port(config.agent_listen))
+        if config.metrics_listen:
+            return agent, open_http(*configmod.host_port(config.metrics_listen))
+    except AgentError as e:
+        raise StartError("agent.failed", str(e)) from None
     except MetricsError as e:
-        for sock in others:
-            if sock is not None:
-                sock.close()
-        close_control(config, control_sock)
+        if agent is not None:
+            agent.close()
         raise StartError("metrics.failed", str(e)) from None
+    return agent, None
 
 
-def close_control(config: configmod.Config, control_sock: socket.socket | None) -> None:
-    if control_sock is not None:
-        control_sock.close()
-        os.unlink(config.socket_path)
+def check_needs(config: configmod.Config, who: privileges.Identity, opened: Opened) -> None:
+    """What must still work as server.user, tested before the drop (placeholder)."""
 
 
 def preflight() -> int:
@@ -282,7 +309,9 @@ def resume(state_fd: int) -> int:
     # never shut its listening down at a stop (only close ours).
     code = Master(config, listener, control, resumed_agent(config, state),
                   listener_shared=state.get("listener_shared", True),
-                  metrics_sock=resumed_metrics(config, state)).run(adopt=state)
+                  metrics_sock=resumed_metrics(config, state),
+                  control_file=statemod.control_file_of(state, config, control)
+                  ).run(adopt=state)
     if state.get("pidfile"):  # --daemon's: the old image's context cannot remove it now
         PidFile(state["pidfile"]).__exit__(None, None, None)
     return code
