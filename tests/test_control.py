@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 from conftest import (
@@ -332,4 +333,29 @@ def test_idle_control_connections_never_lock_mpdctl_out(mpd_factory):
     assert not reason["ok"] and "waited longest" in reason["error"]
     assert idle[0].recv(100) == b""
     for sock in idle:
+        sock.close()
+
+
+def test_a_flood_of_fresh_control_connections_never_locks_mpdctl_out(mpd_factory):
+    """Issue 20, item 3: 200 connections, none idle long (half of them even started a
+    request and stalled), fill the control table; mpdctl's request still gets in at
+    once: the peer that has waited longest without completing a request makes way,
+    whatever its age."""
+    server = mpd_factory({"workers": {"workers": 1}})
+    path = str(server.tmp / "mpd.sock")
+    flood = []
+    for i in range(200):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        if i < 100:
+            sock.sendall(b'{"version": 1, "comm')  # a request begun, never finished
+        flood.append(sock)
+    time.sleep(0.5)  # the scenario: connections half a second old, far from any timeout
+    start = time.monotonic()
+    result = mpdctl(server, "--timeout", "2", "status")
+    assert result.returncode == 0, result.stderr
+    assert "1/1 ready" in result.stdout
+    assert time.monotonic() - start < 2.0
+    assert len(server.events("control.evicted")) == 200 - 64 + 1  # one place made for it
+    for sock in flood:
         sock.close()
