@@ -8,16 +8,14 @@ import os
 import resource
 import socket
 import sys
-from dataclasses import dataclass
 
 from mpd import __version__
 from mpd.config import schema as configmod
 from mpd.logs import log as logmod
-from mpd.ops import access, manual
-from mpd.ops.socketfile import ControlError, SocketFile
-from mpd.system import privileges, proctitle, tcp
+from mpd.ops import manual
+from mpd.start import StartError, check_needs, open_all
+from mpd.system import privileges, proctitle
 
-EX_UNAVAILABLE = 69  # sysexits.h: the address cannot be bound
 LOG_DRAIN = 1.0  # seconds the master may wait at exit for its last log lines to go out
 
 
@@ -54,10 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version",
                    version=f"mpd {__version__} (multi-process TCP server daemon)")
     return p
-
-
-def bind(config: configmod.Config) -> socket.socket:
-    return tcp.listen(config.listen, config.port, config.backlog)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,16 +107,6 @@ def load_config(path: str | None, args: argparse.Namespace) -> configmod.Config:
               file=sys.stderr)
         config = config.override(log_target="syslog")
     return config
-
-
-class StartError(Exception):
-    """mpd cannot start: exit 69 (address in use, another mpd running) or 78 (the config
-    cannot work here: root without server.user, ids PrivateUsers= hides)."""
-
-    def __init__(self, event: str, message: str, code: int = EX_UNAVAILABLE):
-        super().__init__(message)
-        self.event = event
-        self.code = code
 
 
 UNIT_HIDES = ("/root/", "/home/", "/run/user/", "/tmp/", "/var/tmp/")
@@ -185,94 +169,6 @@ def serve(config: configmod.Config, detach: bool) -> int:
                     control_file=opened.control_file)
     master.pidfile = pidfile.path if pidfile is not None else None
     return master.run()
-
-
-@dataclass
-class Opened:
-    """What mpd opens as the user it starts as, before any privilege drop: the listening
-    socket (and whether systemd holds it too: socket activation); in a master, the
-    control socket and its file, and the agent-check and metrics ports when set."""
-    listener: socket.socket | None = None
-    activated: bool = False
-    control: socket.socket | None = None
-    control_file: SocketFile | None = None
-    agent: socket.socket | None = None
-    metrics: socket.socket | None = None
-
-    def sockets(self) -> list[socket.socket]:
-        return [s for s in (self.listener, self.control, self.agent, self.metrics)
-                if s is not None]
-
-    def files_to_give(self, config: configmod.Config, pidfile: str) -> list[tuple[str, bool]]:
-        """What the privilege drop gives to server.user: (path, keep its group)."""
-        files = [(pidfile, False), (config.log_file if config.log_target == "file" else "",
-                                    False)]
-        if self.control_file is not None:  # its group is control.allow_group's, if set
-            files += [(self.control_file.path, bool(config.allow_group)),
-                      (self.control_file.made_directory, True)]
-        return files
-
-    def close(self) -> None:
-        """A start that fails: close it all, and remove the control socket's file."""
-        for sock in self.sockets():
-            sock.close()
-        if self.control_file is not None:
-            self.control_file.unlink()
-
-
-def open_all(config: configmod.Config) -> Opened:
-    """Open the sockets; raises StartError with none of them left open."""
-    opened = Opened()
-    try:
-        if config.worker_count > 0:  # single-process mode has no master: no control socket
-            unseen = access.unseen(config)
-            if unseen is not None:
-                raise StartError("control.access_unmapped", unseen, configmod.EX_CONFIG)
-            opened.control_file = SocketFile(config.socket_path, config.mode,
-                                             config.allow_group)
-            try:
-                opened.control = opened.control_file.bind()
-            except ControlError as e:
-                opened.control_file = None  # not ours to remove
-                raise StartError("control.failed", str(e)) from None
-        try:
-            opened.listener, opened.activated = listening_socket(config)
-        except OSError as e:
-            raise StartError("mpd.bind_failed", f"cannot listen on {config.listen} port "
-                             f"{config.port}: {e.strerror}") from None
-        if opened.control is not None:
-            opened.agent, opened.metrics = open_ports(config)
-    except StartError:
-        opened.close()
-        raise
-    return opened
-
-
-def open_ports(config: configmod.Config) -> tuple[socket.socket | None, socket.socket | None]:
-    """The agent-check port (agent.listen) and the metrics port (metrics.listen), each
-    when set; raises StartError with neither left open."""
-    from mpd.ops.agent import AgentError
-    from mpd.ops.agent import open_socket as open_agent
-    from mpd.ops.httpmetrics import MetricsError
-    from mpd.ops.httpmetrics import open_socket as open_http
-
-    agent = None
-    try:
-        if config.agent_listen:
-            agent = open_agent(*configmod.host_port(config.agent_listen))
-        if config.metrics_listen:
-            return agent, open_http(*configmod.host_port(config.metrics_listen))
-    except AgentError as e:
-        raise StartError("agent.failed", str(e)) from None
-    except MetricsError as e:
-        if agent is not None:
-            agent.close()
-        raise StartError("metrics.failed", str(e)) from None
-    return agent, None
-
-
-def check_needs(config: configmod.Config, who: privileges.Identity, opened: Opened) -> None:
-    """What must still work as server.user, tested before the drop (placeholder)."""
 
 
 def preflight() -> int:
@@ -348,25 +244,6 @@ def resumed_metrics(config: configmod.Config, state: dict) -> socket.socket | No
         except MetricsError as e:
             logmod.get_logger().error("metrics.failed", error=str(e))
     return sock
-
-
-def listening_socket(config: configmod.Config) -> tuple[socket.socket, bool]:
-    """The socket systemd passed (socket activation; True: systemd holds it too), else a
-    freshly bound one."""
-    from mpd.system import systemd
-
-    log = logmod.get_logger()
-    for sock in systemd.listen_fds():
-        if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
-            address = sock.getsockname()
-            log.info("mpd.socket_activated", listen=address[0], port=address[1])
-            if (address[0], address[1]) != (config.listen, config.port):
-                log.warning("mpd.socket_mismatch", listen=address[0], port=address[1],
-                            config_listen=config.listen, config_port=config.port)
-            sock.setblocking(False)
-            return sock, True
-        sock.close()
-    return bind(config), False
 
 
 def raise_fd_limit() -> None:

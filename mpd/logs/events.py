@@ -31,8 +31,14 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "mpd.privileges_dropped": ("info", "master", "started as root, mpd opened its sockets and "
                                "files and became server.user: user, uid, group, gid"),
     "mpd.privileges_failed": ("error", "master", "started as root without server.user, or "
-                              "server.user names another user and mpd is not root (exit "
-                              "78): error"),
+                              "server.user names another user and mpd is not root, or "
+                              "server.user cannot reach what mpd needs once it runs as that "
+                              "user (the config, the code, the log's directory); checked "
+                              "before the drop, nothing is left open (exit 78): error"),
+    "mpd.privileges_limited": ("warning", "master", "started as root, mpd checked what "
+                               "server.user can reach: it cannot do something that only a "
+                               "later operation needs, and mpd starts all the same: user, "
+                               "path, need, consequence"),
     "mpd.max_clients_capped": ("warning", "master", "workers.max_clients is more than the fd "
                                "limit allows (the limit less 128); each worker serves at most "
                                "max_clients: configured, max_clients, fd_limit"),
