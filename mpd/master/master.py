@@ -63,8 +63,8 @@ class Master:
         the control socket's file as bound (its inode), else it is taken from the socket."""
         self.config = config
         self.listener = listener
-        # The operator ports' listening sockets (agent.listen, metrics.listen when set);
-        # their servers come in run().
+        # The operator ports' listening sockets (control; agent.listen and metrics.listen
+        # when set), until run() makes their servers.
         self.sockets = {"control": control_sock, "agent": agent_sock, "metrics": metrics_sock}
         if control_sock is not None and control_file is None:
             control_file = SocketFile(control_sock.getsockname(), config.mode,
