@@ -22,13 +22,20 @@ PING = b'{"version": 1, "command": "ping"}\n'
 
 @pytest.fixture
 def ports(mpd_factory):
-    metrics = free_port()
-    agent = metrics + 1  # free_port() makes sure the next one is free too
-    server = mpd_factory({"workers": {"workers": 1},
-                          "metrics": {"listen": f"127.0.0.1:{metrics}"},
-                          "agent": {"listen": f"127.0.0.1:{agent}"}})
-    server.ports = {"metrics": metrics, "agent": agent}
-    return server
+    for _ in range(3):  # another test on the machine may take the free ports first
+        metrics = free_port()
+        agent = metrics + 1  # free_port() makes sure the next one is free too
+        try:
+            server = mpd_factory({"workers": {"workers": 1},
+                                  "metrics": {"listen": f"127.0.0.1:{metrics}"},
+                                  "agent": {"listen": f"127.0.0.1:{agent}"}})
+        except AssertionError as e:
+            if "Address already in use" not in str(e):
+                raise
+            continue
+        server.ports = {"metrics": metrics, "agent": agent}
+        return server
+    raise AssertionError("no two free ports for metrics and agent in three tries")
 
 
 def connect(server, kind: str, timeout: float = 10) -> socket.socket:
