@@ -238,3 +238,28 @@ def test_a_control_socket_in_a_directory_server_user_cannot_enter(system_venv, s
         assert len(server.events("mpd.privileges_limited")) == 1
     finally:
         server.stop()
+
+
+def test_a_socket_directory_mpd_makes_is_the_users_so_it_can_bind_the_socket_again(
+        system_venv, shared_dir):
+    """/run/mpd on a first start: mpd makes the directory as root and gives it to
+    server.user, who can then bind the socket again when its file is removed."""
+    made = shared_dir / "run" / "mpd"
+    sock = made / "mpd.sock"
+    server = Mpd(shared_dir, {"server": {"user": "nobody"}, "workers": {"workers": 1},
+                              "control": {"socket": str(sock)}},
+                 cwd=Path("/"), python=str(system_venv / "bin" / "python"))
+    try:
+        assert os.stat(made).st_uid == NOBODY.pw_uid
+        assert not server.events("mpd.privileges_limited")
+        sock.unlink()
+        server.signal(signal.SIGHUP)
+        server.wait_event("control.recreated", trigger="reload")
+        assert os.stat(sock).st_uid == NOBODY.pw_uid
+        status = mpdctl(sock, "ping")
+        assert status.returncode == 0, status.stderr
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+        assert not sock.exists()  # its own directory: removed at exit, as nobody
+    finally:
+        server.stop()
