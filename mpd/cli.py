@@ -13,10 +13,10 @@ from mpd import __version__
 from mpd.apps.interface import Application
 from mpd.config import schema as configmod
 from mpd.logs import log as logmod
-from mpd.ops import access, manual
-from mpd.system import privileges, proctitle, tcp
+from mpd.ops import manual
+from mpd.start import StartError, check_needs, open_all
+from mpd.system import privileges, proctitle
 
-EX_UNAVAILABLE = 69  # sysexits.h: the address cannot be bound
 LOG_DRAIN = 1.0  # seconds the master may wait at exit for its last log lines to go out
 
 
@@ -53,10 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version",
                    version=f"mpd {__version__} (multi-process TCP server daemon)")
     return p
-
-
-def bind(config: configmod.Config) -> socket.socket:
-    return tcp.listen(config.listen, config.port, config.backlog)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,16 +111,6 @@ def load_config(path: str | None, args: argparse.Namespace) -> configmod.Config:
     return config
 
 
-class StartError(Exception):
-    """mpd cannot start: exit 69 (address in use, another mpd running) or 78 (the config
-    cannot work here: root without server.user, ids PrivateUsers= hides)."""
-
-    def __init__(self, event: str, message: str, code: int = EX_UNAVAILABLE):
-        super().__init__(message)
-        self.event = event
-        self.code = code
-
-
 UNIT_HIDES = ("/root/", "/home/", "/run/user/", "/tmp/", "/var/tmp/")
 
 
@@ -147,8 +133,8 @@ def notes(config: configmod.Config) -> list[str]:
 
 
 def serve(config: configmod.Config, detach: bool) -> int:
-    """Open the sockets (errors still reach the terminal), detach if asked, become
-    server.user, then run."""
+    """Open the sockets (errors still reach the terminal), check what server.user will
+    need, detach if asked, become server.user, then run."""
     try:
         who = privileges.target(config)
     except privileges.PrivilegeError as e:
@@ -162,97 +148,34 @@ def serve(config: configmod.Config, detach: bool) -> int:
             pidfile.check()
         except PidFileError as e:
             raise StartError("mpd.already_running", str(e)) from None
-    control_sock, listener, agent_sock, activated = open_sockets(config)
-    metrics_sock = open_metrics(config, control_sock, [listener, agent_sock])
+    opened = open_all(config)
+    if who is not None:
+        check_needs(config, who, opened)
     if pidfile is not None:
         from mpd.system.daemonize import detach as enter_daemon
 
-        enter_daemon(pidfile, [s for s in (listener, control_sock, agent_sock, metrics_sock)
-                               if s is not None])
-        logmod.set_role("master" if control_sock is not None else "single")
+        enter_daemon(pidfile, opened.sockets())
+        logmod.set_role("master" if opened.control is not None else "single")
         logmod.forget_writer()  # python-daemon closed the old log fds
         logmod.configure_from(config)
     if who is not None:
-        privileges.drop(who, [(config.socket_path if control_sock else "",
-                               bool(config.allow_group)),
-                              (pidfile.path if pidfile else "", False),
-                              (config.log_file if config.log_target == "file" else "", False)])
+        files = opened.files_to_give(config, pidfile.path if pidfile else "")
+        privileges.drop(who, files)
     try:  # after the drop: the application's code never runs as root unless it must
         app = configmod.application(config)
     except configmod.ConfigError as e:
-        close_control(config, control_sock)
+        opened.close()
         raise StartError("config.invalid", f"invalid config: {e}", configmod.EX_CONFIG) from None
-    if control_sock is None:
-        return serve_single_process(config, app, listener)
+    if opened.control is None:
+        return serve_single_process(config, app, opened.listener)
     from mpd.master.master import Master
 
     proctitle.master(config)
-    master = Master(config, app, listener, control_sock, agent_sock, listener_shared=activated,
-                    metrics_sock=metrics_sock)
+    master = Master(config, app, opened.listener, opened.control, opened.agent,
+                    listener_shared=opened.activated, metrics_sock=opened.metrics,
+                    control_file=opened.control_file)
     master.pidfile = pidfile.path if pidfile is not None else None
     return master.run()
-
-
-def open_sockets(config: configmod.Config) -> tuple[socket.socket | None, socket.socket,
-                                                    socket.socket | None, bool]:
-    """The control socket (none in single-process mode), the listening socket, the
-    agent-check port (agent.listen; none in single-process mode), and whether systemd
-    holds the listening socket too (socket activation). Raises StartError with none of
-    them left open."""
-    control_sock = None
-    if config.worker_count > 0:  # single-process mode has no master, so no control socket
-        from mpd.ops.control import ControlError, open_socket
-
-        unseen = access.unseen(config)
-        if unseen is not None:
-            raise StartError("control.access_unmapped", unseen, configmod.EX_CONFIG)
-        try:
-            control_sock = open_socket(config.socket_path, config.mode, config.allow_group)
-        except ControlError as e:
-            raise StartError("control.failed", str(e)) from None
-    try:
-        listener, activated = listening_socket(config)
-    except OSError as e:
-        close_control(config, control_sock)
-        raise StartError("mpd.bind_failed", f"cannot listen on {config.listen} port "
-                         f"{config.port}: {e.strerror}") from None
-    agent_sock = None
-    if control_sock is not None and config.agent_listen:
-        from mpd.ops.agent import AgentError
-        from mpd.ops.agent import open_socket as open_agent
-
-        try:
-            agent_sock = open_agent(*configmod.host_port(config.agent_listen))
-        except AgentError as e:
-            listener.close()
-            close_control(config, control_sock)
-            raise StartError("agent.failed", str(e)) from None
-    return control_sock, listener, agent_sock, activated
-
-
-def open_metrics(config: configmod.Config, control_sock: socket.socket | None,
-                 others: list[socket.socket | None]) -> socket.socket | None:
-    """The metrics port (metrics.listen; none in single-process mode). Raises StartError,
-    with the other sockets closed, when it cannot be opened."""
-    if control_sock is None or not config.metrics_listen:
-        return None
-    from mpd.ops.httpmetrics import MetricsError
-    from mpd.ops.httpmetrics import open_socket as open_http
-
-    try:
-        return open_http(*configmod.host_port(config.metrics_listen))
-    except MetricsError as e:
-        for sock in others:
-            if sock is not None:
-                sock.close()
-        close_control(config, control_sock)
-        raise StartError("metrics.failed", str(e)) from None
-
-
-def close_control(config: configmod.Config, control_sock: socket.socket | None) -> None:
-    if control_sock is not None:
-        control_sock.close()
-        os.unlink(config.socket_path)
 
 
 def preflight(app: Application) -> int:
@@ -291,7 +214,9 @@ def resume(state_fd: int) -> int:
     # never shut its listening down at a stop (only close ours).
     code = Master(config, app, listener, control, resumed_agent(config, state),
                   listener_shared=state.get("listener_shared", True),
-                  metrics_sock=resumed_metrics(config, state)).run(adopt=state)
+                  metrics_sock=resumed_metrics(config, state),
+                  control_file=statemod.control_file_of(state, config, control)
+                  ).run(adopt=state)
     if state.get("pidfile"):  # --daemon's: the old image's context cannot remove it now
         PidFile(state["pidfile"]).__exit__(None, None, None)
     return code
@@ -328,25 +253,6 @@ def resumed_metrics(config: configmod.Config, state: dict) -> socket.socket | No
         except MetricsError as e:
             logmod.get_logger().error("metrics.failed", error=str(e))
     return sock
-
-
-def listening_socket(config: configmod.Config) -> tuple[socket.socket, bool]:
-    """The socket systemd passed (socket activation; True: systemd holds it too), else a
-    freshly bound one."""
-    from mpd.system import systemd
-
-    log = logmod.get_logger()
-    for sock in systemd.listen_fds():
-        if sock.type == socket.SOCK_STREAM and sock.family in (socket.AF_INET, socket.AF_INET6):
-            address = sock.getsockname()
-            log.info("mpd.socket_activated", listen=address[0], port=address[1])
-            if (address[0], address[1]) != (config.listen, config.port):
-                log.warning("mpd.socket_mismatch", listen=address[0], port=address[1],
-                            config_listen=config.listen, config_port=config.port)
-            sock.setblocking(False)
-            return sock, True
-        sock.close()
-    return bind(config), False
 
 
 def raise_fd_limit() -> None:

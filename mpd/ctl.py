@@ -25,6 +25,7 @@ EXIT_USAGE = 2  # bad arguments (argparse's own code)
 EXIT_NOT_RUNNING = 3  # no mpd answers on the socket
 EXIT_DENIED = 4  # the socket or the daemon refused us
 EXIT_TIMEOUT = 5  # no answer, or scale not done, within --timeout
+EXIT_UNREACHABLE = 6  # mpd runs, but its control socket is gone and did not come back
 EXIT_CONFIG = configmod.EX_CONFIG  # the config that names the socket is invalid
 WAIT_SAID_AFTER = 1.0  # seconds between two lines that say what mpdctl waits for
 
@@ -34,6 +35,9 @@ EXIT_CODES = ((EXIT_OK, "done"), (EXIT_ERROR, "mpd answered with an error (a ref
               (EXIT_NOT_RUNNING, "mpd is not running (no socket, or nothing answers on it)"),
               (EXIT_DENIED, "permission denied (socket file mode/owner, or mpd's allow-list)"),
               (EXIT_TIMEOUT, "timed out (the command's wait, or no answer)"),
+              (EXIT_UNREACHABLE, "mpd is running (the message names its pid), but its "
+                                 "socket's file is gone and did not come back within "
+                                 "--timeout"),
               (EXIT_CONFIG, "the config file is invalid, and no mpd socket was found"))
 
 
@@ -76,20 +80,43 @@ def positive(text: str) -> float:
 
 
 class Client:
-    def __init__(self, path: str, timeout: float):
+    def __init__(self, path: str, timeout: float, config: str | None = None):
+        """`config`: mpd's config file, if known, to find its master when the socket is
+        gone."""
         self.path = path
         self.deadline = time.monotonic() + timeout
+        self.timeout = timeout
         try:
             self.sock = self.connect(path)
         except (FileNotFoundError, ConnectionRefusedError):
-            raise CtlError(EXIT_NOT_RUNNING, f"mpd is not running (nothing answers on {path})")\
-                from None
+            self.sock = self.wait_for_socket(config)
         except PermissionError:
             raise CtlError(EXIT_DENIED, f"permission denied on {path}: {describe(path)}")\
                 from None
         except OSError as e:
             raise CtlError(EXIT_NOT_RUNNING, f"cannot connect to {path}: {e.strerror}") from None
         self.buf = b""
+
+    def wait_for_socket(self, config: str | None) -> socket.socket:
+        """Nothing answers on the path. No mpd master alive: it is not running. One alive:
+        its socket's file is gone or replaced, which mpd repairs by itself within seconds
+        (and on SIGHUP): wait for that, up to the deadline."""
+        masters = locate.running_masters(self.path, config)
+        if not masters:
+            raise CtlError(EXIT_NOT_RUNNING, f"mpd is not running (nothing answers on "
+                           f"{self.path})")
+        while time.monotonic() < self.deadline:
+            time.sleep(0.05)  # a retry interval while mpd binds its socket again, bounded
+            with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
+                return self.connect(self.path)
+        pids = ", ".join(str(pid) for pid, _title in masters)
+        who = f"pid {pids} ({masters[0][1]})" if len(masters) == 1 else f"pids {pids}"
+        hup = masters[0][0] if len(masters) == 1 else "PID"
+        raise CtlError(EXIT_UNREACHABLE, (
+            f"mpd is running ({who}), but nothing answers on {self.path}: its control socket "
+            f"is gone or replaced, and mpd did not put it back within {self.timeout:g} s "
+            "(its log says why: control.recreate_failed); mpdctl cannot fix that: once the "
+            f"cause is gone, `kill -HUP {hup}` makes mpd bind its socket again"))
 
     def reconnect(self) -> None:
         """A new connection, for example after an upgrade's exec closed the old one."""
@@ -168,13 +195,26 @@ def socket_path(args: argparse.Namespace) -> str:
     try:
         path, warning = locate.control_socket(args.socket, args.config)
     except locate.NotFound as e:
-        raise CtlError(EXIT_NOT_RUNNING, str(e)) from None
+        gone = locate.listening_at(e.candidates)  # an mpd whose "auto" socket's file is gone
+        if gone is None:
+            raise CtlError(EXIT_NOT_RUNNING, str(e)) from None
+        return gone
     except configmod.ConfigError as e:
         raise CtlError(EXIT_CONFIG, f"invalid config: {e}; and no mpd socket at "
                        + " or ".join(locate.auto_candidates())) from None
     if warning is not None:
         print(f"mpdctl: warning: {warning}", file=sys.stderr)
     return path
+
+
+def config_path(args: argparse.Namespace) -> str | None:
+    """mpd's config as mpdctl knows it: --config, else /etc/mpd.toml when it exists; none
+    with --socket or $MPDCTL_SOCKET, which name the socket alone."""
+    if args.socket or os.environ.get(locate.ENV):
+        return None
+    if args.config:
+        return args.config
+    return configmod.DEFAULT_PATH if os.path.exists(configmod.DEFAULT_PATH) else None
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -184,7 +224,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         fields = command.argument(args.argument)
     except ValueError as e:
         parser.error(f"{args.command}: {e}")
-    client = Client(socket_path(args), args.timeout)
+    client = Client(socket_path(args), args.timeout, config_path(args))
     if command.view is not None:
         def send(name: str, **more: Any) -> dict[str, Any]:
             client.deadline = time.monotonic() + args.timeout  # each request its own

@@ -217,7 +217,7 @@ def test_counters_never_go_backwards_when_a_worker_dies(metered):
     # The new worker counts on top of the dead one's.
     traffic(metered, handoffs=0, pings=5)
     settled(metered, 75)
-    # A scrape within observers.CACHE of the last one gets the same text: wait it out.
+    # A scrape within httpmetrics.CACHE of the last one gets the same text: wait it out.
     got = wait_until(lambda: (g := samples(scrape(metered.metrics_port)[2]))[
         ("mpd_requests_total", ())] == 75 and g, what="the new worker's requests scraped")
     assert got[("mpd_workers_cpu_seconds_total", ())] > 0
@@ -256,7 +256,7 @@ def closed(sock: socket.socket) -> bool:
 
 
 def test_stalled_scrapers_hold_nothing(metered):
-    cap = httpmetrics.MAX_CONNECTIONS
+    cap = httpmetrics.LIMITS.peers
     stalled = []
     for _ in range(cap + 4):  # each sends half a request and waits forever
         sock = socket.create_connection(("127.0.0.1", metered.metrics_port), timeout=15)

@@ -187,3 +187,79 @@ def test_user_on_the_command_line_holds_across_reloads(shared_dir):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
+
+
+# --- what server.user must reach, checked before the drop (issue 20, item 6) -------------
+
+def private_dir(parent: Path) -> Path:
+    """A 0700 directory of root's: nobody cannot even enter it."""
+    path = parent / "private"
+    path.mkdir(mode=0o700)
+    return path
+
+
+def test_a_config_that_server_user_cannot_read_is_one_line_and_exit_78(system_venv,
+                                                                        shared_dir):
+    """A reload reads the config again, as nobody: a start that could never reload is
+    refused before the drop, with the path, and nothing is left behind."""
+    config = private_dir(shared_dir) / "mpd.toml"
+    sock = shared_dir / "mpd.sock"
+    config.write_text(toml_config({"server": {"port": 0, "user": "nobody"},
+                                   "workers": {"workers": 1},
+                                   "control": {"socket": str(sock)}}))
+    result = start(str(system_venv / "bin" / "python"), config)
+    assert result.returncode == 78, result.stderr + result.stdout
+    assert result.stderr == (f"mpd: server.user nobody cannot read the config {config} (a "
+                             "reload reads it again): let nobody reach it (and search each "
+                             "directory above it), or move it\n")
+    assert '"mpd.privileges_failed"' in result.stdout and "Traceback" not in result.stdout
+    assert not sock.exists()  # closed and removed as root, before the drop
+
+
+def test_a_control_socket_in_a_directory_server_user_cannot_enter(system_venv, shared_dir):
+    """The issue's setup: mpd no longer needs that directory to start (it crashed there,
+    exit 1, when it stat()ed its socket after the drop). It serves, steered by root, and
+    says once what it cannot do: bind its socket again if the file is removed."""
+    private = private_dir(shared_dir)
+    server = Mpd(shared_dir, {"server": {"user": "nobody"}, "workers": {"workers": 1},
+                              "control": {"socket": str(private / "mpd.sock")}},
+                 cwd=Path("/"), python=str(system_venv / "bin" / "python"))
+    try:
+        limited = server.wait_event("mpd.privileges_limited")
+        assert limited["path"] == str(private) and "bind it again" in limited["consequence"]
+        status = mpdctl(private / "mpd.sock", "--json", "status")
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["master"]["uid"] == NOBODY.pw_uid
+        with server.connect() as client:
+            ping(client)
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+        assert not server.events("mpd.crashed")
+        assert len(server.events("mpd.privileges_limited")) == 1
+    finally:
+        server.stop()
+
+
+def test_a_socket_directory_mpd_makes_is_the_users_so_it_can_bind_the_socket_again(
+        system_venv, shared_dir):
+    """/run/mpd on a first start: mpd makes the directory as root and gives it to
+    server.user, who can then bind the socket again when its file is removed."""
+    made = shared_dir / "run" / "mpd"
+    sock = made / "mpd.sock"
+    server = Mpd(shared_dir, {"server": {"user": "nobody"}, "workers": {"workers": 1},
+                              "control": {"socket": str(sock)}},
+                 cwd=Path("/"), python=str(system_venv / "bin" / "python"))
+    try:
+        assert os.stat(made).st_uid == NOBODY.pw_uid
+        assert not server.events("mpd.privileges_limited")
+        sock.unlink()
+        server.signal(signal.SIGHUP)
+        server.wait_event("control.recreated", trigger="reload")
+        assert os.stat(sock).st_uid == NOBODY.pw_uid
+        status = mpdctl(sock, "ping")
+        assert status.returncode == 0, status.stderr
+        server.signal(signal.SIGTERM)
+        assert server.wait_exit() == 0
+        assert not sock.exists()  # its own directory: removed at exit, as nobody
+    finally:
+        server.stop()

@@ -213,19 +213,19 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     from mpd.master.slots import WorkerProc
     from mpd.ops.agent import AgentServer, open_socket
     from mpd.ops.control import ControlServer
+    from mpd.ops.socketfile import SocketFile
     from mpd.wire import messages as msg
     from mpd.wire.channel import Channel
 
     config = configmod.parse("[workers]\nworkers = 2\n", str(tmp_path / "mpd.toml"))
     app = configmod.application(config)
     listener = socket.create_server(("127.0.0.1", 0))
-    control_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    control_sock.bind(str(tmp_path / "mpd.sock"))
-    control_sock.listen()
-    old = Master(config, app, listener, control_sock)
+    control_file = SocketFile(str(tmp_path / "mpd.sock"), 0o660, "")
+    control_sock = control_file.bind()
+    old = Master(config, app, listener, control_sock, control_file=control_file)
     selector = selectors_mod.DefaultSelector()
-    old.control = ControlServer(control_sock, str(tmp_path / "mpd.sock"), selector,
-                                lambda r: r, lambda u, g: True)
+    old.control = ControlServer(control_sock, control_file, selector, lambda r: r,
+                                lambda u, g: None)
     agent_sock = open_socket("127.0.0.1", 0)
     old.agent = AgentServer(agent_sock, selector, lambda: "up ready 100%")
     ours, theirs = Channel.pair()
@@ -262,8 +262,9 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     os.write(held.client.fds[0], b"x")  # the held client's fd is the same connection
     assert held_theirs.recv(1) == b"x"
     assert new.listener.getsockname() == address
-    assert new.agent_sock is not None and new.agent_sock.getsockname() == agent_address
-    for sock in (theirs, held_theirs, new.listener, new.control_sock, new.agent_sock):
+    new_agent, new_control = new.sockets["agent"], new.sockets["control"]
+    assert new_agent is not None and new_agent.getsockname() == agent_address
+    for sock in (theirs, held_theirs, new.listener, new_control, new_agent):
         sock.close()
     os.close(held.client.fds[0])
     adopted.channel.close()

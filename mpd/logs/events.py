@@ -31,8 +31,14 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "mpd.privileges_dropped": ("info", "master", "started as root, mpd opened its sockets and "
                                "files and became server.user: user, uid, group, gid"),
     "mpd.privileges_failed": ("error", "master", "started as root without server.user, or "
-                              "server.user names another user and mpd is not root (exit "
-                              "78): error"),
+                              "server.user names another user and mpd is not root, or "
+                              "server.user cannot reach what mpd needs once it runs as that "
+                              "user (the config, the code, the log's directory); checked "
+                              "before the drop, nothing is left open (exit 78): error"),
+    "mpd.privileges_limited": ("warning", "master", "started as root, mpd checked what "
+                               "server.user can reach: it cannot do something that only a "
+                               "later operation needs, and mpd starts all the same: user, "
+                               "path, need, consequence"),
     "mpd.max_clients_capped": ("warning", "master", "workers.max_clients is more than the fd "
                                "limit allows (the limit less 128); each worker serves at most "
                                "max_clients: configured, max_clients, fd_limit"),
@@ -170,18 +176,30 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                        "peer_pid"),
     "control.bad_request": ("warning", "master", "an oversized or stalled control request; "
                             "closed: peer_uid, error"),
-    "control.evicted": ("info", "master", "the control table was full: the longest idle "
-                        "connection was closed to let a new one in: peer_uid, peer_pid, "
-                        "idle_for"),
-    "control.busy": ("warning", "master", "too many control connections, none of them idle: "
-                     "peer_uid, connections"),
-    "control.accept_failed": ("warning", "master", "accept on the control socket failed: "
-                              "error"),
-    "control.error": ("error", "master", "a control command, or the handling of a control "
-                      "peer, raised (a bug); that peer's request fails or it is closed: "
-                      "command, error, traceback"),
-    "agent.accept_failed": ("warning", "master", "accept on the agent-check port failed "
-                            "(out of fds or memory); it pauses: error, retry_in"),
+    "control.evicted": ("info", "master", "the control table was full: the connection that "
+                        "had waited longest without a request (whatever its age) got an error "
+                        "line and was closed to let a new one in: peer_uid, peer_pid, "
+                        "waited_for"),
+    "control.recreated": ("warning", "master", "the control socket's file was gone, or a "
+                          "stale socket had taken its place: mpd bound a new one there (its "
+                          "connected peers stay): path, reason (gone, replaced), trigger "
+                          "(check: the look every 2 s; reload)"),
+    "control.recreate_failed": ("error", "master", "mpd cannot put its control socket back "
+                                "(a file that is not a socket, another process's socket, a "
+                                "directory out of reach): path, error; once per cause, tried "
+                                "again every 2 s and at each reload"),
+    "ops.accept_paused": ("warning", "master", "accept on the control socket, the metrics or "
+                          "the agent port failed for want of fds or memory: it stops "
+                          "accepting for retry_in seconds at a time, not spinning (one line "
+                          "per pause): server, error, retry_in"),
+    "ops.accept_resumed": ("info", "master", "accepting went on for a second without a "
+                           "shortage: the pause is over: server, pauses (retries), "
+                           "paused_for"),
+    "ops.error": ("error", "master", "handling a peer of the control socket, the metrics or "
+                  "the agent port raised (a bug): that peer is closed: server, error, "
+                  "traceback"),
+    "control.error": ("error", "master", "a control command raised (a bug); its request "
+                      "fails with the error: command, error, traceback"),
     "control.access_unmapped": ("error", "master", "control.allow_uids or allow_group name "
                                 "ids that mpd's user namespace does not map (systemd's "
                                 "PrivateUsers=yes) (exit 78): error"),
@@ -192,8 +210,6 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "metrics.failed": ("error", "master", "cannot open the metrics port (metrics.listen; at "
                        "start: exit 69; after an upgrade from a release without it: mpd serves "
                        "on without it): error"),
-    "metrics.accept_failed": ("warning", "master", "accept on the metrics port failed (out of "
-                              "fds or memory); it pauses: error, retry_in"),
     "metrics.bad_request": ("debug", "master", "a request to the metrics port other than GET "
                             "/metrics, or malformed; it got an HTTP error: status, error"),
     "metrics.error": ("error", "master", "rendering the metrics, or handling a scraper, raised "

@@ -35,12 +35,15 @@ from mpd.master.slots import Slots, WorkerProc
 from mpd.master.spawn import fork_worker
 from mpd.master.stopping import Shutdown
 from mpd.master.upgrade import Upgrades
-from mpd.ops import access, commands
+from mpd.ops import access, commands, metrics
 from mpd.ops.agent import AgentServer, agent_line
 from mpd.ops.control import ControlServer
-from mpd.ops.observers import Observers
+from mpd.ops.httpmetrics import MetricsServer
+from mpd.ops.observers import StatsLine
+from mpd.ops.server import Server
+from mpd.ops.socketfile import SocketFile
 from mpd.system import testhooks as hooks
-from mpd.system.signals import SignalQueue
+from mpd.system.signals import SignalQueue, signal_name
 from mpd.system.systemd import Notifier
 from mpd.wire import messages as msg
 from mpd.wire.exits import EXIT_BOOT_ERROR
@@ -56,18 +59,27 @@ class Master:
     def __init__(self, config: Config, app: Application, listener: socket.socket,
                  control_sock: socket.socket | None = None,
                  agent_sock: socket.socket | None = None, listener_shared: bool = False,
-                 metrics_sock: socket.socket | None = None):
+                 metrics_sock: socket.socket | None = None,
+                 control_file: SocketFile | None = None):
         """Only state: signal handlers, selector, notifier and the services come in run().
         `listener_shared`: another process (systemd, for socket activation) holds the
-        listening socket too, and it must go on listening after we stop."""
+        listening socket too, and it must go on listening after we stop. `control_file`:
+        the control socket's file as bound (its inode), else it is taken from the socket."""
         self.config = config
         self.app = app  # forked workers inherit it, loaded
         self.listener = listener
-        self.control_sock = control_sock
-        self.agent_sock = agent_sock  # the HAProxy agent-check port, when agent.listen is set
+        # The operator ports' listening sockets (control; agent.listen and metrics.listen
+        # when set), until run() makes their servers.
+        self.sockets = {"control": control_sock, "agent": agent_sock, "metrics": metrics_sock}
+        if control_sock is not None and control_file is None:
+            control_file = SocketFile(control_sock.getsockname(), config.mode,
+                                      config.allow_group)
+        self.control_file = control_file
+        self.control: ControlServer | None = None
+        self.agent: AgentServer | None = None
+        self.metrics: MetricsServer | None = None
         self.tally = tally.Tally()  # what the workers did, never going backwards
-        # mpd.stats lines, and the metrics endpoint (metrics.listen) from run() on
-        self.observers = Observers(self, metrics_sock)
+        self.stats_line = StatsLine(self)  # mpd.stats, every log.stats_interval
         self.slots = Slots(config.worker_count)
         # Where each key group is, and their moves: an application with groups only.
         self.directory = Directory() if app.group is not None else None
@@ -153,18 +165,9 @@ class Master:
             msg.Kind.HELLO: self.on_hello, msg.Kind.GROUP_ENDED: self.on_group_ended,
             **self.moves.reactions()})
         self.notifier = Notifier(lambda: self.status_line() if self.state == "running" else None)
-        self.control: ControlServer | None = None
-        if self.control_sock is not None:
-            self.control = ControlServer(
-                self.control_sock, self.config.socket_path, self.selector,
-                functools.partial(commands.handle, self),
-                lambda uid, gid: access.why_denied(self.config, uid, gid))
-        self.agent: AgentServer | None = None
-        if self.agent_sock is not None:
-            self.agent = AgentServer(self.agent_sock, self.selector, self.agent_line)
-        servers = [s for s in (self.control, self.agent) if s is not None]
+        servers = self.open_servers()
         self.services: list[Service] = [self.shutdown, HeldClients(self.broker), self.upgrades,
-                                        self.observers, *servers, self.notifier, self.moves]
+                                        self.stats_line, *servers, self.notifier, self.moves]
         self.duties = [self.murder_workers, self.manage_workers,
                        *(service.tick for service in self.services)]
         if adopt is not None:
@@ -172,10 +175,27 @@ class Master:
         else:
             log.info("mpd.started", version=__version__, config=self.config.path,
                      listen=self.config.listen, port=self.port, workers=self.target,
-                     control=self.config.socket_path if self.control else None)
-        self.observers.start(self.selector)  # after adopt: it counts from the old totals
+                     control=self.control_file.path if self.control_file else None)
+        self.stats_line.start()  # after adopt: it counts from the old totals
+        if self.metrics is not None:
+            self.metrics.render("")  # imports prometheus_client now, not in a scraper's turn
         self.set_max_clients()
         self.manage_workers(time.monotonic())
+
+    def open_servers(self) -> list[Server]:
+        """The operator ports' servers in the selector: control, metrics, agent."""
+        if self.sockets["control"] is not None and self.control_file is not None:
+            self.control = ControlServer(
+                self.sockets["control"], self.control_file, self.selector,
+                functools.partial(commands.handle, self),
+                lambda uid, gid: access.why_denied(self.config, uid, gid))
+        if self.sockets["metrics"] is not None:
+            self.metrics = MetricsServer(self.sockets["metrics"], self.selector,
+                                         lambda accept: metrics.render(
+                                             self.snapshot(usage=True), accept))
+        if self.sockets["agent"] is not None:
+            self.agent = AgentServer(self.sockets["agent"], self.selector, self.agent_line)
+        return [s for s in (self.control, self.metrics, self.agent) if s is not None]
 
     def close(self) -> None:
         for service in self.services:
@@ -435,6 +455,8 @@ class Master:
     def reload(self) -> str | None:
         """Re-read the config and apply it; on any problem change nothing and return why."""
         self.notifier.reloading()
+        if self.control is not None:
+            self.control.keep_socket("reload")  # whatever the file says: it is mpd's
         try:
             hooks.fault("master.reload")
             new = reload_config(self.config)
@@ -462,9 +484,3 @@ class Master:
     def upgrade(self) -> str | None:
         return self.upgrades.start()
 
-
-def signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:  # a real-time signal has no name in the enum
-        return f"SIG{number}"

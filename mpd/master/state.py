@@ -4,10 +4,17 @@ carries STATE_VERSION (upgrade.py) so that a master can tell state it cannot rea
 
 Every fd named here stays open across the exec: the listening socket, the control
 socket, the agent-check socket, the metrics socket, each worker's channel (with what is
-still queued on it, and the channel version its worker speaks) and each held client. State
-written by a release before these existed lacks them: then the workers speak channel
-version 1, the new master opens the agent and metrics sockets itself (cli.resume), and
-the totals of reaped workers (tally.py) start from zero."""
+still queued on it, and the channel version its worker speaks) and each held client.
+With the control socket goes the inode of its file, so that the new master knows its
+file without looking at the path (which may be gone: it is put back by the control
+server's checks, never needed to start).
+
+A field added later is optional, and STATE_VERSION stays: state written by a release
+before it lacks it, and is adopted all the same. Without the channel versions the
+workers speak version 1; without the agent and metrics sockets the new master opens them
+itself (cli.resume); without the tally the totals of reaped workers (tally.py) start from
+zero; without the control socket's inode the control server asks the socket at the path
+who listens there (socketfile.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +33,8 @@ from mpd.master.stopping import Shutdown
 from mpd.master.tally import Tally
 from mpd.ops.agent import AgentServer
 from mpd.ops.control import ControlServer
-from mpd.ops.observers import Observers
+from mpd.ops.httpmetrics import MetricsServer
+from mpd.ops.socketfile import SocketFile
 from mpd.wire.channel import Channel
 from mpd.wire.messages import Client, Kind, decode
 
@@ -40,6 +48,7 @@ class Master(Protocol):
     listener: socket.socket
     control: ControlServer | None
     agent: AgentServer | None
+    metrics: MetricsServer | None
     slots: Slots
     broker: Broker
     generation: int
@@ -47,7 +56,6 @@ class Master(Protocol):
     port: int
     pidfile: str | None
     shutdown: Shutdown
-    observers: Observers
     tally: Tally
     directory: Directory | None
 
@@ -71,13 +79,15 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
             for h in master.broker.held]
     fds += master.broker.held_fds()
     agent_fd = master.agent.sock.fileno() if master.agent is not None else None
-    metrics_fd = master.observers.sock.fileno() if master.observers.sock is not None else None
+    metrics_fd = master.metrics.sock.fileno() if master.metrics is not None else None
+    inode = master.control.file.inode
     fds += [fd for fd in (agent_fd, metrics_fd) if fd is not None]
     state = {
         "state_version": STATE_VERSION, "from_version": __version__,
         "generation": master.generation, "started": master.started, "port": master.port,
         "config": {k: v for k, v in dataclasses.asdict(master.config).items()},
         "listener_fd": master.listener.fileno(), "control_fd": master.control.sock.fileno(),
+        "control_inode": list(inode) if inode is not None else None,
         "agent_fd": agent_fd, "metrics_fd": metrics_fd, "tally": master.tally.dump(),
         "table": master.slots.target, "epoch": master.slots.epoch,
         "drained": sorted(master.slots.drained), "workers": workers, "held": held,
@@ -111,6 +121,15 @@ def sockets_of(state: dict[str, Any]) -> tuple[socket.socket, socket.socket]:
         sock.set_inheritable(False)
         sock.setblocking(False)
     return listener, control
+
+
+def control_file_of(state: dict[str, Any], config: Config,
+                    control: socket.socket) -> SocketFile:
+    """The control socket's file: where the inherited socket is bound, and its inode if
+    the old master recorded it. The path is not looked at."""
+    inode = state.get("control_inode")
+    return SocketFile(control.getsockname(), config.mode, config.allow_group,
+                      (inode[0], inode[1]) if inode else None)
 
 
 def agent_socket_of(state: dict[str, Any]) -> socket.socket | None:

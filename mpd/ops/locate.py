@@ -24,6 +24,10 @@ ENV = "MPDCTL_SOCKET"
 class NotFound(Exception):
     """No socket to try; the message says where mpdctl looked."""
 
+    def __init__(self, message: str, candidates: list[str]):
+        super().__init__(message)
+        self.candidates = candidates  # where an "auto" socket would be
+
 
 def auto_candidates() -> list[str]:
     """Where an "auto" socket may be, most likely first, without duplicates."""
@@ -67,5 +71,88 @@ def control_socket(socket: str | None, config: str | None) -> tuple[str, str | N
     candidates = auto_candidates()
     found = first_existing(candidates)
     if found is None:
-        raise NotFound("mpd is not running: no control socket at " + " or ".join(candidates))
+        raise NotFound("mpd is not running: no control socket at " + " or ".join(candidates),
+                       candidates)
     return found, None
+
+
+TITLE = "mpd: master "  # proctitle.master()'s prefix, as /proc/PID/cmdline shows it
+ACCEPTING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's Flags: a listening socket
+
+
+def running_masters(path: str, config: str | None) -> list[tuple[int, str]]:
+    """Nothing answers on `path`: the mpd masters, as (pid, process title), that still
+    listen on a socket bound to that name (/proc/net/unix keeps a socket's name after its
+    file is gone), so that mpdctl tells "not running" from "running, but its control
+    socket is gone". None when no socket listens there. Which master: the one holding
+    that socket; if their fds cannot be read (another user's), the one `config`'s
+    pidfile names, else those whose title names `config`, else every mpd master."""
+    inodes = unix_listeners().get(path)
+    if not inodes:
+        return []
+    masters = [(pid, t) for pid in pids() if (t := title(pid)).startswith(TITLE)]
+    holders = [(pid, t) for pid, t in masters if holds(pid, inodes)]
+    if holders or config is None:
+        return holders or masters
+    from mpd.system.daemonize import running_pid
+
+    try:
+        pidfile = running_pid(configmod.load(config).pidfile_path)
+    except (configmod.ConfigError, OSError):
+        pidfile = None
+    wanted = os.path.realpath(config)
+    return ([m for m in masters if m[0] == pidfile]
+            or [m for m in masters if os.path.realpath(m[1][len(TITLE):]) == wanted]
+            or masters)
+
+
+def unix_listeners() -> dict[str, set[str]]:
+    """The path of each listening unix socket, with the inodes of the sockets bound to it."""
+    found: dict[str, set[str]] = {}
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.readlines()[1:]
+    except OSError:
+        return found
+    for line in lines:
+        fields = line.split()  # Num RefCount Protocol Flags Type St Inode [Path]
+        if len(fields) >= 8 and int(fields[3], 16) & ACCEPTING:
+            found.setdefault(fields[7], set()).add(fields[6])
+    return found
+
+
+def listening_at(candidates: list[str]) -> str | None:
+    """The first of `candidates` that a socket listens on, its file there or not."""
+    listeners = unix_listeners()
+    return next((path for path in candidates if path in listeners), None)
+
+
+def holds(pid: int, inodes: set[str]) -> bool:
+    """Whether the process holds one of these sockets (False when its fds are not ours to
+    read)."""
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def title(pid: int) -> str:
+    """The process's command line as it shows itself (setproctitle's title), or ""."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return ""
+    return raw.replace(b"\0", b" ").strip().decode("utf-8", "replace")

@@ -97,7 +97,11 @@ def mpdctl_epilog(exit_codes: Any) -> str:
               "whoever you are)",
               "  and $XDG_RUNTIME_DIR/mpd/mpd.sock. A config that cannot be read or is "
               "invalid gives",
-              "  a warning, and the \"auto\" sockets are tried."]
+              "  a warning, and the \"auto\" sockets are tried. When nothing answers on "
+              "the socket but",
+              "  an mpd master still listens on that name (its file was removed), mpdctl "
+              "waits up to",
+              "  --timeout for mpd to bind it again (it does every 2 s, and on SIGHUP)."]
     lines += rows("exit codes", exit_codes, 3)
     lines += rows("environment", MPDCTL_ENVIRONMENT, 18)
     lines += rows("files", ((configmod.DEFAULT_PATH, "mpd's config (for control.socket)"),

@@ -1,6 +1,6 @@
-"""How people watch mpd besides `mpdctl status`: the periodic `mpd.stats` log line and the
-Prometheus endpoint (`[metrics] listen`, httpmetrics.py). Both read the master's
-snapshot, as `status` and `mpdctl metrics` do.
+"""The periodic `mpd.stats` log line, one of the master's services: how people watch mpd
+in its log, besides `mpdctl status` and the Prometheus endpoint (httpmetrics.py). All
+read the master's snapshot.
 
 `mpd.stats` is what an operator's log gets at info instead of a line per hand-off: every
 `log.stats_interval` seconds, when anything was counted meanwhile, one line with the
@@ -11,19 +11,13 @@ rare lines that matter; `fd.dispatched`, one per hand-off, is at debug."""
 
 from __future__ import annotations
 
-import selectors
-import socket
 import time
 from typing import Any, Protocol
 
 from mpd.config.schema import Config
 from mpd.logs import log as logmod
 from mpd.master.tally import Tally
-from mpd.ops import metrics
-from mpd.ops.httpmetrics import MetricsServer
 from mpd.wire import counters, latency
-
-CACHE = 0.25  # seconds a rendering serves further scrapes: a flood of them costs no more
 
 # The interval's counts in mpd.stats: field -> the counter(s) of the snapshot's totals
 SUMMED = {**counters.summed(), "restarts": ("restarts",)}
@@ -38,37 +32,20 @@ class Master(Protocol):
     def snapshot(self, usage: bool = False) -> dict[str, Any]: ...
 
 
-class Observers:
-    def __init__(self, master: Master, metrics_sock: socket.socket | None):
+class StatsLine:
+    def __init__(self, master: Master):
         self.master = master
-        self.sock = metrics_sock
-        self.http: MetricsServer | None = None
         self.next_stats = 0.0  # when the next mpd.stats is due (0: not scheduled)
         self.last: tuple[float, dict[str, int], list[int]] = (0.0, {}, [])  # at the last one
-        self.rendered: dict[str, tuple[float, tuple[bytes, str]]] = {}  # by Accept
 
-    def start(self, selector: selectors.BaseSelector) -> None:
+    def start(self) -> None:
+        """Count from now (after an upgrade's adopt: from the old master's totals)."""
         self.last = self.mark(time.monotonic())
-        if self.sock is not None:
-            self.http = MetricsServer(self.sock, selector, self.scrape)
-            self.scrape("")  # imports prometheus_client now, not in a scraper's turn
-
-    def scrape(self, accept: str) -> tuple[bytes, str]:
-        now = time.monotonic()
-        cached = self.rendered.get(accept)
-        if cached is not None and now - cached[0] < CACHE:
-            return cached[1]
-        answer = metrics.render(self.master.snapshot(usage=True), accept)
-        self.rendered = {accept: (now, answer)}  # one Accept at a time: a flood of odd
-        return answer                             # ones cannot grow it
 
     def deadline(self) -> float | None:
-        due = [d for d in (self.next_stats, self.http and self.http.deadline()) if d]
-        return min(due) if due else None
+        return self.next_stats or None
 
     def tick(self, now: float) -> None:
-        if self.http is not None:
-            self.http.tick(now)
         interval = self.master.config.log_stats_interval
         if not interval:
             self.next_stats = 0.0
@@ -108,16 +85,8 @@ class Observers:
                  clients=sum(w["stats"].get("clients", 0) for w in snapshot["workers"]),
                  workers=snapshot["master"]["ready"], **percentiles)
 
-    def in_child(self) -> None:
-        """In a forked worker: the port is the master's (its selector is closed already)."""
-        if self.http is not None:
-            for peer in self.http.peers.values():
-                peer.sock.close()
-        if self.sock is not None:
-            self.sock.close()
-
     def close(self) -> None:
-        if self.http is not None:
-            self.http.close()
-        elif self.sock is not None:
-            self.sock.close()
+        pass
+
+    def in_child(self) -> None:
+        pass

@@ -17,6 +17,13 @@ log = logmod.get_logger()
 Table = dict[signal.Signals, Callable[[], Any]]
 
 
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal has no name in the enum
+        return f"SIG{number}"
+
+
 def _record(_signum: int, _frame: object) -> None:
     """The handler: the number already went to the wake-up fd."""
 
