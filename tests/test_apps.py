@@ -110,8 +110,9 @@ def test_relay_copies_the_publishers_bytes_to_every_player_and_cuts_off_a_stuck_
                           "workers": {"workers": 2, "max_output_buffer": 65536}})
     streams = [b"stream-%d" % n for n in range(10)]
     players = {name: [Member(server.port, name, b"S") for _ in range(50)] for name in streams}
-    stuck = socket.create_connection(("127.0.0.1", server.port))
-    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: its window
+    stuck.connect(("127.0.0.1", server.port))
     stuck.sendall(join_frame(b"S", streams[0]))  # it never reads a byte
     for group in players.values():
         for player in group:
@@ -123,26 +124,36 @@ def test_relay_copies_the_publishers_bytes_to_every_player_and_cuts_off_a_stuck_
         assert publisher.line().startswith(b"ok ")
     second = Member(server.port, streams[1], b"P")  # a second publisher is refused
     assert second.line() == b"error: stream has a publisher" and second.closed()
-    payloads = {name: random.Random(name).randbytes(1 << 20) if hasattr(random.Random, "randbytes")
-                else os.urandom(1 << 20) for name in streams}
+    # stream-0's is more than the stuck player's kernel buffers and its bound together.
+    payloads = {name: os.urandom(8 << 20 if name == streams[0] else 1 << 20)
+                for name in streams}
     received: dict[bytes, list[bytes]] = {name: [b""] * 50 for name in streams}
+    progress: dict[bytes, list[int]] = {name: [0] * 50 for name in streams}
 
     def play(name: bytes, n: int) -> None:
         player = players[name][n]
-        data = player.buf
+        data = bytearray(player.buf)
         while True:
             chunk = player.sock.recv(1 << 16)
             if not chunk:
                 break
             data += chunk
-        received[name][n] = data
+            progress[name][n] = len(data)
+        received[name][n] = bytes(data)
 
     threads = [threading.Thread(target=play, args=(name, n)) for name in streams
                for n in range(50)]
     for thread in threads:
         thread.start()
     for name, publisher in publishers.items():
-        publisher.sock.sendall(payloads[name])
+        if name != streams[0]:
+            publisher.sock.sendall(payloads[name])
+    # stream-0 goes out as its healthy players take it: only the stuck one falls behind.
+    for sent in range(1 << 16, len(payloads[streams[0]]) + 1, 1 << 16):
+        publishers[streams[0]].sock.sendall(payloads[streams[0]][sent - (1 << 16):sent])
+        wait_until(lambda s=sent: min(progress[streams[0]]) >= s, timeout=30,
+                   interval=0.001, what=f"stream-0's players at byte {sent}")
+    for publisher in publishers.values():
         publisher.close()  # the stream ends: every player gets EOF once it has it all
     for thread in threads:
         thread.join(60)
@@ -169,6 +180,8 @@ def test_an_application_bug_ends_only_its_connection_or_its_group(mpd_factory):
     other = Member(server.port, b"other")
     assert other.line() == b"ok 1"
     b.sock.sendall(b"hook\n")  # the next member_joined raises: the lobby ends
+    b.sock.sendall(b"armed\n")
+    assert c.line() == b"armed"  # the hook is armed: b's lines before this one are read
     d = Member(server.port, b"lobby")
     assert d.closed() and b.closed() and c.closed()
     e, f = Member(server.port, b"timed"), Member(server.port, b"timed")
@@ -203,5 +216,5 @@ def test_an_application_that_cannot_be_loaded_is_a_config_error_in_one_line(tmp_
                                 text=True, timeout=30, cwd=ROOT, env={**os.environ, **APPKIT})
         assert result.returncode == 78, result.stderr
         (line,) = result.stderr.splitlines()
-        assert line.startswith(f"mpd: invalid config: {config}:2: server.protocol: cannot "
+        assert line.startswith(f"mpd: invalid config: {config}:3: server.protocol: cannot "
                                "load the application: ") and says in line, line

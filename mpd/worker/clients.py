@@ -33,6 +33,7 @@ from mpd.apps.interface import (
 )
 from mpd.logs import log as logmod
 from mpd.wire.peer import format_peer
+from mpd.wire.routing import show
 from mpd.worker.connection import CLOSED_PHASE, FROZEN, HEADER, LEAVING, SERVING, Connection
 
 RECV_SIZE = 65536  # bytes read at a time
@@ -161,7 +162,7 @@ class Clients:
                 protocol.data_received(data)
         except ProtocolError as e:
             self.stats["protocol_errors"] += 1
-            log.warning("client.protocol_error", fd=conn.fd, key=conn.key, error=str(e),
+            log.warning("client.protocol_error", fd=conn.fd, key=show(conn.key), error=str(e),
                         client=format_peer(conn.peer))
             self.close(conn, PROTOCOL_ERROR)
             return
@@ -264,7 +265,7 @@ class Clients:
 
     def overflowed(self, conn: Connection) -> None:
         self.stats["overflows"] += 1
-        log.warning("client.overflow", fd=conn.fd, key=conn.key, buffered=conn.outbytes,
+        log.warning("client.overflow", fd=conn.fd, key=show(conn.key), buffered=conn.outbytes,
                     max_output_buffer=self.max_output, client=format_peer(conn.peer))
         conn.closing = ""
         self.close(conn, OVERFLOW, reset=True)
@@ -318,7 +319,7 @@ class Clients:
                 conn.protocol.connection_lost(reason)
             except Exception as e:  # noqa: BLE001
                 log.exception("app.error", where="connection_lost", fd=conn.fd,
-                              key=conn.key, error=repr(e))
+                              key=show(conn.key), error=repr(e))
                 self.stats["app_errors"] += 1
         if self.debug:
             log.debug("client.closed", fd=conn.fd, reason=reason, detail=detail,
@@ -373,7 +374,7 @@ class Clients:
         """An exception in the application's code about one connection: that connection
         ends, with the traceback logged."""
         self.stats["app_errors"] += 1
-        log.exception("app.error", where=where, fd=conn.fd, key=conn.key, error=repr(error),
+        log.exception("app.error", where=where, fd=conn.fd, key=show(conn.key), error=repr(error),
                       client=format_peer(conn.peer))
         self.close(conn, ERROR)
 

@@ -33,7 +33,7 @@ from mpd.wire import counters
 from mpd.wire import messages as msg
 from mpd.wire.channel import ChannelClosed, close_fds
 from mpd.wire.exits import EXIT_BOOT_ERROR, EXIT_CRASH, EXIT_OK
-from mpd.wire.routing import Routes
+from mpd.wire.routing import Routes, show
 from mpd.worker.acceptor import Acceptor
 from mpd.worker.clients import RECV_SIZE, Clients
 from mpd.worker.connection import HEADER, LEAVING
@@ -209,7 +209,7 @@ class Worker:
         wait a second; a failing channel to the master is a lost master."""
         conn = self.clients.conns.get(fd)
         if conn is not None:
-            log.exception("client.error", fd=fd, key=conn.key, error=repr(error))
+            log.exception("client.error", fd=fd, key=show(conn.key), error=repr(error))
             self.clients.discard(conn)
             return
         where = {self.acceptor.fd: "accept", self.link.fileno(): "channel",

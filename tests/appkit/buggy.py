@@ -27,15 +27,22 @@ class BuggyRoom(rooms.Room):
 class BuggyMember(rooms.Member):
     def data_received(self, data: bytes) -> None:
         if self.joined:
-            if data == b"boom\n":
-                raise RuntimeError("a bug in data_received")
-            if data == b"hook\n":
-                self.transport.group.armed = True
-                return
-            if data == b"timer\n":
-                self.transport.group.call_later(0.05, self.transport.group.fire)
-                return
-        super().data_received(data)
+            for cue, act in ((b"boom\n", self.boom), (b"hook\n", self.arm),
+                             (b"timer\n", self.timer)):
+                if cue in data:
+                    data = data.replace(cue, b"")
+                    act()
+        if data:
+            super().data_received(data)
+
+    def boom(self) -> None:
+        raise RuntimeError("a bug in data_received")
+
+    def arm(self) -> None:
+        self.transport.group.armed = True
+
+    def timer(self) -> None:
+        self.transport.group.call_later(0.05, self.transport.group.fire)
 
 
 def application() -> Application:
