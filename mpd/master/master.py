@@ -61,7 +61,7 @@ class Master(Stopping, Messages):
         # mpd.stats lines, and the metrics endpoint (metrics.listen) from run() on
         self.observers = Observers(self, metrics_sock)
         self.slots = Slots(config.worker_count)
-        self.broker = Broker(self.slots, self.send)
+        self.broker = Broker(self.slots, self.send, self.tally.count)
         # starting -> running -> (draining ->) stopping -> stopped
         self.state = "starting"
         self.drain_deadline = 0.0  # draining: the graceful stop proper begins at this time
@@ -358,7 +358,8 @@ class Master(Stopping, Messages):
             "uptime": round(now - self.started, 3),
             "config": self.config.path, "listen": self.config.listen, "port": self.port,
             "state": self.state, "workers": self.target, "ready": self.slots.ready_count(),
-            "held": len(self.broker.held), "autoscale": self.config.autoscale,
+            "held": len(self.broker.held), "holding": self.broker.holding(),
+            "fd_budget": self.broker.budget.total, "autoscale": self.config.autoscale,
             "max_workers": self.config.max_workers, "max_clients": self.max_clients,
             "generation": self.generation, "upgrade": dict(self.upgrades.status),
             "log_dropped": logmod.dropped_total(),

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from mpd.config.schema import Config, fd_soft_limit
 from mpd.logs import log as logmod
+from mpd.master.broker import Broker
 from mpd.master.slots import Slots, WorkerProc
 from mpd.master.tally import Tally
 from mpd.master.upgrade import Upgrades
@@ -39,13 +40,14 @@ class Messages:
     scale: Callable[[int], str | None]
     upgrades: Upgrades
     tally: Tally
+    broker: Broker
 
     def on_channel_event(self, worker: WorkerProc, events: int) -> None:
         try:
             if events & selectors.EVENT_WRITE and worker.channel.flush():
                 self.watch_channel(worker, selectors.EVENT_READ)
-            if events & selectors.EVENT_READ:
-                for message in worker.channel.receive():
+            if events & selectors.EVENT_READ:  # as far as free fds allow (fdbudget.py)
+                for message in worker.channel.receive(self.broker.receive_room()):
                     self.on_message(worker, message)
         except ChannelClosed:
             # The worker is dying; SIGCHLD will tell how. Stop listening to it.
@@ -61,7 +63,7 @@ class Messages:
         carry live clients, which closing the channel unread would drop."""
         while True:
             try:
-                messages = worker.channel.receive()
+                messages = worker.channel.receive(self.broker.receive_room())
             except ChannelClosed:
                 return
             if not messages:

@@ -89,8 +89,9 @@ class Handover:
         conn.sock.detach()  # the channel owns the fd now and closes it once it is sent
         self.stats["handoffs_out"] += 1
         self.watch_link()
-        if not self.accepting:
-            self.resume_accepting()
+        # Full, we do not refill this place from the backlog at once: if the key's owner is
+        # full too, the master gives the client back to us (issue 20). A close, or the next
+        # round of upkeep, resumes accepting.
 
     def adopt(self, message: Message) -> None:
         """Take a client handed over by the master: its carried bytes first, then its socket.

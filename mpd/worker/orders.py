@@ -20,7 +20,7 @@ from mpd.wire.channel import ChannelClosed, Kind, Message, close_fds
 from mpd.worker.connection import HEADER, Connection
 from mpd.worker.link import Link
 from mpd.worker.proxygate import ProxyGate
-from mpd.worker.upkeep import RECEIVE_BATCH, UpkeepState
+from mpd.worker.upkeep import UpkeepState
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 EXIT_OK, EXIT_CRASH, EXIT_BOOT_ERROR = 0, 1, 3  # 3: failed before serving: the master backs off
@@ -65,11 +65,10 @@ class Orders:
         """What the master sent. Each message is handled inside a boundary: a bug in
         handling one is logged with its kind, its fds are closed (those its handler did not
         take: a handler that takes an fd removes it from message.fds), and the next one is
-        handled. Full (or near the fd limit), the worker reads only as far as it has free
-        fds for the clients that messages may carry."""
+        handled. The worker reads only as far as it has free fds for the clients that
+        messages may carry (its fd headroom is small under a low fd limit)."""
         try:
-            limit = RECEIVE_BATCH if len(self.conns) < self.max_clients else self.receive_room()
-            messages = self.link.receive(bool(events & OUT), limit)
+            messages = self.link.receive(bool(events & OUT), self.receive_room())
             self.watch_link()
             for message in messages:
                 if self.debug:

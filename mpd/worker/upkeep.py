@@ -72,6 +72,7 @@ class Upkeep:
     def upkeep(self, now: float) -> None:
         self.up.next_upkeep = now + UPKEEP_EVERY
         self.refresh_limits()
+        self.resume_accepting()  # a place that a hand-off freed (handoff.py)
         # Over only when accepting went on for a whole round: a retry after EMFILE turns
         # accepting on in this very turn, before any accept() could fail again.
         if self.up.pause_reason and self.accepting and now - self.up.last_pause >= UPKEEP_EVERY:
@@ -145,8 +146,7 @@ class Upkeep:
 
     def receive_room(self) -> int:
         """How many channel messages to read now: each may carry a client's fd. At least
-        one, or the channel (its STOP too) would stall. (Below max_clients, which keeps
-        FD_HEADROOM free, a whole batch fits: on_link does not ask.)"""
+        one, or the channel (its STOP too) would stall."""
         free = self.up.fd_limit - self.up.fds_base - len(self.conns) - self.link.queued
         return max(1, min(RECEIVE_BATCH, free - 1))
 

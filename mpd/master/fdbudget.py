@@ -1,0 +1,59 @@
+"""The master's fd budget: how many clients' fds it may hold at once (hand-offs the broker
+holds, ADOPTs queued on a channel whose worker does not read), so that it never runs out
+of fds itself and `mpdctl` always gets in (issue 20).
+
+The budget is its fd limit (the soft RLIMIT_NOFILE, read again at each count), less the
+fds it holds besides clients (counted in /proc/self/fd at most once a second), less
+RESERVE: fds kept free for what it must still open (control connections, a respawned
+worker's channel, an upgrade's pre-flight pipe, metrics and agent peers). One slot's
+channel may hold at most half of it, so a stopped worker cannot take it all. Channels are
+read only as far as there are free fds for the clients their messages may carry, as a
+worker reads its own (upkeep.receive_room)."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from mpd.config.schema import fd_soft_limit
+
+RESERVE = 16  # fds the master keeps free for itself (control connections first)
+RECOUNT = 1.0  # seconds between two counts of the master's own fds
+RECEIVE_BATCH = 64  # channel messages read at a time, when free fds allow
+
+
+class FdBudget:
+    def __init__(self) -> None:
+        self.limit = fd_soft_limit()
+        self.own = 0  # fds held besides clients, at the last count
+        self.next_count = 0.0  # when to count them again
+
+    def recount(self, now: float, holding: Callable[[], int]) -> None:
+        """Count the fds held besides clients' (at most once a second); `holding` says how
+        many clients' fds are held now."""
+        if now < self.next_count:
+            return
+        self.next_count = now + RECOUNT
+        self.limit = fd_soft_limit()
+        self.own = max(0, len(os.listdir("/proc/self/fd")) - 1 - holding())  # less the listing's
+
+    @property
+    def total(self) -> int:
+        """Clients' fds the master may hold at once."""
+        return max(0, self.limit - self.own - RESERVE)
+
+    @property
+    def slot_share(self) -> int:
+        """Of those, what one slot's channel may hold."""
+        return max(1, self.total // 2)
+
+    def room(self, holding: int) -> int:
+        """How many more clients it may hold, holding `holding` now."""
+        return self.total - holding
+
+    def receive_room(self, holding: int) -> int:
+        """How many channel messages to read now: each may carry a client's fd, and the
+        fds of a batch are all open at once. At least one, or a worker's channel (its
+        heartbeat too) would stall."""
+        free = self.limit - self.own - holding - RESERVE // 2
+        return max(1, min(RECEIVE_BATCH, free))
