@@ -477,7 +477,7 @@ def test_past_its_fd_budget_the_master_holds_nothing(broker_of_four, tmp_path):
     logmod.configure(target="file", path=str(log_path))
     counted = []
     broker.count = lambda slot, name: counted.append((slot, name))
-    broker.budget.limit = broker.budget.own + fdbudget.RESERVE  # no room for any client
+    broker.budget.set_limit(broker.budget.own + fdbudget.RESERVE)  # no room for any client
     key = 7171
     ranking = routing.ranking(key, (0, 1, 2, 3))
     full(slots, 0, 1, 2, 3)

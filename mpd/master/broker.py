@@ -77,26 +77,22 @@ class Broker:
             log.error("channel.error", worker_pid=sender.pid, worker_slot=sender.slot,
                       error="HANDOFF without exactly one fd and a key")
             return
-        now = time.monotonic()
+        stats = sender.stats
         if meta.get("rank"):  # passed back: it was full when our ADOPT came
-            stats = sender.stats
-            stats["clients"] = stats["max_clients"] = max(sender.clients,
+            stats["clients"] = stats["max_clients"] = max(stats.get("clients", 0),
                                                           stats.get("max_clients", 0))
-        elif sender.clients:  # one client fewer there, until its heartbeat says
-            sender.stats["clients"] -= 1
+        elif stats.get("clients"):  # one client fewer there, until its heartbeat says
+            stats["clients"] -= 1
         meta["from_slot"], meta["from_pid"] = sender.slot, sender.pid
         fd = message.fds.pop()  # ours from here on: delivered, held, or dropped
-        since = sent_at(meta, now)
-        if not self.deliver(meta, message.raw, fd, since):
-            self.held.append(HeldClient(meta, message.raw, fd, since))
+        if not self.deliver(meta, message.raw, fd):
+            self.held.append(HeldClient(meta, message.raw, fd, sent_at(meta)))
             self.next_retry = 0.0  # its deadlines count from the next turn on
 
-    def deliver(self, meta: dict[str, Any], raw: bytes, fd: int,
-                since: float | None = None) -> bool:
+    def deliver(self, meta: dict[str, Any], raw: bytes, fd: int, since: float | None = None,
+                now: float | None = None) -> bool:
         """ADOPT to a worker that can take it (route), or, when the master cannot hold it
         within its fd budget, as the last to any that will. False: hold it."""
-        now = time.monotonic()
-        since = now if since is None else since
         if meta["key"] is None:
             target = self.least_busy(meta)
         else:
@@ -109,7 +105,8 @@ class Broker:
             return False
         # Count it now: the next heartbeat is up to a second away, and a burst would
         # otherwise all land on one worker.
-        target.stats["clients"] = target.clients + 1
+        stats = target.stats
+        stats["clients"] = stats.get("clients", 0) + 1
         if target.channel.queue:
             self.queued += 1
         return True
@@ -125,15 +122,19 @@ class Broker:
         return (stats.get("clients", 0) < stats.get("max_clients", ANY)
                 and len(worker.channel.queue) < self.budget.slot_share)
 
-    def route(self, meta: dict[str, Any], since: float, now: float) -> WorkerProc | None:
+    def route(self, meta: dict[str, Any], since: float | None = None,
+              now: float | None = None) -> WorkerProc | None:
         """The worker for a keyed client (sets its rank and whether it is the last), or
-        None: hold it (its owner respawns, or every slot is full)."""
+        None: hold it (its owner respawns, or every slot is full). `since`: when it was
+        first handed off (default: from its meta), `now`: the clock (default: read)."""
         owner = self.owner(meta)
         target = self.slots.serving.get(owner)
         passed_back = bool(meta.get("rank"))  # by a full worker, which said so (fd.spilled)
-        if target is not None and self.can_take(target):  # the common case
+        if target is not None and self.can_take(target):  # the common case: no clock read
             meta["rank"], meta["last"] = 0, False
             return target
+        now = time.monotonic() if now is None else now
+        since = sent_at(meta, now) if since is None else since
         if target is None and now - since < self.hold_timeout \
                 and not self.slots.backing_off(owner, now):
             return None  # its slot is respawning: wait for it
@@ -211,7 +212,7 @@ class Broker:
             return  # nothing could go anywhere yet
         waiting, self.held = self.held, []
         for held in waiting:
-            if self.deliver(held.meta, held.raw, held.fd, held.since):
+            if self.deliver(held.meta, held.raw, held.fd, held.since, now):
                 continue
             waited = now - held.since
             if waited >= self.hold_max:
@@ -242,9 +243,10 @@ class Broker:
         return [held.fd for held in self.held]
 
 
-def sent_at(meta: dict[str, Any], now: float) -> float:
+def sent_at(meta: dict[str, Any], now: float | None = None) -> float:
     """When the client was first handed off (a worker's monotonic clock is ours), so that a
     client passed back by a full worker does not wait afresh; now if that is not known."""
+    now = time.monotonic() if now is None else now
     sent_ns = meta.get("sent_ns")
     if type(sent_ns) is int and now - HOLD_MAX <= sent_ns / 1e9 <= now:
         return sent_ns / 1e9

@@ -27,6 +27,14 @@ class FdBudget:
         self.limit = fd_soft_limit()
         self.own = 0  # fds held besides clients, at the last count
         self.next_count = 0.0  # when to count them again
+        self.total = 0  # clients' fds the master may hold at once
+        self.slot_share = 1  # of those, what one slot's channel may hold
+        self.set_limit(self.limit)
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self.total = max(0, limit - self.own - RESERVE)
+        self.slot_share = max(1, self.total // 2)  # read per hand-off: an attribute
 
     def recount(self, now: float, holding: Callable[[], int]) -> None:
         """Count the fds held besides clients' (at most once a second); `holding` says how
@@ -34,18 +42,8 @@ class FdBudget:
         if now < self.next_count:
             return
         self.next_count = now + RECOUNT
-        self.limit = fd_soft_limit()
         self.own = max(0, len(os.listdir("/proc/self/fd")) - 1 - holding())  # less the listing's
-
-    @property
-    def total(self) -> int:
-        """Clients' fds the master may hold at once."""
-        return max(0, self.limit - self.own - RESERVE)
-
-    @property
-    def slot_share(self) -> int:
-        """Of those, what one slot's channel may hold."""
-        return max(1, self.total // 2)
+        self.set_limit(fd_soft_limit())
 
     def room(self, holding: int) -> int:
         """How many more clients it may hold, holding `holding` now."""
