@@ -67,7 +67,8 @@ class Broker:
         self.budget = budget or FdBudget()
         self.held: list[HeldClient] = []  # oldest first
         self.next_retry = 0.0  # when a held client's lot changes by the clock alone
-        self.queued = 0  # messages queued on channels (each may hold a client's fd)
+        self.queued = 0  # messages queued on channels (each may hold a client's fd): an
+        # upper bound, counted again each turn while it is not 0
 
     def dispatch(self, sender: WorkerProc, message: Message) -> None:
         """A HANDOFF from `sender`: deliver it now, or hold it."""
@@ -202,9 +203,10 @@ class Broker:
     def retry_held(self) -> None:
         """Once a turn: recount what is queued on channels; deliver the held clients that
         can go now; drop what waited past hold_max."""
-        now = time.monotonic()
         workers = self.slots.workers.values()
-        self.queued = sum(len(w.channel.queue) for w in workers)
+        if self.queued:  # flushes took some off: count again (nothing queued: no loop)
+            self.queued = sum(len(w.channel.queue) for w in workers)
+        now = time.monotonic()
         self.budget.recount(now, lambda: len(self.held) + sum(
             len(fds) for w in workers for _data, fds in w.channel.queue))
         if not self.held or now < self.next_retry and not any(
