@@ -263,4 +263,4 @@ def test_mpdctl_reaches_a_master_that_holds_clients_for_a_stopped_worker(mpd_fac
         sock.close()
     for event in ("fd.refused", "fd.lost", "fd.over_budget", "fd.dropped", "control.accept_failed"):
         assert server.events(event) == [], event
-    assert server.events("fd.spilled", worker_slot=1, reason="full")  # past its share
+    assert server.events("fd.spilled", worker_slot=1, reason="stalled")  # past its share

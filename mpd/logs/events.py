@@ -128,8 +128,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "fd.spilled": ("info", "both", "a handed-off client goes to the next slot in its key's "
                    "ranking: from a worker that was full when it came (key, rank (0: the "
                    "owner), clients, max_clients), or from the master, when the owner cannot "
-                   "take it by its heartbeat or respawns (key, worker_slot (the owner), rank, "
-                   "to_slot, reason: full, respawning)"),
+                   "take it (key, worker_slot (the owner), rank, to_slot, reason: full by its "
+                   "heartbeat, respawning, or stalled: its channel holds its share of the "
+                   "master's fd budget)"),
     "fd.refused": ("warning", "worker", "the client came as the last try (every slot was "
                    "full for as long as the master holds a client, or the master could not "
                    "hold it) and this worker was full too, or it had no key: it got the "

@@ -145,7 +145,7 @@ class Broker:
             if worker is not None and self.can_take(worker):
                 meta["rank"], meta["last"] = place, False
                 if place and not passed_back:
-                    self.spilled(meta, owner, worker, "full" if target else "respawning")
+                    self.spilled(meta, owner, worker, self.why_not(target))
                 return worker
         if now - since < self.full_wait:
             return None  # every slot is full: wait for a place
@@ -173,6 +173,14 @@ class Broker:
         if target is None:
             close_fds([fd])
         return target
+
+    def why_not(self, owner: WorkerProc | None) -> str:
+        """Why the owner cannot take a client: respawning, full (by its heartbeat), or
+        stalled (its channel holds its share of the master's fd budget: it does not read)."""
+        if owner is None:
+            return "respawning"
+        stats = owner.stats
+        return "full" if stats.get("clients", 0) >= stats.get("max_clients", ANY) else "stalled"
 
     def spilled(self, meta: dict[str, Any], owner: int, to: WorkerProc, why: str) -> None:
         """The owner cannot take the client: it goes to the next slot that can."""
