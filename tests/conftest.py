@@ -69,7 +69,9 @@ class Mpd:
 
     def __init__(self, tmp: Path, settings: dict[str, dict[str, Any]],
                  env: dict[str, str] | None = None, cwd: Path = ROOT,
-                 python: str = sys.executable):
+                 python: str = sys.executable, fd_limit: int | None = None):
+        """`fd_limit`: mpd starts with RLIMIT_NOFILE at that, soft and hard (as under
+        `prlimit --nofile=N`), so that it cannot lift it."""
         self.tmp = tmp
         self.config_path = tmp / "mpd.toml"
         merged: dict[str, dict[str, Any]] = {"server": {"port": 0, "user": ME},
@@ -80,8 +82,9 @@ class Mpd:
         self.log_path = tmp / "mpd.log"
         # A file, not a pipe: mpd never blocks on a reader that fell behind.
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        limit = [] if fd_limit is None else ["prlimit", f"--nofile={fd_limit}", "--"]
         self.proc = subprocess.Popen(
-            [python, "-m", "mpd.cli", "--config", str(self.config_path)],
+            [*limit, python, "-m", "mpd.cli", "--config", str(self.config_path)],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=cwd, env={**os.environ, **(env or {})}, start_new_session=True)
         self.pid = self.proc.pid
@@ -173,8 +176,9 @@ def mpd_factory(tmp_path: Path) -> Iterator[Callable[..., Mpd]]:
     started: list[Mpd] = []
 
     def start(settings: dict[str, dict[str, Any]] | None = None,
-              env: dict[str, str] | None = None, cwd: Path = ROOT) -> Mpd:
-        server = Mpd(tmp_path, settings or {}, env, cwd)
+              env: dict[str, str] | None = None, cwd: Path = ROOT,
+              fd_limit: int | None = None) -> Mpd:
+        server = Mpd(tmp_path, settings or {}, env, cwd, fd_limit=fd_limit)
         started.append(server)
         return server
 
@@ -294,6 +298,13 @@ def keys_owned_by(slot: int, slots: tuple[int, ...], count: int, seed: int = 1) 
         if routing.owner(routing.key_hash(key), slots) == slot:
             keys.append(key)
     return keys
+
+
+def spills_from(server, slot: int) -> list[dict[str, Any]]:
+    """The fd.spilled lines of clients that `slot` could not take: said by its worker (full
+    when the client came) or by the master (full by its heartbeat, or respawning)."""
+    return [e for e in server.events("fd.spilled")
+            if (e["slot"] if e["role"] == "worker" else e.get("worker_slot")) == slot]
 
 
 def slot_pids(server) -> dict[int, int]:

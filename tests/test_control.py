@@ -28,7 +28,7 @@ from conftest import (
 )
 
 from mpd import ctl
-from mpd.config.schema import FD_HEADROOM, MAX_CLIENTS
+from mpd.config.schema import MAX_CLIENTS, fd_headroom
 
 NOBODY = 65534
 
@@ -81,9 +81,9 @@ def test_status_tells_the_truth(mpd_factory):
     assert sum(w["requests"] for w in rows) == 7
     # max_clients = "auto": what each worker's fd limit leaves for clients.
     assert all(w["state"] == "ready" for w in rows)
+    limits = [resource.prlimit(w["pid"], resource.RLIMIT_NOFILE)[0] for w in rows]
     assert [w["max_clients"] for w in rows] == [
-        min(MAX_CLIENTS, resource.prlimit(w["pid"], resource.RLIMIT_NOFILE)[0] - FD_HEADROOM)
-        for w in rows]
+        min(MAX_CLIENTS, limit - fd_headroom(limit)) for limit in limits]
     assert all(0 <= w["heartbeat_age"] < 5 for w in rows)
     table = mpdctl(server, "status")
     assert table.returncode == 0

@@ -25,10 +25,12 @@ from conftest import (
     recv_exact,
     run_seed_client,
     slot_pids,
+    spills_from,
     wait_until,
 )
 
 from mpd.logs import log as logmod
+from mpd.master import fdbudget
 from mpd.master.broker import Broker
 from mpd.master.slots import Slots, WorkerProc
 from mpd.wire import messages as msg
@@ -239,7 +241,7 @@ def test_a_hot_key_that_fills_its_slot_does_not_lock_that_slots_other_keys_out(m
     spilled = wait_until(lambda: len(server.events("fd.spilled")) >= 5 and
                          server.events("fd.spilled"), what="slot 1's five keys passed on")
     theirs = set(keys_owned_by(1, slots, 5, seed=31))
-    assert {e["key"] for e in spilled} == theirs and all(e["slot"] == 1 for e in spilled)
+    assert {e["key"] for e in spilled} == theirs and spills_from(server, 1) == spilled
     for key in theirs:
         (dispatched,) = [e for e in server.events("fd.dispatched", key=key)
                          if e["to_slot"] != 1]
@@ -458,13 +460,118 @@ def test_a_client_that_a_full_slot_passes_on_goes_down_its_keys_ranking(broker_o
         close_fds(adopt.fds)
         return slot, adopt
 
-    for place in (1, 2, 3):
+    for place in (1, 2, 3):  # each that passes it on counts as full until it says more
         slot, adopt = passed_on(ranking[place - 1], place)
         assert slot == ranking[place] and adopt.from_slot == ranking[place - 1]
-        assert adopt.rank == place and adopt.last == (place == 3)
-    # The slots after the one that passed it on are gone: back to it, as the last.
-    for slot in ranking[2:]:
-        slots.serving.pop(slot)
-    slot, adopt = passed_on(ranking[1], 2)
-    assert slot == ranking[1] and (adopt.rank, adopt.last) == (1, True)
-    assert not broker.held
+        assert adopt.rank == place and adopt.last is False
+    # The last one was full too: every slot is, so the broker holds it.
+    r, w = os.pipe()
+    broker.dispatch(slots.serving[ranking[3]], handoff(key, r, owner=ranking[0], epoch=1,
+                                                       rank=4, passed_on=True))
+    assert len(broker.held) == 1 and not any(end.receive() for end in ends.values())
+    # A heartbeat says a slot has a place again: the held client goes there.
+    slots.serving[ranking[2]].stats = {"clients": 3, "max_clients": 10}
+    broker.retry_held()
+    ((adopt,),) = [end.receive() for s, end in ends.items() if s == ranking[2]]
+    assert (adopt.rank, adopt.last) == (2, False) and not broker.held
+    close_fds([*adopt.fds, w])
+
+
+def full(slots: Slots, *which: int) -> None:
+    for slot in which:
+        slots.serving[slot].stats = {"clients": 5, "max_clients": 5}
+
+
+def test_the_master_spills_a_client_of_a_full_owner_by_its_heartbeat(broker_of_four):
+    broker, slots, ends = broker_of_four
+    key = 5151
+    ranking = routing.ranking(routing.key_hash(key), (0, 1, 2, 3))
+    full(slots, ranking[0])  # the owner's heartbeat said it is full
+    r, w = os.pipe()
+    sender = slots.serving[ranking[3]]
+    broker.dispatch(sender, handoff(key, r, epoch=1))
+    ((adopt,),) = [end.receive() for s, end in ends.items() if s == ranking[1]]
+    assert (adopt.rank, adopt.last) == (1, False)
+    assert slots.serving[ranking[1]].stats["clients"] == 1  # counted until its heartbeat
+    close_fds([*adopt.fds, w])
+
+
+def test_a_held_client_goes_as_the_last_once_full_wait_is_over(broker_of_four):
+    broker, slots, ends = broker_of_four
+    broker.full_wait = 0.2
+    key = 6161
+    ranking = routing.ranking(routing.key_hash(key), (0, 1, 2, 3))
+    full(slots, 0, 1, 2, 3)
+    sender = slots.serving[ranking[1]]
+    sender.stats["clients"] += 1  # it took another since its heartbeat: full without this one
+    r, w = os.pipe()
+    broker.dispatch(sender, handoff(key, r, epoch=1))
+    assert len(broker.held) == 1
+    due = broker.next_deadline(time.monotonic())
+    assert due is not None and due - broker.held[0].since == pytest.approx(0.2)
+    wait_until(lambda: (broker.retry_held(), not broker.held)[1], timeout=5,
+               what="the held client sent as the last")
+    ((adopt,),) = [end.receive() for s, end in ends.items() if s == ranking[0]]
+    assert (adopt.rank, adopt.last) == (0, True)  # the owner takes or refuses
+    close_fds([*adopt.fds, w])
+
+
+def test_past_its_fd_budget_the_master_holds_nothing(broker_of_four, tmp_path):
+    broker, slots, ends = broker_of_four
+    log_path = tmp_path / "master.log"
+    logmod.configure(target="file", path=str(log_path))
+    counted = []
+    broker.count = lambda slot, name: counted.append((slot, name))
+    broker.budget.set_limit(broker.budget.own + fdbudget.RESERVE)  # no room for any client
+    key = 7171
+    ranking = routing.ranking(routing.key_hash(key), (0, 1, 2, 3))
+    full(slots, 0, 1, 2, 3)
+    sender = slots.serving[ranking[2]]
+    sender.stats["clients"] += 2  # full without the two it hands off
+    r, w = os.pipe()
+    broker.dispatch(sender, handoff(key, r, epoch=1))
+    assert not broker.held  # not held: the last try at once
+    ((adopt,),) = [end.receive() for s, end in ends.items() if s == ranking[0]]
+    assert adopt.last is True
+    close_fds([*adopt.fds, w])
+    # No channel with room (each holds its share of the budget), and the queued clients'
+    # fds already take the half of the reserve that a burst may use: the client is closed.
+    queued = []
+    for slot in range(4):
+        channel = slots.serving[slot].channel
+        fds = list(os.pipe())  # 4 x 2 = RESERVE // 2
+        channel.queue.append((b"x", fds))
+        channel.queued_fds += len(fds)
+        queued += fds
+    assert broker.holding() == fdbudget.RESERVE // 2
+    client, ours = socket.socketpair()
+    broker.dispatch(sender, handoff(key, ours.detach(), epoch=1))
+    client.settimeout(5)
+    assert client.recv(1) == b"" and not broker.held
+    client.close()
+    for slot in range(4):
+        slots.serving[slot].channel.queue.clear()
+        slots.serving[slot].channel.queued_fds = 0
+    close_fds(queued)
+    logmod.configure("info")
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()]
+    over = [(e["worker_slot"], e["to_slot"]) for e in lines if e["event"] == "fd.over_budget"]
+    assert over == [(ranking[0], ranking[0]), (ranking[0], None)]
+    assert counted == [(ranking[0], "over_budget")] * 2
+
+
+def test_a_slot_whose_channel_holds_its_share_of_the_budget_is_passed_over(broker_of_four):
+    broker, slots, ends = broker_of_four
+    key = 8181
+    ranking = routing.ranking(routing.key_hash(key), (0, 1, 2, 3))
+    stalled = slots.serving[ranking[0]].channel  # its worker reads nothing (SIGSTOP)
+    for _ in range(broker.budget.slot_share):
+        stalled.queue.append((b"x", []))
+    try:
+        r, w = os.pipe()
+        broker.dispatch(slots.serving[ranking[2]],
+                        handoff(key, r, epoch=1))
+        ((adopt,),) = [end.receive() for s, end in ends.items() if s == ranking[1]]
+        close_fds([*adopt.fds, w])
+    finally:
+        stalled.queue.clear()

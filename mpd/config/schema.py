@@ -24,7 +24,10 @@ else:  # pragma: no cover - exercised on 3.9/3.10 in CI
 EX_CONFIG = 78  # sysexits.h: configuration error; systemd's RestartPreventExitStatus uses it
 DEFAULT_PATH = "/etc/mpd.toml"
 SYSTEM_SOCKET = "/run/mpd/mpd.sock"  # the system daemon's control socket (root, systemd)
-FD_HEADROOM = 128  # fds a worker keeps from clients: its own (~12) and a batch of hand-offs
+# fds a worker keeps from clients: its own (about 10: stdio, epoll, listener, channel, signal
+# pair, a log sink) and hand-offs in flight. An eighth of the fd limit, at least 16 and at
+# most 128: a fixed 128 left a worker with a limit of 64 one client (issue 20).
+FD_HEADROOM_MIN, FD_HEADROOM_MAX, FD_HEADROOM_SHARE = 16, 128, 8
 MAX_CLIENTS = checks.MAX_CLIENTS  # the most max_clients may be, "auto" included
 
 
@@ -133,9 +136,10 @@ SCHEMA: tuple[Key, ...] = (
     Key("workers", "max_clients", "auto", checks.max_clients, LIVE,
         "Connections one worker serves at once; at the limit it stops accepting until one\n"
         "leaves, and a client handed over to it goes on to its key's next slot. \"auto\" = what\n"
-        "the fd limit allows: RLIMIT_NOFILE (mpd lifts it to the hard limit) minus 128 for the\n"
-        "worker's own fds and hand-offs in flight, up to 1000000. A number above that is\n"
-        "capped the same way (mpd.max_clients_capped)."),
+        "the fd limit allows: RLIMIT_NOFILE (mpd lifts it to the hard limit) less a headroom\n"
+        "for the worker's own fds and hand-offs in flight (an eighth of the limit, at least\n"
+        "16 and at most 128: 48 clients at a limit of 64, 896 at 1024), up to 1000000. A\n"
+        "number above that is capped the same way (mpd.max_clients_capped)."),
     Key("workers", "max_output_buffer", 262144, checks.int_range(1024, 1 << 30), LIVE,
         "Bytes of replies a worker holds for a client that does not read; past it the client\n"
         "is closed (client.overflow), so a stuck client never blocks the others."),
@@ -271,10 +275,10 @@ class Config:
 
     def clients_per_worker(self, fd_limit: int | None = None) -> int:
         """max_clients with "auto" resolved: never more than the fd limit (the soft
-        RLIMIT_NOFILE, read now unless given) leaves for clients after FD_HEADROOM."""
+        RLIMIT_NOFILE, read now unless given) leaves for clients after fd_headroom()."""
         if fd_limit is None:
             fd_limit = fd_soft_limit()
-        room = max(1, fd_limit - FD_HEADROOM)
+        room = max(1, fd_limit - fd_headroom(fd_limit))
         wanted = MAX_CLIENTS if self.max_clients == "auto" else int(self.max_clients)
         return min(wanted, room)
 
@@ -298,9 +302,14 @@ class Config:
         return dataclasses.replace(self, overrides=tuple(kept.items()), **kept)
 
 
+def fd_headroom(fd_limit: int) -> int:
+    """The fds a worker keeps from clients under this fd limit."""
+    return min(FD_HEADROOM_MAX, max(FD_HEADROOM_MIN, fd_limit // FD_HEADROOM_SHARE))
+
+
 def fd_soft_limit() -> int:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return MAX_CLIENTS + FD_HEADROOM if soft == resource.RLIM_INFINITY else soft
+    return MAX_CLIENTS + FD_HEADROOM_MAX if soft == resource.RLIM_INFINITY else soft
 
 
 def parse(text: str, path: str) -> Config:

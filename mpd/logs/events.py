@@ -40,12 +40,14 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                                "later operation needs, and mpd starts all the same: user, "
                                "path, need, consequence"),
     "mpd.max_clients_capped": ("warning", "master", "workers.max_clients is more than the fd "
-                               "limit allows (the limit less 128); each worker serves at most "
-                               "max_clients: configured, max_clients, fd_limit"),
+                               "limit allows (the limit less its headroom: an eighth of it, "
+                               "16 to 128); each worker serves at most max_clients: "
+                               "configured, max_clients, fd_limit"),
     "mpd.stats": ("info", "master", "every log.stats_interval seconds (default 60), when "
                   "anything was counted: the interval's seconds, accepted, requests, handoffs "
                   "(adopted), spilled, refused, protocol_errors, overflows, timeouts, lost, "
-                  "proxy_rejected, restarts, log_dropped; clients and workers (ready) now; "
+                  "proxy_rejected, over_budget, restarts, log_dropped; clients and workers "
+                  "(ready) now; "
                   "when the interval had hand-offs, handoff_p50_us and handoff_p99_us "
                   "(estimated within the latency histogram's buckets) and handoff_max_us "
                   "(exact)"),
@@ -149,14 +151,23 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                       "key, from_slot, from_pid, to_slot, to_pid, carried (bytes), latency_us "
                       "(HANDOFF sent to ADOPT taken), client (the real client, carried along "
                       "with the hand-off; null without server.proxy_protocol)"),
-    "fd.spilled": ("info", "worker", "this slot was full: the handed-off client goes back to "
-                   "the master for the next slot in its key's ranking: key, rank (0: the "
-                   "owner), clients, max_clients"),
-    "fd.refused": ("warning", "worker", "every slot that could take the client was full (or it "
-                   "had no key); it got the refusal reply: key, from_slot, reason, clients, "
-                   "max_clients"),
+    "fd.spilled": ("info", "both", "a handed-off client goes to the next slot in its key's "
+                   "ranking: from a worker that was full when it came (key, rank (0: the "
+                   "owner), clients, max_clients), or from the master, when the owner cannot "
+                   "take it (key, worker_slot (the owner), rank, to_slot, reason: full by its "
+                   "heartbeat, respawning, or stalled: its channel holds its share of the "
+                   "master's fd budget)"),
+    "fd.refused": ("warning", "worker", "the client came as the last try (every slot was "
+                   "full for as long as the master holds a client, or the master could not "
+                   "hold it) and this worker was full too, or it had no key: it got the "
+                   "refusal reply: key, from_slot, reason, clients, max_clients"),
     "fd.handoff_failed": ("error", "worker", "HANDOFF could not be sent; the client is served "
                           "where it is: fd, key, error"),
+    "fd.over_budget": ("warning", "master", "the master could not hold a handed-off client "
+                       "within its fd budget (fds it holds for clients: its fd limit less its "
+                       "own and a reserve): it went at once to a worker as the last, to take "
+                       "or refuse, or was closed when no worker's channel had room: key, "
+                       "worker_slot (the owner), to_slot (null: closed), holding, budget"),
     "fd.dropped": ("error/warning", "master", "a held hand-off could not be delivered: key, "
                    "reason"),
     "fd.lost": ("error", "both", "a client's fd was cut from a HANDOFF or ADOPT: this process "

@@ -16,6 +16,8 @@ from mpd.master.slots import Slots, WorkerProc
 from mpd.wire.channel import ChannelClosed, close_fds
 from mpd.wire.messages import Kind, Message
 
+PAUSE_CHECK = 0.05  # seconds between two looks for free fds while channels are not read
+
 log = logmod.get_logger()
 
 Reaction = Callable[[WorkerProc, Any], None]
@@ -23,19 +25,21 @@ Reaction = Callable[[WorkerProc, Any], None]
 
 class Channels:
     def __init__(self, selector: selectors.BaseSelector, slots: Slots,
-                 reactions: dict[int, Reaction]):
+                 reactions: dict[int, Reaction], room: Callable[[], int] = lambda: 64):
         self.selector = selector
         self.slots = slots
         self.reactions = reactions  # what the master does with each kind of message
+        self.room = room  # how many messages to read now: as far as free fds allow
+        self.paused = False  # out of fds for clients: no channel is read until some free
 
     def watch(self, worker: WorkerProc) -> None:
         """Read `worker`'s channel from now on (and write it when messages are queued)."""
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if worker.channel.wants_write
-                                         else 0)
-        # A partial, not a closure: a closure that re-registers itself refers to itself, and
-        # that cycle kept every dead worker's channel alive until a full garbage collection
-        # (the master grew 25 -> 52 MB over 1,500 respawns).
-        self.selector.register(worker.channel, events, functools.partial(self.on_event, worker))
+        self.rewatch(worker)
+
+    def events(self, worker: WorkerProc) -> int:
+        """Read unless paused; write while messages wait."""
+        return (0 if self.paused else selectors.EVENT_READ) | (
+            selectors.EVENT_WRITE if worker.channel.wants_write else 0)
 
     def forget(self, worker: WorkerProc) -> None:
         with contextlib.suppress(KeyError, ValueError):
@@ -44,25 +48,63 @@ class Channels:
     def on_event(self, worker: WorkerProc, events: int) -> None:
         try:
             if events & selectors.EVENT_WRITE and worker.channel.flush():
-                self.rewatch(worker, selectors.EVENT_READ)
-            if events & selectors.EVENT_READ:
-                for message in worker.channel.receive():
+                self.rewatch(worker)
+            if events & selectors.EVENT_READ:  # as far as free fds allow (fdbudget.py)
+                room = self.room()
+                if room <= 0:
+                    self.pause()
+                    return
+                for message in worker.channel.receive(room):
                     self.on_message(worker, message)
         except ChannelClosed:
             # The worker is dying; SIGCHLD will tell how. Stop listening to it.
             self.forget(worker)
 
-    def rewatch(self, worker: WorkerProc, events: int) -> None:
-        with contextlib.suppress(KeyError, ValueError):  # not registered: it is gone
-            self.selector.modify(worker.channel, events,
-                                 functools.partial(self.on_event, worker))
+    def rewatch(self, worker: WorkerProc) -> None:
+        """Register the channel for the events it needs now (none: out of the selector)."""
+        events = self.events(worker)
+        # A partial, not a closure: a closure that re-registers itself refers to itself, and
+        # that cycle kept every dead worker's channel alive until a full garbage collection
+        # (the master grew 25 -> 52 MB over 1,500 respawns).
+        react = functools.partial(self.on_event, worker)
+        try:
+            self.selector.get_key(worker.channel)
+        except (KeyError, ValueError):
+            if events and worker.channel.fileno() >= 0:
+                self.selector.register(worker.channel, events, react)
+            return
+        if events:
+            self.selector.modify(worker.channel, events, react)
+        else:
+            self.selector.unregister(worker.channel)
+
+    def pause(self) -> None:
+        """The master holds as many clients' fds as it may: the workers' HANDOFFs wait in
+        their channels (in the kernel, and then in the workers' own queues) until some are
+        delivered and fds free again, rather than be received with no fd for them."""
+        self.paused = True
+        for worker in list(self.slots.workers.values()):
+            self.rewatch(worker)
+
+    def deadline(self) -> float | None:
+        return time.monotonic() + PAUSE_CHECK if self.paused else None
+
+    def tick(self, _now: float) -> None:
+        """Read again once fds are free (held clients delivered, queues flushed)."""
+        if self.paused and self.room() > 0:
+            self.paused = False
+            for worker in list(self.slots.workers.values()):
+                self.rewatch(worker)
+
+    def close(self) -> None:
+        pass
 
     def read_last_words(self, worker: WorkerProc) -> None:
         """Take what a dead worker sent before it died: a retiring worker's last HANDOFFs
         carry live clients, which closing the channel unread would drop."""
         while True:
             try:
-                messages = worker.channel.receive()
+                messages = worker.channel.receive(max(1, self.room()))
             except ChannelClosed:
                 return
             if not messages:
@@ -81,7 +123,7 @@ class Channels:
                     worker_pid=worker.pid, worker_slot=worker.slot, error=str(e))
             return False
         if worker.channel.wants_write:
-            self.rewatch(worker, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            self.rewatch(worker)
         return True
 
     def broadcast(self, message: Message) -> None:

@@ -84,7 +84,8 @@ class Master:
         # Where each key group is, and their moves: an application with groups only.
         self.directory = Directory() if app.group is not None else None
         self.moves = movesmod.Moves(self.slots, self.directory, self.send, self.routes_changed)
-        self.broker = Broker(self.slots, self.send, self.directory, self.moves)
+        self.broker = Broker(self.slots, self.send, self.tally.count, self.directory,
+                             self.moves)
         # starting -> running -> (draining ->) stopping -> stopped: see stopping.py
         self.state = "starting"
         self.shutdown = Shutdown(self, listener, listener_shared, drains=agent_sock is not None)
@@ -163,11 +164,12 @@ class Master:
         self.channels = Channels(self.selector, self.slots, {
             msg.Kind.HANDOFF: self.broker.dispatch, msg.Kind.STATS: self.on_stats,
             msg.Kind.HELLO: self.on_hello, msg.Kind.GROUP_ENDED: self.on_group_ended,
-            **self.moves.reactions()})
+            **self.moves.reactions()}, self.broker.receive_room)
         self.notifier = Notifier(lambda: self.status_line() if self.state == "running" else None)
         servers = self.open_servers()
         self.services: list[Service] = [self.shutdown, HeldClients(self.broker), self.upgrades,
-                                        self.stats_line, *servers, self.notifier, self.moves]
+                                        self.stats_line, *servers, self.notifier, self.moves,
+                                        self.channels]
         self.duties = [self.murder_workers, self.manage_workers,
                        *(service.tick for service in self.services)]
         if adopt is not None:
@@ -206,7 +208,7 @@ class Master:
     def closed_in_child(self) -> list[Callable[[], None]]:
         """What a forked worker must close first, of what is the master's: the signal
         handlers, the selector, the other workers' channels, each service's fds."""
-        return [self.signals.close, self.selector.close, self.channels.in_child,
+        return [self.signals.close, self.selector.close,
                 *(service.in_child for service in self.services)]
 
     def status_line(self) -> str:
@@ -411,7 +413,8 @@ class Master:
             "uptime": round(now - self.started, 3),
             "config": self.config.path, "listen": self.config.listen, "port": self.port,
             "state": self.state, "workers": self.target, "ready": self.slots.ready_count(),
-            "held": len(self.broker.held), "autoscale": self.config.autoscale,
+            "held": len(self.broker.held), "holding": self.broker.holding(),
+            "fd_budget": self.broker.budget.total, "autoscale": self.config.autoscale,
             "max_workers": self.config.max_workers, "max_clients": self.max_clients,
             "generation": self.generation, "upgrade": dict(self.upgrades.status),
             "log_dropped": logmod.dropped_total(),

@@ -78,6 +78,7 @@ class Moves:
         self.failed = 0
         self.pauses = Histogram()  # what members saw (freeze to restore), from MOVED
         self.failures: dict[Key, str] = {}  # why a key's last move failed (mpdctl move)
+        self.ended_since = False  # a move ended since the broker last asked
         self.queries: dict[int, Key] = {}  # GROUP_QUERY sent, by id (mpdctl where)
         self.infos: dict[Key, tuple[float, int, GroupInfo]] = {}  # answers: when, pid, info
 
@@ -178,7 +179,13 @@ class Moves:
             self.send(worker, MoveAbort(move=move.id))
         self.start_more()
 
+    def done_since_retry(self) -> bool:
+        """Did a move end since the last call? (Clients held for its key may go now.)"""
+        ended, self.ended_since = self.ended_since, False
+        return ended
+
     def end(self, move: Move) -> None:
+        self.ended_since = True
         self.under_way.pop(move.id, None)
         if self.by_key.get(move.key) is move:
             del self.by_key[move.key]

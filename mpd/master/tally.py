@@ -106,6 +106,12 @@ class Tally:
         """A reaped worker's last counts go to its slot's dead totals."""
         self.dead.setdefault(worker.slot, Totals()).add_worker(worker, cpu_seconds)
 
+    def count(self, slot: int, name: str) -> None:
+        """One more of a count the master keeps itself (counters.py, source MASTER, or a
+        spill it decided): no worker reports it, so it goes to the slot's kept totals as a
+        reaped worker's counts do."""
+        self.dead.setdefault(slot, Totals()).counts[name] += 1
+
     def take_peak(self) -> int:
         peak, self.peak_us = self.peak_us, 0
         return peak

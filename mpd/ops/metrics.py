@@ -72,8 +72,8 @@ def daemon_families(snap: dict[str, Any]) -> Iterator[Any]:
     gauges = (
         ("mpd_workers", "Workers configured (the slot count).", m["workers"]),
         ("mpd_workers_ready", "Workers serving now.", m["ready"]),
-        ("mpd_held_handoffs", "Hand-offs the master holds while their slot respawns.",
-         m["held"]),
+        ("mpd_held_handoffs", "Hand-offs the master holds while their slot respawns or "
+         "every slot is full.", m["held"]),
         ("mpd_uptime_seconds", "Seconds since mpd started (across upgrades in place).",
          m["uptime"]),
         ("mpd_config_generation", "The number of the config that runs (1 at start, one more "

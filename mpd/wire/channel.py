@@ -59,6 +59,7 @@ class Channel:
         self.peer = peer  # for log lines: "master" or "slot 3"
         self.version = version  # what the peer speaks (VERSIONS)
         self.queue: deque[tuple[bytes, list[int]]] = deque()
+        self.queued_fds = 0  # fds held open in the queue: they count against our fd limit
         self.lost = 0  # clients whose fd the kernel could not pass us (no fd slot free)
         if not Channel.buffer:
             Channel.buffer = bytearray(MAX_MESSAGE)
@@ -75,10 +76,6 @@ class Channel:
     def wants_write(self) -> bool:
         return bool(self.queue)
 
-    @property
-    def queued_fds(self) -> int:
-        return sum(len(fds) for _, fds in self.queue)
-
     def send(self, message: Message, fds: list[int] | tuple[int, ...] = ()) -> None:
         """Send now, or queue on EAGAIN. Takes ownership of `fds`: they are closed once
         sent. Raises ValueError (too big, or a message the peer's version cannot carry) or
@@ -94,6 +91,7 @@ class Channel:
                 raise ChannelClosed(f"{self.peer}: {MAX_QUEUE} messages queued, peer not "
                                     "reading")
             self.queue.append((data, fds))
+            self.queued_fds += len(fds)
 
     def _send_one(self, data: bytes, fds: list[int]) -> bool:
         """True when sent (fds then closed), False on EAGAIN."""
@@ -105,7 +103,9 @@ class Channel:
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as e:
-            if e.errno == errno.ENOBUFS:
+            # ETOOMANYREFS: the peer has not yet taken as many fds in flight as a user may
+            # send (RLIMIT_NOFILE, when not root); like a full buffer, it passes as it reads.
+            if e.errno in (errno.ENOBUFS, errno.ETOOMANYREFS):
                 return False
             raise ChannelClosed(f"{self.peer}: send failed: {e.strerror}") from None
         close_fds(fds)
@@ -118,6 +118,7 @@ class Channel:
             if not self._send_one(data, fds):
                 return False
             self.queue.popleft()
+            self.queued_fds -= len(fds)
         return True
 
     def receive(self, limit: int = 64) -> list[Message]:
@@ -185,4 +186,5 @@ class Channel:
         """Close the socket and every fd still waiting in the queue."""
         while self.queue:
             close_fds(self.queue.popleft()[1])
+        self.queued_fds = 0
         self.sock.close()

@@ -46,8 +46,9 @@ COUNTERS: tuple[Counter, ...] = (
             "sent).", column="HANDOFF", metric="handoffs_out"),
     Counter("adopted", "Handed-off clients adopted by their key's slot (ADOPT taken).",
             column="ADOPTED", summed="handoffs", metric="handoffs_in"),
-    Counter("spilled", "Handed-off clients passed on to the next slot because this one was "
-            "full.", summed="spilled", metric="spilled"),
+    Counter("spilled", "Handed-off clients passed on to the next slot because their owner "
+            "could not take them (by the owner when full, or by the master from its "
+            "heartbeat).", summed="spilled", metric="spilled"),
     Counter("refused", "Clients refused because every slot that could take them was full.",
             column="REFUSED", summed="refused", metric="refused"),
     Counter("protocol_errors", "Clients closed for breaking the protocol.",
@@ -75,6 +76,9 @@ COUNTERS: tuple[Counter, ...] = (
             metric="groups_moved_out"),
     Counter("moves_failed", "Moves of a key group refused or given up by a worker.",
             summed="moves_failed", metric="moves_failed"),
+    Counter("over_budget", "Handed-off clients the master could not hold within its fd "
+            "budget: given at once to a worker to take or refuse, or closed (fd.over_budget).",
+            MASTER, summed="over_budget", metric="over_budget"),
     Counter("log_dropped", "Log lines dropped because the log sink fell behind (the master's "
             "own in the total).", LOG, summed="log_dropped", metric="log_dropped_lines"),
 )

@@ -142,10 +142,9 @@ class Acceptor:
                         clients=len(self.clients.conns))
 
     def receive_room(self, queued: int) -> int:
-        """How many channel messages to read now: each may carry a client's fd. At least
-        one, or the channel (its STOP too) would stall."""
-        if len(self.clients.conns) < self.max_clients:
-            return RECEIVE_BATCH
+        """How many channel messages to read now: each may carry a client's fd (its fd
+        headroom is small under a low fd limit). At least one, or the channel (its STOP
+        too) would stall."""
         free = self.fd_limit - self.fds_base - len(self.clients.conns) - queued
         return max(1, min(RECEIVE_BATCH, free - 1))
 
@@ -165,6 +164,7 @@ class Acceptor:
         for a whole round (a retry after EMFILE turns accepting on in this very turn,
         before any accept() could fail again)."""
         self.refresh_limits()
+        self.resume()  # a place that a hand-off freed (clients.forget)
         if self.pause_reason and self.accepting and now - self.last_pause >= round_seconds:
             log.info("worker.accept_resumed", reason=self.pause_reason, pauses=self.pauses,
                      paused_for=round(now - self.paused_since, 3),

@@ -328,14 +328,16 @@ class Clients:
 
     def forget(self, conn: Connection) -> None:
         """The connection left this worker whole (handed over, or moved with its group):
-        out of the table and epoll; no connection_lost, its socket is not closed here."""
+        out of the table and epoll; no connection_lost, its socket is not closed here. Its
+        place is not refilled from the backlog at once: if the key's owner is full too,
+        the master gives the client back here (a close, or the next round, resumes
+        accepting)."""
         if self.conns.get(conn.fd) is conn:
             del self.conns[conn.fd]
             with contextlib.suppress(OSError, ValueError):
                 self.epoll.unregister(conn.fd)
         self.newcomers.pop(conn.fd, None)
         self.timers.cancel_all(conn)
-        self.acceptor.resume()
 
     def freeze(self, conn: Connection) -> None:
         """The connection's group is moving: out of the table and epoll, neither read nor

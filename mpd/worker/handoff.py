@@ -108,6 +108,9 @@ class HandOff:
         conn.phase = LEAVING
         self.stats["handoffs_out"] += 1
         self.link.watch()
+        # Full, we do not refill this place from the backlog at once: if the key's owner is
+        # full too, the master gives the client back to us (issue 20). A close, or the next
+        # round of upkeep, resumes accepting.
 
     def failed(self, conn: Connection, error: str) -> None:
         """The hand-off could not be sent: without groups, the client is served here

@@ -74,8 +74,8 @@ class MasterLink:
 
     @property
     def queued(self) -> int:
-        """Messages waiting to be sent (each HANDOFF holds its client's fd until then)."""
-        return len(self.channel.queue)
+        """Clients' fds waiting in the queue to be sent (HANDOFFs, moves' chunks)."""
+        return self.channel.queued_fds
 
     @property
     def wants_write(self) -> bool:
