@@ -176,6 +176,11 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                     "keep up and this process's queue was full: dropped (lines lost since the "
                     "last report), total (since the process started); logged once the queue "
                     "drains"),
+    "log.reopened": ("info", "both", "SIGUSR1 or mpdctl reopen-logs (logrotate's postrotate): "
+                     "this process opened the log file anew at its path; the first line in the "
+                     "new file: file"),
+    "log.reopen_failed": ("error", "both", "the log file could not be opened anew; this "
+                          "process logs on to the old file: file, error"),
 }
 
 

@@ -81,6 +81,7 @@ class Kind(enum.IntEnum):
     CONFIG = 12    # changed limits and log level after a reload
     DRAIN = 13     # retire: stop accepting, hand live clients to their new owners, exit
     STOP = 14      # graceful stop: stop accepting, finish clients, exit
+    REOPEN_LOGS = 15  # open the log file anew at its path (logrotate renamed it)
 
 
 KINDS = {kind.value: kind for kind in Kind}  # Kind(n) costs 0.3 us, this 0.02

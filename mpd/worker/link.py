@@ -50,10 +50,12 @@ class MasterLink:
         return self.channel.fileno()
 
     def signals(self, worker: Worker) -> SignalQueue:
-        # The master coordinates INT (Ctrl-C hits the whole process group), HUP, TTIN, TTOU.
+        # The master coordinates INT (Ctrl-C hits the whole process group), HUP, TTIN, TTOU,
+        # USR1 (a log reopen comes as REOPEN_LOGS: `systemctl kill -s USR1` without
+        # --kill-who=main must not end a worker).
         return SignalQueue({signal.SIGTERM: worker.stop, signal.SIGQUIT: worker.quit},
                            ignore=[signal.SIGINT, signal.SIGHUP, signal.SIGTTIN,
-                                   signal.SIGTTOU, signal.SIGUSR2])
+                                   signal.SIGTTOU, signal.SIGUSR2, signal.SIGUSR1])
 
     @property
     def wants_write(self) -> bool:
@@ -117,6 +119,7 @@ class StandaloneLink:
         return SignalQueue({signal.SIGTERM: worker.stop, signal.SIGINT: worker.stop,
                             signal.SIGQUIT: worker.quit,
                             signal.SIGHUP: lambda: self.reload(worker),
+                            signal.SIGUSR1: logmod.reopen,
                             signal.SIGUSR2: self.refuse_upgrade})
 
     @staticmethod

@@ -79,7 +79,8 @@ class Worker(Serving, Handover, Orders, Upkeep, ProxyPhase):
         # What the master may tell us: one table, as nginx keeps one switch.
         self.on_message_kind: dict[Kind, Callable[[Message], None]] = {
             Kind.ADOPT: self.adopt, Kind.ROUTES: self.on_routes, Kind.CONFIG: self.on_config,
-            Kind.DRAIN: self.on_drain, Kind.STOP: lambda _message: self.stop()}
+            Kind.DRAIN: self.on_drain, Kind.STOP: lambda _message: self.stop(),
+            Kind.REOPEN_LOGS: lambda _message: logmod.reopen()}
 
     # --- the loop ---------------------------------------------------------------------
 
