@@ -12,10 +12,12 @@ package's units into /etc/systemd/system, as `systemctl link` does, and unlinks 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,10 +149,30 @@ def test_scripts_deb_builds_a_lintian_clean_package_with_what_an_operator_needs(
     unit = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
                           check=True).stdout
     assert b"ExecStart=/usr/bin/mpd --config /etc/mpd.toml" in unit
+    assert bash_completion(deb, "") == ["metrics", "ping", "reload", "reopen-logs", "scale",
+                                         "status", "stop", "top", "upgrade"]
+    assert bash_completion(deb, "--print-completion", "") == ["bash", "tcsh", "zsh"]
     lintian = subprocess.run(["lintian", "--fail-on", "error,warning", str(deb)],
                              capture_output=True, text=True, timeout=300)
     assert lintian.returncode == 0, lintian.stdout + lintian.stderr
     assert not [line for line in lintian.stdout.splitlines() if line[:2] in ("E:", "W:")]
+
+
+def bash_completion(deb: Path, *words: str) -> list[str]:
+    """What the package's bash completion for mpdctl offers after `mpdctl WORDS`."""
+    tar = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
+                         check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        member = archive.extractfile("./usr/share/bash-completion/completions/mpdctl")
+        assert member is not None
+        script = member.read().decode()
+    line = " ".join(["mpdctl", *words])
+    program = (f"{script}\nCOMP_WORDS=(mpdctl {' '.join(repr(w) for w in words)}); "
+               f"COMP_CWORD={len(words)}; COMP_LINE='{line}'; COMP_POINT={len(line)}; "
+               "_shtab_mpdctl mpdctl; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    out = subprocess.run(["bash", "-c", program], capture_output=True, text=True,
+                         check=True).stdout
+    return sorted(out.split())
 
 
 @needs_box
