@@ -44,6 +44,10 @@ def source_digest() -> str:
     tracked = subprocess.run(["git", "ls-files", "mpd", "packaging", "etc", "pyproject.toml",
                               "README.md", "scripts/deb"], cwd=ROOT, capture_output=True,
                              text=True).stdout.split()
+    if not tracked:  # not a git checkout: every file of those places
+        tracked = [str(p.relative_to(ROOT)) for place in ("mpd", "packaging", "etc", "scripts")
+                   for p in (ROOT / place).rglob("*") if "__pycache__" not in p.parts]
+        tracked += ["pyproject.toml", "README.md"]
     for name in sorted(tracked):
         path = ROOT / name
         if path.is_file():
@@ -59,7 +63,8 @@ def deb() -> Path:
     if built:
         return built[-1]
     result = subprocess.run([str(ROOT / "scripts" / "deb"), str(out)], capture_output=True,
-                            text=True, timeout=1200)
+                            text=True, timeout=1200,
+                            env={**os.environ, "MPD_DEB_LINTIAN": "0"})  # a test runs it
     if result.returncode == 69:
         pytest.skip(result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
