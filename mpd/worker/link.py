@@ -52,7 +52,7 @@ class MasterLink:
     def signals(self, worker: Worker) -> SignalQueue:
         # The master coordinates INT (Ctrl-C hits the whole process group), HUP, TTIN, TTOU,
         # USR1 (a log reopen comes as REOPEN_LOGS: `systemctl kill -s USR1` without
-        # --kill-who=main must not end a worker).
+        # --kill-whom=main must not end a worker).
         return SignalQueue({signal.SIGTERM: worker.stop, signal.SIGQUIT: worker.quit},
                            ignore=[signal.SIGINT, signal.SIGHUP, signal.SIGTTIN,
                                    signal.SIGTTOU, signal.SIGUSR2, signal.SIGUSR1])
