@@ -273,6 +273,9 @@ def test_apt_purge_leaves_no_file_user_or_group_behind(clean_box, deb):
         assert box.run("test", "-s", "/var/log/mpd/mpd.log.1").returncode == 0
         wait_until(lambda: box.run("test", "-s", "/var/log/mpd/mpd.log").returncode == 0,
                    what="mpd's new log file after logrotate")
+        # postrotate reached mpd through mpdctl, as root (not the signal fallback)
+        logged = box.run("cat", "/var/log/mpd/mpd.log.1", "/var/log/mpd/mpd.log").stdout
+        assert '"command": "reopen-logs"' in logged, logged[-2000:]
     apt(box, "purge", PACKAGE)
     unlink_units(box)
     after_paths, after_accounts = snapshot(box)
