@@ -102,8 +102,6 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "worker.retiring": ("info", "worker", "retiring (a scale-down, an upgrade's roll): it "
                         "hands its clients that are in no group to their keys' owners; the "
                         "master moves its groups away: clients, groups"),
-    "log.reopen_failed": ("error", "worker", "the log file could not be reopened: error (the "
-                          "old one is kept)"),
     "worker.stopping": ("info", "worker", "graceful stop: finishing its clients: clients"),
     "worker.stopped": ("info", "worker", "the worker exits: its counters"),
     "worker.quit": ("info", "worker", "SIGQUIT: the worker exits at once"),
@@ -229,6 +227,11 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                     "keep up and this process's queue was full: dropped (lines lost since the "
                     "last report), total (since the process started); logged once the queue "
                     "drains"),
+    "log.reopened": ("info", "both", "SIGUSR1 or mpdctl reopen-logs (logrotate's postrotate): "
+                     "this process opened the log file anew at its path; the first line in the "
+                     "new file: file"),
+    "log.reopen_failed": ("error", "both", "the log file could not be opened anew; this "
+                          "process logs on to the old file: file, error"),
 }
 
 

@@ -188,6 +188,41 @@ def configure_from(config: Any) -> None:
     install(prepare_from(config))
 
 
+def log_file() -> str | None:
+    """The path of the log file in use; None when logs go elsewhere."""
+    sink = _file_sink()
+    return sink.path if sink is not None else None
+
+
+def _file_sink() -> logsink.FileSink | None:
+    for sink in _writer[0].sinks if _writer else ():
+        if isinstance(sink, logsink.FileSink):
+            return sink
+    return None
+
+
+def reopen() -> str | None:
+    """Reopen the log file at its path (SIGUSR1, mpdctl reopen-logs: logrotate renamed it),
+    in this process; nothing to do when logs go elsewhere. Lines go to the old file until
+    the new one is open, and queued lines are kept. Returns why not (the old file then
+    stays in use), logged as log.reopen_failed; else None, logged as log.reopened."""
+    sink = _file_sink()
+    if sink is None:
+        return None
+    log = _facade
+    if sink.fileno() == _watched.fd:
+        _watched.forget()  # the loop registers the fd again, with the new file behind it
+    try:
+        sink.reopen()
+    except OSError as e:
+        why_not = f"cannot reopen the log file {sink.path}: {e.strerror}; logging goes on " \
+                  "to the old file"
+        log.error("log.reopen_failed", file=sink.path, error=e.strerror)
+        return why_not
+    log.info("log.reopened", file=sink.path)
+    return None
+
+
 def forget_writer() -> None:
     """After python-daemon closed every fd: drop the sinks without closing their fd
     numbers, which may already belong to something else."""

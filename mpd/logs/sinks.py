@@ -332,10 +332,35 @@ def nowait_supported(fd: int) -> bool:
     return True
 
 
-def open_file(path: str, drops: Drops) -> Sink:
-    """A log file, opened for appending (OSError when it cannot be). O_NONBLOCK does
+class FileSink(FdSink):
+    """A log file named by its path. reopen() puts the file now at that path (logrotate
+    renamed the old one away) in place of the old one under the same fd number, in one
+    dup3(): until then lines go to the old file, from then on to the new one, and none is
+    lost in between. What is queued (only a FIFO named as the log file ever queues) stays
+    queued and goes to the new file."""
+
+    def __init__(self, path: str, drops: Drops, limit: int = QUEUE_BYTES):
+        super().__init__(open_append(path), drops, limit, own=True)
+        self.path = path
+
+    def reopen(self) -> None:
+        """Raises OSError when the path cannot be opened: the old file stays in use."""
+        self.flush()  # what the old file takes now goes there, in order
+        fresh = open_append(self.path)
+        try:
+            os.dup2(fresh, self.fd, inheritable=False)  # atomic: no moment without a file
+        finally:
+            os.close(fresh)
+
+
+def open_append(path: str) -> int:
+    """A log file's fd, opened for appending (OSError when it cannot be). O_NONBLOCK does
     nothing to a regular file, and keeps a FIFO or a tty named as the log file from
     blocking: a FIFO without a reader fails at once (ENXIO) instead of waiting for one."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
-                 | os.O_NOCTTY, 0o640)
-    return FdSink(fd, drops, own=True)
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK
+                   | os.O_NOCTTY, 0o640)
+
+
+def open_file(path: str, drops: Drops) -> FileSink:
+    """A sink for the log file at `path` (OSError when it cannot be opened)."""
+    return FileSink(path, drops)

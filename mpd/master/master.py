@@ -487,3 +487,11 @@ class Master:
     def upgrade(self) -> str | None:
         return self.upgrades.start()
 
+    def reopen_logs(self) -> str | None:
+        """The log file anew in the master, then in every worker (mpdctl reopen-logs)."""
+        why_not = logmod.reopen()
+        if why_not is None and logmod.log_file() is not None:
+            for worker in list(self.slots.workers.values()):  # retiring ones log too
+                self.send(worker, msg.ReopenLogs())
+        return why_not
+

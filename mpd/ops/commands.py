@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from mpd import __version__
+from mpd.logs import log as logmod
 from mpd.ops import humane, keycommands, top
 from mpd.wire import counters
 
@@ -33,6 +34,8 @@ class Daemon(Protocol):
     def stop(self, graceful: bool = True) -> str | None: ...
 
     def upgrade(self) -> str | None: ...
+
+    def reopen_logs(self) -> str | None: ...
 
 
 def error(message: str) -> Reply:
@@ -104,6 +107,21 @@ def upgrade(daemon: Daemon, _request: dict[str, Any]) -> Reply:
     if why_not is not None:
         return error(f"upgrade refused, nothing changed: {why_not}")
     return {"ok": True, "generation": daemon.snapshot()["master"]["upgrade"]["generation"]}
+
+
+def reopen_logs(daemon: Daemon, _request: dict[str, Any]) -> Reply:
+    """The master reopens its log file, then tells every worker to (logrotate's
+    postrotate); `file` is None when logs do not go to a file."""
+    why_not = daemon.reopen_logs()
+    if why_not is not None:
+        return error(why_not)
+    return {"ok": True, "file": logmod.log_file(), "workers": daemon.target}
+
+
+def show_reopen_logs(reply: Reply) -> str:
+    if reply["file"] is None:
+        return "mpd: logs do not go to a file (log.target): nothing to reopen"
+    return f"mpd: {reply['file']} reopened by the master, and {reply['workers']} workers told to"
 
 
 def ping(_daemon: Daemon, _request: dict[str, Any]) -> Reply:
@@ -282,6 +300,9 @@ COMMANDS: dict[str, Command] = {
                        "to new workers (as SIGUSR2); waits until done", done=upgrade_done,
                        waiting=upgrade_waiting,
                        show=show_upgrade),
+    "reopen-logs": Command(reopen_logs, "reopen-logs", "reopen the log file in every "
+                           "process (as SIGUSR1), after logrotate renamed it; no line is "
+                           "lost", show=show_reopen_logs),
     "ping": Command(ping, "ping", "check that mpd answers",
                     show=lambda r: f"mpd {r['version']} (pid {r['pid']}) answers"),
     "metrics": Command(metrics, "metrics", "the counters and gauges in the Prometheus text "
@@ -314,6 +335,7 @@ SIGNALS: dict[signal.Signals, dict[str, Any]] = {
     signal.SIGTTIN: {"command": "scale", "delta": 1},
     signal.SIGTTOU: {"command": "scale", "delta": -1},
     signal.SIGUSR2: {"command": "upgrade"},
+    signal.SIGUSR1: {"command": "reopen-logs"},
 }
 
 

@@ -62,7 +62,9 @@ class MasterLink:
         epoll.register(self.fileno(), IN)
 
     def signals(self, worker: Worker) -> SignalQueue:
-        # The master coordinates INT (Ctrl-C hits the whole process group), HUP, TTIN, TTOU.
+        # The master coordinates INT (Ctrl-C hits the whole process group), HUP, TTIN, TTOU,
+        # USR1 (a log reopen comes as REOPEN_LOGS: `systemctl kill -s USR1` without
+        # --kill-whom=main must not end a worker).
         return SignalQueue({signal.SIGTERM: worker.stop, signal.SIGQUIT: worker.quit},
                            ignore=[signal.SIGINT, signal.SIGHUP, signal.SIGTTIN,
                                    signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2])

@@ -340,11 +340,8 @@ class Worker:
         self.acceptor.set_limits(self.acceptor.fd_limit)
 
     def reopen_logs(self) -> None:
-        """Reopen the log file (logrotate renamed it)."""
-        try:
-            logmod.configure_from(self.config)
-        except ConfigError as e:
-            log.error("log.reopen_failed", error=str(e))
+        """Open the log file anew at its path (logrotate renamed it); logmod logs how."""
+        logmod.reopen()
 
     # --- stopping -----------------------------------------------------------------------
 
