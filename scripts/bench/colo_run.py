@@ -19,19 +19,21 @@ from common import ALL_CPUS, NPROC, fmt, procfs, progress
 class Load:
     """One load: rooms of `members` members (relay: streams of 1 publisher and `members`
     players), `groups` of them, messages of `size` bytes; closed loop unless `rate`
-    (messages per second per sender)."""
+    (messages per second per sender; `offered`: the deliveries per second that makes)."""
 
     protocol: str
     members: int
     size: int
     groups: int
     rate: float = 0.0
+    offered: float = 0.0
 
     @property
     def label(self) -> str:
         who = "members" if self.protocol == "rooms" else "players"
         unit = "B lines" if self.protocol == "rooms" else "B frames"
-        loop = f", {self.rate:g}/s per sender" if self.rate else ""
+        loop = (f", {self.offered:,.0f} deliveries/s offered" if self.offered else
+                f", {self.rate:g}/s per sender" if self.rate else ", closed loop")
         return (f"{self.protocol} {self.members} {who} x {self.groups}, "
                 f"{self.size:,} {unit}{loop}")
 

@@ -74,6 +74,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "up to 100 members, 2 beyond; 4 streams up to 100 players, 1 beyond)")
     p.add_argument("--rate", type=float, default=0.0,
                    help="messages per second per sender (default 0: closed loop)")
+    p.add_argument("--offered", type=float,
+                   help="rooms: also each rooms load at this many deliveries/s offered in "
+                   "all (a fixed rate per sender), for latencies at a load every target "
+                   "can carry; 0: no such load (default 50000; quick 5000)")
     p.add_argument("--handoff-members", type=int, help="members per room (default 100)")
     p.add_argument("--handoff-rooms", type=int, help="rooms (default 8)")
     p.add_argument("--handoff-rate", type=float, default=2.0,
@@ -97,7 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 "rooms": "10" if q else "10,100,1000", "lines": "100" if q else "100,4096",
                 "players": "10" if q else "10,100,1000",
                 "frames": "16384" if q else "1024,16384,65536",
-                "groups": 2 if q else None, "handoff_members": 10 if q else 100,
+                "groups": 2 if q else None, "offered": 5000.0 if q else 50000.0,
+                "handoff_members": 10 if q else 100,
                 "handoff_rooms": 4 if q else 8}
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -120,8 +125,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def loads_of(args: argparse.Namespace, protocol: str) -> list[Load]:
     if protocol == "rooms":
-        return [Load("rooms", m, size, args.groups or (8 if m <= 100 else 2), args.rate)
-                for m in args.rooms for size in args.lines]
+        loads = []
+        for m in args.rooms:
+            for size in args.lines:
+                groups = args.groups or (8 if m <= 100 else 2)
+                loads.append(Load("rooms", m, size, groups, args.rate))
+                if args.offered:
+                    senders = min(m, max(1, 65536 // size))  # loadgen_colo's default
+                    rate = args.offered / (groups * senders * (m - 1))
+                    loads.append(Load("rooms", m, size, groups, rate, args.offered))
+        return loads
     return [Load("relay", m, size, args.groups or (4 if m <= 100 else 1), args.rate)
             for m in args.players for size in args.frames]
 
@@ -154,7 +167,8 @@ class Colocation:
                     progress(f"{protocol} {placement}: {target} skipped: {e}")
             cases = [{"name": t, "server": s, "cpus": cpus} for t, s in servers.items()]
             for load in loads_of(a, protocol):
-                key = f"{protocol}/{load.members}/{load.size}"
+                key = f"{protocol}/{load.members}/{load.size}" + (
+                    f"@{load.offered:g}" if load.offered else "")
                 runs = run_rounds(f"{load.label} {placement}", cases, self.loadgen, load,
                                   a.rounds, a.duration, a.warmup, a.drain, self.next_seed(),
                                   redis_share) if cases else {}

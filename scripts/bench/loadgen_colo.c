@@ -670,8 +670,9 @@ static int run(void) {
         uint64_t until = stop_sending ? drain_end : (started ? w_end : w_start);
         int ms = (int)((until > t ? until - t : 0) / 1000000) + 1;
         if (rate > 0 && !stop_sending) {
+            /* rounded up: sends are due at a millisecond's grain, without spinning */
             double wait = (next_due - (double)now_ns()) / 1e6;
-            if (wait < ms) ms = wait > 0 ? (int)wait : 0;
+            if (wait < ms) ms = wait > 0 ? (int)(wait + 0.999) : 0;
         }
         int n = epoll_wait(epfd, evs, 1024, ms);
         if (n < 0 && errno != EINTR) die("epoll_wait");
