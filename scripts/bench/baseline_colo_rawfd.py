@@ -101,8 +101,9 @@ class Server:
                             set_blocking(cfd, False)
                             joining[cfd] = b""
                             register(cfd, EPOLLIN)
-                    else:
+                    elif fd in joining:
                         self.join(fd)
+                    # else: closed earlier in this turn (a stream's end closes its players)
                     continue
                 if events & EPOLLOUT:
                     self.drain(m)
