@@ -221,3 +221,24 @@ def test_a_player_that_falls_behind_is_reset_and_the_others_go_on(serve):
     with pytest.raises(ConnectionResetError):  # after what it had in its buffer, a reset
         while slow.recv(1 << 20):
             pass
+
+
+def test_the_server_goes_on_when_a_stream_and_all_its_players_leave_at_once(serve):
+    port = serve("relay")
+    pub = client(port, frame(b"P", b"gone"))
+    assert read_line(pub) == b"ok 1\n"
+    players = [client(port, frame(b"S", b"gone")) for _ in range(50)]
+    for p in players:
+        assert read_line(p).startswith(b"ok ")
+    pub.sendall(b"x" * 100000)
+    for sock in [pub, *players]:  # the stream's end and its players' in one turn, likely
+        sock.close()
+    deadline = time.monotonic() + 5  # the Redis design counts the leaves asynchronously
+    while True:
+        again = client(port, frame(b"P", b"gone"))
+        line = read_line(again)
+        again.close()
+        if line == b"ok 1\n" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert line == b"ok 1\n"

@@ -79,6 +79,10 @@ class Server:
         self.members: dict[int, Member] = {}
         self.groups: dict[bytes, Group] = {}
         self.dirty: set[Group] = set()
+        # A relay publisher's bytes come in bulk: 256 KiB reads carried 1.2x the bytes/s
+        # of 64 KiB ones here (pinned, 64 KiB frames); for lines the bigger buffer only
+        # costs (0.6x the deliveries/s, 100 B lines).
+        self.read_size = 65536 if self.rooms else 262144
 
     def run(self) -> None:
         lfd = self.listener.fileno()
@@ -88,6 +92,7 @@ class Server:
         read, set_blocking = os.read, os.set_blocking
         members, joining, dirty = self.members, self.joining, self.dirty
         dirty_add, rooms = dirty.add, self.rooms
+        size = self.read_size
         while True:
             for fd, events in poll():
                 m = members.get(fd)
@@ -110,7 +115,7 @@ class Server:
                     if not events & EPOLLIN:
                         continue
                 try:
-                    data = read(fd, 65536)
+                    data = read(fd, size)
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError:
