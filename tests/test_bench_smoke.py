@@ -112,7 +112,7 @@ def assert_ran_clean(saved: dict, target: str) -> None:
 def test_the_colocation_benchmark_runs_every_baseline_and_finds_nothing_wrong(tmp_path):
     result, saved = colocation_quick(tmp_path, "asyncio,uvloop,rawfd,c,mpd:1,mpd:2")
     assert saved["failed"] == {}
-    assert set(saved["loads"]) == {"rooms/10/100", "relay/10/16384"}
+    assert set(saved["loads"]) == {"rooms/10/100", "rooms/10/100@5000", "relay/10/16384"}
     for target in ("asyncio", "rawfd", "c"):
         assert_ran_clean(saved, target)
     for target in ("uvloop", "mpd:1", "mpd:2"):  # or skipped, saying why
