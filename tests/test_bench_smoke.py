@@ -80,3 +80,65 @@ def test_the_haproxy_comparison_runs_and_prints_its_figures(tmp_path):
     (saved,) = tmp_path.glob("haproxy-*.json")
     runs = json.loads(saved.read_text())["runs"]
     assert all(r[0]["handoffs"] > 0 for name, r in runs.items() if "handoff" in name)
+
+
+def colocation_quick(tmp_path, targets: str) -> tuple[subprocess.CompletedProcess[str], dict]:
+    # -S, as above: the driver needs the standard library alone.
+    result = subprocess.run(
+        [sys.executable, "-S", str(ROOT / "scripts" / "bench" / "colocation.py"), "--quick",
+         "--targets", targets, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (saved,) = tmp_path.glob("colo-*.json")
+    return result, json.loads(saved.read_text())
+
+
+def assert_ran_clean(saved: dict, target: str) -> None:
+    """Every load of the run reached `target`, which delivered something and got nothing
+    wrong: no loss, duplicate, reordering, misrouting or corruption."""
+    for key, placements in saved["loads"].items():
+        for placement, entry in placements.items():
+            runs = entry["runs"].get(target)
+            assert runs, f"{target} did not run {key} {placement}: {entry['skipped']}"
+            for run in runs:
+                assert run["deliveries"] > 0, (key, target, run)
+                wrong = {k: run[k] for k in ("lost", "duplicates", "out_of_order",
+                                             "misrouted", "corrupt", "errors",
+                                             "join_errors", "ack_mismatch") if run[k]}
+                assert not wrong, (key, target, wrong)
+                assert run["drained"], (key, target, run)
+
+
+def test_the_colocation_benchmark_runs_every_baseline_and_finds_nothing_wrong(tmp_path):
+    result, saved = colocation_quick(tmp_path, "asyncio,uvloop,rawfd,c,mpd:1,mpd:2")
+    assert saved["failed"] == {}
+    assert set(saved["loads"]) == {"rooms/10/100", "rooms/10/100@5000", "relay/10/16384"}
+    for target in ("asyncio", "rawfd", "c"):
+        assert_ran_clean(saved, target)
+    for target in ("uvloop", "mpd:1", "mpd:2"):  # or skipped, saying why
+        skipped = [entry["skipped"].get(target) for placements in saved["loads"].values()
+                   for entry in placements.values()]
+        if all(skipped):
+            assert all(why for why in skipped)
+        else:
+            assert_ran_clean(saved, target)
+    assert "### issue 24's targets" in result.stdout
+    handoff = saved["handoff"]["pinned"]
+    assert "skipped" in handoff or handoff["per_round"], handoff
+
+
+def test_the_colocation_benchmark_runs_the_redis_design_and_finds_nothing_wrong(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+    import colo_redis
+    from tools import find_mpd_python, find_python_with
+
+    if colo_redis.redis_server_binary() is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run "
+                    "tries)")
+    if find_python_with("hiredis", None, find_mpd_python(None)) is None:
+        pytest.skip("hiredis is not installed in the venv (pip install -e '.[bench]'; "
+                    ".ci/run tries)")
+    _result, saved = colocation_quick(tmp_path, "redis:1,redis:2")
+    assert saved["failed"] == {}
+    for target in ("redis:1", "redis:2"):
+        assert_ran_clean(saved, target)

@@ -111,8 +111,10 @@ class Server:
 
     def __init__(self, name: str, kind: str, argv: list[str], cpus: list[int] | None,
                  workdir: Path, ready: Callable[[dict[str, Any]], bool],
-                 config_path: Path | None = None, workers: int = 0, cwd: Path = ROOT):
+                 config_path: Path | None = None, workers: int = 0, cwd: Path = ROOT,
+                 env: dict[str, str] | None = None):
         self.name, self.kind, self.argv, self.cpus = name, kind, argv, cpus
+        self.env = env  # added to the driver's environment (mpd's test hooks, say)
         self.cwd = cwd  # for mpd: the source tree it runs from (`python -m mpd.cli`)
         self.ready = ready
         self.config_path = config_path
@@ -140,7 +142,8 @@ class Server:
         with open(self.log_path, "wb") as out, open(self.err_path, "wb") as err:
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL, cwd=self.cwd,
-                                         start_new_session=True, preexec_fn=setup)
+                                         start_new_session=True, preexec_fn=setup,
+                                         env={**os.environ, **self.env} if self.env else None)
         started = self.tail.wait_for(lambda e: "port" in e, timeout, f"{self.name} start",
                                      alive_pid=self.pid)
         self.port = int(started["port"])
@@ -218,19 +221,23 @@ class Bench:
         return f"{self.seq:02d}-{name}"
 
     def mpd(self, name: str, workers: int, cpus: list[int] | None, log_level: str = "info",
-            max_clients: int = 20000, tree: Path = ROOT) -> Server:
+            max_clients: int = 20000, tree: Path = ROOT, protocol: str | None = None,
+            env: dict[str, str] | None = None) -> Server:
         name = self._name(name)
         config = self.workdir / f"{name}.toml"
-        self.write_mpd_config(config, workers, log_level, max_clients, tree)
+        self.write_mpd_config(config, workers, log_level, max_clients, tree, protocol)
         server = Server(name, "mpd", [self.tools.mpd_python, "-m", "mpd.cli", "--config",
                                       str(config)], cpus, self.workdir,
-                        lambda e: e.get("event") in ("mpd.ready",), config, workers, tree)
+                        lambda e: e.get("event") in ("mpd.ready",), config, workers, tree,
+                        env)
         return self.track(server)
 
     def write_mpd_config(self, path: Path, workers: int, log_level: str = "info",
-                         max_clients: int = 20000, tree: Path = ROOT) -> None:
+                         max_clients: int = 20000, tree: Path = ROOT,
+                         protocol: str | None = None) -> None:
         path.write_text(
             "[server]\nlisten = \"127.0.0.1\"\nport = 0\nbacklog = 4096\n" + run_as(tree) +
+            (f"protocol = \"{protocol}\"\n" if protocol else "") +
             f"[workers]\nworkers = {workers}\nmax_clients = {max_clients}\n"
             "graceful_timeout = 2.0\n"
             f"[control]\nsocket = \"{self.control_socket(path)}\"\n"

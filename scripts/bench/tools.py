@@ -32,6 +32,7 @@ class Tools:
         self.uvloop_python = find_python_with("uvloop", uvloop_python, mpd_python,
                                               str(TOOLS_VENV / "bin" / "python"))
         self.cc_version = ""
+        self.built: dict[str, str] = {}  # build_c's programs
 
     def build(self) -> None:
         self.build_dir.mkdir(parents=True, exist_ok=True)
@@ -49,6 +50,19 @@ class Tools:
         else:
             progress("build: no C compiler: Python load generator, no C baseline")
             self.loadgen = [self.mpd_python, str(HERE / "loadgen.py")]
+
+    def build_c(self, name: str) -> str | None:
+        """scripts/bench/NAME.c built as build() builds its programs (None without cc)."""
+        if not self.cc:
+            return None
+        if name not in self.built:
+            self.build_dir.mkdir(parents=True, exist_ok=True)
+            out = self.build_dir / name
+            cmd = [self.cc, "-O2", "-Wall", "-o", str(out), str(HERE / f"{name}.c")]
+            progress(f"build: {' '.join(cmd)}")
+            subprocess.run(cmd, check=True, timeout=120)
+            self.built[name] = str(out)
+        return self.built[name]
 
     def build_mpclient2(self) -> str | None:
         """The seed's mpclient2, built on first use; None (and mpclient2_missing says why)
