@@ -154,8 +154,9 @@ def test_scripts_deb_builds_a_lintian_clean_package_with_what_an_operator_needs(
     unit = subprocess.run(["dpkg-deb", "--fsys-tarfile", str(deb)], capture_output=True,
                           check=True).stdout
     assert b"ExecStart=/usr/bin/mpd --config /etc/mpd.toml" in unit
-    assert bash_completion(deb, "") == ["metrics", "ping", "reload", "reopen-logs", "scale",
-                                         "status", "stop", "top", "upgrade"]
+    assert bash_completion(deb, "") == sorted(
+        ["drain", "metrics", "move", "ping", "reload", "reopen-logs", "scale", "status", "stop",
+         "top", "undrain", "upgrade", "where"])
     assert bash_completion(deb, "--print-completion", "") == ["bash", "tcsh", "zsh"]
     lintian = subprocess.run(["lintian", "--fail-on", "error,warning", str(deb)],
                              capture_output=True, text=True, timeout=300)

@@ -44,8 +44,8 @@ def test_systemctl_start_serve_status_journal_reload_respawn_stop(box, system_ve
     # max_clients = "auto": what the fd limit (LimitNOFILE, or less in a container) leaves.
     auto = status["master"]["max_clients"]
     assert auto > 1000 and {w["max_clients"] for w in status["workers"]} == {auto}
-    assert {m["MESSAGE"] for m in serving} == {f"worker/0: worker.serving max_clients={auto}",
-                                               f"worker/1: worker.serving max_clients={auto}"}
+    assert {m["MESSAGE"] for m in serving} == {
+        f"worker/{slot}: worker.serving max_clients={auto} protocol=ping" for slot in (0, 1)}
     # systemctl reload applies a changed worker count.
     box.copy(toml_config({**BASE, "workers": {"workers": 3, "graceful_timeout": 2}}),
              "/etc/mpd.toml")
