@@ -58,6 +58,7 @@ class Clients:
         self.lazy = app.stateless is not None  # protocol objects made at the first read
         self.now = 0.0  # the loop's clock, read once a turn
         self.stopping = False  # graceful stop: each client closes once it is idle
+        self.keep_members = False  # retiring: a group's members wait for its move instead
         self.debug = logmod.enabled("debug")
         self.epoll: Any = None  # the worker's, from boot on
         # The worker's other parts (worker.py sets them).
@@ -180,8 +181,13 @@ class Clients:
             conn.seen = self.now
         if conn.phase == LEAVING:
             self.handoff.give(conn)
-        elif self.stopping and conn.idle and conn.phase == SERVING:
+        elif self.stopping and conn.idle and conn.phase == SERVING and self.may_stop(conn):
             self.close(conn, STOP)
+
+    def may_stop(self, conn: Connection) -> bool:
+        """A stopping worker may close this idle client (not a member that waits for its
+        group's move off a retiring worker)."""
+        return conn.group is None or not self.keep_members
 
     def feed_held(self, conn: Connection) -> None:
         """Bytes mpd held for the protocol (carried by a hand-off, or read before a pause)
@@ -260,7 +266,7 @@ class Clients:
             self.handoff.give(conn)
         elif conn.closing:
             self.close(conn, conn.closing)
-        elif self.stopping and conn.idle and conn.phase == SERVING:
+        elif self.stopping and conn.idle and conn.phase == SERVING and self.may_stop(conn):
             self.close(conn, STOP)
 
     def overflowed(self, conn: Connection) -> None:

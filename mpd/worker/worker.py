@@ -254,7 +254,8 @@ class Worker:
             self.proxy.expire(now)
         self.timers.run_due(now)
         self.moves.tick(now)
-        if self.clients.stopping and (not self.clients.conns or now >= self.stop_deadline):
+        if self.clients.stopping and (not self.clients.conns and not self.moves.busy
+                                      or now >= self.stop_deadline):
             self.running = False
         self.rearm()
 
@@ -382,6 +383,7 @@ class Worker:
         log.info("worker.retiring", clients=len(self.clients.conns),
                  groups=len(self.groups.groups))
         self.handoff.retiring = True
+        self.clients.keep_members = True  # they go with their groups (MOVE_OUT)
         self.stop()
         for conn in list(self.clients.conns.values()):
             if conn.group is None and conn.phase != HEADER:  # a header comes first

@@ -1,0 +1,123 @@
+"""Key groups that move whole, on real processes (issue 23): rooms of a counting
+application (tests/appkit/counting.py) and relay streams under a steady load while mpd
+scales down and up, upgrades in place, and an operator moves a key and drains a slot.
+Every line reaches every other member of its room exactly once, in order; every player's
+bytes are the publisher's; every room's count of lines (its state) comes along; no
+member is ever served by another worker than its room's; no client sees an error."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, wait_until
+from moveload import RelayLoad, RoomLoad, ok, placements, settled, status
+
+TESTS = Path(__file__).resolve().parent
+APPKIT = {"PYTHONPATH": str(TESTS)}
+COUNTING = {"protocol": "appkit.counting:application"}
+
+
+@pytest.fixture
+def installed(tmp_path: Path) -> Path:
+    """A copy of the mpd package that mpd runs from (an upgrade execs the code on disk)."""
+    home = tmp_path / "installed"
+    shutil.copytree(ROOT / "mpd", home / "mpd", ignore=shutil.ignore_patterns("__pycache__"))
+    return home
+
+
+def settle(server: Any, timeout: float = 30) -> dict[str, Any]:
+    return wait_until(lambda: settled(server), timeout, interval=0.05,
+                      what="no group moving, every worker ready")
+
+
+def check_rooms(server: Any, load: RoomLoad, per_room: int) -> dict[bytes, dict[str, Any]]:
+    """Each room is whole in the worker that the master names for it: every member says
+    (#where, amid the load) that it is served by that one worker, which has them all."""
+    snap = settle(server)
+    where = placements(server, load.names)
+    located = load.locate()
+    assert not load.errors, load.errors
+    pids = {w["pid"]: w["slot"] for w in snap["workers"]}
+    for n, name in enumerate(load.names):
+        placed = where[name]
+        assert placed["placed"] and placed["members"] == per_room, placed
+        assert located[n] == {placed["pid"]}, (name, located[n], placed)
+        assert pids.get(placed["pid"]) == placed["slot"], (placed, pids)
+    # By the heartbeats (a second apart): no group and no member anywhere else.
+    wait_until(lambda: [sum(w[k] for w in status(server)["workers"])
+                        for k in ("groups", "members")] == [len(load.names),
+                                                            len(load.members)],
+               what=f"{len(load.names)} groups and {len(load.members)} members by the "
+               "workers' heartbeats")
+    return where
+
+
+def test_rooms_move_whole_through_scale_upgrade_move_and_drain(mpd_factory, installed):
+    """30 rooms of 10 members, each member a line every 20 ms, on 4 workers: scale 1,
+    scale 6, scale 2, upgrade, move a room, drain a slot, undrain."""
+    server = mpd_factory({"server": COUNTING, "workers": {"workers": 4}}, env=APPKIT,
+                         cwd=installed)
+    load = RoomLoad(server.port, rooms=30, per_room=10, interval=0.02)
+    load.sending.set()
+    load.start()
+    try:
+        check_rooms(server, load, 10)
+        for step in (["scale", "1"], ["scale", "6"], ["scale", "2"], ["upgrade"]):
+            ok(server, *step)
+            load.wait_lines(10)
+            where = check_rooms(server, load, 10)
+            slots = {w["slot"] for w in where.values()}
+            assert slots <= set(range(int(step[1]) if step[0] == "scale" else 2)), slots
+        # An operator moves a hot room to the other slot, then drains that slot.
+        name = load.names[0]
+        to = 1 - where[name]["slot"]
+        ok(server, "move", name.decode(), str(to))
+        load.wait_lines(10)
+        where = check_rooms(server, load, 10)
+        assert where[name]["slot"] == to and where[name]["pin"] == to
+        ok(server, "drain", str(to))
+        load.wait_lines(10)
+        where = check_rooms(server, load, 10)
+        assert {w["slot"] for w in where.values()} == {1 - to}
+        ok(server, "undrain", str(to))
+        load.wait_lines(10)
+        check_rooms(server, load, 10)
+        load.stop()
+        assert not load.errors, load.errors
+        for n, members in load.rooms.items():
+            assert load.ask(members[0], b"#count") == b"count %d" % load.sent_to(n)
+    finally:
+        load.close()
+    moved = server.events("group.moved")
+    assert moved and all(e["members"] == 10 and e["bytes"] > 0 for e in moved)
+    snap = status(server)
+    assert snap["master"]["groups"]["failed"] == 0
+    assert not server.events("client.error") and not server.events("app.error")
+
+
+def test_relay_streams_stay_byte_exact_through_scale_and_upgrade(mpd_factory, installed):
+    """10 streams of 50 players and their publishers, on 4 workers: scale 1, scale 6,
+    scale 2, upgrade; every player gets the publisher's bytes, none missing or repeated."""
+    server = mpd_factory({"server": {"protocol": "relay"}, "workers": {"workers": 4}},
+                         cwd=installed)
+    load = RelayLoad(server.port, streams=10, players=50, interval=0.02)
+    load.sending.set()
+    load.start()
+    try:
+        load.wait_bytes(16 << 10)
+        for step in (["scale", "1"], ["scale", "6"], ["scale", "2"], ["upgrade"]):
+            ok(server, *step)
+            settle(server)
+            load.wait_bytes(16 << 10)
+            assert not load.errors, load.errors
+            where = placements(server, load.names)
+            assert all(w["members"] == 51 for w in where.values()), where
+        load.stop()
+        assert not load.errors, load.errors
+    finally:
+        load.close()
+    assert server.events("group.moved")
+    assert status(server)["master"]["groups"]["failed"] == 0
