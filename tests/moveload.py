@@ -15,6 +15,7 @@ the stream, from the first on. stop() waits until every player has all that was 
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import selectors
@@ -29,6 +30,7 @@ from conftest import ROOT, wait_until
 
 from mpd import ctl
 from mpd.ops import keycommands
+from mpd.wire import routing
 from mpd.wire.messages import key_to_json
 
 
@@ -55,6 +57,13 @@ def status(server: Any) -> dict[str, Any]:
 
 def where(server: Any, key: str) -> dict[str, Any]:
     return json.loads(ok(server, "--json", "where", key))
+
+
+def rooms_of(slot: int, slots: tuple[int, ...], count: int) -> list[bytes]:
+    """Names of `count` rooms whose key `slot` owns among `slots`."""
+    names = (b"room-%d" % n for n in itertools.count())
+    return list(itertools.islice((name for name in names if routing.owner(
+        routing.key_hash(name), slots) == slot), count))
 
 
 def placements(server: Any, keys: list[bytes]) -> dict[bytes, dict[str, Any]]:
@@ -186,10 +195,13 @@ class RoomMember:
 
 
 class RoomLoad(Driver):
-    def __init__(self, port: int, rooms: int, per_room: int, interval: float = 0.02,
-                 prefix: str = "room-", seed: int = 3):
+    def __init__(self, port: int, rooms: int | list[bytes], per_room: int,
+                 interval: float = 0.02, seed: int = 3):
+        """`rooms`: how many (room-0, room-1, ...), or their names."""
         super().__init__(interval)
-        self.names = [f"{prefix}{n}".encode() for n in range(rooms)]
+        self.names = rooms if isinstance(rooms, list) else [b"room-%d" % n
+                                                            for n in range(rooms)]
+        rooms = len(self.names)
         order = [n % rooms for n in range(rooms * per_room)]
         random.Random(seed).shuffle(order)  # members of a room arrive on every worker
         self.members: list[RoomMember] = []
@@ -257,6 +269,7 @@ class RoomLoad(Driver):
                 m.sender.send(b"#where\n")
         wait_until(lambda: self.errors or all(m.where for m in self.members), timeout,
                    what="every member's answer to #where")
+        assert not self.errors, self.errors
         found: dict[int, set[int]] = {}
         for m in self.members:
             found.setdefault(m.room, set()).add(m.where)

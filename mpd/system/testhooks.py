@@ -8,6 +8,13 @@ MPD_TEST_HANG_FILE   when this file appears, the next worker to notice it delete
 MPD_TEST_HOLD_FILE   while this file exists, a new worker waits before it starts (up to
                      HOLD_MAX seconds), as a slow one would: an upgrade's roll stays on
                      its slot meanwhile.
+MPD_TEST_MOVE_HOLD_FILE  while this file exists, a worker that reaches the step of a key
+                     group's move that the file names stops there (up to HOLD_MAX
+                     seconds), as a worker that stalls or dies at that step would:
+                     "export" (the old owner: the group frozen and exported, nothing sent
+                     yet) or "restore" (the new owner: every chunk in, nothing restored
+                     nor acknowledged). It first writes "STEP PID" to FILE.held, so that
+                     a test knows who holds (its log lines wait while it holds).
 MPD_TEST_FAULT       comma-separated places where a bug is simulated (an exception
                      raised): master.stats (each STATS the master handles),
                      master.reload (each reload, by SIGHUP or mpdctl)."""
@@ -20,6 +27,7 @@ import time
 CRASH_FILE = os.environ.get("MPD_TEST_CRASH_FILE")
 HANG_FILE = os.environ.get("MPD_TEST_HANG_FILE")
 HOLD_FILE = os.environ.get("MPD_TEST_HOLD_FILE")
+MOVE_HOLD_FILE = os.environ.get("MPD_TEST_MOVE_HOLD_FILE")
 HOLD_MAX = 60.0  # seconds: a test that forgets the file does not leave a worker for good
 FAULTS = frozenset(filter(None, os.environ.get("MPD_TEST_FAULT", "").split(",")))
 
@@ -56,4 +64,21 @@ def hold() -> None:
     """Wait while MPD_TEST_HOLD_FILE exists (bounded): a worker that is slow to start."""
     deadline = time.monotonic() + HOLD_MAX
     while HOLD_FILE and os.path.exists(HOLD_FILE) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def move_hold(step: str) -> None:
+    """MPD_TEST_MOVE_HOLD_FILE: stop at this step of a move while the file names it."""
+    if not MOVE_HOLD_FILE:
+        return
+    try:
+        with open(MOVE_HOLD_FILE) as f:
+            if f.read().strip() != step:
+                return
+    except FileNotFoundError:
+        return
+    with open(MOVE_HOLD_FILE + ".held", "w") as f:
+        f.write(f"{step} {os.getpid()}\n")
+    deadline = time.monotonic() + HOLD_MAX
+    while os.path.exists(MOVE_HOLD_FILE) and time.monotonic() < deadline:
         time.sleep(0.01)

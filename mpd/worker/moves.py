@@ -31,6 +31,7 @@ from mpd.apps import state as statecodec
 from mpd.apps.interface import Application, Group
 from mpd.config.schema import Config
 from mpd.logs import log as logmod
+from mpd.system import testhooks as hooks
 from mpd.wire.channel import ChannelClosed, close_fds
 from mpd.wire.messages import (
     MoveAbort,
@@ -125,6 +126,7 @@ class Moves:
             self.refuse(order.move, f"the state of key {show(key)!r} is {state_bytes} bytes, "
                         f"over workers.max_group_state ({self.config.max_group_state})")
             return
+        hooks.move_hold("export")  # MPD_TEST_MOVE_HOLD_FILE (tests only)
         data = transfer.pack()
         if not self.send(order.move, data, members):
             self.thaw(group, members)
@@ -232,6 +234,7 @@ class Moves:
         arriving.data += message.payload
         if message.last:
             del self.incoming[message.move]
+            hooks.move_hold("restore")  # MPD_TEST_MOVE_HOLD_FILE (tests only)
             self.restore(message.move, arriving)
 
     def restore(self, move: int, arriving: Incoming) -> None:
