@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from conftest import ROOT, wait_until
 from moveload import RelayLoad, RoomLoad, ok, placements, settled, status
+from prometheus_client.parser import text_string_to_metric_families
 
 TESTS = Path(__file__).resolve().parent
 APPKIT = {"PYTHONPATH": str(TESTS)}
@@ -66,11 +67,15 @@ def test_rooms_move_whole_through_scale_upgrade_move_and_drain(mpd_factory, inst
     try:
         check_rooms(server, load, 10)
         for step in (["scale", "1"], ["scale", "6"], ["scale", "2"], ["upgrade"]):
+            done = status(server)["master"]["groups"]["done"]
             ok(server, *step)
             load.wait_lines(10)
             where = check_rooms(server, load, 10)
             slots = {w["slot"] for w in where.values()}
             assert slots <= set(range(int(step[1]) if step[0] == "scale" else 2)), slots
+            # Every room moved in the upgrade's roll; the counts went on across its exec.
+            assert status(server)["master"]["groups"]["done"] >= done + (
+                30 if step == ["upgrade"] else 1)
         # An operator moves a hot room to the other slot, then drains that slot.
         name = load.names[0]
         to = 1 - where[name]["slot"]
@@ -92,9 +97,19 @@ def test_rooms_move_whole_through_scale_upgrade_move_and_drain(mpd_factory, inst
     finally:
         load.close()
     moved = server.events("group.moved")
-    assert moved and all(e["members"] == 10 and e["bytes"] > 0 for e in moved)
-    snap = status(server)
-    assert snap["master"]["groups"]["failed"] == 0
+    assert moved and all(e["members"] == 10 and e["bytes"] > 0 and e["pause_ms"] >= 0
+                         for e in moved)
+    groups = status(server)["master"]["groups"]
+    assert groups["failed"] == 0 and groups["done"] == len(moved)
+    metrics = {(s.name, tuple(s.labels.items())): s.value
+               for f in text_string_to_metric_families(ok(server, "metrics"))
+               for s in f.samples}
+    assert metrics[("mpd_group_moves_total", (("result", "done"),))] == len(moved)
+    assert metrics[("mpd_group_moves_total", (("result", "failed"),))] == 0
+    assert metrics[("mpd_group_move_pause_seconds_count", ())] == len(moved)
+    assert metrics[("mpd_group_move_pause_seconds_sum", ())] == pytest.approx(
+        sum(e["pause_ms"] for e in moved) / 1000, abs=len(moved) * 1e-5)
+    assert metrics[("mpd_groups_moved_in_total", ())] == len(moved)
     assert not server.events("client.error") and not server.events("app.error")
 
 

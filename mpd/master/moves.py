@@ -28,7 +28,7 @@ from mpd.logs import log as logmod
 from mpd.master.directory import Directory, Placement
 from mpd.master.slots import Slots, WorkerProc
 from mpd.wire.channel import close_fds
-from mpd.wire.latency import Histogram
+from mpd.wire.latency import BOUNDS_US, Histogram
 from mpd.wire.messages import (
     GroupInfo,
     GroupQuery,
@@ -81,6 +81,7 @@ class Moves:
         self.ended_since = False  # a move ended since the broker last asked
         self.queries: dict[int, Key] = {}  # GROUP_QUERY sent, by id (mpdctl where)
         self.infos: dict[Key, tuple[float, int, GroupInfo]] = {}  # answers: when, pid, info
+        self.paused = False  # an upgrade is about to exec: no move starts (upgrade.py)
 
     def moving(self, key: Key) -> bool:
         return key in self.by_key
@@ -111,7 +112,7 @@ class Moves:
 
     def start_more(self) -> None:
         assert self.directory is not None or not self.queue
-        while self.queue and len(self.under_way) < WINDOW:
+        while self.queue and len(self.under_way) < WINDOW and not self.paused:
             key = self.queue.popleft()
             placement = self.directory.get(key)  # type: ignore[union-attr]
             if placement is None or key in self.by_key or key in self.skip:
@@ -221,10 +222,34 @@ class Moves:
         pass
 
     def status(self) -> dict[str, Any]:
+        """For `status` and the metrics: the moves' counts, and the pause that members saw
+        (freeze to restore, by MOVED) as a histogram (latency.BOUNDS_US)."""
+        pauses = self.pauses
         return {"placed": len(self.directory) if self.directory is not None else None,
                 "under_way": len(self.under_way), "queued": len(self.queue),
                 "done": self.done, "failed": self.failed,
-                "drained": sorted(self.slots.drained)}
+                "drained": sorted(self.slots.drained),
+                "pause": {"bounds_us": list(BOUNDS_US), "buckets": list(pauses.buckets),
+                          "sum_us": pauses.sum_us, "max_us": pauses.peak_us}}
+
+    # --- across an upgrade's exec (state.py): the counts go on -------------------------
+
+    def dump(self) -> dict[str, Any]:
+        return {"last_id": self.last_id, "done": self.done, "failed": self.failed,
+                "buckets": list(self.pauses.buckets), "sum_us": self.pauses.sum_us,
+                "max_us": self.pauses.peak_us}
+
+    def restore(self, data: Any) -> None:
+        """What an old master counted (none from a release before moves had counts)."""
+        if not isinstance(data, dict):
+            return
+        self.last_id = int(data.get("last_id", 0))
+        self.done, self.failed = int(data.get("done", 0)), int(data.get("failed", 0))
+        buckets = data.get("buckets")
+        if isinstance(buckets, list) and len(buckets) == len(self.pauses.buckets):
+            self.pauses.buckets = [int(b) for b in buckets]
+            self.pauses.sum_us = int(data.get("sum_us", 0))
+            self.pauses.peak_us = int(data.get("max_us", 0))
 
     def reactions(self) -> dict[int, Callable[[WorkerProc, Any], None]]:
         """The channel messages this part takes."""

@@ -13,8 +13,9 @@ A field added later is optional, and STATE_VERSION stays: state written by a rel
 before it lacks it, and is adopted all the same. Without the channel versions the
 workers speak version 1; without the agent and metrics sockets the new master opens them
 itself (cli.resume); without the tally the totals of reaped workers (tally.py) start from
-zero; without the control socket's inode the control server asks the socket at the path
-who listens there (socketfile.py)."""
+zero, and without the moves' counts (moves.py) so do the moves and their pauses; without
+the control socket's inode the control server asks the socket at the path who listens
+there (socketfile.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from mpd import __version__
 from mpd.config.schema import Config
 from mpd.master.broker import Broker, HeldClient
 from mpd.master.directory import Directory
+from mpd.master.moves import Moves
 from mpd.master.slots import SlotHistory, Slots, WorkerProc
 from mpd.master.stopping import Shutdown
 from mpd.master.tally import Tally
@@ -58,6 +60,7 @@ class Master(Protocol):
     shutdown: Shutdown
     tally: Tally
     directory: Directory | None
+    moves: Moves
 
 
 def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
@@ -92,6 +95,7 @@ def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
         "table": master.slots.target, "epoch": master.slots.epoch,
         "drained": sorted(master.slots.drained), "workers": workers, "held": held,
         "directory": master.directory.dump() if master.directory is not None else [],
+        "moves": master.moves.dump(),
         "retired_restarts": master.slots.retired_restarts,
         "history": {str(slot): dataclasses.asdict(h) for slot, h in master.slots.history.items()},
         "pidfile": master.pidfile, "listener_shared": master.shutdown.listener_shared,
@@ -180,6 +184,7 @@ def restore(master: Master, state: dict[str, Any]) -> None:
     if master.directory is not None:
         master.directory.restore(state.get("directory"),
                                  {w.pid: w for w in master.slots.workers.values()})
+    master.moves.restore(state.get("moves"))
 
 
 def held_client(item: dict[str, Any]) -> Client:

@@ -196,6 +196,7 @@ class Upgrade:
         self.upgrades = upgrades
         self.preflight = Preflight(master.config.path)
         self.eof = False
+        self.report: dict[str, Any] | None = None  # the pre-flight's, once it passed
         master.selector.register(self.preflight.fileno(), selectors.EVENT_READ, self.on_output)
         log.info("upgrade.started", generation=master.generation + 1,
                  preflight_pid=self.preflight.pid)
@@ -214,11 +215,13 @@ class Upgrade:
         self.decide()
         return True
 
-    def deadline(self) -> float:
-        return self.preflight.deadline
+    def deadline(self) -> float | None:
+        return self.preflight.deadline if self.report is None else None
 
     def tick(self, now: float) -> None:
-        if now >= self.preflight.deadline and self.preflight.status is None:
+        if self.report is not None:
+            self.execute()  # once the moves under way have ended
+        elif now >= self.preflight.deadline and self.preflight.status is None:
             self.preflight.kill()  # reaped like any child; then decide() fails it
 
     def cancel(self) -> None:
@@ -228,9 +231,11 @@ class Upgrade:
             self.master.selector.unregister(self.preflight.fileno())
             self.eof = True
         self.preflight.close()
+        self.master.moves.paused = False
 
     def decide(self) -> None:
-        if not self.eof or self.preflight.status is None or self.upgrades.job is not self:
+        if not self.eof or self.preflight.status is None or self.upgrades.job is not self \
+                or self.report is not None:
             return
         self.preflight.close()
         verdict = self.preflight.verdict(
@@ -240,13 +245,27 @@ class Upgrade:
         if isinstance(verdict, str):
             self.upgrades.ended(verdict)
             return
+        self.report = verdict
+        self.execute()
+
+    def execute(self) -> None:
+        """The exec, once no group is on its way between workers: the new master would
+        know nothing of a move under way, and its group would stay frozen. No move starts
+        meanwhile; those under way end within MOVE_TIMEOUT."""
+        moves = self.master.moves
         if self.master.state != "running":
+            moves.paused = False
             self.upgrades.ended(f"mpd is {self.master.state}")
             return
+        moves.paused = True
+        if moves.under_way:
+            return  # tick() comes back
         self.master.notifier.reloading()
         state, fds = statemod.capture(self.master)
         error = exec_master(self.master.config.path, self.master.signal_table(), state, fds)
         self.master.notifier.ready(self.master.status_line())
+        moves.paused = False
+        moves.plan()
         self.upgrades.ended(error)
 
     def on_ready(self, _worker: WorkerProc) -> None:

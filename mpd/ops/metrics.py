@@ -44,6 +44,7 @@ class Snapshot:
         yield from daemon_families(self.snapshot)
         yield from slot_families(self.snapshot)
         yield latency_family(self.snapshot["latency"])
+        yield from moves_families(self.snapshot["master"].get("groups"))
 
 
 def daemon_families(snap: dict[str, Any]) -> Iterator[Any]:
@@ -156,3 +157,27 @@ def latency_family(lat: dict[str, Any]) -> Any:
                                  "sent by one worker to ADOPT taken by another.",
                                  buckets=buckets, sum_value=lat["sum_us"] / 1e6)
 
+
+
+def moves_families(groups: dict[str, Any] | None) -> Iterator[Any]:
+    """The master's count of key groups' moves (done: the new owner took the group;
+    failed: refused or called off, the group served on where it was) and the pause their
+    members saw, from the group's freeze on the old owner to its restore on the new one."""
+    from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
+
+    if not groups or "pause" not in groups:
+        return
+    moves = CounterMetricFamily("mpd_group_moves", "Moves of a key group with its members "
+                                "and state to another worker, by how they ended.",
+                                labels=["result"])
+    moves.add_metric(["done"], groups["done"])
+    moves.add_metric(["failed"], groups["failed"])
+    yield moves
+    pause, buckets, cumulative = groups["pause"], [], 0
+    for bound, count in zip([*pause["bounds_us"], None], pause["buckets"]):
+        cumulative += count
+        buckets.append(("+Inf" if bound is None else floatToGoString(bound / 1e6), cumulative))
+    yield HistogramMetricFamily("mpd_group_move_pause_seconds", "The pause a moved group's "
+                                "members saw: frozen on the old owner until restored on the "
+                                "new one.", buckets=buckets, sum_value=pause["sum_us"] / 1e6)
