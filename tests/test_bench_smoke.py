@@ -142,3 +142,21 @@ def test_the_colocation_benchmark_runs_the_redis_design_and_finds_nothing_wrong(
     assert saved["failed"] == {}
     for target in ("redis:1", "redis:2"):
         assert_ran_clean(saved, target)
+
+
+def test_the_move_pause_benchmark_runs_and_prints_its_figures(tmp_path):
+    """A room moved between two workers with its members probing it, against the hand-off
+    of the same connections; a scale that moves rooms. (No timing asserted.)"""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench" / "move_pause.py"), "--quick",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| 10 | 1024 B |" in result.stdout, result.stdout
+    assert "| `mpdctl scale 4` |" in result.stdout and "| `mpdctl scale 2` |" in result.stdout
+    (saved,) = tmp_path.glob("move_pause-*.json")
+    figures = json.loads(saved.read_text())
+    (case,) = figures["cases"]
+    assert case["pause"]["n"] == 2 and case["wait"]["n"] == 2 * 10
+    assert case["handoff"]["count"] > 0
+    scale = figures["scale"]
+    assert scale["scale_4"]["moved"] > 0 and scale["scale_2"]["moved"] > 0
