@@ -45,7 +45,7 @@ from mpd.wire.messages import (
 from mpd.wire.routing import key_hash, show
 from mpd.wire.transfer import Member, Transfer, chunks
 from mpd.worker.clients import Clients
-from mpd.worker.connection import CLOSED_PHASE, Connection
+from mpd.worker.connection import CLOSED_PHASE, FROZEN, Connection
 
 NONBLOCK = int(socket.SOCK_NONBLOCK)
 INF = float("inf")
@@ -284,8 +284,10 @@ class Moves:
         except OSError:
             close_fds([fd])
             return None
-        conn = self.clients.adopted(sock)
-        self.clients.freeze(conn)  # not read until the master knows it is here
+        # Frozen from the start: out of the table and epoll (thaw() puts it in, one
+        # register and one modify) until the master knows it is here.
+        conn = Connection(sock, self.clients, self.clients.now)
+        conn.seen, conn.phase = self.clients.now, FROZEN
         conn.key, conn.key_hash, conn.peer = group.key, key_hash(group.key), m.peer
         conn.inq, conn.held = m.unread, bool(m.unread)
         conn.eof, conn.paused, conn.closing = m.eof, m.paused, m.closing
