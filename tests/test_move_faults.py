@@ -260,3 +260,29 @@ def test_an_upgrade_whose_application_cannot_read_the_state_is_refused_before_an
     assert chat.ask(1, b"#count") == b"count 2"
     ok(server, "status")
     chat.close()
+
+
+def test_an_upgrade_execs_only_once_no_move_is_under_way(mpd_factory, installed, tmp_path):
+    """The new master would know nothing of a move under way (its group would stay frozen
+    on the old owner): the exec waits for it, and no move starts meanwhile."""
+    env, hold = hold_env(tmp_path)
+    server = mpd_factory({"server": COUNTING, "workers": {"workers": 2}}, env=env,
+                         cwd=installed)
+    chat = Chat(server.port, b"room-0", 3)
+    before = placements(server, [b"room-0"])[b"room-0"]
+    hold.write_text("restore")
+    mover = start_mpdctl(server, "move", "room-0", str(1 - before["slot"]))
+    held_by(hold)  # the new owner has the transfer, and holds
+    upgrade = start_mpdctl(server, "upgrade")
+    waiting = server.wait_event("upgrade.waiting", timeout=30)
+    assert waiting["moves"] == 1 and not server.events("upgrade.exec")
+    hold.unlink()
+    assert mover.wait(60) == 0, mover.stderr.read()  # type: ignore[union-attr]
+    assert upgrade.wait(90) == 0, upgrade.stderr.read()  # type: ignore[union-attr]
+    names = [e["event"] for e in server.events()]
+    assert names.index("upgrade.exec") > names.index("group.moved")
+    chat.say(1, b"after the upgrade")  # whole, on new code
+    assert chat.ask(0, b"#count") == b"count 1"
+    where = placements(server, [b"room-0"])[b"room-0"]
+    assert where["members"] == 3 and where["slot"] == 1 - before["slot"]
+    chat.close()

@@ -57,6 +57,9 @@ EVENTS: dict[str, tuple[str, str, str]] = {
                         "the code on disk runs: generation, preflight_pid"),
     "upgrade.exec": ("info", "master", "the check passed; the master executes the new code "
                      "in place (same pid): generation, inherited (fds)"),
+    "upgrade.waiting": ("info", "master", "the check passed; the exec waits for the key "
+                        "groups' moves under way to end (none starts meanwhile): generation, "
+                        "moves"),
     "upgrade.adopted": ("info", "master", "the new code runs as the master and took over the "
                         "old one's workers: generation, version, from_version, workers, held"),
     "upgrade.slot_replaced": ("info", "master", "a new-code worker took a slot and the old one "

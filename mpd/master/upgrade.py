@@ -257,9 +257,13 @@ class Upgrade:
             moves.paused = False
             self.upgrades.ended(f"mpd is {self.master.state}")
             return
-        moves.paused = True
         if moves.under_way:
+            if not moves.paused:
+                log.info("upgrade.waiting", generation=self.master.generation + 1,
+                         moves=len(moves.under_way))
+            moves.paused = True
             return  # tick() comes back
+        moves.paused = True
         self.master.notifier.reloading()
         state, fds = statemod.capture(self.master)
         error = exec_master(self.master.config.path, self.master.signal_table(), state, fds)
