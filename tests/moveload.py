@@ -51,8 +51,17 @@ def ok(server: Any, *args: str, timeout: float = 60) -> str:
     return result.stdout
 
 
+def control(server: Any, command: str, **fields: Any) -> dict[str, Any]:
+    """One request on the control socket, as mpdctl sends it (no process started)."""
+    client = ctl.Client(str(server.tmp / "mpd.sock"), 30)
+    try:
+        return client.request(command, **fields)
+    finally:
+        client.sock.close()
+
+
 def status(server: Any) -> dict[str, Any]:
-    return json.loads(ok(server, "--json", "status"))
+    return control(server, "status")
 
 
 def where(server: Any, key: str) -> dict[str, Any]:
