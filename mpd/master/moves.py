@@ -169,11 +169,16 @@ class Moves:
         self.call_off(move, failed.reason)
 
     def call_off(self, move: Move, reason: str) -> None:
-        """The move is over, unmade: both ends are told (the old owner serves on)."""
+        """The move is over, unmade: both ends are told (the old owner serves on; if it
+        died meanwhile, the group is gone with both: its placement is forgotten)."""
         self.end(move)
         self.failed += 1
         self.skip.add(move.key)
         self.failures[move.key] = reason
+        placement = self.directory.get(move.key) if self.directory is not None else None
+        if placement is not None and placement.worker is move.source and \
+                self.slots.workers.get(move.source.pid) is not move.source:
+            self.directory.forget(move.key)  # type: ignore[union-attr]
         log.warning("group.move_failed", key=show(move.key), move=move.id,
                     from_slot=move.source.slot, to_slot=move.target.slot, error=reason)
         for worker in (move.source, move.target):
