@@ -169,11 +169,12 @@ def serve(config: configmod.Config, detach: bool) -> int:
     if opened.control is None:
         return serve_single_process(config, app, opened.listener)
     from mpd.master.master import Master
+    from mpd.worker.worker import run_worker
 
     proctitle.master(config)
     master = Master(config, app, opened.listener, opened.control, opened.agent,
                     listener_shared=opened.activated, metrics_sock=opened.metrics,
-                    control_file=opened.control_file)
+                    control_file=opened.control_file, worker_main=run_worker)
     master.pidfile = pidfile.path if pidfile is not None else None
     return master.run()
 
@@ -202,6 +203,7 @@ def resume(state_fd: int) -> int:
     from mpd.master.master import Master
     from mpd.master.upgrade import read_state
     from mpd.system.daemonize import PidFile
+    from mpd.worker.worker import run_worker
 
     state = read_state(state_fd)
     config = statemod.config_of(state)
@@ -215,8 +217,8 @@ def resume(state_fd: int) -> int:
     code = Master(config, app, listener, control, resumed_agent(config, state),
                   listener_shared=state.get("listener_shared", True),
                   metrics_sock=resumed_metrics(config, state),
-                  control_file=statemod.control_file_of(state, config, control)
-                  ).run(adopt=state)
+                  control_file=statemod.control_file_of(state, config, control),
+                  worker_main=run_worker).run(adopt=state)
     if state.get("pidfile"):  # --daemon's: the old image's context cannot remove it now
         PidFile(state["pidfile"]).__exit__(None, None, None)
     return code

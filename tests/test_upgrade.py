@@ -216,13 +216,15 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     from mpd.ops.socketfile import SocketFile
     from mpd.wire import messages as msg
     from mpd.wire.channel import Channel
+    from mpd.worker.worker import run_worker
 
     config = configmod.parse("[workers]\nworkers = 2\n", str(tmp_path / "mpd.toml"))
     app = configmod.application(config)
     listener = socket.create_server(("127.0.0.1", 0))
     control_file = SocketFile(str(tmp_path / "mpd.sock"), 0o660, "")
     control_sock = control_file.bind()
-    old = Master(config, app, listener, control_sock, control_file=control_file)
+    old = Master(config, app, listener, control_sock, control_file=control_file,
+                 worker_main=run_worker)
     selector = selectors_mod.DefaultSelector()
     old.control = ControlServer(control_sock, control_file, selector, lambda r: r,
                                 lambda u, g: None)
@@ -248,7 +250,7 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     for sock in (listener, control_sock, ours, agent_sock):
         sock.detach()
     new = Master(statemod.config_of(state), app, *statemod.sockets_of(state),
-                 statemod.agent_socket_of(state))
+                 statemod.agent_socket_of(state), worker_main=run_worker)
     statemod.restore(new, state)
     assert new.generation == 2 and new.started == old.started
     adopted = new.slots.serving[1]

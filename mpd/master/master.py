@@ -32,7 +32,7 @@ from mpd.master.channels import Channels
 from mpd.master.directory import Directory
 from mpd.master.services import HeldClients, Service
 from mpd.master.slots import Slots, WorkerProc
-from mpd.master.spawn import fork_worker
+from mpd.master.spawn import WorkerMain, fork_worker
 from mpd.master.stopping import Shutdown
 from mpd.master.upgrade import Upgrades
 from mpd.ops import access, commands, metrics
@@ -60,13 +60,15 @@ class Master:
                  control_sock: socket.socket | None = None,
                  agent_sock: socket.socket | None = None, listener_shared: bool = False,
                  metrics_sock: socket.socket | None = None,
-                 control_file: SocketFile | None = None):
+                 control_file: SocketFile | None = None, *, worker_main: WorkerMain):
         """Only state: signal handlers, selector, notifier and the services come in run().
         `listener_shared`: another process (systemd, for socket activation) holds the
         listening socket too, and it must go on listening after we stop. `control_file`:
-        the control socket's file as bound (its inode), else it is taken from the socket."""
+        the control socket's file as bound (its inode), else it is taken from the socket.
+        `worker_main`: what a forked worker runs (the worker package's run_worker)."""
         self.config = config
         self.app = app  # forked workers inherit it, loaded
+        self.worker_main = worker_main
         self.listener = listener
         # The operator ports' listening sockets (control; agent.listen and metrics.listen
         # when set), until run() makes their servers.
@@ -282,7 +284,8 @@ class Master:
         """A new worker for `slot`: it takes the slot now, or (an upgrade's) once ready."""
         try:
             pid, channel = fork_worker(slot, self.config, self.app, self.listener,
-                                       self.slots.routes, self.closed_in_child())
+                                       self.slots.routes, self.closed_in_child(),
+                                       self.worker_main)
         except OSError as e:  # out of processes, memory or fds: try again later
             log.error("worker.spawn_failed", worker_slot=slot, error=e.strerror)
             if serving:
