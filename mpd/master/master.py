@@ -39,9 +39,9 @@ from mpd.ops import access, commands, metrics
 from mpd.ops.agent import AgentServer, agent_line
 from mpd.ops.control import ControlServer
 from mpd.ops.httpmetrics import MetricsServer
-from mpd.ops.observers import StatsLine
 from mpd.ops.server import Server
 from mpd.ops.socketfile import SocketFile
+from mpd.ops.statsline import StatsLine
 from mpd.system import testhooks as hooks
 from mpd.system.signals import SignalQueue, signal_name
 from mpd.system.systemd import Notifier
