@@ -10,6 +10,7 @@ import socket
 import sys
 
 from mpd import __version__
+from mpd.apps import loader
 from mpd.apps.interface import Application
 from mpd.config import schema as configmod
 from mpd.logs import log as logmod
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(path, args)
         if args.check_config or args.preflight:
             logmod.check_from(config)
-            app = configmod.application(config)
+            app = loader.from_config(config)
         if args.check_config:
             print(f"mpd: config {path or '(embedded defaults)'} is valid")
             for note in notes(config):
@@ -162,7 +163,7 @@ def serve(config: configmod.Config, detach: bool) -> int:
         files = opened.files_to_give(config, pidfile.path if pidfile else "")
         privileges.drop(who, files)
     try:  # after the drop: the application's code never runs as root unless it must
-        app = configmod.application(config)
+        app = loader.from_config(config)
     except configmod.ConfigError as e:
         opened.close()
         raise StartError("config.invalid", f"invalid config: {e}", configmod.EX_CONFIG) from None
@@ -211,7 +212,7 @@ def resume(state_fd: int) -> int:
     logmod.configure_from(config)
     listener, control = statemod.sockets_of(state)
     proctitle.master(config)
-    app = configmod.application(config)  # it loaded in the pre-flight
+    app = loader.from_config(config)  # it loaded in the pre-flight
     # A state from a master that did not record it: assume systemd may hold the socket, and
     # never shut its listening down at a stop (only close ours).
     code = Master(config, app, listener, control, resumed_agent(config, state),

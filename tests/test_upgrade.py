@@ -206,6 +206,7 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     (the memfd), restore() into another; every fd is the same open socket after."""
     import selectors as selectors_mod
 
+    from mpd.apps import loader
     from mpd.config import schema as configmod
     from mpd.master import state as statemod
     from mpd.master.broker import HeldClient
@@ -219,7 +220,7 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     from mpd.worker.worker import run_worker
 
     config = configmod.parse("[workers]\nworkers = 2\n", str(tmp_path / "mpd.toml"))
-    app = configmod.application(config)
+    app = loader.from_config(config)
     listener = socket.create_server(("127.0.0.1", 0))
     control_file = SocketFile(str(tmp_path / "mpd.sock"), 0o660, "")
     control_sock = control_file.bind()

@@ -5,7 +5,9 @@ names one for every key."""
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Callable
+from typing import Any, Callable, Union
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 def int_range(lo: int, hi: int) -> Callable[[Any], int]:
@@ -69,9 +71,19 @@ def listen_or_empty(v: Any) -> str:
     return v
 
 
-def networks(v: Any) -> tuple[str, ...]:
-    from mpd.worker.proxy import network
+def network(entry: str) -> Network:
+    """One `server.proxy_from` entry: an address ("127.0.0.1", "::1") or a network
+    ("10.0.0.0/8"); raises ValueError saying what is wrong."""
+    try:
+        return ipaddress.ip_network(entry, strict=True)
+    except ValueError as e:
+        if "has host bits set" in str(e):
+            loose = ipaddress.ip_network(entry, strict=False)
+            raise ValueError(f"{entry!r} has host bits set; the network is {loose}") from None
+        raise ValueError(f"{entry!r} is not an IP address or network") from None
 
+
+def networks(v: Any) -> tuple[str, ...]:
     expected = 'a list of IP addresses or networks such as ["127.0.0.0/8", "::1"]'
     if not isinstance(v, list) or not all(isinstance(e, str) for e in v):
         raise ValueError(expected)
@@ -163,7 +175,7 @@ def user(v: Any) -> str:
 
 def protocol(v: Any) -> str:
     """An application's name: built-in, an entry point's, or package.module:factory (the
-    config's check loads it: schema.application())."""
+    config's check loads it: apps/loader.py's from_config())."""
     if not isinstance(v, str) or not v.strip() or any(c.isspace() for c in v):
         raise ValueError('an application: "ping", "rooms", "relay", an entry point\'s name, '
                          'or "package.module:factory"')

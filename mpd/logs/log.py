@@ -24,7 +24,7 @@ import structlog
 
 from mpd.config.schema import ConfigError
 from mpd.config.tomllines import line_of
-from mpd.logs import jsonline
+from mpd.logs import journal, jsonline
 from mpd.logs import sinks as logsink
 from mpd.logs import text as logtext
 from mpd.logs.writers import (  # noqa: F401 - json_line and PRIORITIES: mpd.log's API too
@@ -37,7 +37,6 @@ from mpd.logs.writers import (  # noqa: F401 - json_line and PRIORITIES: mpd.log
     Writer,
     json_line,
 )
-from mpd.system import systemd
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
@@ -114,11 +113,11 @@ def prepare(level: str = "info", fmt: str = "auto", target: str = "stdout", path
     elif target == "syslog":
         writer = SyslogWriter(_shared_sink("syslog", lambda: logsink.DatagramSink(
             SYSLOG_SOCKET, _drops, connect_now=False)), console)
-    elif systemd.journal_stream_connected(1):
+    elif journal.stream_connected(1):
         stream = _shared_sink("stdout", lambda: logsink.open_fd(1, _drops))
         try:
             datagrams: logsink.Sink | None = _shared_sink("journal", lambda: logsink.DatagramSink(
-                systemd.JOURNAL_SOCKET, _drops))
+                journal.JOURNAL_SOCKET, _drops))
         except OSError:
             datagrams = None
         if datagrams is not None:

@@ -14,8 +14,7 @@ import re
 import time
 from typing import Any
 
-from mpd.logs import jsonline
-from mpd.system import systemd
+from mpd.logs import journal, jsonline
 
 IDENTITY = ("pid", "role", "slot")
 _plain = re.compile(r"[^\s\"'=\\]+").fullmatch  # a value that needs no quotes
@@ -98,7 +97,7 @@ def _journal_template(shape: tuple[str, ...], identity: dict[str, Any]) -> str:
     priority, event, *names = shape
     if len(_templates) >= MAX_TEMPLATES:
         _templates.clear()
-    name = systemd.journal_field_name
+    name = journal.field_name
     head = [f"PRIORITY={priority}", "SYSLOG_IDENTIFIER=mpd", f"MPD_EVENT={event}"]
     head += [f"{name('MPD_' + k)}={v if type(v) is str else jsonline.value(v)}"
              for k, v in identity.items() if v is not None]
@@ -121,7 +120,7 @@ def _journal_entry(priority: str, event: str, identity: dict[str, Any],
     if not set(identity).isdisjoint(fields):  # a field overrides the identity: one of each
         fields = {**identity, **fields}
         identity = {}
-    name = systemd.journal_field_name
+    name = journal.field_name
     out = [f"PRIORITY={priority}\nSYSLOG_IDENTIFIER=mpd\nMPD_EVENT={event}\n"]
     said: list[str] = []  # " key=value" for the sentence
     multiline: list[tuple[str, str]] = []  # fields that need the binary-safe form
@@ -152,7 +151,7 @@ def _journal_entry(priority: str, event: str, identity: dict[str, Any],
     else:
         out.append(f"MESSAGE={json_message}\n")
     data = "".join(out).encode("utf-8", "replace")
-    return data + systemd.journal_entry(multiline) if multiline else data
+    return data + journal.entry(multiline) if multiline else data
 
 
 SEVERITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2}

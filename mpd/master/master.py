@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from mpd import __version__
 from mpd.apps.interface import Application
-from mpd.config.reloading import reload_config
+from mpd.config import access
 from mpd.config.schema import Config, fd_soft_limit, live_settings
 from mpd.logs import log as logmod
 from mpd.master import moves as movesmod
@@ -35,13 +35,14 @@ from mpd.master.slots import Slots, WorkerProc
 from mpd.master.spawn import WorkerMain, fork_worker
 from mpd.master.stopping import Shutdown
 from mpd.master.upgrade import Upgrades
-from mpd.ops import access, commands, metrics
+from mpd.ops import commands, metrics
 from mpd.ops.agent import AgentServer, agent_line
 from mpd.ops.control import ControlServer
 from mpd.ops.httpmetrics import MetricsServer
 from mpd.ops.server import Server
 from mpd.ops.socketfile import SocketFile
 from mpd.ops.statsline import StatsLine
+from mpd.reloading import reload_config
 from mpd.system import testhooks as hooks
 from mpd.system.signals import SignalQueue, signal_name
 from mpd.system.systemd import Notifier
@@ -64,11 +65,10 @@ class Master:
         """Only state: signal handlers, selector, notifier and the services come in run().
         `listener_shared`: another process (systemd, for socket activation) holds the
         listening socket too, and it must go on listening after we stop. `control_file`:
-        the control socket's file as bound (its inode), else it is taken from the socket.
-        `worker_main`: what a forked worker runs (the worker package's run_worker)."""
+        the control socket's file as bound (its inode), else it is taken from the socket."""
         self.config = config
         self.app = app  # forked workers inherit it, loaded
-        self.worker_main = worker_main
+        self.worker_main = worker_main  # what a forked worker runs: worker.run_worker
         self.listener = listener
         # The operator ports' listening sockets (control; agent.listen and metrics.listen
         # when set), until run() makes their servers.

@@ -16,8 +16,8 @@ from typing import Any, Protocol, Union
 
 from mpd import __version__
 from mpd.config import schema as configmod
-from mpd.config.reloading import reload_config
 from mpd.logs import log as logmod
+from mpd.reloading import reload_config
 from mpd.system.signals import SignalQueue
 from mpd.system.systemd import Notifier
 from mpd.wire.channel import Channel, ChannelClosed
