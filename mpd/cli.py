@@ -18,7 +18,7 @@ from mpd.ops import manual
 from mpd.start import StartError, check_needs, open_all
 from mpd.system import privileges, proctitle
 
-LOG_DRAIN = 1.0  # seconds the master may wait at exit for its last log lines to go out
+LOG_WRITE_OUT = 1.0  # seconds the master may wait at exit for its last log lines to go out
 
 
 def default_config_path() -> str | None:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("mpd.crashed", error=repr(e))
         raise
     finally:
-        logmod.drain(LOG_DRAIN)  # the last lines, if the sink is slow; bounded
+        logmod.write_out(LOG_WRITE_OUT)  # the last lines, if the sink is slow; bounded
 
 
 def load_config(path: str | None, args: argparse.Namespace) -> configmod.Config:

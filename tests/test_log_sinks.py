@@ -116,7 +116,7 @@ def test_a_full_stream_sink_never_blocks_and_counts_what_it_drops(kind: str) -> 
     drops = logsink.Drops()
     sink = logsink.open_fd(write_fd, drops, limit=8192)
     reports = Reports(drops)
-    sink.on_drained = reports
+    sink.on_caught_up = reports
     try:
         fill(sink)
         # The inherited fd (the shell's, the parent's) was never made non-blocking.
@@ -180,7 +180,7 @@ def test_a_full_datagram_sink_never_blocks_and_counts_what_it_drops(tmp_path: Pa
     drops = logsink.Drops()
     sink = logsink.DatagramSink(path, drops, limit=8192)
     reports = Reports(drops)
-    sink.on_drained = reports
+    sink.on_caught_up = reports
     try:
         fill(sink)  # the reader's queue holds net.unix.max_dgram_qlen datagrams
         assert 0 < sink.queued <= 8192 and drops.total > 0

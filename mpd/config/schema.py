@@ -193,7 +193,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("log", "buffer", 1048576, checks.int_range(4096, 1 << 30), LIVE,
         "Bytes of log lines each process holds for a sink that does not keep up (a full\n"
         "pipe, a busy journald); past it lines are dropped, counted and reported\n"
-        "(log.dropped) once the sink drains."),
+        "(log.dropped) once the sink catches up."),
     Key("log", "stats_interval", 60.0, checks.float_range(0, 86400), MASTER,
         "Seconds between two mpd.stats lines from the master: the counts of the interval\n"
         "(requests, hand-offs, refusals, errors, restarts), clients, and hand-off latency\n"

@@ -5,7 +5,7 @@ journald entry with every field as MPD_* (mpd.logtext has the human forms).
 Nothing here blocks: each writer puts its bytes into a non-blocking sink with a bounded
 queue (mpd.logsink). The event loops wait on backlog_fd() and call flush(); lines are
 dropped only when a queue is full, counted (dropped_total()) and reported in a
-`log.dropped` line once the sink drains.
+`log.dropped` line once the sink catches up.
 
 The plain calls (no exception, no %-arguments) go straight to the writer: the hand-off
 path logs a line per client. structlog does the rest: exceptions, %-arguments, log(n)."""
@@ -93,7 +93,7 @@ def _shared_sink(name: str, opener: Callable[[], logsink.Sink]) -> logsink.Sink:
     sink = _shared.get(name)
     if sink is None:
         sink = _shared[name] = opener()
-        sink.on_drained = _report_drops
+        sink.on_caught_up = _report_drops
     return sink
 
 
@@ -108,7 +108,7 @@ def prepare(level: str = "info", fmt: str = "auto", target: str = "stdout", path
             sink = logsink.open_file(path, _drops)
         except OSError as e:
             raise _cannot_open(config_path, path, e) from None
-        sink.on_drained = _report_drops
+        sink.on_caught_up = _report_drops
         writer = StreamWriter(sink, console)
     elif target == "syslog":
         writer = SyslogWriter(_shared_sink("syslog", lambda: logsink.DatagramSink(
@@ -342,10 +342,10 @@ def flush() -> None:
             sink.flush()
 
 
-def drain(timeout: float) -> bool:
+def write_out(timeout: float) -> bool:
     """At exit: wait up to `timeout` seconds in all for queued lines to go out."""
     deadline = time.monotonic() + timeout
-    return all([sink.drain(deadline - time.monotonic()) for sink in _live if sink.queue])
+    return all([sink.write_out(deadline - time.monotonic()) for sink in _live if sink.queue])
 
 
 def dropped_total() -> int:
@@ -354,7 +354,7 @@ def dropped_total() -> int:
 
 
 def _report_drops() -> None:
-    """A sink drained after lines were dropped: say how many (once per drain)."""
+    """A sink caught up after lines were dropped: say how many (once each time)."""
     count = _drops.unreported
     if count:
         _drops.unreported = 0

@@ -90,7 +90,7 @@ class Master:
                              self.moves)
         # starting -> running -> (draining ->) stopping -> stopped: see stopping.py
         self.state = "starting"
-        self.shutdown = Shutdown(self, listener, listener_shared, drains=agent_sock is not None)
+        self.shutdown = Shutdown(self, listener, listener_shared, agent_sock is not None)
         self.started = time.monotonic()
         self.port: int = listener.getsockname()[1]
         self.spawn_pending = False  # more slots to fill than one turn spawned

@@ -160,7 +160,7 @@ def exec_master(config_path: str | None, signals: Iterable[signal.Signals],
         for fd in inherited:
             os.set_inheritable(fd, True)
         log.info("upgrade.exec", generation=state["generation"] + 1, inherited=len(inherited))
-        logmod.drain(1.0)  # queued lines would die with this image; bounded
+        logmod.write_out(1.0)  # queued lines would die with this image; bounded
         os.execv(sys.executable, argv)
     except OSError as e:
         for fd in fds:
