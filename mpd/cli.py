@@ -14,7 +14,7 @@ from mpd.apps import loader
 from mpd.apps.interface import Application
 from mpd.config import schema as configmod
 from mpd.logs import log as logmod
-from mpd.ops import manual
+from mpd.ops import helptext
 from mpd.start import StartError, check_needs, open_all
 from mpd.system import privileges, proctitle
 
@@ -29,7 +29,7 @@ def default_config_path() -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mpd", description="mpd: a multi-process TCP server daemon (master + epoll workers).",
-        epilog=manual.mpd_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=helptext.mpd_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="PATH",
                    help=f"config file (default: {configmod.DEFAULT_PATH} if it exists, "
                         "else the embedded defaults)")
@@ -200,17 +200,17 @@ def preflight(app: Application) -> int:
 
 def resume(state_fd: int) -> int:
     """After an upgrade's exec: take the old master's state and carry on as the master."""
-    from mpd.master import state as statemod
+    from mpd.master import upgradestate
     from mpd.master.master import Master
     from mpd.master.upgrade import read_state
     from mpd.system.daemonize import PidFile
     from mpd.worker.worker import run_worker
 
     state = read_state(state_fd)
-    config = statemod.config_of(state)
+    config = upgradestate.config_of(state)
     logmod.set_role("master")
     logmod.configure_from(config)
-    listener, control = statemod.sockets_of(state)
+    listener, control = upgradestate.sockets_of(state)
     proctitle.master(config)
     app = loader.from_config(config)  # it loaded in the pre-flight
     # A state from a master that did not record it: assume systemd may hold the socket, and
@@ -218,7 +218,7 @@ def resume(state_fd: int) -> int:
     code = Master(config, app, listener, control, resumed_agent(config, state),
                   listener_shared=state.get("listener_shared", True),
                   metrics_sock=resumed_metrics(config, state),
-                  control_file=statemod.control_file_of(state, config, control),
+                  control_file=upgradestate.control_file_of(state, config, control),
                   worker_main=run_worker).run(adopt=state)
     if state.get("pidfile"):  # --daemon's: the old image's context cannot remove it now
         PidFile(state["pidfile"]).__exit__(None, None, None)
@@ -229,11 +229,11 @@ def resumed_agent(config: configmod.Config, state: dict) -> socket.socket | None
     """The agent-check socket the old master had; from a release that did not serve the
     agent (agent.listen was set but unused), a new one. If it cannot be opened now, mpd
     serves on without it: it is already serving clients."""
-    from mpd.master import state as statemod
+    from mpd.master import upgradestate
     from mpd.ops.agent import AgentError
     from mpd.ops.agent import open_socket as open_agent
 
-    sock = statemod.agent_socket_of(state)
+    sock = upgradestate.agent_socket_of(state)
     if sock is None and config.agent_listen:
         try:
             sock = open_agent(*configmod.host_port(config.agent_listen))
@@ -245,11 +245,11 @@ def resumed_agent(config: configmod.Config, state: dict) -> socket.socket | None
 def resumed_metrics(config: configmod.Config, state: dict) -> socket.socket | None:
     """The metrics socket the old master had; from a release without it, a new one (or,
     if it cannot be opened now, none: mpd serves on)."""
-    from mpd.master import state as statemod
+    from mpd.master import upgradestate
     from mpd.ops.httpmetrics import MetricsError
     from mpd.ops.httpmetrics import open_socket as open_http
 
-    sock = statemod.inherited_socket(state, "metrics_fd")
+    sock = upgradestate.inherited_socket(state, "metrics_fd")
     if sock is None and config.metrics_listen:
         try:
             sock = open_http(*configmod.host_port(config.metrics_listen))

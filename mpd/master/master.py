@@ -325,7 +325,7 @@ class Master:
         worker.channel.close()
         if self.directory is not None:  # its groups died with it
             self.directory.worker_gone(worker, self.moves.worker_gone(worker))
-        self.tally.bury(worker, cpu_seconds)  # its last counts, kept for the totals
+        self.tally.keep_reaped(worker, cpu_seconds)  # its last counts, kept for the totals
         uptime = time.monotonic() - worker.started
         how: dict[str, Any] = {}
         if os.WIFSIGNALED(status):

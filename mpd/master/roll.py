@@ -25,7 +25,7 @@ READY_TIMEOUT = 10.0  # seconds a new-code worker may take to say HELLO
 log = logmod.get_logger()
 
 
-class Master(Protocol):
+class RollView(Protocol):
     """What the roll needs of the master."""
     slots: Slots
     generation: int
@@ -43,7 +43,7 @@ class Master(Protocol):
 
 
 class Roll:
-    def __init__(self, master: Master, ended: Callable[[str | None], None]):
+    def __init__(self, master: RollView, ended: Callable[[str | None], None]):
         self.master = master
         self.ended = ended  # told once: None when every slot is replaced, else why not
         self.started = time.monotonic()

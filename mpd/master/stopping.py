@@ -29,7 +29,7 @@ KILL_WAIT = 5.0  # seconds to reap SIGKILLed workers before exiting regardless
 log = logmod.get_logger()
 
 
-class Master(Protocol):
+class StopView(Protocol):
     """What the stop needs of the master."""
     config: Config
     state: str
@@ -44,7 +44,7 @@ class Master(Protocol):
 
 
 class Shutdown:
-    def __init__(self, master: Master, listener: socket.socket, listener_shared: bool,
+    def __init__(self, master: StopView, listener: socket.socket, listener_shared: bool,
                  warns_haproxy: bool):
         """`listener_shared`: systemd holds the listening socket too (socket activation),
         and it must go on listening after we stop. `warns_haproxy`: the agent is on, so a graceful
