@@ -1,6 +1,6 @@
-"""Writers: one log event to bytes for their sinks. The JSON line (mpd.jsonline), the
-console line, journald's entry and syslog's frame (mpd.logtext), each stamped with who
-logs it (IDENTITY, kept by mpd.log.set_role)."""
+"""Writers: one log event to bytes for their sinks. The JSON line (jsonline.py), the
+console line, journald's entry and syslog's frame (text.py), each stamped with who logs
+it (IDENTITY, kept by log.set_role)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,13 @@ from mpd.logs import text as logtext
 
 PRIORITIES = {"debug": "7", "info": "6", "warning": "4", "warn": "4", "error": "3",
               "critical": "2", "exception": "3"}
-STANDARD = frozenset(("ts", "level", "event", "pid", "role", "slot"))  # first in every line
 # Who is logging: pid, role, slot. One dict, updated in place by mpd.log.set_role().
 IDENTITY: dict[str, Any] = {"pid": os.getpid(), "role": "master", "slot": None}
 
 
 def json_line(level: str, event: str, fields: dict[str, Any]) -> str:
     """The line for one event: the standard fields, then the event's own in their order."""
-    if not STANDARD.isdisjoint(fields):  # a field overrides a standard one: one key each
-        head = {"ts": jsonline.timestamp(), "level": level, "event": event, **IDENTITY}
-        head.update(fields)
-        return jsonline.render(head)
-    return jsonline.line(level, event, fields)
+    return jsonline.line(level, event, IDENTITY, fields)
 
 
 class Writer:
