@@ -277,7 +277,7 @@ class _Facade:
 
     @staticmethod
     def _unset(*_args: Any, **_kwargs: Any) -> None:
-        raise RuntimeError("mpd.log.configure() was not called")
+        raise RuntimeError("mpd.logs.log.configure() was not called")
 
 
 _facade = _Facade()

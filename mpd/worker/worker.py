@@ -248,7 +248,7 @@ class Worker:
             self.report()
         if now >= self.next_round:
             self.next_round = now + ROUND
-            self.acceptor.upkeep(now, ROUND)
+            self.acceptor.each_round(now, ROUND)
             self.timeouts.sweep(now)
         if self.proxy is not None and now >= self.proxy.next_due():
             self.proxy.expire(now)
