@@ -8,6 +8,7 @@ import os
 import resource
 import socket
 import sys
+from typing import Callable
 
 from mpd import __version__
 from mpd.apps import loader
@@ -230,31 +231,34 @@ def resumed_agent(config: configmod.Config, state: dict) -> socket.socket | None
     agent (agent.listen was set but unused), a new one. If it cannot be opened now, mpd
     serves on without it: it is already serving clients."""
     from mpd.master import upgradestate
-    from mpd.ops.agent import AgentError
-    from mpd.ops.agent import open_socket as open_agent
+    from mpd.ops.agent import open_socket
 
-    sock = upgradestate.agent_socket_of(state)
-    if sock is None and config.agent_listen:
-        try:
-            sock = open_agent(*configmod.host_port(config.agent_listen))
-        except AgentError as e:
-            logmod.get_logger().error("agent.failed", error=str(e))
-    return sock
+    return reopened(upgradestate.agent_socket_of(state), config.agent_listen, open_socket,
+                    "agent.failed")
 
 
 def resumed_metrics(config: configmod.Config, state: dict) -> socket.socket | None:
     """The metrics socket the old master had; from a release without it, a new one (or,
     if it cannot be opened now, none: mpd serves on)."""
     from mpd.master import upgradestate
-    from mpd.ops.httpmetrics import MetricsError
-    from mpd.ops.httpmetrics import open_socket as open_http
+    from mpd.ops.httpmetrics import open_socket
 
-    sock = upgradestate.inherited_socket(state, "metrics_fd")
-    if sock is None and config.metrics_listen:
+    return reopened(upgradestate.inherited_socket(state, "metrics_fd"), config.metrics_listen,
+                    open_socket, "metrics.failed")
+
+
+def reopened(sock: socket.socket | None, listen: str,
+             open_socket: Callable[[str, int], socket.socket], failed: str
+             ) -> socket.socket | None:
+    """An operator port after an upgrade's exec: the inherited socket, else (`listen` set) a
+    new one; one that cannot be opened is logged as `failed`, and mpd serves on without."""
+    from mpd.ops.server import PortError
+
+    if sock is None and listen:
         try:
-            sock = open_http(*configmod.host_port(config.metrics_listen))
-        except MetricsError as e:
-            logmod.get_logger().error("metrics.failed", error=str(e))
+            sock = open_socket(*configmod.host_port(listen))
+        except PortError as e:
+            logmod.get_logger().error(failed, error=str(e))
     return sock
 
 

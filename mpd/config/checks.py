@@ -4,7 +4,9 @@ names one for every key."""
 
 from __future__ import annotations
 
+import grp
 import ipaddress
+import pwd
 from typing import Any, Callable, Union
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -148,28 +150,23 @@ def uids(v: Any) -> tuple[int, ...]:
 
 
 def group(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError('a group name, or "" for none')
-    if v:
-        import grp
-
-        try:
-            grp.getgrnam(v)
-        except KeyError:
-            raise ValueError(f'an existing group name (no group "{v}" on this system)') from None
-    return v
+    return existing_name(v, "group", grp.getgrnam)
 
 
 def user(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError('a user name, or "" for none')
-    if v:
-        import pwd
+    return existing_name(v, "user", pwd.getpwnam)
 
+
+def existing_name(v: Any, kind: str, lookup: Callable[[str], Any]) -> str:
+    """A user's or group's name that this system knows, or "" for none."""
+    if not isinstance(v, str):
+        raise ValueError(f'a {kind} name, or "" for none')
+    if v:
         try:
-            pwd.getpwnam(v)
+            lookup(v)
         except KeyError:
-            raise ValueError(f'an existing user name (no user "{v}" on this system)') from None
+            raise ValueError(f'an existing {kind} name (no {kind} "{v}" on this system)'
+                             ) from None
     return v
 
 

@@ -13,7 +13,7 @@ from mpd.logs import text as logtext
 
 PRIORITIES = {"debug": "7", "info": "6", "warning": "4", "warn": "4", "error": "3",
               "critical": "2", "exception": "3"}
-# Who is logging: pid, role, slot. One dict, updated in place by mpd.log.set_role().
+# Who is logging: pid, role, slot. One dict, updated in place by log.set_role().
 IDENTITY: dict[str, Any] = {"pid": os.getpid(), "role": "master", "slot": None}
 
 
@@ -36,13 +36,17 @@ class Writer:
     debug = info = warning = warn = error = critical = exception = log = msg
 
 
-class StreamWriter(Writer):
-    """stdout or a log file: JSON lines, or console lines for people."""
+class OneSinkWriter(Writer):
+    """A writer to one sink, of JSON lines or (console) of the forms people read."""
 
     def __init__(self, sink: logsink.Sink, console: bool):
         self.sink = sink
         self.console = console
         self.sinks = (sink,)
+
+
+class StreamWriter(OneSinkWriter):
+    """stdout or a log file: JSON lines, or console lines for people."""
 
     def emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if self.console:
@@ -75,14 +79,9 @@ class JournalWriter(Writer):
                                      if self.json_message else None)
 
 
-class SyslogWriter(Writer):
+class SyslogWriter(OneSinkWriter):
     """The local syslog daemon (for `--daemon` without systemd): RFC 3164 datagrams to
     /dev/log, facility daemon; the text is the JSON line (console: the short sentence)."""
-
-    def __init__(self, sink: logsink.Sink, console: bool):
-        self.sink = sink
-        self.console = console
-        self.sinks = (sink,)
 
     def emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if self.console:
