@@ -1,5 +1,5 @@
 """Log events as text for people: the console line, journald's MESSAGE and the syslog
-frame. The JSON line is mpd.jsonline's.
+frame. The JSON line is jsonline.py's, journald's protocol journal.py's.
 
     console   2026-11-27T08:39:55.123Z warning master[1234] worker.exited worker_slot=1
               worker_pid=1240 signal=SIGKILL   (one line)
@@ -66,8 +66,9 @@ def journal_entry(priority: str, event: str, identity: dict[str, Any], fields: d
                   json_message: str | None = None) -> bytes:
     """One event in journald's native format: MESSAGE (the sentence of message(), or
     `json_message`), PRIORITY, SYSLOG_IDENTIFIER=mpd and every field as MPD_<NAME> (None
-    left out; lists and the like as JSON). It runs once per hand-off under systemd: when
-    every value is an int or a plain word, from a %-template per shape of event."""
+    left out; lists and the like as JSON). A line can come at a client's rate under
+    systemd (a flood of bad clients' warnings): when every value is an int or a plain
+    word, it is made from a %-template per shape of event."""
     if json_message is None:
         values: list[Any] = []
         for obj in fields.values():
