@@ -8,16 +8,18 @@ import os
 import resource
 import socket
 import sys
+from typing import Callable
 
 from mpd import __version__
+from mpd.apps import loader
 from mpd.apps.interface import Application
 from mpd.config import schema as configmod
 from mpd.logs import log as logmod
-from mpd.ops import manual
+from mpd.ops import helptext
 from mpd.start import StartError, check_needs, open_all
 from mpd.system import privileges, proctitle
 
-LOG_DRAIN = 1.0  # seconds the master may wait at exit for its last log lines to go out
+LOG_WRITE_OUT = 1.0  # seconds the master may wait at exit for its last log lines to go out
 
 
 def default_config_path() -> str | None:
@@ -28,7 +30,7 @@ def default_config_path() -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mpd", description="mpd: a multi-process TCP server daemon (master + epoll workers).",
-        epilog=manual.mpd_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=helptext.mpd_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="PATH",
                    help=f"config file (default: {configmod.DEFAULT_PATH} if it exists, "
                         "else the embedded defaults)")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(path, args)
         if args.check_config or args.preflight:
             logmod.check_from(config)
-            app = configmod.application(config)
+            app = loader.from_config(config)
         if args.check_config:
             print(f"mpd: config {path or '(embedded defaults)'} is valid")
             for note in notes(config):
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("mpd.crashed", error=repr(e))
         raise
     finally:
-        logmod.drain(LOG_DRAIN)  # the last lines, if the sink is slow; bounded
+        logmod.write_out(LOG_WRITE_OUT)  # the last lines, if the sink is slow; bounded
 
 
 def load_config(path: str | None, args: argparse.Namespace) -> configmod.Config:
@@ -162,18 +164,19 @@ def serve(config: configmod.Config, detach: bool) -> int:
         files = opened.files_to_give(config, pidfile.path if pidfile else "")
         privileges.drop(who, files)
     try:  # after the drop: the application's code never runs as root unless it must
-        app = configmod.application(config)
+        app = loader.from_config(config)
     except configmod.ConfigError as e:
         opened.close()
         raise StartError("config.invalid", f"invalid config: {e}", configmod.EX_CONFIG) from None
     if opened.control is None:
         return serve_single_process(config, app, opened.listener)
     from mpd.master.master import Master
+    from mpd.worker.worker import run_worker
 
     proctitle.master(config)
     master = Master(config, app, opened.listener, opened.control, opened.agent,
                     listener_shared=opened.activated, metrics_sock=opened.metrics,
-                    control_file=opened.control_file)
+                    control_file=opened.control_file, worker_main=run_worker)
     master.pidfile = pidfile.path if pidfile is not None else None
     return master.run()
 
@@ -198,25 +201,26 @@ def preflight(app: Application) -> int:
 
 def resume(state_fd: int) -> int:
     """After an upgrade's exec: take the old master's state and carry on as the master."""
-    from mpd.master import state as statemod
+    from mpd.master import upgradestate
     from mpd.master.master import Master
     from mpd.master.upgrade import read_state
     from mpd.system.daemonize import PidFile
+    from mpd.worker.worker import run_worker
 
     state = read_state(state_fd)
-    config = statemod.config_of(state)
+    config = upgradestate.config_of(state)
     logmod.set_role("master")
     logmod.configure_from(config)
-    listener, control = statemod.sockets_of(state)
+    listener, control = upgradestate.sockets_of(state)
     proctitle.master(config)
-    app = configmod.application(config)  # it loaded in the pre-flight
+    app = loader.from_config(config)  # it loaded in the pre-flight
     # A state from a master that did not record it: assume systemd may hold the socket, and
     # never shut its listening down at a stop (only close ours).
     code = Master(config, app, listener, control, resumed_agent(config, state),
                   listener_shared=state.get("listener_shared", True),
                   metrics_sock=resumed_metrics(config, state),
-                  control_file=statemod.control_file_of(state, config, control)
-                  ).run(adopt=state)
+                  control_file=upgradestate.control_file_of(state, config, control),
+                  worker_main=run_worker).run(adopt=state)
     if state.get("pidfile"):  # --daemon's: the old image's context cannot remove it now
         PidFile(state["pidfile"]).__exit__(None, None, None)
     return code
@@ -226,32 +230,35 @@ def resumed_agent(config: configmod.Config, state: dict) -> socket.socket | None
     """The agent-check socket the old master had; from a release that did not serve the
     agent (agent.listen was set but unused), a new one. If it cannot be opened now, mpd
     serves on without it: it is already serving clients."""
-    from mpd.master import state as statemod
-    from mpd.ops.agent import AgentError
-    from mpd.ops.agent import open_socket as open_agent
+    from mpd.master import upgradestate
+    from mpd.ops.agent import open_socket
 
-    sock = statemod.agent_socket_of(state)
-    if sock is None and config.agent_listen:
-        try:
-            sock = open_agent(*configmod.host_port(config.agent_listen))
-        except AgentError as e:
-            logmod.get_logger().error("agent.failed", error=str(e))
-    return sock
+    return reopened(upgradestate.agent_socket_of(state), config.agent_listen, open_socket,
+                    "agent.failed")
 
 
 def resumed_metrics(config: configmod.Config, state: dict) -> socket.socket | None:
     """The metrics socket the old master had; from a release without it, a new one (or,
     if it cannot be opened now, none: mpd serves on)."""
-    from mpd.master import state as statemod
-    from mpd.ops.httpmetrics import MetricsError
-    from mpd.ops.httpmetrics import open_socket as open_http
+    from mpd.master import upgradestate
+    from mpd.ops.httpmetrics import open_socket
 
-    sock = statemod.inherited_socket(state, "metrics_fd")
-    if sock is None and config.metrics_listen:
+    return reopened(upgradestate.inherited_socket(state, "metrics_fd"), config.metrics_listen,
+                    open_socket, "metrics.failed")
+
+
+def reopened(sock: socket.socket | None, listen: str,
+             open_socket: Callable[[str, int], socket.socket], failed: str
+             ) -> socket.socket | None:
+    """An operator port after an upgrade's exec: the inherited socket, else (`listen` set) a
+    new one; one that cannot be opened is logged as `failed`, and mpd serves on without."""
+    from mpd.ops.server import PortError
+
+    if sock is None and listen:
         try:
-            sock = open_http(*configmod.host_port(config.metrics_listen))
-        except MetricsError as e:
-            logmod.get_logger().error("metrics.failed", error=str(e))
+            sock = open_socket(*configmod.host_port(listen))
+        except PortError as e:
+            logmod.get_logger().error(failed, error=str(e))
     return sock
 
 

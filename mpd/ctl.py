@@ -16,7 +16,7 @@ from typing import Any
 import shtab
 
 from mpd.config import schema as configmod
-from mpd.ops import locate, manual
+from mpd.ops import findsocket, helptext
 from mpd.ops.commands import COMMANDS, Command
 
 EXIT_OK = 0
@@ -49,14 +49,14 @@ class CtlError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mpdctl", description="Steer a running mpd over its "
-                                "control socket.", epilog=manual.mpdctl_epilog(EXIT_CODES),
+                                "control socket.", epilog=helptext.mpdctl_epilog(EXIT_CODES),
                                 formatter_class=argparse.RawTextHelpFormatter)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--config", metavar="PATH",
                        help=f"mpd's config, to find its socket (default: {configmod.DEFAULT_PATH}"
                             " if it exists)").complete = shtab.FILE
     where.add_argument("--socket", metavar="PATH", help="the control socket itself (default: "
-                       f"${locate.ENV}, else see below)").complete = shtab.FILE
+                       f"${findsocket.ENV}, else see below)").complete = shtab.FILE
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="how long to wait for an answer, or for scale to finish (default 10)")
     p.add_argument("--json", action="store_true", help="print the raw JSON reply")
@@ -101,7 +101,7 @@ class Client:
         """Nothing answers on the path. No mpd master alive: it is not running. One alive:
         its socket's file is gone or replaced, which mpd repairs by itself within seconds
         (and on SIGHUP): wait for that, up to the deadline."""
-        masters = locate.running_masters(self.path, config)
+        masters = findsocket.running_masters(self.path, config)
         if not masters:
             raise CtlError(EXIT_NOT_RUNNING, f"mpd is not running (nothing answers on "
                            f"{self.path})")
@@ -191,17 +191,17 @@ def describe(path: str) -> str:
 
 
 def socket_path(args: argparse.Namespace) -> str:
-    """The daemon's socket (locate.py says where mpdctl looks, and why there)."""
+    """The daemon's socket (findsocket.py says where mpdctl looks, and why there)."""
     try:
-        path, warning = locate.control_socket(args.socket, args.config)
-    except locate.NotFound as e:
-        gone = locate.listening_at(e.candidates)  # an mpd whose "auto" socket's file is gone
+        path, warning = findsocket.control_socket(args.socket, args.config)
+    except findsocket.NotFound as e:
+        gone = findsocket.listening_at(e.candidates)  # an mpd whose "auto" socket's file is gone
         if gone is None:
             raise CtlError(EXIT_NOT_RUNNING, str(e)) from None
         return gone
     except configmod.ConfigError as e:
         raise CtlError(EXIT_CONFIG, f"invalid config: {e}; and no mpd socket at "
-                       + " or ".join(locate.auto_candidates())) from None
+                       + " or ".join(findsocket.auto_candidates())) from None
     if warning is not None:
         print(f"mpdctl: warning: {warning}", file=sys.stderr)
     return path
@@ -210,7 +210,7 @@ def socket_path(args: argparse.Namespace) -> str:
 def config_path(args: argparse.Namespace) -> str | None:
     """mpd's config as mpdctl knows it: --config, else /etc/mpd.toml when it exists; none
     with --socket or $MPDCTL_SOCKET, which name the socket alone."""
-    if args.socket or os.environ.get(locate.ENV):
+    if args.socket or os.environ.get(findsocket.ENV):
         return None
     if args.config:
         return args.config

@@ -10,9 +10,9 @@ import socket
 import sys
 from dataclasses import dataclass
 
+from mpd.config import access
 from mpd.config import schema as configmod
 from mpd.logs import log as logmod
-from mpd.ops import access
 from mpd.ops.socketfile import ControlError, SocketFile
 from mpd.system import privileges, tcp
 

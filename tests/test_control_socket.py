@@ -124,13 +124,13 @@ def test_an_old_masters_state_without_the_inode_is_adopted(tmp_path):
     """The release before did not record the inode (STATE_VERSION 1 all the same): the
     new master asks the socket at the path who listens there (SO_PEERCRED), and takes
     the file as its own only when that is itself."""
-    from mpd.master import state as statemod
+    from mpd.master import upgradestate
     from mpd.ops.socketfile import SocketFile
 
     path = str(tmp_path / "mpd.sock")
     ours = SocketFile(path, 0o660, "")
     sock = ours.bind()
-    adopted = statemod.control_file_of({"control_fd": sock.fileno()}, _config(), sock)
+    adopted = upgradestate.control_file_of({"control_fd": sock.fileno()}, _config(), sock)
     assert adopted.path == path and adopted.inode is None
     assert adopted.lost() is None and adopted.inode == ours.inode
     # The same path bound by another process: not ours, whatever listens there.

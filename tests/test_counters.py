@@ -18,7 +18,7 @@ from mpd.wire import counters
 PACKAGE = ROOT / "mpd"
 TABLE = PACKAGE / "wire" / "counters.py"
 # The modules that must read the table rather than keep their own list.
-READERS = ("master/tally.py", "ops/metrics.py", "ops/observers.py", "ops/commands.py",
+READERS = ("master/tally.py", "ops/metrics.py", "ops/statsline.py", "ops/commands.py",
            "worker/worker.py")
 COUNTED = {c.name for c in counters.COUNTERS if c.kind == counters.COUNTER}
 

@@ -116,7 +116,7 @@ def test_a_full_stream_sink_never_blocks_and_counts_what_it_drops(kind: str) -> 
     drops = logsink.Drops()
     sink = logsink.open_fd(write_fd, drops, limit=8192)
     reports = Reports(drops)
-    sink.on_drained = reports
+    sink.on_caught_up = reports
     try:
         fill(sink)
         # The inherited fd (the shell's, the parent's) was never made non-blocking.
@@ -180,7 +180,7 @@ def test_a_full_datagram_sink_never_blocks_and_counts_what_it_drops(tmp_path: Pa
     drops = logsink.Drops()
     sink = logsink.DatagramSink(path, drops, limit=8192)
     reports = Reports(drops)
-    sink.on_drained = reports
+    sink.on_caught_up = reports
     try:
         fill(sink)  # the reader's queue holds net.unix.max_dgram_qlen datagrams
         assert 0 < sink.queued <= 8192 and drops.total > 0
@@ -284,10 +284,10 @@ def test_logging_into_a_full_pipe_reports_the_drops_once_it_drains() -> None:
             for i in range(3000):
                 log.info("test.line", n=i)
         dropped = logmod.dropped_total()
-        assert dropped > 0 and logmod.backlog_fd() is not None
+        assert dropped > 0 and logmod.backlog() >= 0
         received = b""
         with must_not_block():
-            while logmod.backlog_fd() is not None:
+            while logmod.backlog() >= 0:
                 received += read_all(stdout_pipe)
                 logmod.flush()
         events = json_lines(received + read_all(stdout_pipe))
@@ -305,17 +305,17 @@ def test_a_forked_child_does_not_send_its_parents_queued_lines() -> None:
         with must_not_block():
             for i in range(2000):  # more than the pipe holds: the rest is queued
                 log.info("parent.line", n=i)
-        assert logmod.backlog_fd() is not None
+        assert logmod.backlog() >= 0
         pid = os.fork()
         if pid == 0:  # the child: nothing queued, nothing dropped, its own pid in its lines
-            ok = logmod.backlog_fd() is None and logmod.dropped_total() == 0
+            ok = logmod.backlog() < 0 and logmod.dropped_total() == 0
             ok = ok and logmod._identity["pid"] == os.getpid()
             os._exit(0 if ok else 1)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         received = b""
         with must_not_block():
-            while logmod.backlog_fd() is not None:
+            while logmod.backlog() >= 0:
                 received += read_all(stdout_pipe)
                 logmod.flush()
         lines = [e["n"] for e in json_lines(received + read_all(stdout_pipe))]
@@ -412,10 +412,10 @@ def test_a_selector_loop_waits_on_the_backlog_and_flushes_it(tmp_path: Path) -> 
             for i in range(2000):
                 log.info("test.line", n=i)
         logmod.watch(selector)
-        assert [k.fd for k in selector.get_map().values()] == [logmod.backlog_fd()]
+        assert [k.fd for k in selector.get_map().values()] == [logmod.backlog()]
         received = b""
         with must_not_block():
-            while logmod.backlog_fd() is not None:  # the loop: wait, then the callback
+            while logmod.backlog() >= 0:  # the loop: wait, then the callback
                 received += read_all(reader)
                 for key, events in selector.select(1.0):
                     key.data(events)
@@ -441,7 +441,7 @@ def test_a_reload_unregisters_the_watched_sink_before_closing_it(tmp_path: Path)
             for i in range(2000):
                 logmod.get_logger().info("test.line", n=i)
         watched = logmod.watch_epoll(epoll)
-        assert watched >= 0 and watched == logmod.backlog_fd()
+        assert watched >= 0 and watched == logmod.backlog()
         logmod.configure("info", "json", "file", str(tmp_path / "new.log"))
         # The FIFO's sink is closed; a new fd takes its number (a client, in a worker) and
         # the loop registers it. The loop's next turn must leave that one alone.

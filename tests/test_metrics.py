@@ -73,8 +73,8 @@ def test_totals_from_a_malformed_state_count_as_zero():
     t = tally.Tally()
     t.restore({"0": {"counts": {"requests": 5, "refused": "x"}, "buckets": [1]},
                "x": {}, "1": "nonsense"})
-    assert t.dead[0].counts["requests"] == 5 and t.dead[0].counts["refused"] == 0
-    assert sum(t.dead[0].buckets) == 0 and t.dead[1].counts["requests"] == 0
+    assert t.kept[0].counts["requests"] == 5 and t.kept[0].counts["refused"] == 0
+    assert sum(t.kept[0].buckets) == 0 and t.kept[1].counts["requests"] == 0
     assert tally.Tally.restore(t, None) is None  # nothing there: nothing changes
 
 

@@ -1,5 +1,6 @@
-"""mpd.procfs against real processes: children that run, exit and wait to be reaped, CPU
-that is burnt, memory that is touched, fds that are opened."""
+"""The /proc kit (scripts/bench/procfs.py, on mpd's own mpd/system/procfs.py) against real
+processes: children that run, exit and wait to be reaped, CPU that is burnt, memory that is
+touched, fds that are opened."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import subprocess
 import sys
 import time
 
+import procfs
 import pytest
 from conftest import ROOT, wait_until
-
-from mpd.system import procfs
 
 
 @pytest.fixture
@@ -98,10 +98,11 @@ def test_fd_count_follows_open_and_close():
 
 def test_it_imports_with_the_bare_standard_library():
     """The benchmark driver imports it without mpd's dependencies: no site-packages (-S)."""
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import mpd.system.procfs; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import procfs; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('mpd', 'structlog', 'daemon')))")
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(ROOT)],
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code,
+                          str(ROOT / "scripts" / "bench")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['mpd', 'mpd.system', 'mpd.system.procfs']"

@@ -22,7 +22,7 @@ PACKAGE = ROOT / "mpd"
 WORKER_SIDE = [*(PACKAGE / "worker").glob("*.py"), *(PACKAGE / "logs").glob("*.py"),
                *(PACKAGE / "apps").glob("*.py")]
 MASTER_SIDE = [*(PACKAGE / "master").glob("*.py"), *(PACKAGE / "ops").glob("*.py"),
-               PACKAGE / "config" / "reloading.py"]
+               PACKAGE / "reloading.py", PACKAGE / "config" / "access.py"]
 
 
 def unclassified(keys: Iterable[Key]) -> list[str]:

@@ -1,7 +1,8 @@
-"""The shape of the code: no import circle in mpd/, no mixins (a part is a class that owns
-its state, reached through an attribute), no class that re-declares another's methods as
-stubs, and modules and functions small enough to read in one sitting. The caps guide: a
-part is never split across files to meet them."""
+"""The shape of the code: no import circle in mpd/, imports that run down its layers (the
+master never imports the worker), no mixins (a part is a class that owns its state,
+reached through an attribute), no class that re-declares another's methods as stubs, and
+modules and functions small enough to read in one sitting. The caps guide: a part is never
+split across files to meet them."""
 
 from __future__ import annotations
 
@@ -61,6 +62,39 @@ def test_no_import_circle_in_mpd():
     graph = import_graph()
     assert "mpd.master.broker" in graph["mpd.master.master"]  # it reads imports
     assert cycles(graph) == []
+
+
+# mpd's subpackages (and top-level modules) from the ground up: each imports only from
+# the layers below its own, so that `ls mpd/` reads as the design, bottom to top.
+LAYERS = [{"config"}, {"logs"}, {"system", "wire"}, {"apps"}, {"reloading"},
+          {"worker", "ops"}, {"master"}, {"start"}, {"cli", "ctl"}]
+# Never, whatever the layers: the master is given the worker's loop (spawn.WorkerMain).
+NEVER = [("master", "worker")]
+
+
+def package_of(module: str) -> str:
+    return module.split(".")[1]
+
+
+def imports_against_the_layers(graph: dict[str, set[str]]) -> list[str]:
+    layer = {package: n for n, packages in enumerate(LAYERS) for package in packages}
+    wrong = []
+    for module, imported in sorted(graph.items()):
+        mine = package_of(module)
+        for other in sorted(imported):
+            theirs = package_of(other)
+            if theirs != mine and (layer[theirs] >= layer[mine] or (mine, theirs) in NEVER):
+                wrong.append(f"{module} imports {other}")
+    return wrong
+
+
+def test_every_import_runs_down_the_layers():
+    graph = {m: i for m, i in import_graph().items() if m != "mpd"}
+    assert {package_of(m) for m in graph} == set().union(*LAYERS)  # every package is placed
+    assert imports_against_the_layers(graph) == []
+    assert imports_against_the_layers({"mpd.master.a": {"mpd.worker.b"},  # it can fail
+                                       "mpd.config.c": {"mpd.logs.d"}}) == [
+        "mpd.config.c imports mpd.logs.d", "mpd.master.a imports mpd.worker.b"]
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -29,9 +29,9 @@ from conftest import (
     slot_pids,
     wait_until,
 )
+from procfs import zombies_of
 
 from mpd.master.slots import FLOOR_WAIT, Slots, WorkerProc
-from mpd.system.procfs import zombies_of
 
 
 def ts(event: dict) -> float:

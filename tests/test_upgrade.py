@@ -206,8 +206,9 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     (the memfd), restore() into another; every fd is the same open socket after."""
     import selectors as selectors_mod
 
+    from mpd.apps import loader
     from mpd.config import schema as configmod
-    from mpd.master import state as statemod
+    from mpd.master import upgradestate
     from mpd.master.broker import HeldClient
     from mpd.master.master import Master
     from mpd.master.slots import WorkerProc
@@ -216,13 +217,15 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     from mpd.ops.socketfile import SocketFile
     from mpd.wire import messages as msg
     from mpd.wire.channel import Channel
+    from mpd.worker.worker import run_worker
 
     config = configmod.parse("[workers]\nworkers = 2\n", str(tmp_path / "mpd.toml"))
-    app = configmod.application(config)
+    app = loader.from_config(config)
     listener = socket.create_server(("127.0.0.1", 0))
     control_file = SocketFile(str(tmp_path / "mpd.sock"), 0o660, "")
     control_sock = control_file.bind()
-    old = Master(config, app, listener, control_sock, control_file=control_file)
+    old = Master(config, app, listener, control_sock, control_file=control_file,
+                 worker_main=run_worker)
     selector = selectors_mod.DefaultSelector()
     old.control = ControlServer(control_sock, control_file, selector, lambda r: r,
                                 lambda u, g: None)
@@ -238,7 +241,7 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     client = msg.Client(msg.Kind.HANDOFF, 7, 7, b"M\0", sent_ns=1, epoch=1)
     client.fds = [held_ours.detach()]
     old.broker.held.append(HeldClient(client))
-    state, fds = statemod.capture(old)
+    state, fds = upgradestate.capture(old)
     state = json.loads(json.dumps(state))  # as the memfd carries it
     assert set(fds) == {listener.fileno(), control_sock.fileno(), ours.fileno(),
                         *old.broker.held_fds(), agent_sock.fileno()}
@@ -247,9 +250,9 @@ def test_the_state_carries_workers_queued_messages_and_held_clients(tmp_path):
     # the numbers may be another socket's).
     for sock in (listener, control_sock, ours, agent_sock):
         sock.detach()
-    new = Master(statemod.config_of(state), app, *statemod.sockets_of(state),
-                 statemod.agent_socket_of(state))
-    statemod.restore(new, state)
+    new = Master(upgradestate.config_of(state), app, *upgradestate.sockets_of(state),
+                 upgradestate.agent_socket_of(state), worker_main=run_worker)
+    upgradestate.restore(new, state)
     assert new.generation == 2 and new.started == old.started
     adopted = new.slots.serving[1]
     assert (adopted.pid, adopted.state, adopted.stats, adopted.version, adopted.generation) \

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import pytest
 from conftest import M_PING, REPLY, key_frame, keys_owned_by, recv_exact
 
+from mpd.apps import loader
 from mpd.apps.interface import Application
 from mpd.apps.ping import REFUSAL, Ping
 from mpd.config import schema as configmod
@@ -51,7 +52,7 @@ class Harness:
         self.master_sock = master_end
         self.master = Channel(master_end, "worker")
         self.link = MasterLink(worker_end)
-        self.app = app or configmod.application(config)
+        self.app = app or loader.from_config(config)
         self.worker = Worker(config, self.app, self.listener, self.link, slot=0,
                              routes=Routes(1, (0, 1)))
         self.pending: list[msg.Message] = []  # received from the worker, not yet looked at

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from mpd.apps.interface import Application
+from mpd.config.schema import Config, ConfigError
+from mpd.config.tomllines import key_line
 
 BUILTIN = {"ping": "mpd.apps.ping:application", "rooms": "mpd.apps.rooms:application",
            "relay": "mpd.apps.relay:application"}
@@ -46,6 +48,23 @@ def load(name: str, options: Mapping[str, Any] | None = None) -> Application:
         raise AppError(f"{target}() returned {type(app).__name__}, expected an "
                        "mpd.apps.Application")
     return app
+
+
+def from_config(config: Config) -> Application:
+    """The application server.protocol names, made with the [app] options; a ConfigError
+    in one line (file, line, key, why) when it cannot be."""
+    try:
+        return load(config.protocol, dict(config.app))
+    except AppError as e:
+        line = None
+        if config.path is not None:
+            try:
+                with open(config.path, encoding="utf-8") as f:
+                    line = key_line(f.read(), "server", "protocol")
+            except OSError:
+                pass
+        raise ConfigError(config.path or "(embedded defaults)", f"cannot load the "
+                          f"application: {e}", line=line, key="server.protocol") from None
 
 
 def entry_point(name: str) -> str:

@@ -4,8 +4,12 @@ names one for every key."""
 
 from __future__ import annotations
 
+import grp
 import ipaddress
-from typing import Any, Callable
+import pwd
+from typing import Any, Callable, Union
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 def int_range(lo: int, hi: int) -> Callable[[Any], int]:
@@ -69,9 +73,19 @@ def listen_or_empty(v: Any) -> str:
     return v
 
 
-def networks(v: Any) -> tuple[str, ...]:
-    from mpd.worker.proxy import network
+def network(entry: str) -> Network:
+    """One `server.proxy_from` entry: an address ("127.0.0.1", "::1") or a network
+    ("10.0.0.0/8"); raises ValueError saying what is wrong."""
+    try:
+        return ipaddress.ip_network(entry, strict=True)
+    except ValueError as e:
+        if "has host bits set" in str(e):
+            loose = ipaddress.ip_network(entry, strict=False)
+            raise ValueError(f"{entry!r} has host bits set; the network is {loose}") from None
+        raise ValueError(f"{entry!r} is not an IP address or network") from None
 
+
+def networks(v: Any) -> tuple[str, ...]:
     expected = 'a list of IP addresses or networks such as ["127.0.0.0/8", "::1"]'
     if not isinstance(v, list) or not all(isinstance(e, str) for e in v):
         raise ValueError(expected)
@@ -136,34 +150,29 @@ def uids(v: Any) -> tuple[int, ...]:
 
 
 def group(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError('a group name, or "" for none')
-    if v:
-        import grp
-
-        try:
-            grp.getgrnam(v)
-        except KeyError:
-            raise ValueError(f'an existing group name (no group "{v}" on this system)') from None
-    return v
+    return existing_name(v, "group", grp.getgrnam)
 
 
 def user(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError('a user name, or "" for none')
-    if v:
-        import pwd
+    return existing_name(v, "user", pwd.getpwnam)
 
+
+def existing_name(v: Any, kind: str, lookup: Callable[[str], Any]) -> str:
+    """A user's or group's name that this system knows, or "" for none."""
+    if not isinstance(v, str):
+        raise ValueError(f'a {kind} name, or "" for none')
+    if v:
         try:
-            pwd.getpwnam(v)
+            lookup(v)
         except KeyError:
-            raise ValueError(f'an existing user name (no user "{v}" on this system)') from None
+            raise ValueError(f'an existing {kind} name (no {kind} "{v}" on this system)'
+                             ) from None
     return v
 
 
 def protocol(v: Any) -> str:
     """An application's name: built-in, an entry point's, or package.module:factory (the
-    config's check loads it: schema.application())."""
+    config's check loads it: apps/loader.py's from_config())."""
     if not isinstance(v, str) or not v.strip() or any(c.isspace() for c in v):
         raise ValueError('an application: "ping", "rooms", "relay", an entry point\'s name, '
                          'or "package.module:factory"')

@@ -11,8 +11,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from mpd.apps import loader
-from mpd.apps.interface import Application
 from mpd.config import checks
 from mpd.config.tomllines import key_line
 
@@ -195,7 +193,7 @@ SCHEMA: tuple[Key, ...] = (
     Key("log", "buffer", 1048576, checks.int_range(4096, 1 << 30), LIVE,
         "Bytes of log lines each process holds for a sink that does not keep up (a full\n"
         "pipe, a busy journald); past it lines are dropped, counted and reported\n"
-        "(log.dropped) once the sink drains."),
+        "(log.dropped) once the sink catches up."),
     Key("log", "stats_interval", 60.0, checks.float_range(0, 86400), MASTER,
         "Seconds between two mpd.stats lines from the master: the counts of the interval\n"
         "(requests, hand-offs, refusals, errors, restarts), clients, and hand-off latency\n"
@@ -386,23 +384,6 @@ def _check_proxy_and_ports(config: Config, text: str, path: str) -> None:
                 raise ConfigError(path, f"expected a port other than {name} ({port}); "
                                   f"{what} needs its own", line=line, key=f"{section}.listen")
         taken[f"{section}.listen"] = (host, port)
-
-
-def application(config: Config) -> Application:
-    """The application server.protocol names, made with the [app] options; a ConfigError
-    in one line (file, line, key, why) when it cannot be."""
-    try:
-        return loader.load(config.protocol, dict(config.app))
-    except loader.AppError as e:
-        line = None
-        if config.path is not None:
-            try:
-                with open(config.path, encoding="utf-8") as f:
-                    line = key_line(f.read(), "server", "protocol")
-            except OSError:
-                pass
-        raise ConfigError(config.path or "(embedded defaults)", f"cannot load the "
-                          f"application: {e}", line=line, key="server.protocol") from None
 
 
 def load(path: str | None) -> Config:

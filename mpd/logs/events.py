@@ -63,7 +63,8 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "upgrade.adopted": ("info", "master", "the new code runs as the master and took over the "
                         "old one's workers: generation, version, from_version, workers, held"),
     "upgrade.slot_replaced": ("info", "master", "a new-code worker took a slot and the old one "
-                              "drained into it and exited: worker_slot, old_pid, seconds"),
+                              "retired into it (every client handed over) and exited: "
+                              "worker_slot, old_pid, seconds"),
     "upgrade.done": ("info", "master", "every slot runs the new generation: generation, slots, "
                      "seconds"),
     "upgrade.failed": ("error", "master", "the upgrade stopped; what runs keeps serving: "
@@ -229,7 +230,7 @@ EVENTS: dict[str, tuple[str, str, str]] = {
     "log.dropped": ("warning", "both", "the log sink (stdout, journald, syslog, file) did not "
                     "keep up and this process's queue was full: dropped (lines lost since the "
                     "last report), total (since the process started); logged once the queue "
-                    "drains"),
+                    "empties"),
     "log.reopened": ("info", "both", "SIGUSR1 or mpdctl reopen-logs (logrotate's postrotate): "
                      "this process opened the log file anew at its path; the first line in the "
                      "new file: file"),

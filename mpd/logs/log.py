@@ -1,14 +1,15 @@
 """Structured logs. Every event carries ts, level, event, pid, role and slot, then its own
-fields; it goes out as one JSON line (mpd.jsonline), a console line for people, or a
-journald entry with every field as MPD_* (mpd.logtext has the human forms).
+fields; it goes out as one JSON line (jsonline.py), a console line for people, or a
+journald entry with every field as MPD_* (text.py has the human forms, journal.py the
+protocol).
 
 Nothing here blocks: each writer puts its bytes into a non-blocking sink with a bounded
-queue (mpd.logsink). The event loops wait on backlog_fd() and call flush(); lines are
-dropped only when a queue is full, counted (dropped_total()) and reported in a
-`log.dropped` line once the sink drains.
+queue (sinks.py). The event loops wait on backlog() (watch, watch_epoll) and call flush();
+lines are dropped only when a queue is full, counted (dropped_total()) and reported in a
+`log.dropped` line once the sink catches up.
 
-The plain calls (no exception, no %-arguments) go straight to the writer: the hand-off
-path logs a line per client. structlog does the rest: exceptions, %-arguments, log(n)."""
+The plain calls (no exception, no %-arguments) go straight to the writer; structlog does
+the rest: exceptions, %-arguments, log(n)."""
 
 from __future__ import annotations
 
@@ -24,20 +25,17 @@ import structlog
 
 from mpd.config.schema import ConfigError
 from mpd.config.tomllines import line_of
-from mpd.logs import jsonline
+from mpd.logs import journal
 from mpd.logs import sinks as logsink
 from mpd.logs import text as logtext
-from mpd.logs.writers import (  # noqa: F401 - json_line and PRIORITIES: mpd.log's API too
+from mpd.logs.writers import (  # noqa: F401 - json_line: what the tests render lines with
     IDENTITY,
-    PRIORITIES,
-    STANDARD,
     JournalWriter,
     StreamWriter,
     SyslogWriter,
     Writer,
     json_line,
 )
-from mpd.system import systemd
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
           "error": logging.ERROR}
@@ -54,7 +52,6 @@ class LogSetupError(ConfigError):
 
 def set_role(role: str, slot: int | None = None) -> None:
     _identity.update(pid=os.getpid(), role=role, slot=slot)
-    jsonline.set_identity(_identity)
     logtext.forget_templates()
 
 
@@ -94,7 +91,7 @@ def _shared_sink(name: str, opener: Callable[[], logsink.Sink]) -> logsink.Sink:
     sink = _shared.get(name)
     if sink is None:
         sink = _shared[name] = opener()
-        sink.on_drained = _report_drops
+        sink.on_caught_up = _report_drops
     return sink
 
 
@@ -109,16 +106,16 @@ def prepare(level: str = "info", fmt: str = "auto", target: str = "stdout", path
             sink = logsink.open_file(path, _drops)
         except OSError as e:
             raise _cannot_open(config_path, path, e) from None
-        sink.on_drained = _report_drops
+        sink.on_caught_up = _report_drops
         writer = StreamWriter(sink, console)
     elif target == "syslog":
         writer = SyslogWriter(_shared_sink("syslog", lambda: logsink.DatagramSink(
             SYSLOG_SOCKET, _drops, connect_now=False)), console)
-    elif systemd.journal_stream_connected(1):
+    elif journal.stream_connected(1):
         stream = _shared_sink("stdout", lambda: logsink.open_fd(1, _drops))
         try:
             datagrams: logsink.Sink | None = _shared_sink("journal", lambda: logsink.DatagramSink(
-                systemd.JOURNAL_SOCKET, _drops))
+                journal.JOURNAL_SOCKET, _drops))
         except OSError:
             datagrams = None
         if datagrams is not None:
@@ -257,19 +254,8 @@ def _bind(level: str, writer: Writer) -> None:
 
 
 def _direct(level: str, writer: Writer, through_structlog: Any) -> Any:
-    """One event straight to the writer, without structlog's layers of calls (1.3 us of
-    a JSON line's 4.9 in timeit). Exceptions and %-style arguments take structlog's way."""
-    if isinstance(writer, StreamWriter) and not writer.console:
-        write, line, standard = writer.sink.write, jsonline.line, STANDARD
-
-        def log_json(event: str, *args: Any, **fields: Any) -> None:
-            if args or "exc_info" in fields:
-                through_structlog(event, *args, **fields)
-            elif standard.isdisjoint(fields):  # JSON lines to stdout or a file: the hot path
-                write((line(level, event, fields) + "\n").encode("utf-8", "replace"))
-            else:
-                write((json_line(level, event, fields) + "\n").encode("utf-8", "replace"))
-        return log_json
+    """One event straight to the writer, without structlog's layers of calls, which add
+    nothing to a plain event. Exceptions and %-style arguments take structlog's way."""
     emit = writer.emit
 
     def log(event: str, *args: Any, **fields: Any) -> None:
@@ -288,25 +274,10 @@ class _Facade:
     def __init__(self) -> None:
         self.debug = self.info = self.warning = self.error = self.exception = self._unset
         self.log = self._unset
-        self.limits: dict[str, list[float]] = {}  # event -> [next allowed, suppressed]
 
     @staticmethod
     def _unset(*_args: Any, **_kwargs: Any) -> None:
-        raise RuntimeError("mpd.log.configure() was not called")
-
-    def every(self, seconds: float, event: str, **fields: Any) -> None:
-        """A warning that may repeat fast (a paused accept, a failing accept, a broken
-        channel): logged at most once per `seconds` per event name; the next line after
-        a quiet spell says how many were left out (`suppressed`)."""
-        now = time.monotonic()
-        state = self.limits.get(event)
-        if state is not None and now < state[0]:
-            state[1] += 1
-            return
-        if state is not None and state[1]:
-            fields["suppressed"] = int(state[1])
-        self.limits[event] = [now + seconds, 0]
-        self.warning(event, **fields)
+        raise RuntimeError("mpd.logs.log.configure() was not called")
 
 
 _facade = _Facade()
@@ -330,12 +301,6 @@ def _sinks() -> list[logsink.Sink]:
     return sinks
 
 
-def backlog_fd() -> int | None:
-    """The fd to wait writable on while log lines are queued; None when nothing is."""
-    fd = _backlog()
-    return None if fd < 0 else fd
-
-
 def flush() -> None:
     """Write what the sinks take now; never blocks."""
     for sink in _live:
@@ -343,10 +308,10 @@ def flush() -> None:
             sink.flush()
 
 
-def drain(timeout: float) -> bool:
+def write_out(timeout: float) -> bool:
     """At exit: wait up to `timeout` seconds in all for queued lines to go out."""
     deadline = time.monotonic() + timeout
-    return all([sink.drain(deadline - time.monotonic()) for sink in _live if sink.queue])
+    return all([sink.write_out(deadline - time.monotonic()) for sink in _live if sink.queue])
 
 
 def dropped_total() -> int:
@@ -355,7 +320,7 @@ def dropped_total() -> int:
 
 
 def _report_drops() -> None:
-    """A sink drained after lines were dropped: say how many (once per drain)."""
+    """A sink caught up after lines were dropped: say how many (once each time)."""
     count = _drops.unreported
     if count:
         _drops.unreported = 0
@@ -384,7 +349,8 @@ class _Watch:
 _watched = _Watch()
 
 
-def _backlog() -> int:
+def backlog() -> int:
+    """The fd to wait writable on while log lines are queued; -1 when nothing is."""
     for sink in _live:
         if sink.queue:
             return sink.fileno()
@@ -394,7 +360,7 @@ def _backlog() -> int:
 def watch(selector: selectors.BaseSelector) -> None:
     """For a selectors loop (the master), once per turn: keep the backlog fd registered
     for EVENT_WRITE exactly while lines are queued; the event's data is flush()."""
-    fd = _backlog()
+    fd = backlog()
     if fd == _watched.fd and selector is _watched.poller:
         return
     _watched.forget()
@@ -423,14 +389,12 @@ def watch_epoll(epoll: Any) -> int:
 
 def _after_fork_in_child() -> None:
     """A forked child starts with no queued lines (they are the parent's to write), no
-    drop counts, no rate limits, and its own pid in its lines."""
+    drop counts, and its own pid in its lines."""
     for sink in _live:
         sink.discard()
     _drops.total = _drops.unreported = 0
     _watched.poller, _watched.fd = None, -1  # the parent's loop, closed in the child
-    _facade.limits.clear()
     _identity["pid"] = os.getpid()
-    jsonline.set_identity(_identity)
     logtext.forget_templates()
 
 

@@ -3,7 +3,7 @@
 A line is written at once when nothing is queued; what the sink does not take now (a full
 pipe, a busy journald) waits in the queue, and the event loop writes it when the sink's
 fd turns writable (mpd.log's backlog_fd() and flush()). Lines are dropped only when the
-queue is full, and counted; the count is reported once the queue drains.
+queue is full, and counted; the count is reported once the queue empties.
 
 How each kind of fd is written without O_NONBLOCK on an inherited open file description
 (the flag would be shared with the parent shell and every other process on it):
@@ -65,7 +65,7 @@ class Sink:
         self.queued = 0  # bytes in the queue
         self.partial = False  # the head is the rest of a line the sink took in part
         self.retry_at = 0.0
-        self.on_drained: Callable[[], None] | None = None  # set by mpd.log: log.dropped
+        self.on_caught_up: Callable[[], None] | None = None  # set by mpd.log: log.dropped
 
     def _send(self, data: bytes) -> int:
         raise NotImplementedError
@@ -97,8 +97,8 @@ class Sink:
             if taken:
                 self.partial = True
             self._enqueue(data[taken:], force=bool(taken))
-        elif self.drops.unreported and self.on_drained is not None:
-            self.on_drained()
+        elif self.drops.unreported and self.on_caught_up is not None:
+            self.on_caught_up()
         return True
 
     def _enqueue(self, data: bytes, force: bool = False) -> None:
@@ -127,8 +127,8 @@ class Sink:
             if taken < len(batch):
                 self.retry_at = time.monotonic() + RETRY
                 return False
-        if self.drops.unreported and self.on_drained is not None:
-            self.on_drained()
+        if self.drops.unreported and self.on_caught_up is not None:
+            self.on_caught_up()
         return not queue
 
     def _batch(self) -> tuple[bytes, int]:
@@ -177,7 +177,7 @@ class Sink:
         self.partial = False
         return count
 
-    def drain(self, timeout: float) -> bool:
+    def write_out(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the queue to go out (at exit); True if it did."""
         deadline = time.monotonic() + timeout
         poller = select.poll()

@@ -1,5 +1,5 @@
 """Log events as text for people: the console line, journald's MESSAGE and the syslog
-frame. The JSON line is mpd.jsonline's.
+frame. The JSON line is jsonline.py's, journald's protocol journal.py's.
 
     console   2026-11-27T08:39:55.123Z warning master[1234] worker.exited worker_slot=1
               worker_pid=1240 signal=SIGKILL   (one line)
@@ -14,8 +14,7 @@ import re
 import time
 from typing import Any
 
-from mpd.logs import jsonline
-from mpd.system import systemd
+from mpd.logs import journal, jsonline
 
 IDENTITY = ("pid", "role", "slot")
 _plain = re.compile(r"[^\s\"'=\\]+").fullmatch  # a value that needs no quotes
@@ -67,8 +66,9 @@ def journal_entry(priority: str, event: str, identity: dict[str, Any], fields: d
                   json_message: str | None = None) -> bytes:
     """One event in journald's native format: MESSAGE (the sentence of message(), or
     `json_message`), PRIORITY, SYSLOG_IDENTIFIER=mpd and every field as MPD_<NAME> (None
-    left out; lists and the like as JSON). It runs once per hand-off under systemd: when
-    every value is an int or a plain word, from a %-template per shape of event."""
+    left out; lists and the like as JSON). A line can come at a client's rate under
+    systemd (a flood of bad clients' warnings): when every value is an int or a plain
+    word, it is made from a %-template per shape of event."""
     if json_message is None:
         values: list[Any] = []
         for obj in fields.values():
@@ -98,7 +98,7 @@ def _journal_template(shape: tuple[str, ...], identity: dict[str, Any]) -> str:
     priority, event, *names = shape
     if len(_templates) >= MAX_TEMPLATES:
         _templates.clear()
-    name = systemd.journal_field_name
+    name = journal.field_name
     head = [f"PRIORITY={priority}", "SYSLOG_IDENTIFIER=mpd", f"MPD_EVENT={event}"]
     head += [f"{name('MPD_' + k)}={v if type(v) is str else jsonline.value(v)}"
              for k, v in identity.items() if v is not None]
@@ -121,7 +121,7 @@ def _journal_entry(priority: str, event: str, identity: dict[str, Any],
     if not set(identity).isdisjoint(fields):  # a field overrides the identity: one of each
         fields = {**identity, **fields}
         identity = {}
-    name = systemd.journal_field_name
+    name = journal.field_name
     out = [f"PRIORITY={priority}\nSYSLOG_IDENTIFIER=mpd\nMPD_EVENT={event}\n"]
     said: list[str] = []  # " key=value" for the sentence
     multiline: list[tuple[str, str]] = []  # fields that need the binary-safe form
@@ -152,7 +152,7 @@ def _journal_entry(priority: str, event: str, identity: dict[str, Any],
     else:
         out.append(f"MESSAGE={json_message}\n")
     data = "".join(out).encode("utf-8", "replace")
-    return data + systemd.journal_entry(multiline) if multiline else data
+    return data + journal.entry(multiline) if multiline else data
 
 
 SEVERITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2}

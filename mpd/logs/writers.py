@@ -1,6 +1,6 @@
-"""Writers: one log event to bytes for their sinks. The JSON line (mpd.jsonline), the
-console line, journald's entry and syslog's frame (mpd.logtext), each stamped with who
-logs it (IDENTITY, kept by mpd.log.set_role)."""
+"""Writers: one log event to bytes for their sinks. The JSON line (jsonline.py), the
+console line, journald's entry and syslog's frame (text.py), each stamped with who logs
+it (IDENTITY, kept by log.set_role)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,13 @@ from mpd.logs import text as logtext
 
 PRIORITIES = {"debug": "7", "info": "6", "warning": "4", "warn": "4", "error": "3",
               "critical": "2", "exception": "3"}
-STANDARD = frozenset(("ts", "level", "event", "pid", "role", "slot"))  # first in every line
-# Who is logging: pid, role, slot. One dict, updated in place by mpd.log.set_role().
+# Who is logging: pid, role, slot. One dict, updated in place by log.set_role().
 IDENTITY: dict[str, Any] = {"pid": os.getpid(), "role": "master", "slot": None}
 
 
 def json_line(level: str, event: str, fields: dict[str, Any]) -> str:
     """The line for one event: the standard fields, then the event's own in their order."""
-    if not STANDARD.isdisjoint(fields):  # a field overrides a standard one: one key each
-        head = {"ts": jsonline.timestamp(), "level": level, "event": event, **IDENTITY}
-        head.update(fields)
-        return jsonline.render(head)
-    return jsonline.line(level, event, fields)
+    return jsonline.line(level, event, IDENTITY, fields)
 
 
 class Writer:
@@ -41,13 +36,17 @@ class Writer:
     debug = info = warning = warn = error = critical = exception = log = msg
 
 
-class StreamWriter(Writer):
-    """stdout or a log file: JSON lines, or console lines for people."""
+class OneSinkWriter(Writer):
+    """A writer to one sink, of JSON lines or (console) of the forms people read."""
 
     def __init__(self, sink: logsink.Sink, console: bool):
         self.sink = sink
         self.console = console
         self.sinks = (sink,)
+
+
+class StreamWriter(OneSinkWriter):
+    """stdout or a log file: JSON lines, or console lines for people."""
 
     def emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if self.console:
@@ -80,14 +79,9 @@ class JournalWriter(Writer):
                                      if self.json_message else None)
 
 
-class SyslogWriter(Writer):
+class SyslogWriter(OneSinkWriter):
     """The local syslog daemon (for `--daemon` without systemd): RFC 3164 datagrams to
     /dev/log, facility daemon; the text is the JSON line (console: the short sentence)."""
-
-    def __init__(self, sink: logsink.Sink, console: bool):
-        self.sink = sink
-        self.console = console
-        self.sinks = (sink,)
 
     def emit(self, level: str, event: str, fields: dict[str, Any]) -> None:
         if self.console:

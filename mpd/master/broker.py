@@ -204,8 +204,8 @@ class Broker:
     def over_budget(self, client: Client) -> WorkerProc | None:
         """Holding this client would pass the master's fd budget: give it to a worker as
         the last now, or, when no worker's channel can take it, hold it in the first half
-        of the reserve while the channels drain (a busy worker's, in a burst), then close
-        it."""
+        of the reserve while the workers read their channels (a busy worker's, in a burst),
+        then close it."""
         target = self.last(client)
         if target is None and self.budget.room(self.holding()) > -(fdbudget.RESERVE // 2):
             return None

@@ -8,7 +8,7 @@ RESERVE: fds kept free for what it must still open (control connections, a respa
 worker's channel, an upgrade's pre-flight pipe, metrics and agent peers). One slot's
 channel may hold at most half of it, so a stopped worker cannot take it all. Channels are
 read only as far as there are free fds for the clients their messages may carry, as a
-worker reads its own (upkeep.receive_room)."""
+worker reads its own (worker/acceptor.py, receive_room)."""
 
 from __future__ import annotations
 

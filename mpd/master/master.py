@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from mpd import __version__
 from mpd.apps.interface import Application
-from mpd.config.reloading import reload_config
+from mpd.config import access
 from mpd.config.schema import Config, fd_soft_limit, live_settings
 from mpd.logs import log as logmod
 from mpd.master import moves as movesmod
@@ -32,16 +32,17 @@ from mpd.master.channels import Channels
 from mpd.master.directory import Directory
 from mpd.master.services import HeldClients, Service
 from mpd.master.slots import Slots, WorkerProc
-from mpd.master.spawn import fork_worker
+from mpd.master.spawn import WorkerMain, fork_worker
 from mpd.master.stopping import Shutdown
 from mpd.master.upgrade import Upgrades
-from mpd.ops import access, commands, metrics
+from mpd.ops import commands, metrics
 from mpd.ops.agent import AgentServer, agent_line
 from mpd.ops.control import ControlServer
 from mpd.ops.httpmetrics import MetricsServer
-from mpd.ops.observers import StatsLine
 from mpd.ops.server import Server
 from mpd.ops.socketfile import SocketFile
+from mpd.ops.statsline import StatsLine
+from mpd.reloading import reload_config
 from mpd.system import testhooks as hooks
 from mpd.system.signals import SignalQueue, signal_name
 from mpd.system.systemd import Notifier
@@ -60,13 +61,14 @@ class Master:
                  control_sock: socket.socket | None = None,
                  agent_sock: socket.socket | None = None, listener_shared: bool = False,
                  metrics_sock: socket.socket | None = None,
-                 control_file: SocketFile | None = None):
+                 control_file: SocketFile | None = None, *, worker_main: WorkerMain):
         """Only state: signal handlers, selector, notifier and the services come in run().
         `listener_shared`: another process (systemd, for socket activation) holds the
         listening socket too, and it must go on listening after we stop. `control_file`:
         the control socket's file as bound (its inode), else it is taken from the socket."""
         self.config = config
         self.app = app  # forked workers inherit it, loaded
+        self.worker_main = worker_main  # what a forked worker runs: worker.run_worker
         self.listener = listener
         # The operator ports' listening sockets (control; agent.listen and metrics.listen
         # when set), until run() makes their servers.
@@ -88,7 +90,7 @@ class Master:
                              self.moves)
         # starting -> running -> (draining ->) stopping -> stopped: see stopping.py
         self.state = "starting"
-        self.shutdown = Shutdown(self, listener, listener_shared, drains=agent_sock is not None)
+        self.shutdown = Shutdown(self, listener, listener_shared, agent_sock is not None)
         self.started = time.monotonic()
         self.port: int = listener.getsockname()[1]
         self.spawn_pending = False  # more slots to fill than one turn spawned
@@ -282,7 +284,8 @@ class Master:
         """A new worker for `slot`: it takes the slot now, or (an upgrade's) once ready."""
         try:
             pid, channel = fork_worker(slot, self.config, self.app, self.listener,
-                                       self.slots.routes, self.closed_in_child())
+                                       self.slots.routes, self.closed_in_child(),
+                                       self.worker_main)
         except OSError as e:  # out of processes, memory or fds: try again later
             log.error("worker.spawn_failed", worker_slot=slot, error=e.strerror)
             if serving:
@@ -322,7 +325,7 @@ class Master:
         worker.channel.close()
         if self.directory is not None:  # its groups died with it
             self.directory.worker_gone(worker, self.moves.worker_gone(worker))
-        self.tally.bury(worker, cpu_seconds)  # its last counts, kept for the totals
+        self.tally.keep_reaped(worker, cpu_seconds)  # its last counts, kept for the totals
         uptime = time.monotonic() - worker.started
         how: dict[str, Any] = {}
         if os.WIFSIGNALED(status):

@@ -1,9 +1,9 @@
 """Upgrade in place, the new master's part after it adopted the old one's workers: replace
 every worker of an older generation, slot by slot. A new-code worker starts beside the
-slot's old one; once it says HELLO it takes the slot, and the old one is drained into it
+slot's old one; once it says HELLO it takes the slot, and the old one retires into it
 (every live client handed over with its unread bytes, replies already due written first,
 as on a scale-down). New clients are never refused meanwhile: until the old worker's
-DRAIN, both accept.
+RETIRE, both accept.
 
 A new worker that does not become ready stops the roll: the slot's old worker keeps
 serving, and the upgrade is reported failed (mpdctl status shows the generations)."""
@@ -25,7 +25,7 @@ READY_TIMEOUT = 10.0  # seconds a new-code worker may take to say HELLO
 log = logmod.get_logger()
 
 
-class Master(Protocol):
+class RollView(Protocol):
     """What the roll needs of the master."""
     slots: Slots
     generation: int
@@ -43,7 +43,7 @@ class Master(Protocol):
 
 
 class Roll:
-    def __init__(self, master: Master, ended: Callable[[str | None], None]):
+    def __init__(self, master: RollView, ended: Callable[[str | None], None]):
         self.master = master
         self.ended = ended  # told once: None when every slot is replaced, else why not
         self.started = time.monotonic()

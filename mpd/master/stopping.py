@@ -1,8 +1,9 @@
 """How the master stops. A graceful stop (SIGTERM, SIGINT, mpdctl stop) stops listening
 and lets the workers finish their clients, within workers.graceful_timeout; an immediate
 one (SIGQUIT, a second stop, the graceful timeout) SIGKILLs them. With the HAProxy agent
-on, a graceful stop drains first: for agent.drain_delay the agent says "drain" while mpd
-serves and accepts as before, so HAProxy sends no new client before the listeners close.
+on, a graceful stop warns HAProxy first: for agent.drain_delay the agent says "drain"
+(HAProxy's word: no new clients) while mpd serves and accepts as before, so HAProxy sends
+no new client before the listeners close.
 
     running -> draining (agent on) -> stopping -> stopped
           any of them -> halting (SIGKILL, then reap) -> stopped
@@ -28,7 +29,7 @@ KILL_WAIT = 5.0  # seconds to reap SIGKILLed workers before exiting regardless
 log = logmod.get_logger()
 
 
-class Master(Protocol):
+class StopView(Protocol):
     """What the stop needs of the master."""
     config: Config
     state: str
@@ -43,16 +44,16 @@ class Master(Protocol):
 
 
 class Shutdown:
-    def __init__(self, master: Master, listener: socket.socket, listener_shared: bool,
-                 drains: bool):
+    def __init__(self, master: StopView, listener: socket.socket, listener_shared: bool,
+                 warns_haproxy: bool):
         """`listener_shared`: systemd holds the listening socket too (socket activation),
-        and it must go on listening after we stop. `drains`: the agent is on, so a graceful
+        and it must go on listening after we stop. `warns_haproxy`: the agent is on, so a graceful
         stop tells HAProxy first (agent.drain_delay)."""
         self.master = master
         self.listener = listener
         self.listener_shared = listener_shared
-        self.drains = drains
-        self.drain_deadline = 0.0  # draining: the graceful stop proper begins at this time
+        self.warns_haproxy = warns_haproxy
+        self.warn_deadline = 0.0  # "draining": the graceful stop proper begins at this time
         self.stop_deadline = 0.0  # stopping: SIGKILL what is left at this time
         self.kill_deadline = 0.0  # halting: exit at this time, reaped or not
 
@@ -62,26 +63,27 @@ class Shutdown:
 
     def stop(self, graceful: bool = True) -> str | None:
         """Graceful: workers finish their clients; a second stop (or graceful=False) stops
-        at once. With the agent on, HAProxy is told to drain first (agent.drain_delay)."""
+        at once. With the agent on, HAProxy is warned first (agent.drain_delay)."""
         if not graceful or self.master.state in ("draining", "stopping"):
             self.halt("quit")
             return None
         self.master.upgrades.cancel()
         self.master.notifier.stopping()
-        if self.drains and self.master.config.agent_drain_delay > 0:
-            self.drain()
+        if self.warns_haproxy and self.master.config.agent_drain_delay > 0:
+            self.warn_haproxy()
         else:
             self.stop_serving()
         return None
 
-    def drain(self) -> None:
-        """The agent says drain, while everything else goes on as before: workers serve and
-        accept (HAProxy may still send a client until its next agent check) and are
-        respawned. Once agent.drain_delay is over, HAProxy sends no more: then stop."""
+    def warn_haproxy(self) -> None:
+        """The agent says "drain" (state "draining"), while everything else goes on as
+        before: workers serve and accept (HAProxy may still send a client until its next
+        agent check) and are respawned. Once agent.drain_delay is over, HAProxy sends no
+        more: then stop."""
         delay = self.master.config.agent_drain_delay
         log.info("mpd.draining", drain_delay=delay)
         self.master.state = "draining"
-        self.drain_deadline = time.monotonic() + delay
+        self.warn_deadline = time.monotonic() + delay
 
     def stop_serving(self) -> None:
         """The graceful stop proper: stop listening; workers finish their clients."""
@@ -118,7 +120,7 @@ class Shutdown:
         master.notifier.stopping()
         master.state = "stopping"
         self.stop_listening()
-        self.drain_deadline = self.stop_deadline = 0.0
+        self.warn_deadline = self.stop_deadline = 0.0
         self.kill_deadline = time.monotonic() + KILL_WAIT
         for worker in master.slots.workers.values():
             master.slots.retire(worker)
@@ -127,12 +129,12 @@ class Shutdown:
     # --- a service of the master's loop ----------------------------------------------------
 
     def deadline(self) -> float | None:
-        return min((d for d in (self.drain_deadline, self.stop_deadline, self.kill_deadline)
+        return min((d for d in (self.warn_deadline, self.stop_deadline, self.kill_deadline)
                     if d), default=None)
 
     def tick(self, now: float) -> None:
-        if self.drain_deadline and now >= self.drain_deadline:
-            self.drain_deadline = 0.0
+        if self.warn_deadline and now >= self.warn_deadline:
+            self.warn_deadline = 0.0
             self.stop_serving()
         if self.stop_deadline and now >= self.stop_deadline:
             self.halt("graceful_timeout")

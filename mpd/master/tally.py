@@ -3,11 +3,11 @@ per slot and in all, though workers die and are replaced, and slots come and go.
 
 A worker's counters start from zero and ride its heartbeat (STATS). When a worker is
 reaped, its last counts (its final STATS, read before its channel is closed), its
-latency histogram and its CPU seconds (from wait4's rusage) go into its slot's `dead`
-totals; a slot's figure is then its dead workers' plus its living workers' (two during an
-upgrade's roll). Slots keep their dead totals when a scale-down removes them, so the sum
+latency histogram and its CPU seconds (from wait4's rusage) go into its slot's `kept`
+totals; a slot's figure is then its reaped workers' plus its living workers' (two during an
+upgrade's roll). Slots keep these totals when a scale-down removes them, so the sum
 over every slot, the total, only grows; a slot that comes back goes on from where it was.
-An upgrade in place carries the dead totals across the exec (state.py).
+An upgrade in place carries the kept totals across the exec (upgradestate.py).
 
 `status`, `metrics` and the periodic `mpd.stats` line all read from here, so they agree."""
 
@@ -83,7 +83,8 @@ def usage(pid: int) -> tuple[float, int]:
 
 class Tally:
     def __init__(self) -> None:
-        self.dead: dict[int, Totals] = {}  # by slot: what its reaped workers did
+        # By slot: what its reaped workers did, and what the master counted itself.
+        self.kept: dict[int, Totals] = {}
         self.peak_us = 0  # the largest hand-off latency heard since take_peak()
 
     def heard(self, worker: WorkerProc, report: Any) -> None:
@@ -95,46 +96,46 @@ class Tally:
             self.peak_us = max(self.peak_us, peak_us)
 
     def heard_before(self, worker: WorkerProc, saved: Any) -> None:
-        """The histogram an old master had heard (state.py), until the next heartbeat."""
+        """The histogram an old master had heard (upgradestate.py), until the next heartbeat."""
         if isinstance(saved, list) and len(saved) == 2:
             found = latency.counts({"bounds": len(latency.BOUNDS_US), "buckets": saved[0],
                                     "sum_us": saved[1], "peak_us": 0})
             if found is not None:
                 worker.latency = (found[0], found[1])
 
-    def bury(self, worker: WorkerProc, cpu_seconds: float) -> None:
-        """A reaped worker's last counts go to its slot's dead totals."""
-        self.dead.setdefault(worker.slot, Totals()).add_worker(worker, cpu_seconds)
+    def keep_reaped(self, worker: WorkerProc, cpu_seconds: float) -> None:
+        """A reaped worker's last counts go to its slot's kept totals."""
+        self.kept.setdefault(worker.slot, Totals()).add_worker(worker, cpu_seconds)
 
     def count(self, slot: int, name: str) -> None:
         """One more of a count the master keeps itself (counters.py, source MASTER, or a
         spill it decided): no worker reports it, so it goes to the slot's kept totals as a
         reaped worker's counts do."""
-        self.dead.setdefault(slot, Totals()).counts[name] += 1
+        self.kept.setdefault(slot, Totals()).counts[name] += 1
 
     def take_peak(self) -> int:
         peak, self.peak_us = self.peak_us, 0
         return peak
 
     def slots(self, workers: Iterable[WorkerProc], cpu: dict[int, float]) -> dict[int, Totals]:
-        """Every slot's totals, dead and living (CPU seconds of the living by pid, from
+        """Every slot's totals, kept and living (CPU seconds of the living by pid, from
         `cpu`; a worker not in it counts none)."""
-        out = {slot: Totals() for slot in self.dead}
-        for slot, dead in self.dead.items():
-            out[slot].add(dead)
+        out = {slot: Totals() for slot in self.kept}
+        for slot, kept in self.kept.items():
+            out[slot].add(kept)
         for worker in workers:
             out.setdefault(worker.slot, Totals()).add_worker(worker, cpu.get(worker.pid, 0.0))
         return out
 
     def dump(self) -> dict[str, Any]:
         """For the state across an upgrade's exec."""
-        return {str(slot): totals.dump() for slot, totals in self.dead.items()}
+        return {str(slot): totals.dump() for slot, totals in self.kept.items()}
 
     def restore(self, data: Any) -> None:
         if isinstance(data, dict):
             for slot, totals in data.items():
                 with contextlib.suppress(ValueError):
-                    self.dead[int(slot)] = Totals.load(totals)
+                    self.kept[int(slot)] = Totals.load(totals)
 
 
 def overall(per_slot: dict[int, Totals]) -> Totals:

@@ -25,11 +25,10 @@ from mpd import __version__
 from mpd.apps import loader
 from mpd.apps.interface import Application
 from mpd.logs import log as logmod
-from mpd.master import roll
-from mpd.master import state as statemod
+from mpd.master import roll, upgradestate
 from mpd.master.channels import Channels
 from mpd.master.slots import WorkerProc
-from mpd.master.state import STATE_VERSION, STATE_VERSIONS
+from mpd.master.upgradestate import STATE_VERSION, STATE_VERSIONS
 from mpd.system.signals import SignalQueue
 from mpd.system.systemd import Notifier
 from mpd.wire.channel import VERSIONS as CHANNEL_VERSIONS
@@ -160,7 +159,7 @@ def exec_master(config_path: str | None, signals: Iterable[signal.Signals],
         for fd in inherited:
             os.set_inheritable(fd, True)
         log.info("upgrade.exec", generation=state["generation"] + 1, inherited=len(inherited))
-        logmod.drain(1.0)  # queued lines would die with this image; bounded
+        logmod.write_out(1.0)  # queued lines would die with this image; bounded
         os.execv(sys.executable, argv)
     except OSError as e:
         for fd in fds:
@@ -172,7 +171,7 @@ def exec_master(config_path: str | None, signals: Iterable[signal.Signals],
     raise AssertionError("not reached")  # pragma: no cover
 
 
-class Master(statemod.Master, roll.Master, Protocol):
+class UpgradeView(upgradestate.StateView, roll.RollView, Protocol):
     """What an upgrade needs of the master."""
     selector: selectors.BaseSelector
     notifier: Notifier
@@ -191,7 +190,7 @@ class Upgrade:
     """One upgrade as the old master runs it: pre-flight, then exec (which does not
     return). Any failure on the way changes nothing; the master is told why."""
 
-    def __init__(self, master: Master, upgrades: Upgrades):
+    def __init__(self, master: UpgradeView, upgrades: Upgrades):
         self.master = master
         self.upgrades = upgrades
         self.preflight = Preflight(master.config.path)
@@ -265,7 +264,7 @@ class Upgrade:
             return  # tick() comes back
         moves.paused = True
         self.master.notifier.reloading()
-        state, fds = statemod.capture(self.master)
+        state, fds = upgradestate.capture(self.master)
         error = exec_master(self.master.config.path, self.master.signal_table(), state, fds)
         self.master.notifier.ready(self.master.status_line())
         moves.paused = False
@@ -283,7 +282,7 @@ class Upgrades:
     """The master's upgrades in place: at most one at a time, either its pre-flight and
     exec (Upgrade, in the old code) or its roll over the slots (Roll, in the new code)."""
 
-    def __init__(self, master: Master):
+    def __init__(self, master: UpgradeView):
         self.master = master
         self.job: Upgrade | roll.Roll | None = None
         self.status: dict[str, Any] = {"state": "none"}  # for `status`
@@ -317,7 +316,7 @@ class Upgrades:
     def adopt(self, state: dict[str, Any]) -> None:
         """After the exec, in the new code: take over the old master's workers, then roll."""
         master = self.master
-        statemod.restore(master, state)
+        upgradestate.restore(master, state)
         for worker in master.slots.workers.values():
             master.channels.watch(worker)
         # Blocked across the exec (exec_master); the handlers are in place now.

@@ -15,8 +15,7 @@ import selectors
 import socket
 from typing import Callable
 
-from mpd.ops.server import Limits, Peer, Server
-from mpd.system import tcp
+from mpd.ops.server import Limits, Peer, PortError, Server, open_port
 
 LIMITS = Limits(peers=1, lingering=256, linger=1.0)  # a peer is answered as it is accepted
 MIN_WEIGHT = 1  # percent: a full host still counts, so HAProxy never sees a zero weight
@@ -24,17 +23,13 @@ MIN_WEIGHT = 1  # percent: a full host still counts, so HAProxy never sees a zer
 
 
 
-class AgentError(Exception):
+class AgentError(PortError):
     """The agent port cannot be opened; the message says why."""
 
 
 def open_socket(host: str, port: int, backlog: int = 64) -> socket.socket:
     """Bind the agent port: open_socket(*config.host_port(config.agent_listen))."""
-    try:
-        return tcp.listen(host, port, backlog)
-    except OSError as e:
-        raise AgentError(f"cannot listen on {tcp.where(host, port)} for the agent check: "
-                         f"{e.strerror}") from None
+    return open_port(host, port, "for the agent check", AgentError, backlog)
 
 
 def agent_line(state: str, ready: int, clients: int, capacity: int) -> str:

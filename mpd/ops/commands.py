@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol
 
 from mpd import __version__
 from mpd.logs import log as logmod
-from mpd.ops import humane, keycommands, top
+from mpd.ops import keycommands, tables, top
 from mpd.wire import counters
 
 Reply = dict[str, Any]
@@ -241,7 +241,7 @@ STATUS_COLUMNS = (("slot", "SLOT"), ("pid", "PID"), ("state", "STATE"), *counter
 def show_status(reply: Reply) -> str:
     m = reply["master"]
     lines = [f"mpd {m['version']}  pid {m['pid']}  {m['state']}  up "
-             f"{humane.duration(m['uptime'])}  listening on {m['listen']}:{m['port']}  "
+             f"{tables.duration(m['uptime'])}  listening on {m['listen']}:{m['port']}  "
              f"config {m['config'] or '(defaults)'} #{m['config_generation']}",
              f"workers {m['ready']}/{m['workers']} ready (max {m['max_workers']}, autoscale "
              f"{'on' if m['autoscale'] else 'off'})"]
@@ -255,12 +255,12 @@ def show_status(reply: Reply) -> str:
     totals = reply["totals"]
     rows.append(["total"] + [str(totals[name]) if name in totals else ""
                              for name, _ in STATUS_COLUMNS[1:]])
-    return "\n".join(lines + humane.table([h for _, h in STATUS_COLUMNS], rows))
+    return "\n".join(lines + tables.table([h for _, h in STATUS_COLUMNS], rows))
 
 
 def cell(worker: dict[str, Any], name: str) -> str:
     if name in ("uptime", "heartbeat_age"):
-        return humane.duration(worker[name])
+        return tables.duration(worker[name])
     return str(worker[name])
 
 

@@ -18,8 +18,7 @@ import time
 from typing import Callable
 
 from mpd.logs import log as logmod
-from mpd.ops.server import Limits, Peer, Server
-from mpd.system import tcp
+from mpd.ops.server import Limits, Peer, PortError, Server, open_port
 
 MAX_REQUEST = 8192  # bytes of request line and headers
 REQUEST_TIMEOUT = 5.0  # seconds from accept to a whole request
@@ -33,17 +32,13 @@ Render = Callable[[str], "tuple[bytes, str]"]
 log = logmod.get_logger()
 
 
-class MetricsError(Exception):
+class MetricsError(PortError):
     """The metrics port cannot be opened; the message says why."""
 
 
 def open_socket(host: str, port: int, backlog: int = 64) -> socket.socket:
     """Bind the metrics port: open_socket(*config.host_port(config.metrics_listen))."""
-    try:
-        return tcp.listen(host, port, backlog)
-    except OSError as e:
-        raise MetricsError(f"cannot listen on {tcp.where(host, port)} for metrics: "
-                         f"{e.strerror}") from None
+    return open_port(host, port, "for metrics", MetricsError, backlog)
 
 
 def parse(head: bytes) -> tuple[int, str, str]:

@@ -30,6 +30,21 @@ from dataclasses import dataclass
 from mpd.logs import log as logmod
 from mpd.system import tcp
 
+
+class PortError(Exception):
+    """An operator port cannot be opened; the message says which and why."""
+
+
+def open_port(host: str, port: int, purpose: str, error: type[PortError] = PortError,
+              backlog: int = 64) -> socket.socket:
+    """Bind an operator port (the agent's, the metrics'); `purpose` ends the error's line."""
+    try:
+        return tcp.listen(host, port, backlog)
+    except OSError as e:
+        raise error(f"cannot listen on {tcp.where(host, port)} {purpose}: "
+                    f"{e.strerror}") from None
+
+
 RETRY = 0.1  # seconds out of the selector after a shortage, before accept() is tried again
 PAUSE_OVER = 1.0  # seconds without a shortage before a pause counts as over
 

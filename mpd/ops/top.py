@@ -24,7 +24,7 @@ import tty
 from collections.abc import Iterator
 from typing import Any, Callable, TextIO
 
-from mpd.ops import humane
+from mpd.ops import tables
 
 Reply = dict[str, Any]
 Send = Callable[..., Reply]  # send("status", usage=True) -> the reply
@@ -70,7 +70,7 @@ def frame(now: Sample, before: Sample | None) -> list[str]:
     """The lines of one frame."""
     m, totals = now.reply["master"], now.reply["totals"]
     head = [f"mpd {m['version']}  pid {m['pid']}  {m['state']}  up "
-            f"{humane.duration(m['uptime'])}  workers {m['ready']}/{m['workers']} ready  "
+            f"{tables.duration(m['uptime'])}  workers {m['ready']}/{m['workers']} ready  "
             f"clients {totals.get('clients', 0)}  master CPU "
             f"{master_cpu(now, before)}  RSS {size(m.get('rss'))}",
             f"since start: requests {totals['requests']}  hand-offs {totals['adopted']}  "
@@ -79,9 +79,9 @@ def frame(now: Sample, before: Sample | None) -> list[str]:
     rows = [[str(w["slot"]), str(w["pid"]), w["state"], str(w["clients"]),
              rate(now, before, w["pid"], "requests"), rate(now, before, w["pid"], "adopted"),
              rate(now, before, w["pid"], "cpu_seconds", 100.0), size(w.get("rss")),
-             str(w["restarts"]), humane.duration(w["uptime"])]
+             str(w["restarts"]), tables.duration(w["uptime"])]
             for w in now.reply["workers"]]
-    return head + humane.table(COLUMNS, rows)
+    return head + tables.table(COLUMNS, rows)
 
 
 def master_cpu(now: Sample, before: Sample | None) -> str:

@@ -1,15 +1,13 @@
-"""What /proc says about a process: state, parent, CPU seconds, start time, memory, fds,
-children. Linux only, standard library only, and importing nothing else from mpd, so that
-the benchmark driver (which runs on the bare standard library) and the tests share it, and
-metrics can sample the master and its workers without a dependency.
+"""What /proc/PID/stat says about a process: state, parent, CPU seconds, start time, RSS,
+from one read; the master samples its workers with it for `status --usage` and the
+metrics. Linux only, standard library only, and importing nothing else from mpd, so that
+the benchmarks' and tests' /proc kit (scripts/bench/procfs.py) builds on it.
 
-Every function takes a pid; one that has gone raises ProcessLookupError unless it says
-otherwise. A zombie still has a /proc entry: `alive` is False for it, `stat` still reads.
+A pid that has gone raises ProcessLookupError; a zombie still has a /proc entry and reads.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import NamedTuple
 
@@ -26,22 +24,14 @@ class Stat(NamedTuple):
     user_seconds: float  # utime: its own, not its reaped children's
     system_seconds: float  # stime: in the kernel on its behalf (most of a socket's cost)
     start_time: float  # seconds after boot (with a pid, tells a reused pid apart)
-    rss: int  # bytes resident (RSS, as the kernel counts it; cheap, unlike `memory`)
+    rss: int  # bytes resident (RSS, as the kernel counts it; cheap, unlike smaps)
 
     @property
     def cpu_seconds(self) -> float:
         return self.user_seconds + self.system_seconds
 
 
-class Memory(NamedTuple):
-    """Bytes, from smaps_rollup (or smaps on kernels before 4.14)."""
-
-    rss: int
-    pss: int  # shared pages split between the processes that map them
-    uss: int  # Private_Clean + Private_Dirty: what the process alone holds
-
-
-def _read(path: str, pid: int) -> str:
+def read(path: str, pid: int) -> str:
     try:
         with open(path) as f:
             return f.read()
@@ -50,7 +40,7 @@ def _read(path: str, pid: int) -> str:
 
 
 def stat(pid: int) -> Stat:
-    text = _read(f"/proc/{pid}/stat", pid)
+    text = read(f"/proc/{pid}/stat", pid)
     # The command name sits in parentheses and may hold spaces or ")": split at the last.
     fields = text.rsplit(")", 1)[1].split()
     return Stat(pid=pid, state=fields[0], ppid=int(fields[1]),
@@ -58,103 +48,3 @@ def stat(pid: int) -> Stat:
                 system_seconds=int(fields[12]) / CLK_TCK,  # field 15
                 start_time=int(fields[19]) / CLK_TCK,  # field 22
                 rss=int(fields[21]) * PAGE_SIZE)  # field 24
-
-
-def alive(pid: int) -> bool:
-    """True while pid exists and is not a zombie."""
-    try:
-        return stat(pid).state != "Z"
-    except ProcessLookupError:
-        return False
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of pid."""
-    return stat(pid).cpu_seconds
-
-
-def total_cpu_seconds(pids: list[int]) -> float:
-    """utime + stime summed over pids, leaving out those that have gone."""
-    total = 0.0
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            total += stat(pid).cpu_seconds
-    return total
-
-
-def start_time(pid: int) -> float:
-    """When pid started, in seconds after boot."""
-    return stat(pid).start_time
-
-
-def memory(pid: int) -> Memory:
-    """RSS, PSS and USS of pid, in bytes. smaps_rollup walks the page tables: costlier than
-    `stat(pid).rss`, so sample it, do not poll it."""
-    try:
-        text = _read(f"/proc/{pid}/smaps_rollup", pid)
-    except ProcessLookupError:
-        if not os.path.exists(f"/proc/{pid}"):
-            raise
-        text = _read(f"/proc/{pid}/smaps", pid)  # no smaps_rollup: sum the mappings
-    values = {"Rss": 0, "Pss": 0, "Private_Clean": 0, "Private_Dirty": 0}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[2] == "kB":
-            name = parts[0].rstrip(":")
-            if name in values:
-                values[name] += int(parts[1]) * 1024
-    return Memory(rss=values["Rss"], pss=values["Pss"],
-                  uss=values["Private_Clean"] + values["Private_Dirty"])
-
-
-def fd_count(pid: int) -> int:
-    """Open file descriptors of pid."""
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except (FileNotFoundError, ProcessLookupError):
-        raise ProcessLookupError(pid) from None
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of pid (zombies included): /proc/PID/task/*/children, or a scan of
-    every process's parent where the kernel lacks that file (CONFIG_PROC_CHILDREN)."""
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except (FileNotFoundError, ProcessLookupError):
-        raise ProcessLookupError(pid) from None
-    out: list[int] = []
-    found = False
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(p) for p in f.read().split()]
-            found = True
-        except (FileNotFoundError, ProcessLookupError):
-            pass
-    return out if found else [s.pid for s in _all_stats() if s.ppid == pid]
-
-
-def tree(pid: int) -> list[int]:
-    """pid and its descendants, parents before their children; [] if pid has gone."""
-    pids: list[int] = []
-    todo = [pid]
-    while todo:
-        p = todo.pop()
-        with contextlib.suppress(ProcessLookupError):
-            todo += children(p)
-            pids.append(p)
-    return pids
-
-
-def zombies_of(pid: int) -> list[int]:
-    """Children of pid that have exited and wait to be reaped."""
-    return [s.pid for s in _all_stats() if s.ppid == pid and s.state == "Z"]
-
-
-def _all_stats() -> list[Stat]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(ProcessLookupError):
-                out.append(stat(int(entry)))
-    return out

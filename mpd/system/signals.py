@@ -45,7 +45,7 @@ class SignalQueue:
     def fileno(self) -> int:
         return self._reader.fileno()
 
-    def drain(self) -> list[signal.Signals]:
+    def read_out(self) -> list[signal.Signals]:
         """The signals that arrived since the last call, in order."""
         received: list[signal.Signals] = []
         while True:
@@ -61,7 +61,7 @@ class SignalQueue:
     def dispatch(self) -> None:
         """Run the reaction to every signal that arrived, in order; each inside a boundary:
         a bug in one reaction is logged, and the next signal is handled."""
-        for sig in self.drain():
+        for sig in self.read_out():
             try:
                 self.handlers[sig]()
             except Exception as e:  # noqa: BLE001 - a signal must not end the process

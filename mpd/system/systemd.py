@@ -1,19 +1,16 @@
 """The few systemd interfaces mpd speaks, written by hand (each is a few lines):
-sd_notify (READY, STATUS, RELOADING, STOPPING, WATCHDOG), socket activation
-(LISTEN_FDS), and journald's native protocol for structured fields."""
+sd_notify (READY, STATUS, RELOADING, STOPPING, WATCHDOG) and socket activation
+(LISTEN_FDS). journald's native protocol is the logs' (mpd/logs/journal.py)."""
 
 from __future__ import annotations
 
-import functools
 import os
 import socket
-import struct
 import time
 from typing import Callable
 
 SD_LISTEN_FDS_START = 3
 STATUS_EVERY = 1.0  # seconds between STATUS= updates, at most
-JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 
 def _address(name: str) -> str | bytes:
@@ -112,49 +109,3 @@ def listen_fds() -> list[socket.socket]:
         os.set_inheritable(fd, False)
         sockets.append(socket.socket(fileno=fd))
     return sockets
-
-
-def journal_stream_connected(fd: int = 1) -> bool:
-    """True when `fd` is the stream systemd connected to journald (JOURNAL_STREAM)."""
-    expected = os.environ.get("JOURNAL_STREAM", "")
-    if ":" not in expected:
-        return False
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return False
-    return expected == f"{st.st_dev}:{st.st_ino}"
-
-
-@functools.lru_cache(maxsize=4096)  # events use a few dozen names; built char by char
-def journal_field_name(name: str) -> str:
-    """A valid journal field name: upper case letters, digits, underscores, no leading _."""
-    cleaned = "".join(c if c.isalnum() else "_" for c in name.upper()).lstrip("_")
-    return cleaned[:64] or "FIELD"
-
-
-def journal_entry(fields: list[tuple[str, str]]) -> bytes:
-    """Serialise fields in journald's native format (binary-safe for multi-line values)."""
-    out = bytearray()
-    for name, value in fields:
-        data = value.encode("utf-8", "replace")
-        if b"\n" in data:
-            out += name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
-        else:
-            out += name.encode() + b"=" + data + b"\n"
-    return bytes(out)
-
-
-class JournalSender:
-    """Sends entries to journald's native socket; False when it cannot (caller falls back)."""
-
-    def __init__(self, path: str = JOURNAL_SOCKET):
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-
-    def send(self, fields: list[tuple[str, str]]) -> bool:
-        try:
-            self.sock.sendto(journal_entry(fields), self.path)
-        except OSError:
-            return False
-        return True

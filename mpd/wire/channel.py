@@ -21,8 +21,7 @@ MAX_FDS = 64  # fds one message may carry (a chunk of a group's move carries its
 MAX_QUEUE = 100_000  # queued messages before the peer counts as gone
 VERSIONS = (legacy.VERSION, VERSION)  # what a channel can speak: the release before's too
 FD_SIZE = array.array("i").itemsize
-# Plain ints, looked up once: socket's flags are IntFlag enums, and operators on them cost
-# a microsecond a message.
+# Plain ints, looked up once: socket's flags are IntFlag enums, slow to combine per message.
 RECV_FLAGS = int(socket.MSG_CMSG_CLOEXEC)
 TRUNCATED = int(socket.MSG_CTRUNC | socket.MSG_TRUNC)
 DATA_TRUNCATED = int(socket.MSG_TRUNC)

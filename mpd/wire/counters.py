@@ -1,7 +1,7 @@
 """What a worker counts and reports in its heartbeat (STATS), and what the master counts
 beside it: one table, as HAProxy defines every statistic once in stat_fields[]. The worker's
 stats dict (zeroed), the master's totals (tally.py), `mpdctl status` (commands.py), the
-`mpd.stats` line (observers.py) and the Prometheus families (metrics.py) all read it, so a
+`mpd.stats` line (ops/statsline.py) and the Prometheus families (metrics.py) all read it, so a
 new counter is one line here.
 
 A counter only grows over a worker's life; the master adds up dead and living workers'

@@ -21,6 +21,7 @@ from mpd.wire.messages import (
     Routes,
     Stats,
     Stop,
+    json_meta,
 )
 from mpd.wire.peer import NO_PEER, PEER, pack_peer, unpack_peer
 
@@ -54,12 +55,7 @@ def decode(data: bytes, fds: list[int]) -> Message:
                          None if peer == NO_PEER else unpack_peer(peer), sent_ns,
                          None, 0, rank, False, rank > 0)
     elif kind in (Kind.HELLO, Kind.STATS):
-        try:
-            meta = json.loads(data[HEADER.size:end])
-        except ValueError as e:
-            raise ValueError(f"bad JSON meta: {e}") from None
-        if not isinstance(meta, dict):
-            raise ValueError("meta is not a JSON object")
+        meta = json_meta(data, end)
         message = (Hello.from_fields(meta) if kind == Kind.HELLO
                    else Stats.from_fields({"values": meta}))
     else:

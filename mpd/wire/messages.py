@@ -85,6 +85,17 @@ def key_from_json(value: Any) -> Key | None:
 
 # --- messages with JSON fields ----------------------------------------------------------------
 
+def json_meta(data: bytes, meta_end: int) -> dict[str, Any]:
+    """A message's meta as a JSON object; ValueError saying what is wrong with it."""
+    try:
+        meta = json.loads(data[HEADER.size:meta_end])
+    except ValueError as e:
+        raise ValueError(f"bad JSON meta: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError("meta is not a JSON object")
+    return meta
+
+
 class JsonMessage(Message):
     """A dataclass whose fields are its JSON meta. Types are checked on decode: a field
     whose default is an int must be an int, and so on."""
@@ -98,13 +109,7 @@ class JsonMessage(Message):
 
     @classmethod
     def decode(cls, data: bytes, meta_end: int, version: int) -> Message:
-        try:
-            meta = json.loads(data[HEADER.size:meta_end])
-        except ValueError as e:
-            raise ValueError(f"bad JSON meta: {e}") from None
-        if not isinstance(meta, dict):
-            raise ValueError("meta is not a JSON object")
-        return cls.from_fields(meta)
+        return cls.from_fields(json_meta(data, meta_end))
 
     @classmethod
     def from_fields(cls, meta: dict[str, Any]) -> Message:

@@ -159,7 +159,7 @@ class Acceptor:
         log.warning("worker.accept_paused", reason=reason, clients=len(self.clients.conns),
                     max_clients=self.max_clients)
 
-    def upkeep(self, now: float, round_seconds: float) -> None:
+    def each_round(self, now: float, round_seconds: float) -> None:
         """Once a round: follow the fd limit; a pause is over only when accepting went on
         for a whole round (a retry after EMFILE turns accepting on in this very turn,
         before any accept() could fail again)."""

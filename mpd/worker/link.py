@@ -16,8 +16,8 @@ from typing import Any, Protocol, Union
 
 from mpd import __version__
 from mpd.config import schema as configmod
-from mpd.config.reloading import reload_config
 from mpd.logs import log as logmod
+from mpd.reloading import reload_config
 from mpd.system.signals import SignalQueue
 from mpd.system.systemd import Notifier
 from mpd.wire.channel import Channel, ChannelClosed
@@ -32,7 +32,7 @@ INF = float("inf")
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 
 
-class Worker(Protocol):
+class WorkerView(Protocol):
     """What a link may ask of the worker it serves."""
     config: configmod.Config
 
@@ -61,7 +61,7 @@ class MasterLink:
         self.epoll = epoll
         epoll.register(self.fileno(), IN)
 
-    def signals(self, worker: Worker) -> SignalQueue:
+    def signals(self, worker: WorkerView) -> SignalQueue:
         # The master coordinates INT (Ctrl-C hits the whole process group), HUP, TTIN, TTOU,
         # USR1 (a log reopen comes as REOPEN_LOGS: `systemctl kill -s USR1` without
         # --kill-whom=main must not end a worker).
@@ -141,7 +141,7 @@ class StandaloneLink:
     def boot(self, _epoll: Any) -> None:
         pass
 
-    def signals(self, worker: Worker) -> SignalQueue:
+    def signals(self, worker: WorkerView) -> SignalQueue:
         return SignalQueue({signal.SIGTERM: worker.stop, signal.SIGINT: worker.stop,
                             signal.SIGQUIT: worker.quit,
                             signal.SIGHUP: lambda: self.reload(worker),
@@ -154,7 +154,7 @@ class StandaloneLink:
         log.error("upgrade.failed", error="single-process mode (workers = 0) cannot upgrade "
                   "in place: restart mpd to run the new code")
 
-    def reload(self, worker: Worker) -> None:
+    def reload(self, worker: WorkerView) -> None:
         """SIGHUP: the same check as the master's reload; the worker takes what it can live."""
         self.notifier.reloading()
         new = reload_config(worker.config)

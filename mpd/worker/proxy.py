@@ -24,8 +24,6 @@ import socket
 import struct
 from typing import NamedTuple, Union
 
-Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # bytes of the longest v1 line, CRLF included ("PROXY UNKNOWN" + two IPv6...)
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -292,14 +290,3 @@ def _v1_port(text: bytes, which: str) -> int:
                          "65535 without leading zeros")
     return int(text)
 
-
-def network(entry: str) -> Network:
-    """One `server.proxy_from` entry: an address ("127.0.0.1", "::1") or a network
-    ("10.0.0.0/8"); raises ValueError saying what is wrong."""
-    try:
-        return ipaddress.ip_network(entry, strict=True)
-    except ValueError as e:
-        if "has host bits set" in str(e):
-            loose = ipaddress.ip_network(entry, strict=False)
-            raise ValueError(f"{entry!r} has host bits set; the network is {loose}") from None
-        raise ValueError(f"{entry!r} is not an IP address or network") from None

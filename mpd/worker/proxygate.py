@@ -15,9 +15,10 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from mpd.config.checks import network
 from mpd.logs import log as logmod
 from mpd.wire.peer import format_peer
-from mpd.worker.proxy import Address, ProxyError, ProxyHeader, network
+from mpd.worker.proxy import Address, ProxyError, ProxyHeader
 
 log = logmod.get_logger()
 

@@ -48,7 +48,7 @@ from mpd.worker.timers import Timers
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 INF = float("inf")
 NO_ROUTES = Routes(0, ())  # single-process mode: every key is ours
-LOG_DRAIN = 0.5  # seconds an exiting worker may wait for its last log lines
+LOG_WRITE_OUT = 0.5  # seconds an exiting worker may wait for its last log lines
 
 log = logmod.get_logger()
 
@@ -248,7 +248,7 @@ class Worker:
             self.report()
         if now >= self.next_round:
             self.next_round = now + ROUND
-            self.acceptor.upkeep(now, ROUND)
+            self.acceptor.each_round(now, ROUND)
             self.timeouts.sweep(now)
         if self.proxy is not None and now >= self.proxy.next_due():
             self.proxy.expire(now)
@@ -398,7 +398,7 @@ class Worker:
         self.signals.close()
         self.epoll.close()
         log.info("worker.stopped", **self.stats)
-        logmod.drain(LOG_DRAIN)  # its last lines, if the sink is slow; bounded
+        logmod.write_out(LOG_WRITE_OUT)  # its last lines, if the sink is slow; bounded
 
 
 def slot_table(message: msg.Routes) -> Routes | None:

@@ -1,5 +1,5 @@
 """What every part of the benchmark driver shares: paths, CPUs, progress lines, the /proc
-helpers (mpd.procfs, which needs nothing but the standard library), statistics, ratios and
+helpers (procfs.py, which needs nothing but the standard library), statistics, ratios and
 the report's tables. Standard library only."""
 
 from __future__ import annotations
@@ -14,12 +14,8 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-if str(ROOT) not in sys.path:
-    # mpd.procfs from this checkout, ahead of any installed mpd (an editable install of
-    # another worktree, say); it imports nothing beyond the standard library.
-    sys.path.insert(1, str(ROOT))
 
-from mpd.system import procfs as procfs  # noqa: E402 - re-exported: the driver's /proc helpers
+import procfs as procfs  # noqa: E402 - re-exported: the driver's /proc helpers
 
 T0 = time.monotonic()
 ALL_CPUS = sorted(os.sched_getaffinity(0))  # before the driver moves off the pinned CPU

@@ -25,6 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 from mpd.logs import log as logmod  # noqa: E402
 from mpd.system import systemd  # noqa: E402
 
+try:
+    from mpd.logs import journal as journalmod  # noqa: E402
+except ImportError:  # an older mpd: journald's protocol was in mpd/system/systemd.py
+    journalmod = systemd
+
 NUMBER = 200_000
 FIELDS = {"key": 123456789, "from_slot": 0, "from_pid": 4242, "to_slot": 1, "to_pid": 4343,
           "carried": 23, "latency_us": 42}
@@ -49,8 +54,9 @@ def journal_line() -> float:
     reader.setblocking(False)
     st = os.fstat(1)
     os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
-    systemd.JOURNAL_SOCKET = path
-    systemd.JournalSender.__init__.__defaults__ = (path,)  # older mpd: a blocking sender
+    journalmod.JOURNAL_SOCKET = path
+    if hasattr(systemd, "JournalSender"):  # an older mpd: a blocking sender
+        systemd.JournalSender.__init__.__defaults__ = (path,)
     logmod.configure("info", "auto" if hasattr(logmod, "prepare") else "json", "stdout", "")
     logmod.set_role("worker", 1)
     log = logmod.get_logger()

@@ -44,7 +44,7 @@ STATE_VERSION = 2  # the layout below; a master refuses to exec code that cannot
 STATE_VERSIONS = (1, 2)  # what restore() reads: the release before wrote 1
 
 
-class Master(Protocol):
+class StateView(Protocol):
     """What of the master its state is made of."""
     config: Config
     listener: socket.socket
@@ -63,7 +63,7 @@ class Master(Protocol):
     moves: Moves
 
 
-def capture(master: Master) -> tuple[dict[str, Any], list[int]]:
+def capture(master: StateView) -> tuple[dict[str, Any], list[int]]:
     """The state and the fds it names (to keep open across the exec)."""
     assert master.control is not None  # single-process mode does not upgrade in place
     fds = [master.listener.fileno(), master.control.sock.fileno()]
@@ -152,7 +152,7 @@ def inherited_socket(state: dict[str, Any], name: str) -> socket.socket | None:
     return sock
 
 
-def restore(master: Master, state: dict[str, Any]) -> None:
+def restore(master: StateView, state: dict[str, Any]) -> None:
     """Put the old master's workers, histories and held clients into this master."""
     master.generation = state["generation"] + 1  # this code is the next generation
     master.started = state["started"]

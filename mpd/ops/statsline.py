@@ -16,7 +16,6 @@ from typing import Any, Protocol
 
 from mpd.config.schema import Config
 from mpd.logs import log as logmod
-from mpd.master.tally import Tally
 from mpd.wire import counters, latency
 
 # The interval's counts in mpd.stats: field -> the counter(s) of the snapshot's totals
@@ -25,15 +24,20 @@ SUMMED = {**counters.summed(), "restarts": ("restarts",)}
 log = logmod.get_logger()
 
 
-class Master(Protocol):
+class Peaks(Protocol):
+    def take_peak(self) -> int: ...  # the longest hand-off since the last call, in us
+
+
+class StatsView(Protocol):
+    """What the stats line reads of the master."""
     config: Config
-    tally: Tally
+    tally: Peaks
 
     def snapshot(self, usage: bool = False) -> dict[str, Any]: ...
 
 
 class StatsLine:
-    def __init__(self, master: Master):
+    def __init__(self, master: StatsView):
         self.master = master
         self.next_stats = 0.0  # when the next mpd.stats is due (0: not scheduled)
         self.last: tuple[float, dict[str, int], list[int]] = (0.0, {}, [])  # at the last one

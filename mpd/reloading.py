@@ -5,9 +5,9 @@ the caller's part (the master tells its workers; a single process applies it its
 
 from __future__ import annotations
 
+from mpd.config import access
 from mpd.config import schema as configmod
 from mpd.logs import log as logmod
-from mpd.ops import access
 
 log = logmod.get_logger()
 
