@@ -141,6 +141,9 @@ def test_keyless_clients_of_a_retiring_worker_move_on_a_scale_down(mpd_factory):
         "workers = 2", "workers = 1").replace("max_clients = 3", "max_clients = 10"))
     server.signal(signal.SIGHUP)
     server.wait_event("worker.exited", worker_pid=slot_pids(server)[1])
+    # The master may read the retiring worker's last HANDOFFs after it saw it exit.
+    wait_until(lambda: len(server.events("fd.dispatched", from_slot=1)) >= 3,
+               what="the retiring worker's three clients dispatched")
     moved = server.events("fd.dispatched", from_slot=1)
     assert len(moved) == 3 and all(e["key"] is None for e in moved)
     assert all(e["to_slot"] == 0 for e in moved)
