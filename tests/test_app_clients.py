@@ -1,0 +1,95 @@
+"""The clients shipped for people to try rooms and relay (`python -m mpd.apps.rooms_client`,
+`python -m mpd.apps.relay_client`), run as a user runs them: subprocesses with their stdin
+and stdout, against a real mpd."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, wait_until
+from test_apps import mpdctl
+
+
+def client(module: str, port: int, *args: str, stdin=subprocess.PIPE,
+           stdout=subprocess.PIPE) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", f"mpd.apps.{module}", "--port", str(port),
+                             *args], stdin=stdin, stdout=stdout, stderr=subprocess.PIPE,
+                            cwd=ROOT)
+
+
+def members(server, key: str) -> int | None:
+    return json.loads(mpdctl(server, "--json", "where", key).stdout).get("members")
+
+
+def test_rooms_client_sends_stdin_lines_to_the_room_and_prints_the_others(mpd_factory):
+    server = mpd_factory({"server": {"protocol": "rooms"}, "workers": {"workers": 2}})
+    alice = client("rooms_client", server.port, "lobby")
+    assert alice.stderr.readline() == b"joined 'lobby' (1 member)\n"
+    bob = client("rooms_client", server.port, "lobby")
+    assert bob.stderr.readline() == b"joined 'lobby' (2 members)\n"
+    alice.stdin.write(b"hello\nfrom alice\n")
+    alice.stdin.flush()
+    assert bob.stdout.readline() == b"hello\n" and bob.stdout.readline() == b"from alice\n"
+    # The end of bob's stdin: he leaves, and his client exits once the server closed.
+    out, err = bob.communicate(b"hi alice, no newline at the end",  # the client ends the line
+                               timeout=20)
+    assert bob.returncode == 0 and out == b"" and err == b"", err
+    assert alice.stdout.readline() == b"hi alice, no newline at the end\n"
+    out, err = alice.communicate(b"", timeout=20)
+    assert alice.returncode == 0 and out == b"" and err == b"", err
+
+
+def test_relay_client_publishes_stdin_and_plays_the_stream_to_stdout(mpd_factory,
+                                                                     tmp_path: Path):
+    server = mpd_factory({"server": {"protocol": "relay"}, "workers": {"workers": 2}})
+    recording = tmp_path / "recording"
+    recording.write_bytes(os.urandom(3 << 20))
+    outputs = [tmp_path / f"copy{n}" for n in range(3)]
+    players = []
+    for path in outputs:
+        with open(path, "wb") as out:
+            players.append(client("relay_client", server.port, "play", "cam1",
+                                  stdin=subprocess.DEVNULL, stdout=out))
+    wait_until(lambda: members(server, "cam1") == 3, what="3 players in cam1")
+    first = client("relay_client", server.port, "publish", "cam1", stdout=subprocess.DEVNULL)
+    wait_until(lambda: members(server, "cam1") == 4, what="the publisher in cam1")
+    second = client("relay_client", server.port, "publish", "cam1", stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL)
+    _, err = second.communicate(timeout=20)
+    assert second.returncode == 1
+    assert err.decode().splitlines() == [
+        f"python -m mpd.apps.relay_client: 127.0.0.1:{server.port} refused: "
+        "error: stream has a publisher"]
+    with open(recording, "rb") as source:  # the first publisher's stdin: a file
+        while chunk := source.read(1 << 20):
+            first.stdin.write(chunk)
+    _, err = first.communicate(timeout=30)  # its stdin ends: so does the stream
+    assert first.returncode == 0, err
+    for player, path in zip(players, outputs):
+        _, err = player.communicate(timeout=30)
+        assert player.returncode == 0, err
+        assert path.read_bytes() == recording.read_bytes()
+
+
+def test_a_client_that_cannot_join_says_why_in_one_line(mpd_factory):
+    server = mpd_factory({"server": {"protocol": "rooms"}, "workers": {"workers": 1}})
+    wrong = client("relay_client", server.port, "play", "cam1")  # relay's frame to rooms
+    _, err = wrong.communicate(timeout=20)
+    assert wrong.returncode == 1
+    assert err.decode().splitlines() == [
+        f"python -m mpd.apps.relay_client: 127.0.0.1:{server.port} refused: error: expected "
+        "J, a length byte (1-255) and a room name"]
+    server.stop()  # nothing listens there now
+    gone = client("rooms_client", server.port, "lobby")
+    _, err = gone.communicate(timeout=20)
+    assert gone.returncode == 1
+    assert err.decode().splitlines() == [
+        f"python -m mpd.apps.rooms_client: cannot connect to 127.0.0.1:{server.port}: "
+        "Connection refused"]
+    long_name = client("rooms_client", server.port, "x" * 256)
+    _, err = long_name.communicate(timeout=20)
+    assert long_name.returncode == 1 and b"1 to 255 bytes" in err
