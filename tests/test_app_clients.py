@@ -93,3 +93,20 @@ def test_a_client_that_cannot_join_says_why_in_one_line(mpd_factory):
     long_name = client("rooms_client", server.port, "x" * 256)
     _, err = long_name.communicate(timeout=20)
     assert long_name.returncode == 1 and b"1 to 255 bytes" in err
+
+
+def test_a_client_the_server_cuts_off_says_so_in_one_line(mpd_factory, tmp_path: Path):
+    server = mpd_factory({"server": {"protocol": "rooms"}, "workers": {"workers": 1},
+                          "app": {"max_line": 16}})
+    flood = tmp_path / "flood"
+    flood.write_bytes(b"x" * (4 << 20))  # one endless line: a protocol error at 16 bytes
+    with open(flood, "rb") as stdin:
+        cut = client("rooms_client", server.port, "--quiet", "lobby", stdin=stdin)
+        out, err = cut.communicate(timeout=30)
+    server.wait_event("client.protocol_error")
+    # The server closed it while the client still sent: EOF first (exit 0) or a reset on
+    # the next send (exit 1, and why); never a traceback.
+    assert out == b"" and len(err.splitlines()) == cut.returncode, err
+    if cut.returncode:
+        assert err.startswith(b"python -m mpd.apps.rooms_client: the server closed the "
+                              b"connection ("), err

@@ -101,13 +101,21 @@ def copy(sock: socket.socket, rest: bytes, source: int | None, sink: int | None,
                     continue
                 data = os.read(source, READ_SIZE)  # type: ignore[arg-type]
                 if data:
-                    sock.sendall(data)
+                    send(sock, data)
                     last = data[-1:]
                     continue
                 if whole_lines and last != b"\n":
-                    sock.sendall(b"\n")
+                    send(sock, b"\n")
                 sel.unregister(source)
                 sock.shutdown(socket.SHUT_WR)
+
+
+def send(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError as e:  # a reset, or EPIPE: the server is done with this connection
+        raise ClientError(f"the server closed the connection ({e.strerror}): it cut "
+                          "this client off, or broke off") from None
 
 
 def write_all(fd: int, data: bytes) -> None:
