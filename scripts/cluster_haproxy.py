@@ -1,7 +1,7 @@
 """HAProxy for scripts/cluster: its config, made from the shipped one
 (packaging/haproxy/mpd.cfg, or rooms.cfg or relay.cfg for those applications: TEMPLATES)
-for hosts on loopback; starting and reloading it; and its
-view of the hosts through the runtime API."""
+for hosts on loopback; starting and reloading it; and its view of the hosts through the
+runtime API."""
 
 from __future__ import annotations
 
