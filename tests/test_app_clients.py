@@ -64,9 +64,14 @@ def test_relay_client_publishes_stdin_and_plays_the_stream_to_stdout(mpd_factory
     assert err.decode().splitlines() == [
         f"python -m mpd.apps.relay_client: 127.0.0.1:{server.port} refused: "
         "error: stream has a publisher"]
-    with open(recording, "rb") as source:  # the first publisher's stdin: a file
-        while chunk := source.read(1 << 20):
-            first.stdin.write(chunk)
+    # Its stdin goes out as the players take it: a player more than max_output_buffer
+    # behind would be cut off (the relay's promise), and this test is about the clients.
+    data = recording.read_bytes()
+    for sent in range(1 << 18, len(data) + 1, 1 << 18):
+        first.stdin.write(data[sent - (1 << 18):sent])
+        first.stdin.flush()
+        wait_until(lambda s=sent: all(path.stat().st_size >= s for path in outputs),
+                   timeout=30, interval=0.002, what=f"the players at byte {sent}")
     _, err = first.communicate(timeout=30)  # its stdin ends: so does the stream
     assert first.returncode == 0, err
     for player, path in zip(players, outputs):
@@ -93,6 +98,9 @@ def test_a_client_that_cannot_join_says_why_in_one_line(mpd_factory):
     long_name = client("rooms_client", server.port, "x" * 256)
     _, err = long_name.communicate(timeout=20)
     assert long_name.returncode == 1 and b"1 to 255 bytes" in err
+    bad_rate = client("relay_client", server.port, "publish", "--rate", "fast", "cam1")
+    _, err = bad_rate.communicate(timeout=20)
+    assert bad_rate.returncode == 2 and b"'fast' is not bytes a second" in err
 
 
 def test_a_client_the_server_cuts_off_says_so_in_one_line(mpd_factory, tmp_path: Path):

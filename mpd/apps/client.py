@@ -13,6 +13,7 @@ import os
 import selectors
 import socket
 import sys
+import time
 from typing import Callable
 
 DEFAULT_HOST = "127.0.0.1"
@@ -72,12 +73,44 @@ def join(host: str, port: int, frame: bytes) -> tuple[socket.socket, bytes, byte
     return sock, line, rest
 
 
+class Pace:
+    """At most `rate` bytes a second from stdin: a recording played as a live source."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+        self.start = time.monotonic()
+        self.sent = 0
+
+    def chunk(self) -> int:
+        return max(1, min(READ_SIZE, int(self.rate / 20)))  # about 20 sends a second
+
+    def sent_now(self, count: int) -> None:
+        self.sent += count
+        ahead = self.start + self.sent / self.rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)  # the rate asked for; the server's bytes wait meanwhile
+
+
+def rate_argument(text: str) -> float:
+    """Bytes a second: 250000, 500k, 2M (powers of 1000)."""
+    scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1.0)
+    try:
+        rate = float(text[:-1] if scale != 1.0 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not bytes a second (2M, 500k, "
+                                         "250000)") from None
+    if not rate > 0:
+        raise argparse.ArgumentTypeError(f"the rate must be more than 0, got {text!r}")
+    return rate
+
+
 def copy(sock: socket.socket, rest: bytes, source: int | None, sink: int | None,
-         whole_lines: bool = False) -> None:
+         whole_lines: bool = False, pace: Pace | None = None) -> None:
     """Bytes from `source` (an fd: stdin) to the connection and from the connection to
     `sink` (an fd: stdout; None throws them away) until the server closes it. At the
     source's end the connection is half-closed, so the server finishes and closes.
-    `whole_lines`: a last line without its newline gets one (the server reads lines)."""
+    `whole_lines`: a last line without its newline gets one (the server reads lines).
+    `pace`: the source is sent no faster than its rate."""
     if sink is not None and rest:
         write_all(sink, rest)
     # poll, not epoll: stdin may be a regular file (`< recording`), which epoll refuses.
@@ -99,10 +132,12 @@ def copy(sock: socket.socket, rest: bytes, source: int | None, sink: int | None,
                     if sink is not None:
                         write_all(sink, data)
                     continue
-                data = os.read(source, READ_SIZE)  # type: ignore[arg-type]
+                data = os.read(source, pace.chunk() if pace else READ_SIZE)  # type: ignore[arg-type]
                 if data:
                     send(sock, data)
                     last = data[-1:]
+                    if pace is not None:
+                        pace.sent_now(len(data))
                     continue
                 if whole_lines and last != b"\n":
                     send(sock, b"\n")
