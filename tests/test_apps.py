@@ -64,12 +64,18 @@ def mpdctl(server, *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=30, cwd=ROOT)
 
 
+def chat_names(rooms: int, per_room: int) -> list[bytes]:
+    """The room of each of chat()'s members, in the order they join."""
+    names = [b"room-%d" % (n % rooms) for n in range(rooms * per_room)]
+    random.Random(3).shuffle(names)
+    return names
+
+
 def chat(port: int, rooms: int, per_room: int, lines: int = 5) -> list[Member]:
     """Members join their rooms (in shuffled order, so that members of a room arrive on
     every worker), each sends `lines` lines; every member must get every other member's
     lines of its own room exactly once, in each sender's order, and nothing else."""
-    names = [b"room-%d" % (n % rooms) for n in range(rooms * per_room)]
-    random.Random(3).shuffle(names)
+    names = chat_names(rooms, per_room)
     members = [Member(port, name) for name in names]
     for member in members:
         assert member.line().startswith(b"ok ")

@@ -1,6 +1,7 @@
 """rooms with bugs on cue: a line "boom\n" raises in data_received (that member ends), a
 line "hook\n" makes the room's next member_joined raise (that room ends), a line
-"timer\n" arms a room timer that raises (that room ends). Everything else is rooms."""
+"timer\n" arms a room timer that raises (that room ends), a line "ctimer\n" a timer of that
+member's connection that raises (that member ends). Everything else is rooms."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class BuggyMember(rooms.Member):
     def data_received(self, data: bytes) -> None:
         if self.joined:
             for cue, act in ((b"boom\n", self.boom), (b"hook\n", self.arm),
-                             (b"timer\n", self.timer)):
+                             (b"ctimer\n", self.ctimer), (b"timer\n", self.timer)):
                 if cue in data:
                     data = data.replace(cue, b"")
                     act()
@@ -43,6 +44,12 @@ class BuggyMember(rooms.Member):
 
     def timer(self) -> None:
         self.transport.group.call_later(0.05, self.transport.group.fire)
+
+    def ctimer(self) -> None:
+        self.transport.call_later(0.05, self.fire)
+
+    def fire(self) -> None:
+        raise RuntimeError("a bug in a connection's timer")
 
 
 def application() -> Application:
