@@ -76,6 +76,7 @@ class Worker:
                                          {"slot": slot, "pid": os.getpid()})
         self.proxy = ProxyPhase(config, clients, self.stats) if config.proxy_protocol else None
         self.acceptor = Acceptor(config, listener, clients)
+        self.acceptor.allowed = hooks.accepts(slot)
         self.handoff = HandOff(app, clients, link, self.stats, slot, routes,
                                self.acceptor.family, self.acceptor.kind)
         self.groups = Groups(app, clients, link, self.stats)

@@ -51,7 +51,7 @@ from typing import Any
 from colo_report import handoff_ratio, load_tables, report_targets, worker_split
 from colo_run import Load, run_rounds
 from colo_servers import ALL_TARGETS, Interpreters, RedisDesign, Skipped, start_mpd, start_target
-from common import PINNED, ROOT, T0, Report, fmt, median, progress
+from common import PINNED, ROOT, T0, Report, fmt, median, progress, ratio
 from harness import Bench, control_request
 from run import machine, prepare
 
@@ -237,7 +237,8 @@ class Colocation:
                 honoured &= accepted == 0
                 splits.append(split)
                 if split:
-                    within.append(split["handed_off"] / split["direct"])
+                    # a worker idle for a short window shows 0 s of CPU (clock ticks): NaN, not 0
+                    within.append(ratio(split["handed_off"], split["direct"]))
                     rows.append([run["round"], run["accepting"], split["direct_rooms"],
                                  split["direct"], split["handed_off_rooms"],
                                  split["handed_off"], within[-1],
