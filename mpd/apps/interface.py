@@ -166,6 +166,8 @@ class Group:
     _members: list[Any]
     _snapshot: tuple[Any, ...] | None
     _host: Any  # the worker's group table (worker/groups.py)
+    _writers: dict[Any, Callable[[Any], None]] | None  # member -> its queue's append
+    _dirty: bool  # a broadcast queued output since the end of the last turn
     _gseq: int  # the newest ADOPT the group took (worker/groups.py)
     _failed: bool  # a hook raised: the group is ending
 
@@ -179,11 +181,21 @@ class Group:
     def broadcast(self, data: bytes, exclude: Any = None) -> None:
         """Write `data` to every member but `exclude`: one buffer, shared by all; each
         member's queue is sent at the end of the loop's turn, in one system call."""
-        if not isinstance(data, bytes):
+        if type(data) is not bytes:
             data = bytes(data)
-        for member in self._members:
-            if member is not exclude:
-                member.write(data)
+        if not data:
+            return
+        # The floor's loop: a reference appended to each member's queue, and the group,
+        # not each member, marked for the end of the turn (which counts the bytes).
+        writers = self._writers
+        if writers is None:
+            writers = self._host.writers(self)
+        for append in writers.values():
+            append(data)
+        if exclude in writers:
+            exclude.outq.pop()  # its own copy, appended last
+        if not self._dirty:
+            self._host.queued(self)
 
     def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Timer:
         """Call callback(*args) in `delay` seconds, unless cancelled or the group ends or

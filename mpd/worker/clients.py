@@ -4,11 +4,12 @@ and serving it outside the loop's inline path: reading, giving bytes to its prot
 object inside a boundary, EOF and half-close, the output queue and its bound, closing.
 
 Output is never written where it is produced: write() queues a reference to the buffer
-and marks the connection dirty, and flush_dirty() sends each dirty connection's queue
-with one sendmsg at the end of the loop's turn. A broadcast to a hundred members is then
-a hundred queue appends and a hundred system calls, however many lines it carried; a
-member that cannot take more is written when epoll says it can (EPOLLOUT), and past
-workers.max_output_buffer it is cut off with a reset (client.overflow).
+and marks the connection dirty, a group's broadcast appends one shared buffer to each
+member's queue and marks the group, and flush_dirty() sends each queue with one sendmsg
+at the end of the loop's turn. A broadcast to a hundred members is then a hundred list
+appends, and a hundred system calls per turn however many lines it carried; a member that
+cannot take more is written when epoll says it can (EPOLLOUT), and past
+workers.max_output_buffer bytes queued it is cut off with a reset (client.overflow).
 
 The worker's other parts are reached through attributes the worker sets (groups, handoff,
 acceptor, timers, proxy)."""
@@ -54,6 +55,7 @@ class Clients:
         self.extra = extra  # get_extra_info()'s worker-wide answers: slot, pid
         self.conns: dict[int, Connection] = {}
         self.dirty: list[Connection] = []  # output queued this turn
+        self.dirty_groups: list[Any] = []  # groups that broadcast this turn (groups.py)
         self.newcomers: dict[int, Connection] = {}  # no frame from them yet (timeouts.py)
         self.lazy = app.stateless is not None  # protocol objects made at the first read
         self.now = 0.0  # the loop's clock, read once a turn
@@ -214,14 +216,38 @@ class Clients:
     # --- writing -------------------------------------------------------------------------
 
     def flush_dirty(self) -> None:
-        """Send what each connection was given this turn (Connection.write)."""
-        dirty, self.dirty = self.dirty, []
-        for conn in dirty:
-            if conn.closing == OVERFLOW:
-                if conn.phase != CLOSED_PHASE:
-                    self.overflowed(conn)
-            elif conn.outq and not conn.mask & OUT and conn.phase < FROZEN:
-                self.flush(conn)
+        """Send what each connection was given this turn (Connection.write), then what
+        each group's members were (Group.broadcast)."""
+        if self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for conn in dirty:
+                if conn.closing == OVERFLOW:
+                    if conn.phase != CLOSED_PHASE:
+                        self.overflowed(conn)
+                elif conn.outq and not conn.mask & OUT and conn.phase < FROZEN:
+                    self.flush(conn)
+        if self.dirty_groups:
+            groups, self.dirty_groups = self.dirty_groups, []
+            for group in groups:
+                group._dirty = False
+                for conn in group.members:  # a snapshot: a failed send closes a member
+                    if conn.outq and conn.phase < FROZEN:
+                        if not conn.mask & OUT:
+                            self.flush(conn)
+                        elif self.queued(conn) > self.max_output:  # behind: still growing
+                            self.overflowed(conn)
+
+    def drop_dirty(self) -> None:
+        """Forget what this turn queued (a flush that failed): written on EPOLLOUT, or
+        with the next turn's output."""
+        for group in self.dirty_groups:
+            group._dirty = False
+        self.dirty, self.dirty_groups = [], []
+
+    def queued(self, conn: Connection) -> int:
+        """The bytes in the connection's queue (broadcasts append without counting)."""
+        conn.outbytes = total = sum(map(len, conn.outq))
+        return total
 
     def flush(self, conn: Connection) -> None:
         """Send as much of the queue as the socket takes, in one system call."""
@@ -235,24 +261,38 @@ class Clients:
             return
         if sent:
             conn.seen = self.now  # it takes what it is sent: not idle
-            conn.outbytes -= sent
-            while sent:
-                first = outq[0]
-                if sent >= len(first):
-                    sent -= len(first)
-                    del outq[0]
+            if len(outq) == 1:
+                if sent == len(outq[0]):
+                    outq.clear()
                 else:
-                    outq[0] = memoryview(first)[sent:]
-                    break
+                    outq[0] = memoryview(outq[0])[sent:]
+            elif sent == sum(map(len, outq)):
+                outq.clear()  # the usual case: all of it, counted in C
+            else:
+                self.sent_part(outq, sent)
         if outq:
-            if conn.outbytes > self.max_output:
+            if self.queued(conn) > self.max_output:
                 self.overflowed(conn)
             elif not conn.mask & OUT:
                 self.watch(conn, out=True)  # the rest when epoll says it can take it
             return
+        conn.outbytes = 0
         if conn.mask & OUT:
             self.watch(conn, out=False)
         self.written(conn)
+
+    @staticmethod
+    def sent_part(outq: list[Any], sent: int) -> None:
+        """Take the `sent` bytes a send took off the front of the queue."""
+        drop = 0
+        for buf in outq:
+            if sent < len(buf):
+                break
+            sent -= len(buf)
+            drop += 1
+        del outq[:drop]
+        if sent:
+            outq[0] = memoryview(outq[0])[sent:]
 
     def written(self, conn: Connection) -> None:
         """Everything due to the connection is out: what was waiting for that now."""
@@ -287,6 +327,8 @@ class Clients:
     def close_when_written(self, conn: Connection, reason: str) -> None:
         if conn.outq:
             conn.closing = reason
+            if conn.group is not None:
+                self.groups.changed(conn.group)  # no more broadcasts to it
             self.watch(conn)
         else:
             self.close(conn, reason)
@@ -348,10 +390,14 @@ class Clients:
                 self.epoll.unregister(conn.fd)
         self.newcomers.pop(conn.fd, None)
         conn.phase, conn.mask = FROZEN, 0
+        if conn.group is not None:
+            self.groups.changed(conn.group)
 
     def thaw(self, conn: Connection) -> None:
         """Served again (a move called off, or a group just restored here)."""
         conn.phase = SERVING
+        if conn.group is not None:
+            self.groups.changed(conn.group)
         self.conns[conn.fd] = conn
         self.epoll.register(conn.fd, 0)
         self.watch(conn, out=False)

@@ -178,7 +178,7 @@ class Worker:
                         else:  # EOF, part of a frame, several frames, a key frame
                             clients.received(conn, view[:n].tobytes())
                 fd = -1
-                if clients.dirty:
+                if clients.dirty or clients.dirty_groups:
                     clients.flush_dirty()
             except Exception as e:  # noqa: BLE001 - the rest of the turn's events come again
                 self.contain(fd, e)  # (level-triggered) at the next poll
@@ -222,7 +222,7 @@ class Worker:
         elif where == "channel":
             self.orphaned()
         elif where == "timers":
-            self.clients.dirty.clear()  # what a failing flush left: written on OUT or never
+            self.clients.drop_dirty()  # what a failing flush left: written on OUT or never
             self.next_heartbeat = max(self.next_heartbeat, now + 1)
             self.next_round = max(self.next_round, now + 1)
             self.stop_deadline = self.stop_deadline and max(self.stop_deadline, now + 1)
