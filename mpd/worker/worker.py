@@ -49,6 +49,7 @@ IN, OUT = select.EPOLLIN, select.EPOLLOUT
 INF = float("inf")
 NO_ROUTES = Routes(0, ())  # single-process mode: every key is ours
 LOG_DRAIN = 0.5  # seconds an exiting worker may wait for its last log lines
+BULK_READ = 262144  # bytes the loop reads at a time for an application without an offer
 
 log = logmod.get_logger()
 
@@ -140,8 +141,12 @@ class Worker:
         nothing pending whose read is one stateless frame (README: design notes)."""
         clients, conns, stats = self.clients, self.clients.conns, self.stats
         poll, monotonic = self.epoll.poll, time.monotonic
-        readv, write, inbox = os.readv, os.write, bytearray(RECV_SIZE)
-        into, view, (end, keyed, reply, size) = (inbox,), memoryview(inbox), self.fast_path()
+        end, keyed, reply, size = self.fast_path()
+        # Without an offer, reads may be bigger: a relay publisher's bulk then costs fewer
+        # turns per byte, and a small read costs what it reads (no allocation per read).
+        readv, write = os.readv, os.write
+        inbox = bytearray(RECV_SIZE if end >= 0 else BULK_READ)
+        into, view = (inbox,), memoryview(inbox)
         requests, log_fd = 0, -1  # requests: published at the timer turn
         now = clients.now = monotonic()
         while self.running and not (clients.stopping and not conns and not self.moves.busy):
@@ -157,7 +162,7 @@ class Worker:
                     conn = conns.get(fd)
                     if conn is None:
                         self.on_other(fd, events, log_fd)
-                    elif events != IN or conn.phase or conn.held or conn.outq:
+                    elif events != IN or conn.phase or conn.held:
                         clients.on_event(conn, events)
                     else:  # the common case: one read, the offer's test inline, one write
                         try:
@@ -165,7 +170,8 @@ class Worker:
                         except OSError as e:
                             clients.read_failed(conn, e)
                             continue
-                        if n and inbox[n - 1] == end and inbox[0] != keyed \
+                        # (output already queued goes first: the reply joins the queue)
+                        if n and inbox[n - 1] == end and not conn.outq and inbox[0] != keyed \
                                 and inbox.find(end, 0, n) == n - 1:
                             conn.seen = now
                             requests += 1
