@@ -190,7 +190,27 @@ class Clients:
         go to it now."""
         if conn.inq and conn.phase == SERVING and not conn.paused:
             data, conn.inq = conn.inq, b""
+            if conn.protocol is None and self.answered(conn, data):
+                return
             self.feed(conn, data)
+
+    def answered(self, conn: Connection, data: bytes) -> bool:
+        """The application's stateless offer for bytes held for a connection with no
+        protocol object yet (a ping carried by a hand-off): one stateless frame gets its
+        reply at once, as the loop's inline path gives it. False: not such a frame."""
+        offer = self.app.stateless
+        if offer is None or len(data) > offer.max_frame or data[-1] != offer.end \
+                or data[0] == offer.keyed or data.find(offer.end) != len(data) - 1:
+            return False
+        conn.seen = self.now
+        self.stats["requests"] += 1
+        try:
+            sent = conn.sock.send(offer.reply)
+        except OSError:  # full (EAGAIN) or failed: the queue tries again
+            sent = 0
+        if sent != len(offer.reply):
+            conn.write(offer.reply[sent:])
+        return True
 
     def end_of_input(self, conn: Connection) -> None:
         """The client half-closed: the protocol's eof_received() says whether to keep the
@@ -344,8 +364,7 @@ class Clients:
             # Unregister first: close() alone leaves the epoll entry live while another
             # copy of the socket exists (the master's copy of a handed-off fd can outlive
             # this exchange), and a dead client's level-triggered HUP would spin the loop.
-            with contextlib.suppress(OSError, ValueError):
-                self.epoll.unregister(conn.fd)
+            self.unwatch(conn.fd)
         self.newcomers.pop(conn.fd, None)
         conn.phase = CLOSED_PHASE
         if reset:
@@ -376,10 +395,15 @@ class Clients:
         accepting)."""
         if self.conns.get(conn.fd) is conn:
             del self.conns[conn.fd]
-            with contextlib.suppress(OSError, ValueError):
-                self.epoll.unregister(conn.fd)
+            self.unwatch(conn.fd)
         self.newcomers.pop(conn.fd, None)
         self.timers.cancel_all(conn)
+
+    def unwatch(self, fd: int) -> None:
+        try:  # noqa: SIM105 - every connection passes here; suppress() costs more
+            self.epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
 
     def freeze(self, conn: Connection) -> None:
         """The connection's group is moving: out of the table and epoll, neither read nor
