@@ -273,7 +273,8 @@ class Clients:
         """Send as much of the queue as the socket takes, in one system call."""
         outq = conn.outq
         try:
-            sent = conn.sock.send(outq[0]) if len(outq) == 1 else conn.sock.sendmsg(outq[:IOV_MAX])
+            sent = conn.sock.send(outq[0]) if len(outq) == 1 else conn.sock.sendmsg(
+                outq if len(outq) <= IOV_MAX else outq[:IOV_MAX])
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as e:
@@ -299,7 +300,8 @@ class Clients:
         conn.outbytes = 0
         if conn.mask & OUT:
             self.watch(conn, out=False)
-        self.written(conn)
+        if conn.phase or conn.closing or self.stopping:  # (served, as usual: nothing waits)
+            self.written(conn)
 
     @staticmethod
     def sent_part(outq: list[Any], sent: int) -> None:
