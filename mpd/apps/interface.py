@@ -65,11 +65,17 @@ class StatelessFrame(NamedTuple):
     starting with `keyed`, from a connection with nothing pending, gets `reply` without a
     call into the protocol. The protocol must answer such a frame the same way, and keep
     its `pending` attribute true while it holds part of a frame. `max_frame` must be at
-    least the loop's read size, so that one read cannot break the frame bound."""
+    least the loop's read size, so that one read cannot break the frame bound.
+
+    With `key_size`, a `keyed` frame is `keyed` + key_size bytes of a little-endian
+    signed int, and a read of a connection with no protocol object yet that starts with
+    one joins that key without a call into the protocol (the protocol must join it the
+    same way); its object is made when a frame that is not stateless comes."""
     end: int
     keyed: int  # a frame that starts with this byte is not stateless (-1: none does)
     reply: bytes
     max_frame: int
+    key_size: int = 0  # 0: the protocol reads keyed frames itself
 
 
 class Timer:

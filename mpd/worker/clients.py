@@ -154,9 +154,10 @@ class Clients:
         """Give bytes to the protocol object; then what it gave back at a join (its
         `rest`), while the connection is still served here."""
         protocol = conn.protocol
-        if protocol is None and not self.made(conn):
-            return
-        protocol = conn.protocol
+        if protocol is None:
+            if self.key_frame(conn, data) or not self.made(conn):
+                return
+            protocol = conn.protocol
         try:
             protocol.data_received(data)
             while conn.inq and conn.phase == SERVING and not conn.paused:
@@ -194,6 +195,26 @@ class Clients:
                 return
             self.feed(conn, data)
 
+    def key_frame(self, conn: Connection, data: bytes) -> bool:
+        """The stateless offer's key frame at the start of a read of a connection with no
+        protocol object yet (ping's `C` frame that the seed's mpclient2 sends first): the
+        connection joins that key without one, and what followed is served as any read.
+        False: not such a frame."""
+        offer = self.app.stateless
+        if offer is None or not offer.key_size or data[0] != offer.keyed \
+                or len(data) <= offer.key_size:
+            return False
+        end = offer.key_size + 1
+        self.handoff.join(conn, int.from_bytes(data[1:end], "little", signed=True), data[end:])
+        conn.seen = self.now
+        if conn.phase == LEAVING:
+            self.handoff.give(conn)
+        elif conn.inq:
+            self.feed_held(conn)
+        elif self.stopping and conn.phase == SERVING:
+            self.close(conn, STOP)
+        return True
+
     def answered(self, conn: Connection, data: bytes) -> bool:
         """The application's stateless offer for bytes held for a connection with no
         protocol object yet (a ping carried by a hand-off): one stateless frame gets its
@@ -202,7 +223,7 @@ class Clients:
         if offer is None or len(data) > offer.max_frame or data[-1] != offer.end \
                 or data[0] == offer.keyed or data.find(offer.end) != len(data) - 1:
             return False
-        conn.seen = self.now
+        conn.seen, conn.held = self.now, False
         self.stats["requests"] += 1
         try:
             sent = conn.sock.send(offer.reply)
@@ -210,6 +231,8 @@ class Clients:
             sent = 0
         if sent != len(offer.reply):
             conn.write(offer.reply[sent:])
+        if self.stopping and conn.phase == SERVING:
+            self.close_when_written(conn, STOP)
         return True
 
     def end_of_input(self, conn: Connection) -> None:
@@ -374,7 +397,8 @@ class Clients:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
         conn.sock.close()
         conn.outq, conn.outbytes = [], 0
-        self.timers.cancel_all(conn)
+        if self.timers.by_owner or self.timers.parked:
+            self.timers.cancel_all(conn)
         if conn.group is not None:
             self.groups.leave(conn, reason)
         if conn.protocol is not None:
@@ -387,7 +411,8 @@ class Clients:
         if self.debug:
             log.debug("client.closed", fd=conn.fd, reason=reason, detail=detail,
                       clients=len(self.conns), client=format_peer(conn.peer))
-        self.acceptor.resume()
+        if not self.acceptor.accepting:
+            self.acceptor.resume()
 
     def forget(self, conn: Connection) -> None:
         """The connection left this worker whole (handed over, or moved with its group):
@@ -399,7 +424,8 @@ class Clients:
             del self.conns[conn.fd]
             self.unwatch(conn.fd)
         self.newcomers.pop(conn.fd, None)
-        self.timers.cancel_all(conn)
+        if self.timers.by_owner or self.timers.parked:
+            self.timers.cancel_all(conn)
 
     def unwatch(self, fd: int) -> None:
         try:  # noqa: SIM105 - every connection passes here; suppress() costs more

@@ -298,8 +298,9 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - one message must not end the worker
             log.exception("channel.error", kind=msg.Kind(message.kind).name,
                           fds=len(message.fds), error=repr(e))
-        close_fds(message.fds)  # what its reaction did not take
-        message.fds = []
+        if message.fds:
+            close_fds(message.fds)  # what its reaction did not take
+            message.fds = []
 
     def orphaned(self) -> None:
         # The master is gone: no one would route, supervise or reap us. Leave now.
