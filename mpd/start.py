@@ -188,6 +188,7 @@ def listening_socket(config: configmod.Config) -> tuple[socket.socket, bool]:
                 log.warning("mpd.socket_mismatch", listen=address[0], port=address[1],
                             config_listen=config.listen, config_port=config.port)
             sock.setblocking(False)
+            tcp.no_delay(sock)  # systemd's .socket sets no NoDelay= by default
             return sock, True
         sock.close()
     return bind(config), False

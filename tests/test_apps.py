@@ -4,6 +4,8 @@ only its connection or group; an application that cannot be loaded refused in on
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import random
@@ -16,8 +18,11 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, wait_until
 
+from mpd.wire import routing
+
 TESTS = Path(__file__).resolve().parent
 APPKIT = {"PYTHONPATH": str(TESTS)}
+PIDFD_GETFD = 438  # the system call's number (the same on every Linux architecture)
 
 
 def join_frame(kind: bytes, name: bytes) -> bytes:
@@ -106,6 +111,65 @@ def test_rooms_deliver_every_line_to_every_other_member_once_in_order(mpd_factor
         wait_until(lambda: sum(w["groups"] for w in json.loads(
             mpdctl(server, "--json", "status").stdout)["workers"]) == 30, what="30 groups")
         assert status["master"]["protocol"] == "rooms"
+    for member in members:
+        member.close()
+
+
+def worker_sockets(pid: int) -> list[socket.socket]:
+    """Copies of the TCP connections worker `pid` holds (pidfd_getfd, as root or its own
+    user): the very sockets it serves, to read their options."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    found = []
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            fd = libc.syscall(PIDFD_GETFD, pidfd, int(name), 0)
+            if fd < 0:
+                continue  # closed meanwhile
+            sock = socket.socket(fileno=fd)
+            if sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM \
+                    and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                found.append(sock)
+            else:
+                sock.close()
+    finally:
+        os.close(pidfd)
+    return found
+
+
+def test_rooms_joined_through_hand_offs_only_when_one_slot_accepts(mpd_factory):
+    # MPD_TEST_ACCEPT_SLOTS=0: slot 1 accepts nobody, so the members of its rooms all
+    # join through a hand-off from slot 0; they are served as any others, and every
+    # client's socket has TCP_NODELAY in the worker that serves it (a broadcast line
+    # does not wait for the ACK of the last one).
+    server = mpd_factory({"server": {"protocol": "rooms"}, "workers": {"workers": 2}},
+                         env={"MPD_TEST_ACCEPT_SLOTS": "0"})
+    rooms = [b"room-%d" % n for n in range(8)]
+    owners = {routing.owner(routing.key_hash(name), (0, 1)) for name in rooms}
+    assert owners == {0, 1}  # both kinds of room: joined directly, and handed off
+    members = chat(server.port, rooms=8, per_room=5)
+
+    def accepted() -> dict[int, int] | None:
+        workers = json.loads(mpdctl(server, "--json", "status").stdout)["workers"]
+        counts = {w["slot"]: w["accepted"] for w in workers}
+        return counts if counts.get(0) == 40 else None
+
+    assert wait_until(accepted, what="slot 0's 40 accepts reported") == {0: 40, 1: 0}
+    pids = {e["worker_slot"]: e["worker_pid"] for e in server.events("worker.spawned")}
+    ports = {m.sock.getsockname()[1] for m in members}
+    for slot, pid in pids.items():
+        held = worker_sockets(pid)
+        try:
+            served = [s for s in held if s.getpeername()[1] in ports]
+            assert len(served) == 5 * sum(1 for name in rooms if routing.owner(
+                routing.key_hash(name), (0, 1)) == slot), slot
+            assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in served)
+        finally:
+            for s in held:
+                s.close()
     for member in members:
         member.close()
 

@@ -286,7 +286,7 @@ def test_the_seeds_mpclient2_with_100_clients_against_4_workers(mpd_factory, tmp
     assert all(e["key"] >= 0 for e in server.events("fd.dispatched"))  # glibc rand()
 
 
-def test_the_inlined_owner_agrees_with_the_ranking():
+def test_the_owner_agrees_with_the_ranking():
     rng = random.Random(12)
     for slots in [(0,), (0, 1), (0, 1, 2, 3), tuple(range(30))]:
         for _ in range(2000):

@@ -65,11 +65,17 @@ class StatelessFrame(NamedTuple):
     starting with `keyed`, from a connection with nothing pending, gets `reply` without a
     call into the protocol. The protocol must answer such a frame the same way, and keep
     its `pending` attribute true while it holds part of a frame. `max_frame` must be at
-    least the loop's read size, so that one read cannot break the frame bound."""
+    least the loop's read size, so that one read cannot break the frame bound.
+
+    With `key_size`, a `keyed` frame is `keyed` + key_size bytes of a little-endian
+    signed int, and a read of a connection with no protocol object yet that starts with
+    one joins that key without a call into the protocol (the protocol must join it the
+    same way); its object is made when a frame that is not stateless comes."""
     end: int
     keyed: int  # a frame that starts with this byte is not stateless (-1: none does)
     reply: bytes
     max_frame: int
+    key_size: int = 0  # 0: the protocol reads keyed frames itself
 
 
 class Timer:
@@ -166,6 +172,8 @@ class Group:
     _members: list[Any]
     _snapshot: tuple[Any, ...] | None
     _host: Any  # the worker's group table (worker/groups.py)
+    _writers: dict[Any, Callable[[Any], None]] | None  # member -> its queue's append
+    _dirty: bool  # a broadcast queued output since the end of the last turn
     _gseq: int  # the newest ADOPT the group took (worker/groups.py)
     _failed: bool  # a hook raised: the group is ending
 
@@ -179,11 +187,21 @@ class Group:
     def broadcast(self, data: bytes, exclude: Any = None) -> None:
         """Write `data` to every member but `exclude`: one buffer, shared by all; each
         member's queue is sent at the end of the loop's turn, in one system call."""
-        if not isinstance(data, bytes):
+        if type(data) is not bytes:
             data = bytes(data)
-        for member in self._members:
-            if member is not exclude:
-                member.write(data)
+        if not data:
+            return
+        # The floor's loop: a reference appended to each member's queue, and the group,
+        # not each member, marked for the end of the turn (which counts the bytes).
+        writers = self._writers
+        if writers is None:
+            writers = self._host.writers(self)
+        for append in writers.values():
+            append(data)
+        if exclude in writers:
+            exclude.outq.pop()  # its own copy, appended last
+        if not self._dirty:
+            self._host.queued(self)
 
     def call_later(self, delay: float, callback: Callable[..., Any], *args: Any) -> Timer:
         """Call callback(*args) in `delay` seconds, unless cancelled or the group ends or

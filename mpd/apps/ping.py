@@ -73,4 +73,5 @@ class Ping(Protocol):
 def application() -> Application:
     return Application(name="ping", protocol=Ping, refusal=REFUSAL,
                        stateless=StatelessFrame(end=0, keyed=KEY_FRAME, reply=REPLY,
-                                                max_frame=MAX_FRAME))
+                                                max_frame=MAX_FRAME,
+                                                key_size=KEY_FRAME_LEN - 1))

@@ -37,6 +37,7 @@ from mpd.ops.agent import AgentServer
 from mpd.ops.control import ControlServer
 from mpd.ops.httpmetrics import MetricsServer
 from mpd.ops.socketfile import SocketFile
+from mpd.system import tcp
 from mpd.wire.channel import Channel
 from mpd.wire.messages import Client, Kind, decode
 
@@ -124,6 +125,7 @@ def sockets_of(state: dict[str, Any]) -> tuple[socket.socket, socket.socket]:
     for sock in (listener, control):
         sock.set_inheritable(False)
         sock.setblocking(False)
+    tcp.no_delay(listener)  # an mpd before TCP_NODELAY may have bound it
     return listener, control
 
 

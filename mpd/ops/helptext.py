@@ -35,7 +35,8 @@ MPD_ENVIRONMENT = (
     ("JOURNAL_STREAM", "stdout is the journal: events go through journald's native protocol"),
     ("XDG_RUNTIME_DIR", "where a non-root mpd puts an \"auto\" control socket"),
     ("MPD_TEST_CRASH_FILE, MPD_TEST_HANG_FILE, MPD_TEST_HOLD_FILE",
-     "fault injection for the test suite only"))
+     "fault injection for the test suite only"),
+    ("MPD_TEST_ACCEPT_SLOTS", "only these slots accept clients (tests and benchmarks only)"))
 
 MPDCTL_ENVIRONMENT = (
     ("MPDCTL_SOCKET", "the control socket to use when --socket is not given (for an mpd of "

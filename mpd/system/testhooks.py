@@ -1,5 +1,5 @@
-"""Fault injection for the test suite, switched on only by environment variables that
-name a trigger file. Unset (as in production), each check is one dict lookup.
+"""Fault injection for the test suite, switched on only by environment variables (most
+name a trigger file). Unset (as in production), each check is one dict lookup.
 
 MPD_TEST_CRASH_FILE  while this file exists, a starting worker exits at once (code 3),
                      as a worker with a broken build would: a crash loop.
@@ -15,6 +15,10 @@ MPD_TEST_MOVE_HOLD_FILE  while this file exists, a worker that reaches the step 
                      yet) or "restore" (the new owner: every chunk in, nothing restored
                      nor acknowledged). It first writes "STEP PID" to FILE.held, so that
                      a test knows who holds (its log lines wait while it holds).
+MPD_TEST_ACCEPT_SLOTS  comma-separated slot numbers: only the workers of these slots
+                     accept clients (the others get theirs through hand-offs), so that
+                     a benchmark can make every member of a room join through another
+                     worker. Unset: every worker accepts.
 MPD_TEST_FAULT       comma-separated places where a bug is simulated (an exception
                      raised): master.stats (each STATS the master handles),
                      master.reload (each reload, by SIGHUP or mpdctl)."""
@@ -29,6 +33,8 @@ HANG_FILE = os.environ.get("MPD_TEST_HANG_FILE")
 HOLD_FILE = os.environ.get("MPD_TEST_HOLD_FILE")
 MOVE_HOLD_FILE = os.environ.get("MPD_TEST_MOVE_HOLD_FILE")
 HOLD_MAX = 60.0  # seconds: a test that forgets the file does not leave a worker for good
+ACCEPT_SLOTS = frozenset(int(s) for s in os.environ.get("MPD_TEST_ACCEPT_SLOTS", "").split(",")
+                         if s.strip().isdigit())
 FAULTS = frozenset(filter(None, os.environ.get("MPD_TEST_FAULT", "").split(",")))
 
 
@@ -39,6 +45,12 @@ class SimulatedBug(Exception):
 def fault(place: str) -> None:
     if place in FAULTS:
         raise SimulatedBug(f"simulated bug at {place} (MPD_TEST_FAULT)")
+
+
+def accepts(slot: int | None) -> bool:
+    """Whether the worker of `slot` accepts clients (MPD_TEST_ACCEPT_SLOTS; single-process
+    mode, slot None, always does)."""
+    return not ACCEPT_SLOTS or slot is None or slot in ACCEPT_SLOTS
 
 
 def crash_requested() -> bool:

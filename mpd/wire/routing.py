@@ -74,18 +74,8 @@ def score(h: int, slot: int) -> int:
 
 
 def owner(h: int, slots: Sequence[int]) -> int:
-    """The slot that owns the key hashed `h` among `slots` (score() inlined: this runs
-    once per keyed client)."""
-    base = ((h << 32) | (h >> 32)) & MASK
-    best_score, best = -1, slots[0]
-    for slot in slots:
-        z = (base ^ (slot & 0xFFFFFFFF)) + GOLDEN & MASK
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
-        z ^= z >> 31
-        if z > best_score:
-            best_score, best = z, slot
-    return best
+    """The slot that owns the key hashed `h` among `slots`: the first of its ranking."""
+    return max(slots, key=lambda slot: score(h, slot))
 
 
 def ranking(h: int, slots: Sequence[int]) -> list[int]:

@@ -36,6 +36,7 @@ class Acceptor:
         self.epoll: Any = None
         self.accepting = False
         self.listening = True  # our copy of the listening socket is open and listens
+        self.allowed = True  # False: this slot does not accept (MPD_TEST_ACCEPT_SLOTS)
         self.retry_at = 0.0  # when to try accepting again after a shortage (0: no wait)
         self.fd_limit = fd_soft_limit()
         self.fds_base = 0  # fds held besides clients: counted at boot
@@ -89,7 +90,8 @@ class Acceptor:
 
     def resume(self) -> None:
         """Accept again if nothing stands in the way (called whenever a client leaves)."""
-        if self.accepting or self.clients.stopping or self.retry_at or not self.listening:
+        if self.accepting or self.clients.stopping or self.retry_at or not self.listening \
+                or not self.allowed:
             return
         if len(self.clients.conns) >= self.max_clients:
             return

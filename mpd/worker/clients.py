@@ -4,11 +4,12 @@ and serving it outside the loop's inline path: reading, giving bytes to its prot
 object inside a boundary, EOF and half-close, the output queue and its bound, closing.
 
 Output is never written where it is produced: write() queues a reference to the buffer
-and marks the connection dirty, and flush_dirty() sends each dirty connection's queue
-with one sendmsg at the end of the loop's turn. A broadcast to a hundred members is then
-a hundred queue appends and a hundred system calls, however many lines it carried; a
-member that cannot take more is written when epoll says it can (EPOLLOUT), and past
-workers.max_output_buffer it is cut off with a reset (client.overflow).
+and marks the connection dirty, a group's broadcast appends one shared buffer to each
+member's queue and marks the group, and flush_dirty() sends each queue with one sendmsg
+at the end of the loop's turn. A broadcast to a hundred members is then a hundred list
+appends, and a hundred system calls per turn however many lines it carried; a member that
+cannot take more is written when epoll says it can (EPOLLOUT), and past
+workers.max_output_buffer bytes queued it is cut off with a reset (client.overflow).
 
 The worker's other parts are reached through attributes the worker sets (groups, handoff,
 acceptor, timers, proxy)."""
@@ -54,6 +55,7 @@ class Clients:
         self.extra = extra  # get_extra_info()'s worker-wide answers: slot, pid
         self.conns: dict[int, Connection] = {}
         self.dirty: list[Connection] = []  # output queued this turn
+        self.dirty_groups: list[Any] = []  # groups that broadcast this turn (groups.py)
         self.newcomers: dict[int, Connection] = {}  # no frame from them yet (timeouts.py)
         self.lazy = app.stateless is not None  # protocol objects made at the first read
         self.now = 0.0  # the loop's clock, read once a turn
@@ -153,9 +155,10 @@ class Clients:
         """Give bytes to the protocol object; then what it gave back at a join (its
         `rest`), while the connection is still served here."""
         protocol = conn.protocol
-        if protocol is None and not self.made(conn):
-            return
-        protocol = conn.protocol
+        if protocol is None:
+            if self.key_frame(conn, data) or not self.made(conn):
+                return
+            protocol = conn.protocol
         try:
             protocol.data_received(data)
             while conn.inq and conn.phase == SERVING and not conn.paused:
@@ -194,7 +197,49 @@ class Clients:
         go to it now."""
         if conn.inq and conn.phase == SERVING and not conn.paused:
             data, conn.inq = conn.inq, b""
+            if conn.protocol is None and self.answered(conn, data):
+                return
             self.feed(conn, data)
+
+    def key_frame(self, conn: Connection, data: bytes) -> bool:
+        """The stateless offer's key frame at the start of a read of a connection with no
+        protocol object yet (ping's `C` frame that the seed's mpclient2 sends first): the
+        connection joins that key without one, and what followed is served as any read.
+        False: not such a frame."""
+        offer = self.app.stateless
+        if offer is None or not offer.key_size or data[0] != offer.keyed \
+                or len(data) <= offer.key_size:
+            return False
+        end = offer.key_size + 1
+        self.handoff.join(conn, int.from_bytes(data[1:end], "little", signed=True), data[end:])
+        conn.seen = self.now
+        if conn.phase == LEAVING:
+            self.handoff.give(conn)
+        elif conn.inq:
+            self.feed_held(conn)
+        elif self.stopping and conn.phase == SERVING:
+            self.close(conn, STOP)
+        return True
+
+    def answered(self, conn: Connection, data: bytes) -> bool:
+        """The application's stateless offer for bytes held for a connection with no
+        protocol object yet (a ping carried by a hand-off): one stateless frame gets its
+        reply at once, as the loop's inline path gives it. False: not such a frame."""
+        offer = self.app.stateless
+        if offer is None or len(data) > offer.max_frame or data[-1] != offer.end \
+                or data[0] == offer.keyed or data.find(offer.end) != len(data) - 1:
+            return False
+        conn.seen, conn.held = self.now, False
+        self.stats["requests"] += 1
+        try:
+            sent = conn.sock.send(offer.reply)
+        except OSError:  # full (EAGAIN) or failed: the queue tries again
+            sent = 0
+        if sent != len(offer.reply):
+            conn.write(offer.reply[sent:])
+        if self.stopping and conn.phase == SERVING:
+            self.close_when_written(conn, STOP)
+        return True
 
     def end_of_input(self, conn: Connection) -> None:
         """The client half-closed: the protocol's eof_received() says whether to keep the
@@ -220,20 +265,45 @@ class Clients:
     # --- writing -------------------------------------------------------------------------
 
     def flush_dirty(self) -> None:
-        """Send what each connection was given this turn (Connection.write)."""
-        dirty, self.dirty = self.dirty, []
-        for conn in dirty:
-            if conn.closing == OVERFLOW:
-                if conn.phase != CLOSED_PHASE:
-                    self.overflowed(conn)
-            elif conn.outq and not conn.mask & OUT and conn.phase < FROZEN:
-                self.flush(conn)
+        """Send what each connection was given this turn (Connection.write), then what
+        each group's members were (Group.broadcast)."""
+        if self.dirty:
+            dirty, self.dirty = self.dirty, []
+            for conn in dirty:
+                if conn.closing == OVERFLOW:
+                    if conn.phase != CLOSED_PHASE:
+                        self.overflowed(conn)
+                elif conn.outq and not conn.mask & OUT and conn.phase < FROZEN:
+                    self.flush(conn)
+        if self.dirty_groups:
+            groups, self.dirty_groups = self.dirty_groups, []
+            for group in groups:
+                group._dirty = False
+                for conn in group.members:  # a snapshot: a failed send closes a member
+                    if conn.outq and conn.phase < FROZEN:
+                        if not conn.mask & OUT:
+                            self.flush(conn)
+                        elif self.queued(conn) > self.max_output:  # behind: still growing
+                            self.overflowed(conn)
+
+    def drop_dirty(self) -> None:
+        """Forget what this turn queued (a flush that failed): written on EPOLLOUT, or
+        with the next turn's output."""
+        for group in self.dirty_groups:
+            group._dirty = False
+        self.dirty, self.dirty_groups = [], []
+
+    def queued(self, conn: Connection) -> int:
+        """The bytes in the connection's queue (broadcasts append without counting)."""
+        conn.outbytes = total = sum(map(len, conn.outq))
+        return total
 
     def flush(self, conn: Connection) -> None:
         """Send as much of the queue as the socket takes, in one system call."""
         outq = conn.outq
         try:
-            sent = conn.sock.send(outq[0]) if len(outq) == 1 else conn.sock.sendmsg(outq[:IOV_MAX])
+            sent = conn.sock.send(outq[0]) if len(outq) == 1 else conn.sock.sendmsg(
+                outq if len(outq) <= IOV_MAX else outq[:IOV_MAX])
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as e:
@@ -241,24 +311,39 @@ class Clients:
             return
         if sent:
             conn.seen = self.now  # it takes what it is sent: not idle
-            conn.outbytes -= sent
-            while sent:
-                first = outq[0]
-                if sent >= len(first):
-                    sent -= len(first)
-                    del outq[0]
+            if len(outq) == 1:
+                if sent == len(outq[0]):
+                    outq.clear()
                 else:
-                    outq[0] = memoryview(first)[sent:]
-                    break
+                    outq[0] = memoryview(outq[0])[sent:]
+            elif sent == sum(map(len, outq)):
+                outq.clear()  # the usual case: all of it, counted in C
+            else:
+                self.sent_part(outq, sent)
         if outq:
-            if conn.outbytes > self.max_output:
+            if self.queued(conn) > self.max_output:
                 self.overflowed(conn)
             elif not conn.mask & OUT:
                 self.watch(conn, out=True)  # the rest when epoll says it can take it
             return
+        conn.outbytes = 0
         if conn.mask & OUT:
             self.watch(conn, out=False)
-        self.written(conn)
+        if conn.phase or conn.closing or self.stopping:  # (served, as usual: nothing waits)
+            self.written(conn)
+
+    @staticmethod
+    def sent_part(outq: list[Any], sent: int) -> None:
+        """Take the `sent` bytes a send took off the front of the queue."""
+        drop = 0
+        for buf in outq:
+            if sent < len(buf):
+                break
+            sent -= len(buf)
+            drop += 1
+        del outq[:drop]
+        if sent:
+            outq[0] = memoryview(outq[0])[sent:]
 
     def written(self, conn: Connection) -> None:
         """Everything due to the connection is out: what was waiting for that now."""
@@ -293,6 +378,8 @@ class Clients:
     def close_when_written(self, conn: Connection, reason: str) -> None:
         if conn.outq:
             conn.closing = reason
+            if conn.group is not None:
+                self.groups.changed(conn.group)  # no more broadcasts to it
             self.watch(conn)
         else:
             self.close(conn, reason)
@@ -308,8 +395,7 @@ class Clients:
             # Unregister first: close() alone leaves the epoll entry live while another
             # copy of the socket exists (the master's copy of a handed-off fd can outlive
             # this exchange), and a dead client's level-triggered HUP would spin the loop.
-            with contextlib.suppress(OSError, ValueError):
-                self.epoll.unregister(conn.fd)
+            self.unwatch(conn.fd)
         self.newcomers.pop(conn.fd, None)
         conn.phase = CLOSED_PHASE
         if reset:
@@ -317,7 +403,8 @@ class Clients:
                 conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RESET_ON_CLOSE)
         conn.sock.close()
         conn.outq, conn.outbytes = [], 0
-        self.timers.cancel_all(conn)
+        if self.timers.by_owner or self.timers.parked:
+            self.timers.cancel_all(conn)
         if conn.group is not None:
             self.groups.leave(conn, reason)
         if conn.protocol is not None:
@@ -330,7 +417,8 @@ class Clients:
         if self.debug:
             log.debug("client.closed", fd=conn.fd, reason=reason, detail=detail,
                       clients=len(self.conns), client=format_peer(conn.peer))
-        self.acceptor.resume()
+        if not self.acceptor.accepting:
+            self.acceptor.resume()
 
     def forget(self, conn: Connection) -> None:
         """The connection left this worker whole (handed over, or moved with its group):
@@ -340,10 +428,16 @@ class Clients:
         accepting)."""
         if self.conns.get(conn.fd) is conn:
             del self.conns[conn.fd]
-            with contextlib.suppress(OSError, ValueError):
-                self.epoll.unregister(conn.fd)
+            self.unwatch(conn.fd)
         self.newcomers.pop(conn.fd, None)
-        self.timers.cancel_all(conn)
+        if self.timers.by_owner or self.timers.parked:
+            self.timers.cancel_all(conn)
+
+    def unwatch(self, fd: int) -> None:
+        try:  # noqa: SIM105 - every connection passes here; suppress() costs more
+            self.epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
 
     def freeze(self, conn: Connection) -> None:
         """The connection's group is moving: out of the table and epoll, neither read nor
@@ -354,10 +448,14 @@ class Clients:
                 self.epoll.unregister(conn.fd)
         self.newcomers.pop(conn.fd, None)
         conn.phase, conn.mask = FROZEN, 0
+        if conn.group is not None:
+            self.groups.changed(conn.group)
 
     def thaw(self, conn: Connection) -> None:
         """Served again (a move called off, or a group just restored here)."""
         conn.phase = SERVING
+        if conn.group is not None:
+            self.groups.changed(conn.group)
         self.conns[conn.fd] = conn
         self.epoll.register(conn.fd, 0)
         self.watch(conn, out=False)

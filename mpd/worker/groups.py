@@ -18,7 +18,7 @@ from mpd.wire.channel import ChannelClosed
 from mpd.wire.messages import GroupEnded, GroupInfo, GroupQuery, key_from_json, key_to_json
 from mpd.wire.routing import Key, show
 from mpd.worker.clients import Clients
-from mpd.worker.connection import Connection
+from mpd.worker.connection import FROZEN, Connection
 
 log = logmod.get_logger()
 
@@ -51,10 +51,27 @@ class Groups:
         self.stats["groups_made"] += 1
         return group
 
+    def writers(self, group: Group) -> dict[Connection, Any]:
+        """The members a broadcast writes to (not those closing or moving), each with its
+        queue's append: made again after any change (changed())."""
+        writers = group._writers = {c: c.outq.append for c in group._members
+                                    if not c.closing and c.phase < FROZEN}
+        return writers
+
+    def changed(self, group: Group) -> None:
+        """A member came or went, or began closing or moving."""
+        group._snapshot = None
+        group._writers = None
+
+    def queued(self, group: Group) -> None:
+        """A broadcast queued output: its members are flushed at the end of the turn."""
+        group._dirty = True
+        self.clients.dirty_groups.append(group)
+
     def add(self, conn: Connection, group: Group) -> None:
         """`conn` becomes a member: member_joined() runs before any of its data."""
         group._members.append(conn)
-        group._snapshot = None
+        self.changed(group)
         conn.group = group
         group._gseq = max(group._gseq, conn.gseq)
         try:
@@ -65,7 +82,7 @@ class Groups:
     def attach(self, conn: Connection, group: Group) -> None:
         """A member restored with its moved group: no member_joined (it never left)."""
         group._members.append(conn)
-        group._snapshot = None
+        self.changed(group)
         conn.group = group
 
     def leave(self, conn: Connection, reason: str) -> None:
@@ -76,7 +93,7 @@ class Groups:
         if group is None or conn not in group._members:
             return
         group._members.remove(conn)
-        group._snapshot = None
+        self.changed(group)
         if not group._failed:
             try:
                 group.member_left(conn, reason)
@@ -142,6 +159,8 @@ def setup(group: Group, key: Key, host: Groups) -> None:
     group.key = key
     group._members = []
     group._snapshot = None
+    group._writers = None
+    group._dirty = False
     group._host = host
     group._gseq = 0
     group._failed = False

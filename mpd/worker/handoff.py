@@ -45,6 +45,9 @@ class HandOff:
         self.routes = routes  # the master's ROUTES update them
         self.family, self.kind = family, kind  # the listener's: an adopted fd is one of its
         self.retiring = False  # every client goes: the master decides where
+        # The owner join() found for the client it sent away, with the routes it used:
+        # give() takes it, when nothing changed meanwhile, instead of ranking again.
+        self.found: tuple[Connection, Routes, int | None] | None = None
         self.groups: Any = None  # worker/groups.py (the worker sets it)
         self.acceptor: Any = None
 
@@ -68,10 +71,15 @@ class HandOff:
                 self.groups.add(conn, group)
             else:
                 conn.phase = LEAVING  # the master knows where its group is
-        elif not self.retiring and self.routes.owner(conn.key_hash) == self.slot:
-            self.bind_here(conn)
-        else:
+        elif self.retiring:
             conn.phase = LEAVING
+        else:
+            owner = self.routes.owner(conn.key_hash)
+            if owner == self.slot:
+                self.bind_here(conn)
+            else:
+                conn.phase = LEAVING
+                self.found = (conn, self.routes, owner)
 
     def bind_here(self, conn: Connection) -> None:
         if self.app.group is not None:
@@ -93,9 +101,12 @@ class HandOff:
         except Exception as e:  # noqa: BLE001 - the application's bug ends this client
             self.clients.app_failed(conn, "export_state", e)
             return
-        owner = None
-        if self.app.group is None and not self.retiring:
-            owner = self.routes.owner(conn.key_hash) if conn.key is not None else None
+        owner, found, self.found = None, self.found, None
+        if self.app.group is None and not self.retiring and conn.key is not None:
+            if found is not None and found[0] is conn and found[1] is self.routes:
+                owner = found[2]
+            else:
+                owner = self.routes.owner(conn.key_hash)
         message = Client(Kind.HANDOFF, conn.key, conn.key_hash, conn.inq, state, conn.peer,
                          time.monotonic_ns(), owner, self.routes.epoch)
         self.clients.forget(conn)  # out of epoll first: an in-flight copy keeps it alive

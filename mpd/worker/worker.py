@@ -49,6 +49,7 @@ IN, OUT = select.EPOLLIN, select.EPOLLOUT
 INF = float("inf")
 NO_ROUTES = Routes(0, ())  # single-process mode: every key is ours
 LOG_WRITE_OUT = 0.5  # seconds an exiting worker may wait for its last log lines
+BULK_READ = 262144  # bytes the loop reads at a time for an application without an offer
 
 log = logmod.get_logger()
 
@@ -76,6 +77,7 @@ class Worker:
                                          {"slot": slot, "pid": os.getpid()})
         self.proxy = ProxyPhase(config, clients, self.stats) if config.proxy_protocol else None
         self.acceptor = Acceptor(config, listener, clients)
+        self.acceptor.allowed = hooks.accepts(slot)
         self.handoff = HandOff(app, clients, link, self.stats, slot, routes,
                                self.acceptor.family, self.acceptor.kind)
         self.groups = Groups(app, clients, link, self.stats)
@@ -139,8 +141,12 @@ class Worker:
         nothing pending whose read is one stateless frame (README: design notes)."""
         clients, conns, stats = self.clients, self.clients.conns, self.stats
         poll, monotonic = self.epoll.poll, time.monotonic
-        readv, write, inbox = os.readv, os.write, bytearray(RECV_SIZE)
-        into, view, (end, keyed, reply, size) = (inbox,), memoryview(inbox), self.fast_path()
+        end, keyed, reply, size = self.fast_path()
+        # Without an offer, reads may be bigger: a relay publisher's bulk then costs fewer
+        # turns per byte, and a small read costs what it reads (no allocation per read).
+        readv, write = os.readv, os.write
+        inbox = bytearray(RECV_SIZE if end >= 0 else BULK_READ)
+        into, view = (inbox,), memoryview(inbox)
         requests, log_fd = 0, -1  # requests: published at the timer turn
         now = clients.now = monotonic()
         while self.running and not (clients.stopping and not conns and not self.moves.busy):
@@ -156,7 +162,7 @@ class Worker:
                     conn = conns.get(fd)
                     if conn is None:
                         self.on_other(fd, events, log_fd)
-                    elif events != IN or conn.phase or conn.held or conn.outq:
+                    elif events != IN or conn.phase or conn.held:
                         clients.on_event(conn, events)
                     else:  # the common case: one read, the offer's test inline, one write
                         try:
@@ -164,7 +170,8 @@ class Worker:
                         except OSError as e:
                             clients.read_failed(conn, e)
                             continue
-                        if n and inbox[n - 1] == end and inbox[0] != keyed \
+                        # (output already queued goes first: the reply joins the queue)
+                        if n and inbox[n - 1] == end and not conn.outq and inbox[0] != keyed \
                                 and inbox.find(end, 0, n) == n - 1:
                             conn.seen = now
                             requests += 1
@@ -177,7 +184,7 @@ class Worker:
                         else:  # EOF, part of a frame, several frames, a key frame
                             clients.received(conn, view[:n].tobytes())
                 fd = -1
-                if clients.dirty:
+                if clients.dirty or clients.dirty_groups:
                     clients.flush_dirty()
             except Exception as e:  # noqa: BLE001 - the rest of the turn's events come again
                 self.contain(fd, e)  # (level-triggered) at the next poll
@@ -221,7 +228,7 @@ class Worker:
         elif where == "channel":
             self.orphaned()
         elif where == "timers":
-            self.clients.dirty.clear()  # what a failing flush left: written on OUT or never
+            self.clients.drop_dirty()  # what a failing flush left: written on OUT or never
             self.next_heartbeat = max(self.next_heartbeat, now + 1)
             self.next_round = max(self.next_round, now + 1)
             self.stop_deadline = self.stop_deadline and max(self.stop_deadline, now + 1)
@@ -292,8 +299,9 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - one message must not end the worker
             log.exception("channel.error", kind=msg.Kind(message.kind).name,
                           fds=len(message.fds), error=repr(e))
-        close_fds(message.fds)  # what its reaction did not take
-        message.fds = []
+        if message.fds:
+            close_fds(message.fds)  # what its reaction did not take
+            message.fds = []
 
     def orphaned(self) -> None:
         # The master is gone: no one would route, supervise or reap us. Leave now.

@@ -7,11 +7,13 @@ server.protocol), which is how an mpd without the applications answers."""
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 from typing import Any
 
+from ab import resolve
 from colo_redis import RedisServer, redis_server_binary
-from common import HERE, procfs, progress
+from common import HERE, ROOT, procfs, progress
 from harness import Bench, Server
 from tools import TOOLS_VENV, find_python_with
 
@@ -70,8 +72,10 @@ class Interpreters:
 def start_target(b: Bench, py: Interpreters, target: str, protocol: str,
                  placement: str, cpus: list[int] | None, redis_client: str = "hiredis",
                  env: dict[str, str] | None = None, label: str = "") -> Any:
-    """The server for `target`, started; raises Skipped if it cannot run here."""
-    name = f"{protocol}-{target.replace(':', '')}{label}-{placement}"
+    """The server for `target`, started; raises Skipped if it cannot run here. `mpd:W@V`
+    runs version V of mpd (a directory with mpd/, or a git revision, as ab.py takes)."""
+    name = f"{protocol}-{re.sub(r'[^A-Za-z0-9]+', '', target)}{label}-{placement}"
+    target, _, version = target.partition("@")
     kind, _, count = target.partition(":")
     if kind in ("asyncio", "uvloop", "rawfd"):
         python = py.uvloop if kind == "uvloop" else py.mpd
@@ -93,8 +97,15 @@ def start_target(b: Bench, py: Interpreters, target: str, protocol: str,
     if kind == "redis":
         return start_redis_design(b, py, name, int(count), protocol, cpus, redis_client)
     if kind == "mpd":
-        return start_mpd(b, name, int(count), protocol, cpus, env)
+        tree = resolve(version, b.workdir) if version else ROOT
+        return start_mpd(b, name, int(count), protocol, cpus, env, tree)
     raise ValueError(f"unknown target {target!r}")
+
+
+def known(target: str) -> bool:
+    """A target this module can start: one of ALL_TARGETS, or mpd:W@version."""
+    base, at, version = target.partition("@")
+    return base in ALL_TARGETS and (not at or (base.startswith("mpd:") and bool(version)))
 
 
 def started(event: dict[str, Any]) -> bool:
@@ -126,8 +137,8 @@ def start_redis_design(b: Bench, py: Interpreters, name: str, workers: int, prot
 
 
 def start_mpd(b: Bench, name: str, workers: int, protocol: str, cpus: list[int] | None,
-              env: dict[str, str] | None) -> Server:
-    server = b.mpd(name, workers, cpus, protocol=protocol, env=env)
+              env: dict[str, str] | None, tree: Path = ROOT) -> Server:
+    server = b.mpd(name, workers, cpus, protocol=protocol, env=env, tree=tree)
     try:
         return server.start()
     except (RuntimeError, TimeoutError):

@@ -12,9 +12,10 @@ Targets (--targets): asyncio and uvloop (an asyncio Protocol server, baseline_co
 rawfd (the Python floor, baseline_colo_rawfd.py), c (the floor, baseline_colo.c), redis:1
 and redis:2 (the Redis design with 1 and 2 workers and a real redis-server,
 baseline_colo_redis.py), mpd:1 and mpd:2 (this checkout's mpd with `server.protocol` rooms
-or relay and 1 or 2 workers). A target that cannot run here is skipped, saying why: mpd
-until it speaks the protocol (it refuses the config, exit 78), Redis without redis-server
-or hiredis, uvloop without uvloop.
+or relay and 1 or 2 workers); mpd:W@V is version V of mpd (a directory with mpd/, or a git
+revision, as ab.py takes them), to measure a change step by step. A target that cannot
+run here is skipped, saying why: mpd until it speaks the protocol (it refuses the config,
+exit 78), Redis without redis-server or hiredis, uvloop without uvloop.
 
 Scenarios: rooms (rooms of --rooms members, --lines byte lines), relay (1 publisher and
 --players players per stream, --frames byte frames), each under loadgen_colo.c's closed
@@ -50,8 +51,16 @@ from typing import Any
 
 from colo_report import handoff_ratio, load_tables, report_targets, worker_split
 from colo_run import Load, run_rounds
-from colo_servers import ALL_TARGETS, Interpreters, RedisDesign, Skipped, start_mpd, start_target
-from common import PINNED, ROOT, T0, Report, fmt, median, progress
+from colo_servers import (
+    ALL_TARGETS,
+    Interpreters,
+    RedisDesign,
+    Skipped,
+    known,
+    start_mpd,
+    start_target,
+)
+from common import PINNED, ROOT, T0, Report, fmt, median, progress, ratio
 from harness import Bench, control_request
 from run import machine, prepare
 
@@ -115,7 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.targets = [t for t in args.targets.split(",") if t]
     args.placements = [x for x in args.placements.split(",") if x]
     bad = ([s for s in args.scenarios if s not in ("rooms", "relay", "handoff")]
-           + [t for t in args.targets if t not in ALL_TARGETS]
+           + [t for t in args.targets if not known(t)]
            + [x for x in args.placements if x not in PLACEMENTS])
     if bad:
         p.error(f"unknown: {', '.join(bad)}")
@@ -237,7 +246,8 @@ class Colocation:
                 honoured &= accepted == 0
                 splits.append(split)
                 if split:
-                    within.append(split["handed_off"] / split["direct"])
+                    # a worker idle for a short window shows 0 s of CPU (clock ticks): NaN, not 0
+                    within.append(ratio(split["handed_off"], split["direct"]))
                     rows.append([run["round"], run["accepting"], split["direct_rooms"],
                                  split["direct"], split["handed_off_rooms"],
                                  split["handed_off"], within[-1],
