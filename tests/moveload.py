@@ -414,3 +414,48 @@ def expect_ok(sock: socket.socket) -> None:
         assert chunk, "closed before its ok"
         line += chunk
     assert line.startswith(b"ok "), line
+
+
+class Chat:
+    """Plain blocking members of one room (the tests read and write them in turn)."""
+
+    def __init__(self, port: int, room: bytes, count: int):
+        self.members = [socket.create_connection(("127.0.0.1", port), timeout=20)
+                        for _ in range(count)]
+        self.bufs = [b""] * count
+        for sock in self.members:
+            sock.sendall(join_frame(b"J", room))
+        for n in range(count):
+            assert self.line(n).startswith(b"ok "), n
+
+    def line(self, n: int) -> bytes:
+        while b"\n" not in self.bufs[n]:
+            chunk = self.members[n].recv(65536)
+            if not chunk:
+                raise ConnectionError(f"member {n} closed")
+            self.bufs[n] += chunk
+        line, _, self.bufs[n] = self.bufs[n].partition(b"\n")
+        return line
+
+    def ask(self, n: int, command: bytes) -> bytes:
+        self.members[n].sendall(command + b"\n")
+        return self.line(n)
+
+    def say(self, n: int, text: bytes) -> None:
+        """One line from member n reaches each other member."""
+        self.members[n].sendall(text + b"\n")
+        for m in range(len(self.members)):
+            if m != n:
+                assert self.line(m) == text, m
+
+    def closed(self, n: int) -> bool:
+        try:
+            while self.members[n].recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        return True
+
+    def close(self) -> None:
+        for sock in self.members:
+            sock.close()

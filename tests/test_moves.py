@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, wait_until
-from moveload import RelayLoad, RoomLoad, ok, placements, settled, status
+from moveload import Chat, RelayLoad, RoomLoad, ok, placements, settled, status
 from prometheus_client.parser import text_string_to_metric_families
 
 TESTS = Path(__file__).resolve().parent
@@ -136,3 +136,27 @@ def test_relay_streams_stay_byte_exact_through_scale_and_upgrade(mpd_factory, in
         load.close()
     assert server.events("group.moved")
     assert status(server)["master"]["groups"]["failed"] == 0
+
+
+def test_a_restored_group_speaks_to_its_members_before_they_are_served(mpd_factory):
+    """What a group's state_restored() writes to its members (each member's write and a
+    broadcast) waits until they are served by the new owner, then reaches each of them,
+    ahead of anything the room says after the move."""
+    server = mpd_factory({"server": COUNTING, "workers": {"workers": 2}}, env=APPKIT)
+    chat = Chat(server.port, b"room-0", 3)
+    try:
+        chat.say(0, b"before")
+        assert chat.ask(1, b"#announce") == b"announce"
+        before = placements(server, [b"room-0"])[b"room-0"]
+        ok(server, "move", "room-0", str(1 - before["slot"]))
+        after = placements(server, [b"room-0"])[b"room-0"]
+        assert after["slot"] == 1 - before["slot"] and after["pid"] != before["pid"]
+        for n in range(3):
+            assert [chat.line(n), chat.line(n)] == [
+                b"you moved", b"room moved to %d" % after["pid"]], n
+        chat.say(2, b"after")
+        assert chat.ask(0, b"#where") == b"where %d" % after["pid"]
+        assert chat.ask(0, b"#count") == b"count 2"
+    finally:
+        chat.close()
+    assert not server.events("client.error") and not server.events("app.error")

@@ -23,7 +23,7 @@ from mpd.wire.routing import Key
 SERVING = 0
 LEAVING = 1  # joined a key another worker serves: due output goes first, then it goes
 HEADER = 2  # server.proxy_protocol: its PROXY header is not complete yet (proxyphase.py)
-FROZEN = 3  # its group is moving: neither read nor written (moves.py)
+FROZEN = 3  # its group is moving: not read, and what it is given waits (moves.py)
 CLOSED_PHASE = 4
 NEVER = 0.0  # `seen` of a client that has not completed a frame yet
 OUT = select.EPOLLOUT
@@ -62,13 +62,14 @@ class Connection:
     # --- the transport -------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if self.closing or self.phase >= FROZEN:
+        if self.closing or self.phase == CLOSED_PHASE:
             return  # closing or closed: what it would say is not sent
         if not isinstance(data, bytes):
             data = bytes(data)
         if not data:
             return
-        if not self.outq:
+        # Frozen (its group is arriving here): queued, and sent once thawed (clients.py).
+        if not self.outq and self.phase != FROZEN:
             self.clients.dirty.append(self)
         self.outq.append(data)
         self.outbytes += len(data)

@@ -18,7 +18,7 @@ from mpd.wire.channel import ChannelClosed
 from mpd.wire.messages import GroupEnded, GroupInfo, GroupQuery, key_from_json, key_to_json
 from mpd.wire.routing import Key, show
 from mpd.worker.clients import Clients
-from mpd.worker.connection import FROZEN, Connection
+from mpd.worker.connection import CLOSED_PHASE, Connection
 
 log = logmod.get_logger()
 
@@ -52,10 +52,11 @@ class Groups:
         return group
 
     def writers(self, group: Group) -> dict[Connection, Any]:
-        """The members a broadcast writes to (not those closing or moving), each with its
-        queue's append: made again after any change (changed())."""
+        """The members a broadcast writes to (not those closing), each with its queue's
+        append: made again after any change (changed()). Members frozen by a move are
+        written too: a group restored here speaks to them once they are thawed."""
         writers = group._writers = {c: c.outq.append for c in group._members
-                                    if not c.closing and c.phase < FROZEN}
+                                    if not c.closing and c.phase != CLOSED_PHASE}
         return writers
 
     def changed(self, group: Group) -> None:

@@ -6,6 +6,9 @@ survive every move of the room.
     #pad N\\n     the room's state grows to N bytes more (a group state of a given size:
                  tests/test_move_faults.py, scripts/bench/move_pause.py); answered "pad N\\n"
     #where\\n     answered "where PID\\n": the worker that serves the member
+    #announce\\n  answered "announce\\n"; from then on, the room's state_restored() writes
+                 "you moved\\n" to each member and broadcasts "room moved to PID\\n" (a
+                 restored group speaks to its members before they are served again)
 
 These lines may come anywhere in a member's stream (split or coalesced with others); they
 are neither counted nor broadcast. Every other line is rooms'."""
@@ -23,13 +26,19 @@ class CountingRoom(rooms.Room):
     def __init__(self, key: Any = None):
         super().__init__(key)
         self.pad = b""
+        self.announce = False
 
     def export_state(self) -> dict[str, Any]:
-        return {"lines": self.lines, "pad": self.pad}
+        return {"lines": self.lines, "pad": self.pad, "announce": self.announce}
 
     def state_restored(self, state: Any) -> None:
         super().state_restored(state)
         self.pad = bytes(state.get("pad", b"")) if isinstance(state, dict) else b""
+        self.announce = bool(state.get("announce")) if isinstance(state, dict) else False
+        if self.announce:
+            for member in self.members:
+                member.write(b"you moved\n")
+            self.broadcast(b"room moved to %d\n" % os.getpid())
 
 
 class CountingMember(rooms.Member):
@@ -60,6 +69,9 @@ class CountingMember(rooms.Member):
             self.transport.write(b"pad %d\n" % len(room.pad))
         elif word == b"#where":
             self.transport.write(b"where %d\n" % os.getpid())
+        elif word == b"#announce":
+            room.announce = True
+            self.transport.write(b"announce\n")
         else:  # a line that only looks like a command: rooms' like any other
             super().data_received(line + b"\n")
 
