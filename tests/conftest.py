@@ -168,6 +168,18 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
+def recv_line(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
+    """One line from a blocking socket, `buf` holding what came before it: (the line
+    without its newline, what came after it)."""
+    while b"\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed with {buf!r} unread")
+        buf += chunk
+    line, _, rest = buf.partition(b"\n")
+    return line, rest
+
+
 def ping(sock: socket.socket, payload: bytes = PING) -> None:
     sock.sendall(payload)
     assert recv_exact(sock, len(REPLY)) == REPLY

@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from conftest import ROOT, wait_until
+from conftest import ROOT, recv_line, wait_until
 
 from mpd import ctl
 from mpd.ops import keycommands
@@ -312,12 +312,7 @@ class RoomLoad(Driver):
     def ask(self, m: RoomMember, command: bytes) -> bytes:
         """After stop(): a command line's answer (blocking)."""
         m.sock.sendall(command + b"\n")
-        while b"\n" not in m.buf:
-            chunk = m.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError(f"member {m.index} closed")
-            m.buf += chunk
-        line, _, m.buf = m.buf.partition(b"\n")
+        line, m.buf = recv_line(m.sock, m.buf)
         return line
 
     def close(self) -> None:
@@ -429,12 +424,7 @@ class Chat:
             assert self.line(n).startswith(b"ok "), n
 
     def line(self, n: int) -> bytes:
-        while b"\n" not in self.bufs[n]:
-            chunk = self.members[n].recv(65536)
-            if not chunk:
-                raise ConnectionError(f"member {n} closed")
-            self.bufs[n] += chunk
-        line, _, self.bufs[n] = self.bufs[n].partition(b"\n")
+        line, self.bufs[n] = recv_line(self.members[n], self.bufs[n])
         return line
 
     def ask(self, n: int, command: bytes) -> bytes:

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, wait_until
+from conftest import ROOT, recv_line, wait_until
 
 from mpd.wire import routing
 
@@ -38,12 +38,7 @@ class Member:
         self.buf = b""
 
     def line(self) -> bytes:
-        while b"\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed with {self.buf!r} pending")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
+        line, self.buf = recv_line(self.sock, self.buf)
         return line
 
     def lines(self, count: int) -> list[bytes]:
