@@ -172,7 +172,7 @@ class Group:
     _members: list[Any]
     _snapshot: tuple[Any, ...] | None
     _host: Any  # the worker's group table (worker/groups.py)
-    _writers: dict[Any, Callable[[Any], None]] | None  # member -> its queue's append
+    _writers: dict[Any, Any] | None  # member -> its queue's append (list.append)
     _dirty: bool  # a broadcast queued output since the end of the last turn
     _gseq: int  # the newest ADOPT the group took (worker/groups.py)
     _failed: bool  # a hook raised: the group is ending

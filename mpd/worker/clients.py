@@ -6,10 +6,9 @@ object inside a boundary, EOF and half-close, the output queue and its bound, cl
 Output is never written where it is produced: write() queues a reference to the buffer
 and marks the connection dirty, a group's broadcast appends one shared buffer to each
 member's queue and marks the group, and flush_dirty() sends each queue with one sendmsg
-at the end of the loop's turn. A broadcast to a hundred members is then a hundred list
-appends, and a hundred system calls per turn however many lines it carried; a member that
-cannot take more is written when epoll says it can (EPOLLOUT), and past
-workers.max_output_buffer bytes queued it is cut off with a reset (client.overflow).
+at the end of the loop's turn: a broadcast to a hundred members is a hundred list appends,
+and a hundred system calls per turn however many lines it carried. A member that cannot
+take more is written on EPOLLOUT, and past workers.max_output_buffer it is reset.
 
 The worker's other parts are reached through attributes the worker sets (groups, handoff,
 acceptor, timers, proxy)."""

@@ -140,12 +140,8 @@ class Worker:
         """The loop. Its common case is served right here, with locals: a client with
         nothing pending whose read is one stateless frame (README: design notes)."""
         clients, conns, stats = self.clients, self.clients.conns, self.stats
-        poll, monotonic = self.epoll.poll, time.monotonic
-        end, keyed, reply, size = self.fast_path()
-        # Without an offer, reads may be bigger: a relay publisher's bulk then costs fewer
-        # turns per byte, and a small read costs what it reads (no allocation per read).
-        readv, write = os.readv, os.write
-        inbox = bytearray(RECV_SIZE if end >= 0 else BULK_READ)
+        poll, monotonic, readv, write = self.epoll.poll, time.monotonic, os.readv, os.write
+        end, keyed, reply, size, inbox = self.fast_path()
         into, view = (inbox,), memoryview(inbox)
         requests, log_fd = 0, -1  # requests: published at the timer turn
         now = clients.now = monotonic()
@@ -191,13 +187,15 @@ class Worker:
                 now = clients.now = monotonic()
         stats["requests"] += requests
 
-    def fast_path(self) -> tuple[int, int, bytes, int]:
-        """The application's stateless offer for the loop: (end, keyed, reply, its size).
-        Without one `end` is -1, which no byte equals: every read goes to the protocol."""
+    def fast_path(self) -> tuple[int, int, bytes, int, bytearray]:
+        """The application's stateless offer for the loop: (end, keyed, reply, its size,
+        the buffer reads go to). Without one `end` is -1, which no byte equals: every read
+        goes to the protocol, and reads may be bigger: a relay publisher's bulk then costs
+        fewer turns per byte, and a small read costs what it reads (no allocation)."""
         offer = self.app.stateless
         if offer is None or offer.max_frame < RECV_SIZE:
-            return -1, -1, b"", 0
-        return offer.end, offer.keyed, offer.reply, len(offer.reply)
+            return -1, -1, b"", 0, bytearray(BULK_READ)
+        return offer.end, offer.keyed, offer.reply, len(offer.reply), bytearray(RECV_SIZE)
 
     def on_other(self, fd: int, events: int, log_fd: int) -> None:
         """An event on something other than a client."""
