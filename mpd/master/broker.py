@@ -170,11 +170,11 @@ class Broker:
         first handed off (default: from its sent_ns), `now`: the clock (default: read)."""
         owner = self.owner(client)
         target = self.slots.serving.get(owner) if owner is not None else None
-        now = time.monotonic() if now is None else now
-        since = sent_at(client, now) if since is None else since
-        if target is not None and self.can_take(target):
+        if target is not None and self.can_take(target):  # the common case: no clock read
             client.rank, client.last = 0, False
             return target
+        now = time.monotonic() if now is None else now
+        since = sent_at(client, now) if since is None else since
         if target is None and now - since < self.hold_timeout \
                 and not self.slots.backing_off(owner, now):  # type: ignore[arg-type]
             return None  # its slot is respawning: wait for it

@@ -56,6 +56,7 @@ class Slots:
         self.table: tuple[int, ...] = tuple(range(count))  # always 0..N-1: see resize()
         self.epoch = 1  # the routes' number: one more with each change (routing.Routes)
         self.drained: set[int] = set()  # slots that own no key (mpdctl drain SLOT)
+        self._routes = Routes(0, ())  # `routes`, as of its epoch
         self.retired_restarts = 0  # restarts of slots that a scale-down removed
 
     @property
@@ -64,8 +65,14 @@ class Slots:
 
     @property
     def routes(self) -> Routes:
-        """The slots that own keys: the table's, but the drained ones."""
-        return Routes(self.epoch, tuple(s for s in self.table if s not in self.drained))
+        """The slots that own keys: the table's, but the drained ones. Made again only
+        when the epoch moves, which every change of the table or of the drained slots
+        does (each hand-off reads them)."""
+        routes = self._routes
+        if routes.epoch != self.epoch:
+            routes = self._routes = Routes(
+                self.epoch, tuple(s for s in self.table if s not in self.drained))
+        return routes
 
     def drain(self, slot: int, drained: bool) -> None:
         """Take a slot out of the routes (its keys go to their next slots), or back."""

@@ -179,8 +179,9 @@ def restore(master: StateView, state: dict[str, Any]) -> None:
                             config_generation=w.get("config_generation", 1))
         master.tally.heard_before(worker, w.get("latency"))
         master.slots.add(worker, serving=w["serving"])
-    master.slots.epoch = max(master.slots.epoch, state.get("epoch", 0) + 1)
     master.slots.drained = set(state.get("drained", [])) & set(master.slots.table)
+    # A new epoch in any case: the routes (Slots.routes) are made again with the drained.
+    master.slots.epoch = max(master.slots.epoch + 1, state.get("epoch", 0) + 1)
     for h in state["held"]:
         master.broker.held.append(HeldClient(held_client(h), h["since"]))
     if master.directory is not None:
