@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import json
 import struct
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from mpd.wire.peer import NO_PEER, PEER, Address, pack_peer, unpack_peer
@@ -398,8 +398,3 @@ def decode(data: bytes, fds: list[int], version: int = VERSION) -> Message:
     message = cls.decode(data, meta_end, version)
     message.fds = fds
     return message
-
-
-def as_dict(message: Message) -> dict[str, Any]:
-    """A JSON message's fields (for tests and log lines)."""
-    return asdict(message) if isinstance(message, JsonMessage) else {}  # type: ignore[call-overload]

@@ -490,11 +490,3 @@ class Clients:
 
     def extra_info(self, name: str, default: Any) -> Any:
         return self.extra.get(name, default)
-
-    def close_all(self, reason: str) -> None:
-        for conn in list(self.conns.values()):
-            self.close(conn, reason)
-
-    def fds_held(self) -> int:
-        return len(self.conns)
-

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpd.apps.interface import CLOSED, GROUP_ERROR, Application, Group, Timer
+from mpd.apps.interface import GROUP_ERROR, Application, Group, Timer
 from mpd.logs import log as logmod
 from mpd.wire.channel import ChannelClosed
 from mpd.wire.messages import GroupEnded, GroupInfo, GroupQuery, key_from_json, key_to_json
@@ -133,11 +133,6 @@ class Groups:
     def call_later(self, group: Group, delay: float, callback: Any, args: tuple[Any, ...]
                    ) -> Timer:
         return self.timers.call_later(group, delay, callback, args)
-
-    def close_all(self) -> None:
-        for group in list(self.groups.values()):
-            for conn in list(group._members):
-                self.clients.close(conn, CLOSED)
 
     def members(self) -> int:
         return sum(len(g._members) for g in self.groups.values())
