@@ -168,6 +168,19 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
+def read_all(fd: int) -> bytes:
+    """Everything a non-blocking fd has to read now (up to EOF)."""
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
 def recv_line(sock: socket.socket, buf: bytes) -> tuple[bytes, bytes]:
     """One line from a blocking socket, `buf` holding what came before it: (the line
     without its newline, what came after it)."""

@@ -24,6 +24,19 @@ SHIPPED = ROOT / "packaging" / "haproxy" / "mpd.cfg"
 _found: dict[str, str] = {}
 
 
+def directives(path: Path, section: str) -> list[str]:
+    """The directive lines of one section of an HAProxy config, comments stripped."""
+    out, inside = [], False
+    for line in path.read_text().splitlines():
+        if line and not line[0].isspace():
+            inside = line.split("#")[0].strip() == section
+            continue
+        code = line.split("#", 1)[0].strip()
+        if inside and code:
+            out.append(code)
+    return out
+
+
 def haproxy() -> str:
     """The haproxy binary; installed with apt-get when missing and we are root (as CI
     runs); else the test is skipped, saying why."""

@@ -32,6 +32,7 @@ from conftest import (
     wait_until,
 )
 from haproxy_support import SHIPPED, Cluster, check_config, cluster_module, free_port
+from haproxy_support import directives as config_directives
 
 # --- the shipped config --------------------------------------------------------------------
 
@@ -43,15 +44,7 @@ def test_the_shipped_config_is_valid_haproxy(tmp_path: Path):
 
 def directives(section: str) -> list[str]:
     """The directive lines of one section of the shipped config, comments stripped."""
-    out, inside = [], False
-    for line in SHIPPED.read_text().splitlines():
-        if line and not line[0].isspace():
-            inside = line.split("#")[0].strip() == section
-            continue
-        code = line.split("#", 1)[0].strip()
-        if inside and code:
-            out.append(code)
-    return out
+    return config_directives(SHIPPED, section)
 
 
 def test_the_shipped_config_keeps_the_measured_recipe():

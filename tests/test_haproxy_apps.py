@@ -17,23 +17,18 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, wait_until
-from haproxy_support import SHIPPED, Cluster, check_config, cluster_module, free_port
+from haproxy_support import (
+    SHIPPED,
+    Cluster,
+    check_config,
+    cluster_module,
+    directives,
+    free_port,
+)
 from test_apps import Member, chat, chat_names
 
 CONFIGS = {"rooms": SHIPPED.with_name("rooms.cfg"), "relay": SHIPPED.with_name("relay.cfg")}
 FIRST_BYTES = {"rooms": "4a", "relay": "50 53"}
-
-
-def directives(path: Path, section: str) -> list[str]:
-    out, inside = [], False
-    for line in path.read_text().splitlines():
-        if line and not line[0].isspace():
-            inside = line.split("#")[0].strip() == section
-            continue
-        code = line.split("#", 1)[0].strip()
-        if inside and code:
-            out.append(code)
-    return out
 
 
 @pytest.mark.parametrize("app", sorted(CONFIGS))

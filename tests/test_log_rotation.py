@@ -22,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import M_PING, REPLY, ROOT, key_frame, pid_alive, recv_exact, wait_until
+from conftest import (
+    M_PING,
+    REPLY,
+    ROOT,
+    key_frame,
+    pid_alive,
+    read_all,
+    recv_exact,
+    wait_until,
+)
 
 from mpd.logs import log as logmod
 
@@ -37,18 +46,6 @@ def mpdctl(socket_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 def lines_of(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_bytes().splitlines()]
-
-
-def read_all(fd: int) -> bytes:
-    out = b""
-    while True:
-        try:
-            chunk = os.read(fd, 1 << 16)
-        except BlockingIOError:
-            return out
-        if not chunk:
-            return out
-        out += chunk
 
 
 # --- the sink: a reopen keeps what is queued ------------------------------------------------

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import read_all
 
 from mpd.logs import log as logmod
 from mpd.logs import sinks as logsink
@@ -61,18 +62,6 @@ def check_whole_and_in_order(data: bytes) -> list[int]:
         numbers.append(int(line[5:11]))
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
     return numbers
-
-
-def read_all(fd: int) -> bytes:
-    out = b""
-    while True:
-        try:
-            chunk = os.read(fd, 1 << 16)
-        except BlockingIOError:
-            return out
-        if not chunk:
-            return out
-        out += chunk
 
 
 class Reports:
