@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, recv_exact
+from moveload import join_frame
 
 BENCH = ROOT / "scripts" / "bench"
 sys.path.insert(0, str(BENCH))
@@ -87,10 +88,6 @@ def client(port: int, first: bytes) -> socket.socket:
     return sock
 
 
-def frame(kind: bytes, key: bytes) -> bytes:
-    return kind + bytes([len(key)]) + key
-
-
 def read_line(sock: socket.socket) -> bytes:
     line = b""
     while not line.endswith(b"\n"):
@@ -99,15 +96,6 @@ def read_line(sock: socket.socket) -> bytes:
             break
         line += chunk
     return line
-
-
-def read_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(min(65536, n - len(data)))
-        assert chunk, f"EOF after {len(data)} of {n} bytes"
-        data += chunk
-    return data
 
 
 def silent(sock: socket.socket, for_s: float = 0.3) -> bool:
@@ -132,13 +120,13 @@ def eof(sock: socket.socket) -> bool:
 
 def test_a_line_reaches_every_other_member_of_its_room_and_no_one_else(serve):
     port = serve("rooms")
-    a1 = client(port, frame(b"J", b"alpha"))
+    a1 = client(port, join_frame(b"J", b"alpha"))
     assert read_line(a1) == b"ok 1\n"
-    a2 = client(port, frame(b"J", b"alpha"))
+    a2 = client(port, join_frame(b"J", b"alpha"))
     assert read_line(a2) == b"ok 2\n"
-    b1 = client(port, frame(b"J", b"beta"))
+    b1 = client(port, join_frame(b"J", b"beta"))
     assert read_line(b1) == b"ok 1\n"
-    a3 = client(port, frame(b"J", b"alpha") + b"early line\n")  # coalesced with the frame
+    a3 = client(port, join_frame(b"J", b"alpha") + b"early line\n")  # coalesced with the frame
     assert read_line(a3) == b"ok 3\n"
     assert read_line(a1) == read_line(a2) == b"early line\n"
     a1.sendall(b"hel")  # lines in pieces, and two in one send
@@ -147,7 +135,7 @@ def test_a_line_reaches_every_other_member_of_its_room_and_no_one_else(serve):
     time.sleep(0.05)
     a1.sendall(b"ld\n")
     for member in (a2, a3):
-        assert read_exactly(member, 12) == b"hello\nworld\n"
+        assert recv_exact(member, 12) == b"hello\nworld\n"
     assert silent(a1) and silent(b1)
 
 
@@ -161,25 +149,25 @@ def test_a_bad_first_frame_gets_an_error_line_and_is_closed(serve):
 
 def test_a_line_longer_than_64_kib_closes_its_sender_alone(serve):
     port = serve("rooms")
-    good = client(port, frame(b"J", b"r"))
+    good = client(port, join_frame(b"J", b"r"))
     assert read_line(good) == b"ok 1\n"
-    bad = client(port, frame(b"J", b"r"))
+    bad = client(port, join_frame(b"J", b"r"))
     assert read_line(bad) == b"ok 2\n"
     bad.sendall(b"x" * 65536)  # 65,536 bytes and still no `\n`
     assert eof(bad)
-    third = client(port, frame(b"J", b"r"))
+    third = client(port, join_frame(b"J", b"r"))
     assert read_line(third) == b"ok 2\n"
     third.sendall(b"y" * 65535 + b"\n")  # the longest line there may be
-    assert read_exactly(good, 65536) == b"y" * 65535 + b"\n"
+    assert recv_exact(good, 65536) == b"y" * 65535 + b"\n"
 
 
 def test_a_publishers_bytes_reach_every_player_and_its_end_closes_them(serve):
     port = serve("relay")
-    pub = client(port, frame(b"P", b"stream"))
+    pub = client(port, join_frame(b"P", b"stream"))
     assert read_line(pub) == b"ok 1\n"
-    players = [client(port, frame(b"S", b"stream")) for _ in range(3)]
+    players = [client(port, join_frame(b"S", b"stream")) for _ in range(3)]
     assert sorted(read_line(p) for p in players) == [b"ok 2\n", b"ok 3\n", b"ok 4\n"]
-    second = client(port, frame(b"P", b"stream"))
+    second = client(port, join_frame(b"P", b"stream"))
     assert read_line(second) == b"error: stream has a publisher\n"
     assert eof(second)
     players[0].sendall(b"ignored")  # a player's bytes are read and discarded
@@ -207,17 +195,17 @@ def test_a_publishers_bytes_reach_every_player_and_its_end_closes_them(serve):
 
 def test_a_player_that_falls_behind_is_reset_and_the_others_go_on(serve):
     port = serve("relay")
-    pub = client(port, frame(b"P", b"s"))
+    pub = client(port, join_frame(b"P", b"s"))
     assert read_line(pub) == b"ok 1\n"
-    slow = client(port, frame(b"S", b"s"))
+    slow = client(port, join_frame(b"S", b"s"))
     assert read_line(slow) == b"ok 2\n"
-    fast = client(port, frame(b"S", b"s"))
+    fast = client(port, join_frame(b"S", b"s"))
     assert read_line(fast) == b"ok 3\n"
     slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     chunk = b"z" * 65536
     for _ in range(512):  # 32 MiB in step with the fast player, which reads everything
         pub.sendall(chunk)
-        assert read_exactly(fast, len(chunk)) == chunk
+        assert recv_exact(fast, len(chunk)) == chunk
     with pytest.raises(ConnectionResetError):  # after what it had in its buffer, a reset
         while slow.recv(1 << 20):
             pass
@@ -225,9 +213,9 @@ def test_a_player_that_falls_behind_is_reset_and_the_others_go_on(serve):
 
 def test_the_server_goes_on_when_a_stream_and_all_its_players_leave_at_once(serve):
     port = serve("relay")
-    pub = client(port, frame(b"P", b"gone"))
+    pub = client(port, join_frame(b"P", b"gone"))
     assert read_line(pub) == b"ok 1\n"
-    players = [client(port, frame(b"S", b"gone")) for _ in range(50)]
+    players = [client(port, join_frame(b"S", b"gone")) for _ in range(50)]
     for p in players:
         assert read_line(p).startswith(b"ok ")
     pub.sendall(b"x" * 100000)
@@ -235,7 +223,7 @@ def test_the_server_goes_on_when_a_stream_and_all_its_players_leave_at_once(serv
         sock.close()
     deadline = time.monotonic() + 5  # the Redis design counts the leaves asynchronously
     while True:
-        again = client(port, frame(b"P", b"gone"))
+        again = client(port, join_frame(b"P", b"gone"))
         line = read_line(again)
         again.close()
         if line == b"ok 1\n" or time.monotonic() > deadline:
