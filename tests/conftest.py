@@ -168,6 +168,17 @@ def recv_exact(sock: socket.socket, n: int) -> bytes:
     return data
 
 
+def bash_complete(script: str, *words: str) -> list[str]:
+    """What a bash completion script for mpdctl offers after `mpdctl WORDS`, run by bash."""
+    line = " ".join(["mpdctl", *words])
+    program = (f"{script}\nCOMP_WORDS=(mpdctl {' '.join(repr(w) for w in words)}); "
+               f"COMP_CWORD={len(words)}; COMP_LINE='{line}'; COMP_POINT={len(line)}; "
+               "_shtab_mpdctl mpdctl; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    out = subprocess.run(["bash", "-c", program], capture_output=True, text=True,
+                         check=True).stdout
+    return sorted(out.split())
+
+
 def read_all(fd: int) -> bytes:
     """Everything a non-blocking fd has to read now (up to EOF)."""
     out = b""

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, wait_until
+from conftest import ROOT, bash_complete, wait_until
 from sdbox import CLIENT, VENV_ROOT, Box, box_unavailable, prop
 
 pytestmark = pytest.mark.slow
@@ -172,13 +172,7 @@ def bash_completion(deb: Path, *words: str) -> list[str]:
         member = archive.extractfile("./usr/share/bash-completion/completions/mpdctl")
         assert member is not None
         script = member.read().decode()
-    line = " ".join(["mpdctl", *words])
-    program = (f"{script}\nCOMP_WORDS=(mpdctl {' '.join(repr(w) for w in words)}); "
-               f"COMP_CWORD={len(words)}; COMP_LINE='{line}'; COMP_POINT={len(line)}; "
-               "_shtab_mpdctl mpdctl; printf '%s\\n' \"${COMPREPLY[@]}\"")
-    out = subprocess.run(["bash", "-c", program], capture_output=True, text=True,
-                         check=True).stdout
-    return sorted(out.split())
+    return bash_complete(script, *words)
 
 
 @needs_box

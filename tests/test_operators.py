@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, bash_complete
 
 from mpd.config import schema as configmod
 from mpd.ops.commands import COMMANDS, SIGNALS
@@ -156,23 +156,12 @@ def test_mpdctl_help_names_commands_lookup_exit_codes_and_environment():
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
-def test_bash_completion_offers_the_commands_of_the_table(tmp_path):
+def test_bash_completion_offers_the_commands_of_the_table():
     script = mpdctl("--print-completion", "bash")
     assert script.returncode == 0, script.stderr
-    (tmp_path / "mpdctl.bash").write_text(script.stdout)
-
-    def complete(*words: str) -> list[str]:
-        line = " ".join(["mpdctl", *words])
-        program = (f"source {tmp_path / 'mpdctl.bash'}; COMP_WORDS=(mpdctl {' '.join(words)}); "
-                   f"COMP_CWORD={len(words)}; COMP_LINE='{line}'; COMP_POINT={len(line)}; "
-                   "_shtab_mpdctl mpdctl; printf '%s\\n' \"${COMPREPLY[@]}\"")
-        out = subprocess.run(["bash", "-c", program], capture_output=True, text=True,
-                             check=True).stdout
-        return sorted(out.split())
-
-    assert complete("") == sorted(COMMANDS)
-    assert complete("s") == ["scale", "status", "stop"]
-    assert "--socket" in complete("--so")
+    assert bash_complete(script.stdout, "") == sorted(COMMANDS)
+    assert bash_complete(script.stdout, "s") == ["scale", "status", "stop"]
+    assert "--socket" in bash_complete(script.stdout, "--so")
 
 
 def fake_python(venv: Path) -> Path:
