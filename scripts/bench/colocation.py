@@ -41,9 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -301,25 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args, tools, workdir, report)
     colo = Colocation(args, bench, py, loadgen)
     results: dict[str, Any] = {"meta": meta, "args": vars(args), "loads": {}, "failed": {}}
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        for name in args.scenarios:
-            progress(f"scenario {name}")
-            try:
-                if name == "handoff":
-                    results["handoff"] = colo.scenario_handoff()
-                else:
-                    results["loads"].update(colo.scenario_loads(name))
-            except (RuntimeError, TimeoutError, OSError, KeyError, subprocess.SubprocessError,
-                    json.JSONDecodeError) as e:
-                results["failed"][name] = repr(e)
-                progress(f"scenario {name} FAILED: {e!r}")
-            finally:
-                bench.stop_all()
-    finally:
-        bench.stop_all()
-        shutil.rmtree(bench.sockdir, ignore_errors=True)
-        signal.signal(signal.SIGTERM, previous)
+
+    def run_one(name: str) -> None:
+        if name == "handoff":
+            results["handoff"] = colo.scenario_handoff()
+        else:
+            results["loads"].update(colo.scenario_loads(name))
+
+    bench.run_scenarios(args.scenarios, run_one, results["failed"])
     results["targets"] = report_targets(report, results)
     results["elapsed_s"] = time.monotonic() - T0
     path = out_dir / f"colo-{stamp}.json"

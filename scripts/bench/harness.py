@@ -8,9 +8,11 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -289,6 +291,27 @@ class Bench:
         for server in self.servers:
             server.stop()
         self.servers = []
+
+    def run_scenarios(self, names: list[str], run_one: Callable[[str], None],
+                      failed: dict[str, str]) -> None:
+        """Each scenario in turn, its servers stopped after it; one that fails is noted in
+        `failed` and the others still run. SIGTERM ends the run with the servers stopped."""
+        previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        try:
+            for name in names:
+                progress(f"scenario {name}")
+                try:
+                    run_one(name)
+                except (RuntimeError, TimeoutError, OSError, KeyError,
+                        subprocess.SubprocessError, json.JSONDecodeError) as e:
+                    failed[name] = repr(e)
+                    progress(f"scenario {name} FAILED: {e!r}")
+                finally:
+                    self.stop_all()
+        finally:
+            self.stop_all()
+            shutil.rmtree(self.sockdir, ignore_errors=True)
+            signal.signal(signal.SIGTERM, previous)
 
     # the load generator ------------------------------------------------------------------
 

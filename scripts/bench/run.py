@@ -39,7 +39,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -175,22 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(args, tools, workdir, report)
     results: dict[str, Any] = {"meta": meta, "args": {k: v for k, v in vars(args).items()},
                                "scenarios": {}, "failed": {}}
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        for name in args.names:
-            progress(f"scenario {name}")
-            try:
-                results["scenarios"][name] = SCENARIOS[name](bench)
-            except (RuntimeError, TimeoutError, OSError, KeyError, subprocess.SubprocessError,
-                    json.JSONDecodeError) as e:
-                results["failed"][name] = repr(e)
-                progress(f"scenario {name} FAILED: {e!r}")
-            finally:
-                bench.stop_all()
-    finally:
-        bench.stop_all()
-        shutil.rmtree(bench.sockdir, ignore_errors=True)
-        signal.signal(signal.SIGTERM, previous)
+
+    def run_one(name: str) -> None:
+        results["scenarios"][name] = SCENARIOS[name](bench)
+
+    bench.run_scenarios(args.names, run_one, results["failed"])
     results["targets"] = report_targets(report, results["scenarios"])
     results["elapsed_s"] = time.monotonic() - T0
     path = out_dir / f"bench-{stamp}.json"
