@@ -45,7 +45,10 @@ def mpdctl(socket_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def lines_of(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_bytes().splitlines()]
+    """The file's whole lines: a reader may see a line that a process is writing (one
+    write() to a regular file is not atomic against a read) only in part."""
+    text = path.read_bytes()
+    return [json.loads(line) for line in text[:text.rfind(b"\n") + 1].splitlines()]
 
 
 # --- the sink: a reopen keeps what is queued ------------------------------------------------
