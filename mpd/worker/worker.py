@@ -201,8 +201,7 @@ class Worker:
         """An event on something other than a client."""
         if fd == self.acceptor.fd:
             self.acceptor.accept(self.clients.now)
-            if self.acceptor.retry_at:  # a shortage: try again then, not at the next timer
-                self.wake(self.acceptor.retry_at)
+            self.rearm()  # timed work it began: a retry after EMFILE, PROXY header deadlines
         elif fd == self.link.fileno():
             self.on_link(events)
         elif fd == self.signals.fileno():
