@@ -156,6 +156,25 @@ def test_a_client_that_sends_no_whole_header_is_closed_at_the_deadline(mpd_facto
         assert recv_exact(client, len(REPLY)) == REPLY
 
 
+def test_a_late_header_is_closed_within_the_slack_not_at_the_next_round(mpd_factory):
+    # Silent clients one after the other, each connected once the last was closed: each
+    # deadline is then the only one. Kept by the loop's round (every second) it would be
+    # closed at the next round, about 0.8 s late from the second client on; each deadline
+    # wakes the loop's timer itself: late by its slack (HEADER_SLACK, 0.1 s).
+    timeout = 0.2
+    server = mpd_factory({**PROXIED, "server": {"proxy_protocol": True,
+                                                "proxy_timeout": timeout},
+                          "workers": {"workers": 1}})
+    lateness = []
+    for _ in range(4):
+        with server.connect() as sock:
+            opened = time.monotonic()
+            assert closed(sock)
+            lateness.append(time.monotonic() - opened - timeout)
+    assert min(lateness) > -0.05, lateness  # none before its time
+    assert max(lateness) < 0.5, lateness  # none at the next round
+
+
 def test_a_peer_outside_proxy_from_is_refused_at_once(mpd_factory):
     server = mpd_factory({**PROXIED, "server": {"proxy_protocol": True, "proxy_timeout": 30,
                                                 "proxy_from": ["127.0.0.2"]},

@@ -10,7 +10,7 @@ import errno
 import os
 import select
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from mpd.config.schema import Config, fd_soft_limit
 from mpd.logs import log as logmod
@@ -46,6 +46,7 @@ class Acceptor:
         self.last_pause = 0.0  # when accepting last stopped (a pause's retries included)
         self.pauses = 0  # times accepting stopped since the pause began
         self.on_full: Any = None  # called when a pause for max_clients begins (heartbeat)
+        self.wake: Callable[[float], None] = lambda _when: None  # the loop's timer: a retry
 
     def boot(self, epoll: Any) -> None:
         self.epoll = epoll
@@ -107,6 +108,7 @@ class Acceptor:
                 self.on_full()  # tell the master now: it may auto-scale
         if retry:
             self.retry_at = now + ACCEPT_RETRY
+            self.wake(self.retry_at)
         self.note_pause(reason, now)
 
     def retry(self, now: float) -> None:

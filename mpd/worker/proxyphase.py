@@ -13,7 +13,7 @@ per request than one that never had one."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 from mpd.worker import proxy
 from mpd.worker.clients import Clients
@@ -32,6 +32,7 @@ class ProxyPhase:
         self.clients = clients
         self.stats = stats
         self.handoff: Any = None  # a retiring worker hands a client on once its header is in
+        self.wake: Callable[[float], None] = lambda _when: None  # the loop's timer
 
     def apply(self, config: Any) -> None:
         self.gate.apply(config)
@@ -48,6 +49,7 @@ class ProxyPhase:
         conn.peer = peer
         conn.phase = HEADER
         conn.header_due = gate.expect(conn)
+        self.wake(conn.header_due + HEADER_SLACK)  # a no-op unless it is the first due
         return True
 
     def read_header(self, conn: Connection) -> None:

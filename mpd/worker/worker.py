@@ -90,9 +90,9 @@ class Worker:
         clients.timers, clients.proxy = self.timers, self.proxy
         self.handoff.groups, self.handoff.acceptor = self.groups, self.acceptor
         self.groups.timers = self.timers
-        self.timers.wake = self.wake
+        self.timers.wake = self.acceptor.wake = self.wake  # timed work they begin
         if self.proxy is not None:
-            self.proxy.handoff = self.handoff
+            self.proxy.handoff, self.proxy.wake = self.handoff, self.wake
         self.acceptor.on_full = self.report
         self.running = True
         self.stop_deadline = 0.0  # stopping: close whatever is left at this time
@@ -201,7 +201,6 @@ class Worker:
         """An event on something other than a client."""
         if fd == self.acceptor.fd:
             self.acceptor.accept(self.clients.now)
-            self.rearm()  # timed work it began: a retry after EMFILE, PROXY header deadlines
         elif fd == self.link.fileno():
             self.on_link(events)
         elif fd == self.signals.fileno():
