@@ -17,16 +17,13 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, recv_line, wait_until
+from moveload import join_frame
 
 from mpd.wire import routing
 
 TESTS = Path(__file__).resolve().parent
 APPKIT = {"PYTHONPATH": str(TESTS)}
 PIDFD_GETFD = 438  # the system call's number (the same on every Linux architecture)
-
-
-def join_frame(kind: bytes, name: bytes) -> bytes:
-    return kind + bytes([len(name)]) + name
 
 
 class Member:

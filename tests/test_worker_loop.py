@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import pytest
 from conftest import M_PING, REPLY, key_frame, keys_owned_by, recv_exact
+from moveload import join_frame
 
 from mpd.apps import loader
 from mpd.apps.interface import Application
@@ -358,10 +359,6 @@ def test_a_retry_after_emfile_is_no_end_of_the_pause_until_a_round_passes(harnes
     assert resumed[0]["pauses"] == 2
 
 
-def join_frame(room: bytes) -> bytes:
-    return b"J" + bytes([len(room)]) + room
-
-
 def test_a_room_forms_through_the_master_and_moves_out_and_back_whole(harness):
     """rooms in one worker: the first join goes through the master (the test), which sends
     the client back (ADOPT); the others find the room here. The room then moves out
@@ -376,7 +373,7 @@ def test_a_room_forms_through_the_master_and_moves_out_and_back_whole(harness):
         members = []
         for n in range(3):
             client = h.connect()
-            client.sendall(join_frame(key))
+            client.sendall(join_frame(b"J", key))
             if n == 0:
                 handoff = h.receive(msg.Kind.HANDOFF)
                 assert handoff.key == key and handoff.owner is None  # the master decides
